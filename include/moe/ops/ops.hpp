@@ -1,0 +1,89 @@
+// Autograd ops: the thin layer over the raw kernels in moe/kernels/.
+//
+// Conventions (see moe/tensor/graph.hpp): each op checks shapes and throws ShapeError
+// naming itself; allocates its output with g.output(); runs the forward kernel; and, when
+// the output tracks a gradient, records a closure that ADDS into the inputs' gradients.
+// Shape letters: B batch, T time, C channels, H heads, D head size, N rows (B*T tokens),
+// E experts, K top-k, V vocabulary.
+#pragma once
+
+#include <cstdint>
+
+#include "moe/tensor/graph.hpp"
+#include "moe/tensor/rng.hpp"
+#include "moe/tensor/tensor.hpp"
+
+namespace moe {
+
+// ---- dense algebra (src/ops/dense_ops.cpp) ----
+
+// y = x·Wᵀ + b. x [..., in], w [out, in] (as torch.nn.Linear), b [out] or b.data == nullptr
+// for no bias. y [..., out].
+Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b);
+// Batched matmul over the leading dimensions (all but the last two, equal for a and b):
+// y = op(a)·op(b) with op = transpose when the flag is set. a [..., M, K] (or [..., K, M]
+// when trans_a), b [..., K, N] (or [..., N, K] when trans_b); y [..., M, N].
+Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b);
+// y = a + b, same shapes.
+Tensor add(Graph& g, const Tensor& a, const Tensor& b);
+// y = x + bias, bias [C] broadcast over the rows of x [..., C].
+Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias);
+// y = a ⊙ b, same shapes.
+Tensor mul(Graph& g, const Tensor& a, const Tensor& b);
+// y = s · x.
+Tensor scale(Graph& g, const Tensor& x, float s);
+// y[n] = table[ids[n]]: ids N ints in [0, V), table [V, C]; y [shape of ids..., C] given as
+// out_shape (for example {B, T, C}). Throws on an id out of range.
+Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape& out_shape);
+// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) · w + b (biased var).
+Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps = 1e-5f);
+
+// ---- elementwise (src/ops/elementwise_ops.cpp) ----
+Tensor relu(Graph& g, const Tensor& x);
+Tensor gelu(Graph& g, const Tensor& x);      // exact erf form, as torch's default
+Tensor silu(Graph& g, const Tensor& x);      // x · sigmoid(x)
+Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's threshold 20
+// Inverted dropout: zero with probability p, scale the kept by 1/(1-p). Identity when p == 0
+// or when `training` is false. The mask comes from rng (the counter advances by numel).
+Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng);
+// Scalar (shape {1}) sum and mean of all elements.
+Tensor sum(Graph& g, const Tensor& x);
+Tensor mean(Graph& g, const Tensor& x);
+
+// ---- layout (src/ops/layout_ops.cpp) ----
+// [B, T, H*D] -> [B, H, T, D]: splits the channels into heads.
+Tensor split_heads(Graph& g, const Tensor& x, int64_t H);
+// [B, H, T, D] -> [B, T, H*D]: the inverse.
+Tensor merge_heads(Graph& g, const Tensor& x);
+// Columns [begin, begin + width) of the last dimension, copied: [..., C] -> [..., width].
+// Used to split a fused qkv projection into q, k and v.
+Tensor slice_cols(Graph& g, const Tensor& x, int64_t begin, int64_t width);
+
+// ---- softmax and loss (src/ops/softmax_ops.cpp) ----
+// Softmax over the last dimension.
+Tensor softmax(Graph& g, const Tensor& x);
+// x [..., T, T] scores; entries with column > row are masked (-inf) before the softmax
+// over the last dimension, so masked outputs are exactly 0.
+Tensor causal_softmax(Graph& g, const Tensor& x);
+// Mean over the N rows of -log softmax(logits)[target]. logits [..., V] with N rows,
+// targets N ints in [0, V). Output shape {1}.
+Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets);
+
+// ---- sparse MoE routing (src/ops/moe_ops.cpp) ----
+struct TopK {
+  Tensor weights;        // [N, K]: softmax over the K kept logits of each row (sum to 1)
+  int32_t* index;        // N*K expert ids, arena-owned; per row in descending logit order
+};
+// For each row of logits [N, E], keep the K largest (ties: the lower expert id first) and
+// softmax over them. Gradient flows from weights into the kept logits only.
+TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K);
+// y[i] = x[rows[i]] for i < n: x [N, C] -> y [n, C]. rows arena- or caller-owned, must
+// outlive backward.
+Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n);
+// In place: acc[rows[i]] += gates_flat[gate_pos[i]] · h[i] for i < n, where h [n, C],
+// acc [N, C] and gates any tensor read as flat. Gradients flow into h and gates; acc's
+// gradient passes through unchanged (it is an accumulator made by g.zeros()).
+void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* rows,
+                        const Tensor& gates, const int32_t* gate_pos, int64_t n);
+
+}  // namespace moe

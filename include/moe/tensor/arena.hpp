@@ -1,0 +1,42 @@
+// Arena: a bump allocator for per-step activations, gradients and backward closures.
+//
+// reset() forgets every allocation but keeps the memory, so after the first training step
+// (or the first few, when tokens-per-expert vary) a step allocates nothing from the system.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace moe {
+
+class Arena {
+ public:
+  explicit Arena(size_t chunk_bytes = size_t(1) << 22) : chunk_bytes_(chunk_bytes) {}
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  // Uninitialised, aligned to `align` (a power of two, at most 64).
+  void* alloc_bytes(size_t bytes, size_t align = 64);
+  float* alloc_floats(int64_t n) { return static_cast<float*>(alloc_bytes(sizeof(float) * size_t(n))); }
+  float* alloc_zeroed_floats(int64_t n);
+  int32_t* alloc_ints(int64_t n) { return static_cast<int32_t*>(alloc_bytes(sizeof(int32_t) * size_t(n))); }
+
+  // Forget all allocations; keep the chunks for reuse.
+  void reset();
+  size_t bytes_reserved() const;  // total size of the chunks held
+  size_t bytes_used() const;      // bytes handed out since the last reset
+
+ private:
+  struct Chunk {
+    std::unique_ptr<std::byte[]> mem;
+    size_t size = 0;
+    size_t used = 0;
+  };
+  std::vector<Chunk> chunks_;
+  size_t current_ = 0;  // index of the chunk being filled
+  size_t chunk_bytes_;
+};
+
+}  // namespace moe

@@ -1,0 +1,96 @@
+// Graph: the define-by-run autograd tape.
+//
+// Every op is a free function `Tensor op(Graph& g, inputs..., options...)` that
+//   1. checks shapes (throwing ShapeError naming the op),
+//   2. allocates its output with g.output(shape, inputs...) (which also decides whether the
+//      output tracks a gradient: grad mode on and any input tracking one),
+//   3. runs its forward kernel,
+//   4. if the output tracks a gradient, records a backward closure with g.record([=] { ... }).
+// Backward closures ADD into input gradients (inputs whose grad is null are skipped).
+// Closures live in the arena, so they must be trivially destructible: capture Tensors,
+// ints, floats and arena pointers by value, never std::vector or std::string.
+//
+// A training step: g.clear(); build the forward; g.backward(loss); optimizer step.
+// Parameter gradients live in the ParamStore and accumulate until zeroed explicitly.
+#pragma once
+
+#include <new>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "moe/tensor/arena.hpp"
+#include "moe/tensor/tensor.hpp"
+
+namespace moe {
+
+class Graph {
+ public:
+  Graph() = default;
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+
+  // Whether ops record backward closures and allocate gradients. See NoGradGuard.
+  bool grad_enabled() const { return grad_enabled_; }
+  void set_grad_enabled(bool on) { grad_enabled_ = on; }
+
+  // A fresh tensor in the arena: data uninitialised, grad zeroed when requires_grad.
+  Tensor new_tensor(const Shape& s, bool requires_grad);
+  Tensor zeros(const Shape& s, bool requires_grad);
+  // An op's output: tracks a gradient iff grad mode is on and any input tracks one.
+  template <class... Ts>
+  Tensor output(const Shape& s, const Ts&... inputs) {
+    bool any = (false || ... || inputs.requires_grad());
+    return new_tensor(s, grad_enabled_ && any);
+  }
+  // A constant (no gradient) copy of host data in the arena, e.g. fixed noise or masks.
+  Tensor constant(const Shape& s, const float* src);
+
+  template <class F>
+  void record(F&& f) {
+    using Fn = std::decay_t<F>;
+    static_assert(std::is_trivially_destructible_v<Fn>,
+                  "backward closures live in the arena: capture only trivially destructible values");
+    if (!grad_enabled_) return;
+    void* mem = arena_.alloc_bytes(sizeof(Fn), alignof(Fn) > 64 ? 64 : alignof(Fn));
+    auto* fn = new (mem) Fn(std::forward<F>(f));
+    tape_.push_back(Node{[](void* p) { (*static_cast<Fn*>(p))(); }, fn});
+  }
+
+  // Seeds d(loss)/d(loss) = 1 and runs the tape in reverse. loss must be a scalar tracking a
+  // gradient. The tape is kept (call clear() to start the next step).
+  void backward(const Tensor& loss);
+  // Adds dout (out.numel() floats) into out.grad, then runs the tape in reverse. For tests
+  // and for composing a fused op's gradient against its reference.
+  void backward_from(const Tensor& out, const float* dout);
+
+  // Drops the tape and every arena allocation (keeping the memory).
+  void clear();
+
+  Arena& arena() { return arena_; }
+  size_t tape_size() const { return tape_.size(); }
+
+ private:
+  struct Node {
+    void (*run)(void*);
+    void* closure;
+  };
+  Arena arena_;
+  std::vector<Node> tape_;
+  bool grad_enabled_ = true;
+};
+
+// Disables recording in its scope (evaluation, generation), restoring the old mode after.
+class NoGradGuard {
+ public:
+  explicit NoGradGuard(Graph& g) : g_(g), old_(g.grad_enabled()) { g.set_grad_enabled(false); }
+  ~NoGradGuard() { g_.set_grad_enabled(old_); }
+  NoGradGuard(const NoGradGuard&) = delete;
+  NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+  Graph& g_;
+  bool old_;
+};
+
+}  // namespace moe

@@ -1,0 +1,44 @@
+// Rng: a counter-based generator (Philox4x32-10).
+//
+// Number i of a stream is a pure function of (seed, stream, counter + i), so a parallel fill
+// gives the same numbers for any thread count, and the whole state is two integers that a
+// checkpoint saves and restores. Separate streams (init, router noise, dropout, data) are
+// independent and do not shift one another.
+#pragma once
+
+#include <cstdint>
+
+namespace moe {
+
+struct RngState {
+  uint64_t seed = 0;
+  uint64_t stream = 0;
+  uint64_t counter = 0;
+};
+
+class Rng {
+ public:
+  Rng() = default;
+  explicit Rng(uint64_t seed, uint64_t stream = 0) : s_{seed, stream, 0} {}
+  explicit Rng(const RngState& s) : s_(s) {}
+
+  // Four 32-bit words from one Philox block.
+  static void philox(uint64_t key, uint64_t ctr_hi, uint64_t ctr_lo, uint32_t out[4]);
+
+  uint32_t next_u32();
+  uint64_t next_u64();
+  float uniform();                       // [0, 1)
+  float normal();                        // N(0, 1)
+  uint64_t below(uint64_t n);            // uniform integer in [0, n), n > 0
+  // out[i] uses counter + i; the counter advances by n. Parallel over i.
+  void fill_uniform(float* out, int64_t n, float lo = 0.f, float hi = 1.f);
+  void fill_normal(float* out, int64_t n, float mean = 0.f, float stddev = 1.f);
+
+  const RngState& state() const { return s_; }
+  void set_state(const RngState& s) { s_ = s; }
+
+ private:
+  RngState s_;
+};
+
+}  // namespace moe

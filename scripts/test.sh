@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Builds moe and runs every test. Exits non-zero on any failure.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+bash "$root/scripts/build.sh"
+cd "$root/build"
+ctest --output-on-failure -j "$(nproc)"

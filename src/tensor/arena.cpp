@@ -1,0 +1,51 @@
+#include "moe/tensor/arena.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace moe {
+
+void* Arena::alloc_bytes(size_t bytes, size_t align) {
+  if (align < 1) align = 1;
+  for (; current_ < chunks_.size(); ++current_) {
+    Chunk& c = chunks_[current_];
+    auto base = reinterpret_cast<uintptr_t>(c.mem.get());
+    size_t start = ((base + c.used + align - 1) & ~(uintptr_t(align) - 1)) - base;
+    if (start + bytes <= c.size) {
+      c.used = start + bytes;
+      return c.mem.get() + start;
+    }
+  }
+  // No room in any held chunk: add one big enough (64 bytes of slack for alignment).
+  Chunk c;
+  c.size = std::max(chunk_bytes_, bytes + 64);
+  c.mem.reset(new std::byte[c.size]);
+  chunks_.push_back(std::move(c));
+  current_ = chunks_.size() - 1;
+  return alloc_bytes(bytes, align);
+}
+
+float* Arena::alloc_zeroed_floats(int64_t n) {
+  float* p = alloc_floats(n);
+  std::memset(p, 0, sizeof(float) * size_t(n));
+  return p;
+}
+
+void Arena::reset() {
+  for (Chunk& c : chunks_) c.used = 0;
+  current_ = 0;
+}
+
+size_t Arena::bytes_reserved() const {
+  size_t n = 0;
+  for (const Chunk& c : chunks_) n += c.size;
+  return n;
+}
+
+size_t Arena::bytes_used() const {
+  size_t n = 0;
+  for (const Chunk& c : chunks_) n += c.used;
+  return n;
+}
+
+}  // namespace moe

@@ -1,0 +1,45 @@
+#include "moe/tensor/graph.hpp"
+
+#include <cstring>
+
+namespace moe {
+
+Tensor Graph::new_tensor(const Shape& s, bool requires_grad) {
+  Tensor t;
+  t.shape = s;
+  t.data = arena_.alloc_floats(s.numel());
+  if (requires_grad) t.grad = arena_.alloc_zeroed_floats(s.numel());
+  return t;
+}
+
+Tensor Graph::zeros(const Shape& s, bool requires_grad) {
+  Tensor t = new_tensor(s, requires_grad);
+  std::memset(t.data, 0, sizeof(float) * size_t(s.numel()));
+  return t;
+}
+
+Tensor Graph::constant(const Shape& s, const float* src) {
+  Tensor t = new_tensor(s, false);
+  std::memcpy(t.data, src, sizeof(float) * size_t(s.numel()));
+  return t;
+}
+
+void Graph::backward(const Tensor& loss) {
+  check(loss.numel() == 1, "backward", "loss must be a scalar, got " + loss.shape.str());
+  check(loss.requires_grad(), "backward", "loss does not track a gradient (no-grad mode, or no parameter in it)");
+  loss.grad[0] += 1.0f;
+  for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
+}
+
+void Graph::backward_from(const Tensor& out, const float* dout) {
+  check(out.requires_grad(), "backward_from", "output does not track a gradient");
+  for (int64_t i = 0; i < out.numel(); ++i) out.grad[i] += dout[i];
+  for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
+}
+
+void Graph::clear() {
+  tape_.clear();
+  arena_.reset();
+}
+
+}  // namespace moe

@@ -1,0 +1,47 @@
+#include "moe/tensor/params.hpp"
+
+#include <algorithm>
+
+namespace moe {
+
+namespace {
+// Each parameter starts on a 64-byte boundary so kernels may assume aligned rows.
+constexpr int64_t kAlignFloats = 16;
+}
+
+int ParamStore::add(const std::string& name, const Shape& shape, bool decay) {
+  check(!finalized_, "ParamStore::add", "store already finalized, cannot add '" + name + "'");
+  check(find(name) < 0, "ParamStore::add", "duplicate parameter name '" + name + "'");
+  ParamInfo p{name, shape, total_, decay};
+  total_ += (shape.numel() + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
+  params_.push_back(std::move(p));
+  return int(params_.size()) - 1;
+}
+
+void ParamStore::finalize() {
+  check(!finalized_, "ParamStore::finalize", "called twice");
+  data_.assign(size_t(total_), 0.0f);
+  grad_.assign(size_t(total_), 0.0f);
+  finalized_ = true;
+}
+
+Tensor ParamStore::get(int id) const {
+  check(finalized_, "ParamStore::get", "finalize() the store before using parameters");
+  check(id >= 0 && id < count(), "ParamStore::get", "no parameter with id " + std::to_string(id));
+  const ParamInfo& p = params_[size_t(id)];
+  Tensor t;
+  t.shape = p.shape;
+  t.data = const_cast<float*>(data_.data()) + p.offset;
+  t.grad = const_cast<float*>(grad_.data()) + p.offset;
+  return t;
+}
+
+int ParamStore::find(const std::string& name) const {
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].name == name) return int(i);
+  return -1;
+}
+
+void ParamStore::zero_grad() { std::fill(grad_.begin(), grad_.end(), 0.0f); }
+
+}  // namespace moe

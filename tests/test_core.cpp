@@ -1,0 +1,130 @@
+// Tensor, arena, autograd tape, parameter store and random generator.
+#include <catch2/catch.hpp>
+#include <omp.h>
+
+#include <cstring>
+#include <vector>
+
+#include "moe/tensor/graph.hpp"
+#include "moe/tensor/params.hpp"
+#include "moe/tensor/rng.hpp"
+
+using namespace moe;
+
+TEST_CASE("Shape reports sizes and rejects bad dimensions", "[core]") {
+  Shape s{2, 3, 4};
+  REQUIRE(s.numel() == 24);
+  REQUIRE(s[-1] == 4);
+  REQUIRE(s.str() == "[2, 3, 4]");
+  REQUIRE_THROWS_WITH((Shape{1, 2, 3, 4, 5}), Catch::Contains("at most 4 dimensions"));
+  REQUIRE_THROWS_WITH(s[3], Catch::Contains("out of range"));
+  Tensor t;
+  t.shape = s;
+  REQUIRE_THROWS_WITH(t.view({5, 5}), Catch::Contains("cannot view [2, 3, 4] as [5, 5]"));
+}
+
+TEST_CASE("Arena reuses its memory after reset", "[core]") {
+  Arena a(1024);
+  float* p1 = a.alloc_floats(100);
+  float* p2 = a.alloc_floats(1000);  // bigger than a chunk: gets its own
+  REQUIRE(reinterpret_cast<uintptr_t>(p1) % 64 == 0);
+  REQUIRE(reinterpret_cast<uintptr_t>(p2) % 64 == 0);
+  size_t reserved = a.bytes_reserved();
+  a.reset();
+  REQUIRE(a.bytes_used() == 0);
+  REQUIRE(a.alloc_floats(100) == p1);
+  a.alloc_floats(1000);
+  REQUIRE(a.bytes_reserved() == reserved);
+}
+
+TEST_CASE("Graph records only in grad mode and accumulates gradients", "[core]") {
+  Graph g;
+  Tensor x = g.zeros({3}, true);
+  int runs = 0;
+  int* counter = &runs;
+  auto record_double = [&](Tensor in) {
+    Tensor out = g.output({3}, in);
+    for (int i = 0; i < 3; ++i) out.data[i] = 2 * in.data[i];
+    if (out.requires_grad())
+      g.record([=] {
+        ++*counter;
+        for (int i = 0; i < 3; ++i) in.grad[i] += 2 * out.grad[i];
+      });
+    return out;
+  };
+  Tensor y = record_double(x);
+  REQUIRE(y.requires_grad());
+  REQUIRE(g.tape_size() == 1);
+  float seed[3] = {1, 2, 3};
+  g.backward_from(y, seed);
+  g.backward_from(y, seed);  // the second pass adds again: 2 + 2*(1+2)... accumulates
+  REQUIRE(runs == 2);
+  REQUIRE(x.grad[0] == Approx(2 * 1 + 2 * 2));
+  {
+    NoGradGuard ng(g);
+    Tensor z = record_double(x);
+    REQUIRE_FALSE(z.requires_grad());
+  }
+  REQUIRE(g.grad_enabled());
+  REQUIRE(g.tape_size() == 1);
+  g.clear();
+  REQUIRE(g.tape_size() == 0);
+  Tensor scalar_no_grad = g.zeros({1}, false);
+  REQUIRE_THROWS_WITH(g.backward(scalar_no_grad), Catch::Contains("does not track a gradient"));
+}
+
+TEST_CASE("ParamStore keeps named parameters in one block", "[core]") {
+  ParamStore ps;
+  int a = ps.add("a.weight", {3, 5});
+  int b = ps.add("a.bias", {3}, false);
+  REQUIRE_THROWS_WITH(ps.add("a.bias", {3}), Catch::Contains("duplicate"));
+  ps.finalize();
+  REQUIRE_THROWS(ps.add("late", {1}));
+  Tensor ta = ps.get(a), tb = ps.get(b);
+  REQUIRE(ta.data == ps.data());
+  REQUIRE(tb.data == ps.data() + 16);  // 15 floats padded to a 64-byte boundary
+  REQUIRE(tb.grad == ps.grad() + 16);
+  REQUIRE(ps.find("a.bias") == b);
+  REQUIRE(ps.find("nope") == -1);
+  REQUIRE_FALSE(ps.info(b).decay);
+  ta.grad[0] = 5;
+  ps.zero_grad();
+  REQUIRE(ta.grad[0] == 0);
+}
+
+TEST_CASE("Rng is deterministic, thread-count independent and restorable", "[core][rng]") {
+  const int64_t n = 200000;  // above the parallel threshold
+  std::vector<float> one(n), two(n);
+  int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  Rng r1(42, 7);
+  r1.fill_normal(one.data(), n);
+  omp_set_num_threads(2);
+  Rng r2(42, 7);
+  r2.fill_normal(two.data(), n);
+  omp_set_num_threads(saved);
+  REQUIRE(std::memcmp(one.data(), two.data(), sizeof(float) * n) == 0);
+  REQUIRE(r1.state().counter == uint64_t(n));
+
+  double m = 0, v = 0;
+  for (float x : one) m += x;
+  m /= n;
+  for (float x : one) v += (x - m) * (x - m);
+  v /= n;
+  REQUIRE(std::abs(m) < 0.01);
+  REQUIRE(std::abs(v - 1.0) < 0.02);
+
+  Rng a(1, 0);
+  a.uniform();
+  RngState s = a.state();
+  float next = a.uniform();
+  Rng b(s);
+  REQUIRE(b.uniform() == next);
+  REQUIRE(Rng(1, 0).uniform() != Rng(1, 1).uniform());  // streams differ
+  for (int i = 0; i < 1000; ++i) {
+    float u = a.uniform();
+    REQUIRE(u >= 0.f);
+    REQUIRE(u < 1.f);
+    REQUIRE(a.below(7) < 7);
+  }
+}
