@@ -1,12 +1,165 @@
-// moe: the command-line front end. Verbs land with the trainer issue.
+// moe: the command-line front end (train, generate, eval).
 #include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
 #include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "moe/data/dataset.hpp"
+#include "moe/data/tokenizer.hpp"
+#include "moe/generate/generator.hpp"
+#include "moe/io/config.hpp"
+#include "moe/train/checkpoint.hpp"
+#include "moe/train/evaluate.hpp"
+#include "moe/train/trainer.hpp"
+
+namespace {
+
+using namespace moe;
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("cannot read " + path);
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// A model and its tokenizer, from a checkpoint.
+struct Loaded {
+  CheckpointHeader header;
+  Tokenizer tokenizer;
+  std::unique_ptr<Model> model;
+};
+
+Loaded load_for_inference(const std::string& path) {
+  Loaded l;
+  l.header = read_checkpoint_header(path);
+  l.tokenizer = Tokenizer::from_vocab(l.header.vocab);
+  l.model = std::make_unique<Model>(l.header.config, int64_t(l.header.vocab.size()));
+  load_checkpoint_tensors(path, *l.model, nullptr);
+  return l;
+}
+
+int run_train(const std::string& config_path, const std::string& resume, const std::string& out_dir) {
+  Config cfg = load_config(config_path);
+  install_stop_signal_handlers();
+  TrainOptions opt;
+  opt.resume = resume;
+  opt.out_dir = out_dir;
+  TrainResult r = train(cfg, opt);
+  spdlog::info("final train loss {:.4f}, last val loss {:.4f}, best val loss {:.4f}; {:.1f} s, median step {:.1f} ms",
+               r.last_train_loss, r.last_val_loss, r.best_val_loss, r.wall_seconds, r.median_step_ms);
+  return r.interrupted ? 128 + g_stop_signal.load() : 0;
+}
+
+int run_generate(const std::string& ckpt, const std::string& prompt_arg, const std::string& prompt_file,
+                 int64_t max_new, GenerateOptions gopt) {
+  Loaded l = load_for_inference(ckpt);
+  const std::string prompt = prompt_file.empty() ? prompt_arg : read_file(prompt_file);
+  std::vector<int32_t> ids = l.tokenizer.encode(prompt);
+  Generator gen(*l.model, gopt);
+  std::fputs(prompt.c_str(), stdout);
+  gen.generate(ids, max_new, [&](int32_t id) {
+    const std::string s = l.tokenizer.decode({id});
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    std::fflush(stdout);
+  });
+  std::fputc('\n', stdout);
+  return 0;
+}
+
+int run_eval(const std::string& ckpt, const std::string& data_path, const std::string& split, bool as_json,
+             int64_t batch_size) {
+  Loaded l = load_for_inference(ckpt);
+  const Config& cfg = l.header.config;
+  const std::string path = data_path.empty() ? cfg.data.path : data_path;
+  Dataset data = Dataset::load(path, cfg.data.train_fraction, cfg.model.block_size);
+  std::vector<int32_t> ids = l.tokenizer.encode(read_file(path));
+  const size_t n_train = data.train().size();
+  std::vector<int32_t> part = split == "train" ? std::vector<int32_t>(ids.begin(), ids.begin() + long(n_train))
+                                               : std::vector<int32_t>(ids.begin() + long(n_train), ids.end());
+  Graph g;
+  SplitEvaluation ev = evaluate_split(*l.model, part, batch_size > 0 ? batch_size : cfg.training.batch_size, g);
+  nlohmann::json usage = nlohmann::json::array();
+  for (const auto& layer : ev.routing.tokens_per_expert) {
+    int64_t total = 0;
+    for (int64_t c : layer) total += c;
+    nlohmann::json fr = nlohmann::json::array();
+    for (int64_t c : layer) fr.push_back(total ? double(c) / double(total) : 0.0);
+    usage.push_back(fr);
+  }
+  if (as_json) {
+    nlohmann::json j{{"checkpoint", ckpt}, {"data", path},          {"split", split},
+                     {"tokens", ev.tokens}, {"loss", ev.loss},      {"perplexity", ev.perplexity},
+                     {"bits_per_char", ev.bits_per_char},           {"expert_usage", usage}};
+    std::cout << j.dump(2) << "\n";
+  } else {
+    std::printf("%s split of %s: %lld tokens\nloss %.4f | perplexity %.3f | bits/char %.4f\n", split.c_str(),
+                path.c_str(), (long long)ev.tokens, ev.loss, ev.perplexity, ev.bits_per_char);
+    std::printf("expert usage (fraction of routed slots per expert):\n");
+    for (size_t l2 = 0; l2 < usage.size(); ++l2) {
+      std::printf("  layer %zu:", l2);
+      for (const auto& f : usage[l2]) std::printf(" %.3f", f.get<double>());
+      std::printf("\n");
+    }
+  }
+  return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"moe: train, sample and evaluate character-level sparse MoE language models"};
+  CLI::App app{"moe: train, sample and evaluate character-level sparse Mixture-of-Experts language models"};
   app.require_subcommand(1);
-  app.add_subcommand("train", "train a model from a JSON config (not implemented yet)");
+  spdlog::set_pattern("[%H:%M:%S] %v");
+
+  std::string config_path, resume, out_dir;
+  auto* train_cmd = app.add_subcommand("train", "train a model from a JSON config");
+  train_cmd->add_option("--config", config_path, "JSON config file")->required();
+  train_cmd->add_option("--resume", resume, "checkpoint to resume from (exact continuation)");
+  train_cmd->add_option("--out", out_dir, "run directory (default: the config's logging.out_dir)");
+
+  std::string ckpt, prompt, prompt_file;
+  int64_t max_new = 500;
+  GenerateOptions gopt;
+  auto* gen_cmd = app.add_subcommand("generate", "sample text from a checkpoint");
+  gen_cmd->add_option("--checkpoint", ckpt, "checkpoint file (.safetensors)")->required();
+  auto* p_opt = gen_cmd->add_option("--prompt", prompt, "text to continue");
+  gen_cmd->add_option("--prompt-file", prompt_file, "file whose text to continue")->excludes(p_opt);
+  gen_cmd->add_option("--max-new-tokens", max_new, "characters to generate")->check(CLI::NonNegativeNumber);
+  gen_cmd->add_option("--temperature", gopt.sampling.temperature, "softmax temperature; 0 is greedy")
+      ->check(CLI::NonNegativeNumber);
+  gen_cmd->add_option("--top-k", gopt.sampling.top_k, "keep the k most likely characters (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  gen_cmd->add_option("--top-p", gopt.sampling.top_p, "nucleus sampling mass in (0, 1]");
+  gen_cmd->add_option("--seed", gopt.seed, "random seed (same seed, same text)");
+  gen_cmd->add_option("--context-keep", gopt.context_keep,
+                      "when the context is full, keep this many characters (block_size: exact full-window "
+                      "recomputation; default block_size/2)");
+
+  std::string data_path, split = "val";
+  bool as_json = false;
+  int64_t eval_batch = 0;
+  auto* eval_cmd = app.add_subcommand("eval", "measure a checkpoint's loss on a whole split");
+  eval_cmd->add_option("--checkpoint", ckpt, "checkpoint file (.safetensors)")->required();
+  eval_cmd->add_option("--data", data_path, "text file (default: the config's data.path)");
+  eval_cmd->add_option("--split", split, "val or train")->check(CLI::IsMember({"val", "train"}));
+  eval_cmd->add_option("--batch-size", eval_batch, "windows per forward pass (default: training batch size)")
+      ->check(CLI::PositiveNumber);
+  eval_cmd->add_flag("--json", as_json, "print JSON");
+
   CLI11_PARSE(app, argc, argv);
-  std::fprintf(stderr, "moe: this verb is not implemented yet\n");
-  return 2;
+  try {
+    if (*train_cmd) return run_train(config_path, resume, out_dir);
+    if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
+    if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
 }

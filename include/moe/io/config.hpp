@@ -1,0 +1,93 @@
+// Config: the typed run configuration, loaded from JSON, validated, printed at start and
+// stored in every checkpoint. Every field has a default (the makeMoE reference values but
+// for attn_scale, whose default is the standard head_size^-0.5).
+//
+// All fields are declared once, in the table in src/io/config.cpp; loading, unknown-key
+// detection, type checks, range checks and serialisation all come from that table.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json_fwd.hpp>
+#include <stdexcept>
+#include <string>
+
+namespace moe {
+
+struct DataConfig {
+  std::string path = "data/tinyshakespeare.txt";
+  double train_fraction = 0.9;
+};
+
+struct ModelConfig {
+  int64_t block_size = 32;
+  int64_t n_embed = 128;
+  int64_t n_head = 8;
+  int64_t n_layer = 8;
+  double dropout = 0.1;
+  int64_t expert_hidden = 0;          // 0: 4 * n_embed
+  std::string attn_scale = "head";    // "head": head_size^-0.5; "embed": n_embed^-0.5 (makeMoE)
+  std::string init = "kaiming_normal";  // "kaiming_normal" | "xavier" | "normal"
+  double init_std = 0.02;             // for "normal" (and embeddings outside kaiming_normal)
+};
+
+struct RouterConfig {
+  int64_t num_experts = 8;
+  int64_t top_k = 2;
+  bool noisy = true;           // noisy top-k gating (in training)
+  bool noise_at_eval = false;  // makeMoE also adds the noise at evaluation and generation
+};
+
+struct OptimizerConfig {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+  bool exempt_no_decay = false;  // true: no decay on biases, LayerNorm and embeddings
+  double grad_clip = 0;          // max global gradient norm; 0: off
+  std::string schedule = "constant";  // "constant" | "cosine"
+  int64_t warmup_steps = 0;
+  double min_lr = 0;  // floor of the cosine schedule
+};
+
+struct TrainingConfig {
+  int64_t batch_size = 16;
+  int64_t max_steps = 5000;
+  int64_t seed = 1337;
+  int64_t threads = 0;  // 0: OpenMP's default
+};
+
+struct LoggingConfig {
+  int64_t log_interval = 10;
+  int64_t eval_interval = 100;
+  int64_t eval_iters = 400;
+  int64_t checkpoint_interval = 1000;  // 0: only best and last
+  std::string out_dir = "runs/default";
+};
+
+struct Config {
+  DataConfig data;
+  ModelConfig model;
+  RouterConfig router;
+  OptimizerConfig optimizer;
+  TrainingConfig training;
+  LoggingConfig logging;
+
+  int64_t head_size() const { return model.n_embed / model.n_head; }
+  int64_t expert_hidden_size() const { return model.expert_hidden > 0 ? model.expert_hidden : 4 * model.n_embed; }
+  float attention_scale() const;
+};
+
+// Every config problem: the message names the source, the dotted field, the value and what
+// is allowed.
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+Config load_config(const std::string& path);
+Config config_from_json(const nlohmann::json& j, const std::string& source_name);
+nlohmann::json config_to_json(const Config& c);
+// Throws ConfigError on the first impossible value.
+void validate(const Config& c, const std::string& source_name = "config");
+
+}  // namespace moe

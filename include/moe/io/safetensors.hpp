@@ -1,0 +1,65 @@
+// The safetensors format: an 8-byte little-endian header length N, N bytes of JSON header
+// ({"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
+// padded with spaces to a multiple of 8), then the raw little-endian tensor bytes.
+//
+// save_safetensors writes atomically (temporary file, fsync, rename, fsync of the directory)
+// and stores an FNV-1a-64 checksum of the data section in the metadata; load_safetensors
+// validates every offset and the checksum (when present) and names the path in every error.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "moe/tensor/tensor.hpp"
+
+namespace moe {
+
+enum class DType { F32, I32, I64, U8 };
+const char* dtype_name(DType d);
+size_t dtype_size(DType d);
+
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t nbytes = 0;
+};
+
+void save_safetensors(const std::string& path, const std::vector<TensorEntry>& tensors,
+                      const std::map<std::string, std::string>& metadata);
+
+class SafeTensorsFile {
+ public:
+  struct Info {
+    DType dtype;
+    std::vector<int64_t> shape;
+    size_t begin = 0, end = 0;  // within the data section
+  };
+
+  const std::string& path() const { return path_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  std::vector<std::string> names() const;
+  bool has(const std::string& name) const { return infos_.count(name) > 0; }
+  const Info& info(const std::string& name) const;  // throws naming a missing tensor
+  const uint8_t* bytes(const std::string& name) const;
+  // Copies an F32 tensor, checking it has exactly `expected` shape.
+  void copy_f32(const std::string& name, const Shape& expected, float* out) const;
+  // Copies an I32 tensor of n elements (any shape).
+  void copy_i32(const std::string& name, int32_t* out, int64_t n) const;
+
+ private:
+  friend SafeTensorsFile load_safetensors(const std::string& path);
+  std::string path_;
+  std::vector<uint8_t> data_;  // the data section
+  std::map<std::string, Info> infos_;
+  std::map<std::string, std::string> metadata_;
+};
+
+SafeTensorsFile load_safetensors(const std::string& path);
+
+uint64_t fnv1a64(const uint8_t* p, size_t n);
+
+}  // namespace moe

@@ -1,0 +1,116 @@
+// Model: the makeMoE transformer (token + position embeddings, pre-norm blocks of causal
+// multi-head attention and a sparse MoE feed-forward with a noisy top-k router, final
+// LayerNorm, lm_head), built on the autograd ops. Parameters live in one ParamStore under
+// PyTorch-style dotted names (see scripts/torch_twin.py for the twin with the same names).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/io/config.hpp"
+#include "moe/tensor/graph.hpp"
+#include "moe/tensor/params.hpp"
+#include "moe/tensor/rng.hpp"
+
+namespace moe {
+
+struct LinearParams {
+  int weight = -1;  // [out, in]
+  int bias = -1;    // [out], or -1 for none
+  int64_t in = 0, out = 0;
+};
+
+struct NormParams {
+  int weight = -1, bias = -1;  // [C]
+};
+
+struct ExpertParams {
+  LinearParams fc1;  // C -> F
+  LinearParams fc2;  // F -> C
+};
+
+struct BlockParams {
+  NormParams ln1;
+  LinearParams qkv;   // C -> 3C, no bias: rows [q; k; v], head h at rows h*D..(h+1)*D of each
+  LinearParams proj;  // C -> C
+  NormParams ln2;
+  LinearParams route;  // C -> E: clean router logits
+  LinearParams noise;  // C -> E: scale of the router noise, through softplus
+  std::vector<ExpertParams> experts;
+};
+
+// Per-layer routing counts gathered during a forward (for eval and metrics).
+struct RoutingStats {
+  std::vector<std::vector<int64_t>> tokens_per_expert;  // [layer][expert], routed slots
+  void reset(int64_t layers, int64_t experts);
+};
+
+// Key/value cache for incremental generation of one sequence.
+struct KVCache {
+  int64_t len = 0;              // positions filled
+  std::vector<float> k, v;      // [L, T, C] each, T = block_size
+};
+
+struct ForwardOptions {
+  bool training = false;         // dropout on; router noise on when router.noisy
+  Rng* dropout_rng = nullptr;    // required when training with dropout > 0
+  Rng* noise_rng = nullptr;      // required when router noise applies
+  // Router noise fixed from outside (tests against the PyTorch twin): per layer, [B*T, E].
+  const std::vector<std::vector<float>>* fixed_noise = nullptr;
+  RoutingStats* stats = nullptr;
+  // Top-k ids chosen per layer ([B*T*K] each), written when non-null (tests).
+  std::vector<std::vector<int32_t>>* chosen = nullptr;
+};
+
+class Model {
+ public:
+  Model(const Config& cfg, int64_t vocab_size);
+
+  const Config& config() const { return cfg_; }
+  int64_t vocab_size() const { return V_; }
+  ParamStore& params() { return params_; }
+  const ParamStore& params() const { return params_; }
+  // Parameters that one token actually uses (shared parts + top_k experts per layer).
+  int64_t active_param_count() const;
+
+  // Fills every parameter per config.model.init from rng (registration order).
+  void init(Rng& rng);
+
+  // idx, targets: B*T ids; targets may be null (loss is then empty). logits [B, T, V].
+  struct Output {
+    Tensor logits;
+    Tensor loss;
+  };
+  Output forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B, int64_t T,
+                 const ForwardOptions& opt);
+
+  // Incremental decoding: appends `n` tokens at positions cache.len.. (prefill when n > 1)
+  // and returns the logits of the last one [V] (valid until g is cleared). No-grad.
+  // cache.len + n must be <= block_size.
+  const float* decode(Graph& g, KVCache& cache, const int32_t* tokens, int64_t n,
+                      const ForwardOptions& opt);
+  KVCache new_cache() const;
+
+ private:
+  Tensor attention(Graph& g, const BlockParams& bp, const Tensor& x, const ForwardOptions& opt);
+  Tensor attention_cached(Graph& g, const BlockParams& bp, const Tensor& x, int64_t n,
+                          KVCache& cache, int64_t layer);
+  Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
+                 const ForwardOptions& opt);
+  Tensor apply_linear(Graph& g, const LinearParams& lp, const Tensor& x) const;
+  Tensor apply_norm(Graph& g, const NormParams& np, const Tensor& x) const;
+  LinearParams add_linear(const std::string& name, int64_t in, int64_t out, bool bias);
+  NormParams add_norm(const std::string& name, int64_t C);
+
+  Config cfg_;
+  int64_t V_, C_, H_, D_, L_, E_, K_, F_, T_max_;
+  ParamStore params_;
+  int tok_emb_ = -1, pos_emb_ = -1;
+  std::vector<BlockParams> blocks_;
+  NormParams ln_f_;
+  LinearParams lm_head_;
+  Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn
+};
+
+}  // namespace moe

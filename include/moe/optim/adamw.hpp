@@ -1,0 +1,43 @@
+// AdamW (decoupled weight decay) over the ParamStore's contiguous blocks, exactly as
+// torch.optim.AdamW: p *= 1 - lr·wd; m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
+// p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps).
+// Also the learning-rate schedule and gradient clipping by global norm.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "moe/io/config.hpp"
+#include "moe/tensor/params.hpp"
+
+namespace moe {
+
+class AdamW {
+ public:
+  AdamW(const OptimizerConfig& cfg, const ParamStore& params);
+  // One update with learning rate lr; increments the step count.
+  void step(ParamStore& params, float lr);
+  int64_t steps() const { return t_; }
+  // Moments, same layout as the parameter block (for checkpoints).
+  std::vector<float>& m() { return m_; }
+  std::vector<float>& v() { return v_; }
+  const std::vector<float>& m() const { return m_; }
+  const std::vector<float>& v() const { return v_; }
+  void set_steps(int64_t t) { t_ = t; }
+
+ private:
+  OptimizerConfig cfg_;
+  std::vector<float> m_, v_;
+  std::vector<uint8_t> decay_;  // per float of the block: weight decay applies
+  int64_t t_ = 0;
+};
+
+// Learning rate at `step` (0-based) for the config's schedule.
+float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps);
+
+// Global L2 norm of all gradients (double accumulation in a fixed order: independent of the
+// thread count). When max_norm > 0 and the norm exceeds it, scales the gradients down to it.
+// Returns the norm before clipping.
+double clip_grad_norm(ParamStore& params, double max_norm);
+
+}  // namespace moe

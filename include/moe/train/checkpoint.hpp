@@ -1,0 +1,48 @@
+// Checkpoints: one safetensors file holding the weights under their PyTorch-style names,
+// the AdamW moments ("optimizer.m.<name>", "optimizer.v.<name>"), and in __metadata__ the
+// resolved config, the vocabulary, the step and every generator state needed for an exact
+// resume. Written atomically (temporary file, fsync, rename).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/io/config.hpp"
+#include "moe/model/model.hpp"
+#include "moe/optim/adamw.hpp"
+#include "moe/tensor/rng.hpp"
+
+namespace moe {
+
+constexpr const char* kCheckpointFormat = "moe-checkpoint-v1";
+
+struct TrainState {
+  int64_t step = 0;  // the next step to run
+  double best_val_loss = 1e30;
+  RngState data_rng, dropout_rng, noise_rng;
+};
+
+// What a checkpoint holds besides the weights and moments.
+struct CheckpointHeader {
+  Config config;
+  std::vector<uint32_t> vocab;  // code points, id = index
+  TrainState state;
+  bool has_optimizer = false;
+};
+
+void save_checkpoint(const std::string& path, const Model& model, const AdamW* optimizer,
+                     const std::vector<uint32_t>& vocab, const TrainState& state);
+
+// Reads the header (config, vocab, state) without the tensors.
+CheckpointHeader read_checkpoint_header(const std::string& path);
+
+// Loads weights (and moments when optimizer is non-null) into a model built from the
+// header's config. Throws naming the path and the tensor on any mismatch.
+void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer);
+
+// Throws, listing the differing fields, unless `now` may continue a run saved with `saved`
+// (only the run directory, step budget, thread count and reporting intervals may change).
+void check_resume_compatible(const Config& saved, const Config& now, const std::string& path);
+
+}  // namespace moe

@@ -1,0 +1,34 @@
+// Loss estimates: the trainer's periodic estimate over random batches (fixed per call, so
+// successive estimates see the same batches), and `moe eval`'s deterministic pass over a
+// whole split in consecutive windows.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "moe/data/dataset.hpp"
+#include "moe/io/config.hpp"
+#include "moe/model/model.hpp"
+
+namespace moe {
+
+struct EvalEstimate {
+  double train_loss = 0;
+  double val_loss = 0;
+};
+
+// Mean loss over cfg.logging.eval_iters random batches of each split, no dropout, no grad.
+EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g);
+
+struct SplitEvaluation {
+  double loss = 0;             // mean cross-entropy per predicted token (nats)
+  double perplexity = 0;       // exp(loss)
+  double bits_per_char = 0;    // loss / ln 2
+  int64_t tokens = 0;          // predicted tokens
+  RoutingStats routing;        // tokens per expert per layer
+};
+
+// Every window [i*T, i*T + T] of ids (inputs, targets shifted by one), batch_size at a time.
+SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, int64_t batch_size, Graph& g);
+
+}  // namespace moe

@@ -1,0 +1,36 @@
+// The training loop: batches, forward/backward, clipping, AdamW, periodic evaluation,
+// metrics (JSON lines), checkpoints (every N steps, best, last), exact resume and clean
+// interruption by SIGINT/SIGTERM.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "moe/io/config.hpp"
+
+namespace moe {
+
+struct TrainOptions {
+  std::string resume;   // checkpoint to resume from, or empty
+  std::string out_dir;  // overrides config.logging.out_dir when non-empty
+  bool quiet = false;   // no progress lines (tests)
+};
+
+struct TrainResult {
+  int64_t steps_done = 0;  // the step reached (next to run)
+  double last_train_loss = 0;
+  double last_val_loss = 0;  // from the last evaluation, or NaN
+  double best_val_loss = 0;
+  bool interrupted = false;
+  double wall_seconds = 0;
+  double median_step_ms = 0;
+};
+
+// Set by the signal handlers; the loop saves and stops when it sees it.
+extern std::atomic<int> g_stop_signal;
+void install_stop_signal_handlers();
+
+TrainResult train(const Config& cfg, const TrainOptions& opt);
+
+}  // namespace moe

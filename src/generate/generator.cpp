@@ -1,0 +1,50 @@
+#include "moe/generate/generator.hpp"
+
+#include <algorithm>
+
+namespace moe {
+
+Generator::Generator(Model& model, const GenerateOptions& opt)
+    : model_(model), opt_(opt), rng_(opt.seed, /*stream=*/11) {
+  validate(opt_.sampling);
+  const int64_t T = model_.config().model.block_size;
+  if (opt_.context_keep <= 0) opt_.context_keep = std::max<int64_t>(1, T / 2);
+  check(opt_.context_keep <= T, "Generator",
+        "context_keep must be at most block_size " + std::to_string(T));
+}
+
+void Generator::generate(const std::vector<int32_t>& prompt, int64_t max_new,
+                         const std::function<void(int32_t)>& on_token) {
+  const int64_t T = model_.config().model.block_size;
+  const int64_t V = model_.vocab_size();
+  std::vector<int32_t> ctx(prompt.end() - std::min<int64_t>(int64_t(prompt.size()), T), prompt.end());
+  if (ctx.empty()) ctx.push_back(0);
+  Rng noise_rng(opt_.seed, /*stream=*/12);  // only drawn when router.noise_at_eval
+  ForwardOptions fo;
+  fo.noise_rng = &noise_rng;
+  KVCache cache = model_.new_cache();
+  std::vector<float> logits(static_cast<size_t>(V));
+  std::vector<std::pair<float, int32_t>> scratch;
+  auto feed = [&](const int32_t* ids, int64_t n) {
+    graph_.clear();
+    const float* l = model_.decode(graph_, cache, ids, n, fo);
+    std::copy(l, l + V, logits.begin());
+  };
+  feed(ctx.data(), int64_t(ctx.size()));
+  for (int64_t i = 0; i < max_new; ++i) {
+    const int32_t next = sample_token(logits.data(), V, opt_.sampling, rng_, scratch);
+    on_token(next);
+    if (i + 1 == max_new) break;
+    ctx.push_back(next);
+    if (cache.len == T) {
+      // Full: re-encode the last context_keep tokens from position 0.
+      cache.len = 0;
+      ctx.erase(ctx.begin(), ctx.end() - opt_.context_keep);
+      feed(ctx.data(), int64_t(ctx.size()));
+    } else {
+      feed(&ctx.back(), 1);
+    }
+  }
+}
+
+}  // namespace moe

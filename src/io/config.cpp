@@ -1,0 +1,246 @@
+#include "moe/io/config.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <vector>
+
+namespace moe {
+
+using nlohmann::json;
+
+float Config::attention_scale() const {
+  return float(1.0 / std::sqrt(double(model.attn_scale == "embed" ? model.n_embed : head_size())));
+}
+
+namespace {
+
+// One config field: where it lives, how to read, write and check it.
+struct Field {
+  std::string section, name;
+  std::function<json(const Config&)> get;
+  std::function<void(Config&, const json&)> set;  // throws std::string (what is expected)
+  std::function<std::string(const Config&)> check;  // "" or what is allowed
+};
+
+template <class T>
+using Rule = std::function<std::string(const T&)>;
+
+template <class T>
+const char* type_name() {
+  if constexpr (std::is_same_v<T, bool>) return "a boolean";
+  else if constexpr (std::is_same_v<T, int64_t>) return "an integer";
+  else if constexpr (std::is_same_v<T, double>) return "a number";
+  else return "a string";
+}
+
+template <class T>
+bool type_ok(const json& j) {
+  if constexpr (std::is_same_v<T, bool>) return j.is_boolean();
+  else if constexpr (std::is_same_v<T, int64_t>) return j.is_number_integer() || (j.is_number_float() && std::floor(j.get<double>()) == j.get<double>() && std::fabs(j.get<double>()) < 9e15);
+  else if constexpr (std::is_same_v<T, double>) return j.is_number();
+  else return j.is_string();
+}
+
+template <class S, class T>
+Field field(const char* section, const char* name, S Config::*s, T S::*m, Rule<T> rule = {}) {
+  Field f;
+  f.section = section;
+  f.name = name;
+  f.get = [s, m](const Config& c) { return json((c.*s).*m); };
+  f.set = [s, m](Config& c, const json& j) {
+    if (!type_ok<T>(j)) throw std::string(type_name<T>());
+    if constexpr (std::is_same_v<T, int64_t>) (c.*s).*m = j.is_number_float() ? int64_t(j.get<double>()) : j.get<int64_t>();
+    else (c.*s).*m = j.get<T>();
+  };
+  f.check = [s, m, rule](const Config& c) { return rule ? rule((c.*s).*m) : std::string(); };
+  return f;
+}
+
+Rule<int64_t> positive() { return [](const int64_t& v) { return v > 0 ? "" : std::string("must be a positive integer"); }; }
+Rule<int64_t> non_negative() { return [](const int64_t& v) { return v >= 0 ? "" : std::string("must be >= 0"); }; }
+Rule<double> in_range(double lo, double hi, bool lo_open, bool hi_open) {
+  return [=](const double& v) {
+    const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+    if (ok) return std::string();
+    std::ostringstream os;
+    os << "must be in " << (lo_open ? "(" : "[") << lo << ", " << hi << (hi_open ? ")" : "]");
+    return os.str();
+  };
+}
+Rule<double> non_negative_number() {
+  return [](const double& v) { return std::isfinite(v) && v >= 0 ? "" : std::string("must be a number >= 0"); };
+}
+Rule<double> positive_number() {
+  return [](const double& v) { return std::isfinite(v) && v > 0 ? "" : std::string("must be a number > 0"); };
+}
+Rule<std::string> one_of(std::vector<std::string> allowed) {
+  return [allowed](const std::string& v) {
+    for (const auto& a : allowed)
+      if (v == a) return std::string();
+    std::string s = "must be one of";
+    for (const auto& a : allowed) s += " \"" + a + "\"";
+    return s;
+  };
+}
+Rule<std::string> non_empty() { return [](const std::string& v) { return v.empty() ? std::string("must not be empty") : ""; }; }
+
+const std::vector<Field>& fields() {
+  static const std::vector<Field> table = {
+      field("data", "path", &Config::data, &DataConfig::path, non_empty()),
+      field("data", "train_fraction", &Config::data, &DataConfig::train_fraction, in_range(0, 1, true, true)),
+      field("model", "block_size", &Config::model, &ModelConfig::block_size, positive()),
+      field("model", "n_embed", &Config::model, &ModelConfig::n_embed, positive()),
+      field("model", "n_head", &Config::model, &ModelConfig::n_head, positive()),
+      field("model", "n_layer", &Config::model, &ModelConfig::n_layer, positive()),
+      field("model", "dropout", &Config::model, &ModelConfig::dropout, in_range(0, 1, false, true)),
+      field("model", "expert_hidden", &Config::model, &ModelConfig::expert_hidden, non_negative()),
+      field("model", "attn_scale", &Config::model, &ModelConfig::attn_scale, one_of({"head", "embed"})),
+      field("model", "init", &Config::model, &ModelConfig::init, one_of({"kaiming_normal", "xavier", "normal"})),
+      field("model", "init_std", &Config::model, &ModelConfig::init_std, positive_number()),
+      field("router", "num_experts", &Config::router, &RouterConfig::num_experts, positive()),
+      field("router", "top_k", &Config::router, &RouterConfig::top_k, positive()),
+      field("router", "noisy", &Config::router, &RouterConfig::noisy),
+      field("router", "noise_at_eval", &Config::router, &RouterConfig::noise_at_eval),
+      field("optimizer", "lr", &Config::optimizer, &OptimizerConfig::lr, positive_number()),
+      field("optimizer", "beta1", &Config::optimizer, &OptimizerConfig::beta1, in_range(0, 1, false, true)),
+      field("optimizer", "beta2", &Config::optimizer, &OptimizerConfig::beta2, in_range(0, 1, false, true)),
+      field("optimizer", "eps", &Config::optimizer, &OptimizerConfig::eps, positive_number()),
+      field("optimizer", "weight_decay", &Config::optimizer, &OptimizerConfig::weight_decay, non_negative_number()),
+      field("optimizer", "exempt_no_decay", &Config::optimizer, &OptimizerConfig::exempt_no_decay),
+      field("optimizer", "grad_clip", &Config::optimizer, &OptimizerConfig::grad_clip, non_negative_number()),
+      field("optimizer", "schedule", &Config::optimizer, &OptimizerConfig::schedule, one_of({"constant", "cosine"})),
+      field("optimizer", "warmup_steps", &Config::optimizer, &OptimizerConfig::warmup_steps, non_negative()),
+      field("optimizer", "min_lr", &Config::optimizer, &OptimizerConfig::min_lr, non_negative_number()),
+      field("training", "batch_size", &Config::training, &TrainingConfig::batch_size, positive()),
+      field("training", "max_steps", &Config::training, &TrainingConfig::max_steps, non_negative()),
+      field("training", "seed", &Config::training, &TrainingConfig::seed, non_negative()),
+      field("training", "threads", &Config::training, &TrainingConfig::threads, non_negative()),
+      field("logging", "log_interval", &Config::logging, &LoggingConfig::log_interval, positive()),
+      field("logging", "eval_interval", &Config::logging, &LoggingConfig::eval_interval, positive()),
+      field("logging", "eval_iters", &Config::logging, &LoggingConfig::eval_iters, positive()),
+      field("logging", "checkpoint_interval", &Config::logging, &LoggingConfig::checkpoint_interval, non_negative()),
+      field("logging", "out_dir", &Config::logging, &LoggingConfig::out_dir, non_empty()),
+  };
+  return table;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string suggestion(const std::string& key, const std::vector<std::string>& candidates) {
+  std::string best;
+  size_t best_d = 1000;
+  for (const auto& c : candidates) {
+    const size_t d = edit_distance(key, c);
+    if (d < best_d) best_d = d, best = c;
+  }
+  return best_d <= std::max<size_t>(2, key.size() / 3) ? best : "";
+}
+
+std::string line_col(const std::string& text, size_t byte) {
+  size_t line = 1, col = 1;
+  for (size_t i = 0; i < byte && i < text.size(); ++i) {
+    if (text[i] == '\n') ++line, col = 1;
+    else ++col;
+  }
+  return "line " + std::to_string(line) + ", column " + std::to_string(col);
+}
+
+}  // namespace
+
+Config config_from_json(const json& j, const std::string& src) {
+  if (!j.is_object()) throw ConfigError(src + ": the config must be a JSON object {...}, got " + std::string(j.type_name()));
+  std::vector<std::string> sections;
+  for (const Field& f : fields())
+    if (sections.empty() || sections.back() != f.section) sections.push_back(f.section);
+  Config c;
+  for (auto& [sec, body] : j.items()) {
+    if (std::find(sections.begin(), sections.end(), sec) == sections.end()) {
+      std::string s = suggestion(sec, sections);
+      std::string all;
+      for (const auto& x : sections) all += (all.empty() ? "" : ", ") + x;
+      throw ConfigError(src + ": unknown section '" + sec + "'" + (s.empty() ? "" : "; did you mean '" + s + "'?") +
+                        " (sections: " + all + ")");
+    }
+    if (!body.is_object()) throw ConfigError(src + ": section '" + sec + "' must be a JSON object, got " + body.dump());
+    for (auto& [key, value] : body.items()) {
+      const Field* f = nullptr;
+      std::vector<std::string> names;
+      for (const Field& x : fields())
+        if (x.section == sec) {
+          names.push_back(x.name);
+          if (x.name == key) f = &x;
+        }
+      if (!f) {
+        std::string s = suggestion(key, names);
+        throw ConfigError(src + ": unknown key '" + sec + "." + key + "'" +
+                          (s.empty() ? "" : "; did you mean '" + sec + "." + s + "'?"));
+      }
+      try {
+        f->set(c, value);
+      } catch (const std::string& expected) {
+        throw ConfigError(src + ": " + sec + "." + key + " = " + value.dump() + ": must be " + expected);
+      }
+    }
+  }
+  validate(c, src);
+  return c;
+}
+
+void validate(const Config& c, const std::string& src) {
+  for (const Field& f : fields()) {
+    const std::string why = f.check(c);
+    if (!why.empty()) throw ConfigError(src + ": " + f.section + "." + f.name + " = " + f.get(c).dump() + ": " + why);
+  }
+  auto fail = [&](const std::string& msg) { throw ConfigError(src + ": " + msg); };
+  if (c.model.n_embed % c.model.n_head != 0)
+    fail("model.n_embed = " + std::to_string(c.model.n_embed) + " must be divisible by model.n_head = " +
+         std::to_string(c.model.n_head));
+  if (c.router.top_k > c.router.num_experts)
+    fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most router.num_experts = " +
+         std::to_string(c.router.num_experts));
+  if (c.optimizer.min_lr > c.optimizer.lr)
+    fail("optimizer.min_lr = " + json(c.optimizer.min_lr).dump() + " must not exceed optimizer.lr = " +
+         json(c.optimizer.lr).dump());
+}
+
+json config_to_json(const Config& c) {
+  json j = json::object();
+  for (const Field& f : fields()) j[f.section][f.name] = f.get(c);
+  return j;
+}
+
+Config load_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ConfigError("config " + path + ": cannot open the file (does it exist and is it readable?)");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw ConfigError("config " + path + ": the file is empty; write a JSON object, e.g. {\"training\": {\"max_steps\": 100}}");
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    const size_t p = what.find("parse error");
+    throw ConfigError("config " + path + ": invalid JSON at " + line_col(text, e.byte == 0 ? 0 : e.byte - 1) + ": " +
+                      (p == std::string::npos ? what : what.substr(p)));
+  }
+  return config_from_json(j, path);
+}
+
+}  // namespace moe

@@ -1,0 +1,227 @@
+#include "moe/io/safetensors.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+namespace moe {
+
+namespace {
+
+struct DTypeInfo {
+  DType d;
+  const char* name;
+  size_t size;
+};
+constexpr DTypeInfo kDTypes[] = {{DType::F32, "F32", 4}, {DType::I32, "I32", 4}, {DType::I64, "I64", 8}, {DType::U8, "U8", 1}};
+
+std::runtime_error io_error(const std::string& path, const std::string& what) {
+  return std::runtime_error(path + ": " + what);
+}
+
+std::string hex64(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", (unsigned long long)v);
+  return buf;
+}
+
+// Writes all of buf to fd, retrying short writes.
+bool write_all(int fd, const void* buf, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(buf);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    p += w;
+    n -= size_t(w);
+  }
+  return true;
+}
+
+}  // namespace
+
+const char* dtype_name(DType d) {
+  for (const auto& t : kDTypes)
+    if (t.d == d) return t.name;
+  return "?";
+}
+
+size_t dtype_size(DType d) {
+  for (const auto& t : kDTypes)
+    if (t.d == d) return t.size;
+  return 0;
+}
+
+uint64_t fnv1a64(const uint8_t* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+void save_safetensors(const std::string& path, const std::vector<TensorEntry>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  size_t offset = 0;
+  uint64_t h = 1469598103934665603ull;
+  for (const TensorEntry& t : tensors) {
+    int64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d;
+    if (size_t(numel) * dtype_size(t.dtype) != t.nbytes)
+      throw io_error(path, "tensor " + t.name + ": shape and byte size disagree");
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.nbytes}}};
+    offset += t.nbytes;
+    const auto* p = static_cast<const uint8_t*>(t.data);
+    for (size_t i = 0; i < t.nbytes; ++i) {
+      h ^= p[i];
+      h *= 1099511628211ull;
+    }
+  }
+  nlohmann::ordered_json meta(metadata);
+  meta["checksum_fnv1a64"] = hex64(h);
+  header["__metadata__"] = meta;
+  std::string hs = header.dump();
+  hs.append((8 - hs.size() % 8) % 8, ' ');
+  const uint64_t hlen = hs.size();
+  uint8_t lenbytes[8];
+  for (int i = 0; i < 8; ++i) lenbytes[i] = uint8_t(hlen >> (8 * i));
+
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw io_error(path, std::string("cannot write checkpoint: ") + std::strerror(errno));
+  bool ok = write_all(fd, lenbytes, 8) && write_all(fd, hs.data(), hs.size());
+  for (const TensorEntry& t : tensors)
+    if (ok) ok = write_all(fd, t.data, t.nbytes);
+  ok = ok && ::fsync(fd) == 0;
+  const int err = errno;
+  ok = (::close(fd) == 0) && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int e = ok ? errno : err;
+    std::remove(tmp.c_str());
+    throw io_error(path, std::string("writing failed (") + std::strerror(e) + "); the previous file, if any, is untouched");
+  }
+  // Make the rename itself durable.
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+SafeTensorsFile load_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw io_error(path, "cannot open (does the checkpoint exist?)");
+  const auto size = uint64_t(in.tellg());
+  in.seekg(0);
+  if (size < 8) throw io_error(path, "too short (" + std::to_string(size) + " bytes) to be a safetensors file");
+  uint8_t lenbytes[8];
+  in.read(reinterpret_cast<char*>(lenbytes), 8);
+  uint64_t hlen = 0;
+  for (int i = 0; i < 8; ++i) hlen |= uint64_t(lenbytes[i]) << (8 * i);
+  if (hlen > size - 8 || hlen > (uint64_t(100) << 20))
+    throw io_error(path, "header length " + std::to_string(hlen) + " exceeds the file (" + std::to_string(size) +
+                             " bytes): truncated or not a safetensors file");
+  std::string hs(size_t(hlen), '\0');
+  in.read(hs.data(), std::streamsize(hlen));
+  SafeTensorsFile f;
+  f.path_ = path;
+  f.data_.resize(size_t(size - 8 - hlen));
+  in.read(reinterpret_cast<char*>(f.data_.data()), std::streamsize(f.data_.size()));
+  if (!in) throw io_error(path, "read failed");
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(hs);
+  } catch (const nlohmann::json::exception& e) {
+    throw io_error(path, std::string("header is not valid JSON: ") + e.what());
+  }
+  if (!header.is_object()) throw io_error(path, "header is not a JSON object");
+  std::vector<std::pair<size_t, size_t>> ranges;
+  try {
+    for (auto& [name, v] : header.items()) {
+      if (name == "__metadata__") {
+        for (auto& [k, s] : v.items()) f.metadata_[k] = s.get<std::string>();
+        continue;
+      }
+      SafeTensorsFile::Info info{};
+      const std::string dt = v.at("dtype").get<std::string>();
+      bool known = false;
+      for (const auto& t : kDTypes)
+        if (dt == t.name) info.dtype = t.d, known = true;
+      if (!known) throw io_error(path, "tensor " + name + " has unsupported dtype " + dt);
+      info.shape = v.at("shape").get<std::vector<int64_t>>();
+      const auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
+      if (off.size() != 2 || off[0] > off[1] || off[1] > f.data_.size())
+        throw io_error(path, "tensor " + name + " has data offsets outside the file (truncated?)");
+      uint64_t numel = 1;
+      for (int64_t d : info.shape) {
+        if (d < 0) throw io_error(path, "tensor " + name + " has a negative dimension");
+        numel *= uint64_t(d);
+      }
+      if (numel * dtype_size(info.dtype) != off[1] - off[0])
+        throw io_error(path, "tensor " + name + ": shape and data offsets disagree");
+      info.begin = size_t(off[0]);
+      info.end = size_t(off[1]);
+      ranges.push_back({info.begin, info.end});
+      f.infos_[name] = info;
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw io_error(path, std::string("malformed header: ") + e.what());
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i)
+    if (ranges[i].first < ranges[i - 1].second) throw io_error(path, "tensors overlap in the data section");
+  auto it = f.metadata_.find("checksum_fnv1a64");
+  if (it != f.metadata_.end() && it->second != hex64(fnv1a64(f.data_.data(), f.data_.size())))
+    throw io_error(path, "checksum mismatch: the tensor data is corrupted");
+  return f;
+}
+
+std::vector<std::string> SafeTensorsFile::names() const {
+  std::vector<std::string> n;
+  for (const auto& [k, v] : infos_) n.push_back(k);
+  return n;
+}
+
+const SafeTensorsFile::Info& SafeTensorsFile::info(const std::string& name) const {
+  auto it = infos_.find(name);
+  if (it == infos_.end()) throw io_error(path_, "has no tensor '" + name + "'");
+  return it->second;
+}
+
+const uint8_t* SafeTensorsFile::bytes(const std::string& name) const { return data_.data() + info(name).begin; }
+
+void SafeTensorsFile::copy_f32(const std::string& name, const Shape& expected, float* out) const {
+  const Info& i = info(name);
+  if (i.dtype != DType::F32) throw io_error(path_, "tensor " + name + " is " + dtype_name(i.dtype) + ", expected F32");
+  bool same = int(i.shape.size()) == expected.ndim;
+  for (int d = 0; same && d < expected.ndim; ++d) same = i.shape[size_t(d)] == expected[d];
+  if (!same) {
+    std::string s = "[";
+    for (size_t d = 0; d < i.shape.size(); ++d) s += (d ? ", " : "") + std::to_string(i.shape[d]);
+    throw io_error(path_, "tensor " + name + " has shape " + s + "], the model expects " + expected.str() +
+                              " (checkpoint from another config?)");
+  }
+  std::memcpy(out, data_.data() + i.begin, i.end - i.begin);
+}
+
+void SafeTensorsFile::copy_i32(const std::string& name, int32_t* out, int64_t n) const {
+  const Info& i = info(name);
+  if (i.dtype != DType::I32 || (i.end - i.begin) != size_t(n) * 4)
+    throw io_error(path_, "tensor " + name + " is not I32 with " + std::to_string(n) + " elements");
+  std::memcpy(out, data_.data() + i.begin, i.end - i.begin);
+}
+
+}  // namespace moe

@@ -1,0 +1,161 @@
+#include "moe/kernels/gemm.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MOE_GEMM_AVX2 1
+#endif
+
+namespace moe {
+
+namespace {
+
+constexpr int64_t MR = 6;    // rows of the micro-tile
+constexpr int64_t NR = 16;   // columns of the micro-tile (two AVX registers)
+constexpr int64_t KC = 256;  // depth of a packed block
+constexpr int64_t MC = 96;   // rows of A packed per task
+
+inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
+  return trans ? X[c * ld + r] : X[r * ld + c];
+}
+
+// Bp: for each panel of NR columns, kb rows of NR floats (zero padded past N).
+void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb, int64_t N, float* Bp) {
+  const int64_t panels = (N + NR - 1) / NR;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = Bp + p * kb * NR;
+    const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+    for (int64_t k = 0; k < kb; ++k) {
+      float* row = dst + k * NR;
+      if (!trans_b && nr == NR) {
+        std::memcpy(row, B + (k0 + k) * ldb + j0, sizeof(float) * NR);
+      } else {
+        for (int64_t j = 0; j < nr; ++j) row[j] = at(B, trans_b, ldb, k0 + k, j0 + j);
+        for (int64_t j = nr; j < NR; ++j) row[j] = 0.f;
+      }
+    }
+  }
+}
+
+// Ap: for each group of MR rows, kb columns of MR floats (scaled by alpha, zero padded).
+void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, int64_t k0, int64_t kb,
+            float alpha, float* Ap) {
+  for (int64_t g = 0; g < mb; g += MR) {
+    float* dst = Ap + g * kb;
+    const int64_t mr = std::min(MR, mb - g);
+    for (int64_t k = 0; k < kb; ++k) {
+      for (int64_t r = 0; r < mr; ++r) dst[k * MR + r] = alpha * at(A, trans_a, lda, i0 + g + r, k0 + k);
+      for (int64_t r = mr; r < MR; ++r) dst[k * MR + r] = 0.f;
+    }
+  }
+}
+
+// acc[MR][NR] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part.
+void micro_kernel(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr) {
+#ifdef MOE_GEMM_AVX2
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kb; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(Bp + k * NR), b1 = _mm256_loadu_ps(Bp + k * NR + 8);
+    const float* a = Ap + k * MR;
+    __m256 a0 = _mm256_broadcast_ss(a + 0);
+    c00 = _mm256_fmadd_ps(a0, b0, c00);
+    c01 = _mm256_fmadd_ps(a0, b1, c01);
+    __m256 a1 = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(a1, b0, c10);
+    c11 = _mm256_fmadd_ps(a1, b1, c11);
+    __m256 a2 = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(a2, b0, c20);
+    c21 = _mm256_fmadd_ps(a2, b1, c21);
+    __m256 a3 = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(a3, b0, c30);
+    c31 = _mm256_fmadd_ps(a3, b1, c31);
+    __m256 a4 = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(a4, b0, c40);
+    c41 = _mm256_fmadd_ps(a4, b1, c41);
+    __m256 a5 = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(a5, b0, c50);
+    c51 = _mm256_fmadd_ps(a5, b1, c51);
+  }
+  alignas(32) float acc[MR][NR];
+  _mm256_store_ps(acc[0], c00);
+  _mm256_store_ps(acc[0] + 8, c01);
+  _mm256_store_ps(acc[1], c10);
+  _mm256_store_ps(acc[1] + 8, c11);
+  _mm256_store_ps(acc[2], c20);
+  _mm256_store_ps(acc[2] + 8, c21);
+  _mm256_store_ps(acc[3], c30);
+  _mm256_store_ps(acc[3] + 8, c31);
+  _mm256_store_ps(acc[4], c40);
+  _mm256_store_ps(acc[4] + 8, c41);
+  _mm256_store_ps(acc[5], c50);
+  _mm256_store_ps(acc[5] + 8, c51);
+#else
+  float acc[MR][NR] = {};
+  for (int64_t k = 0; k < kb; ++k)
+    for (int64_t r = 0; r < MR; ++r)
+      for (int64_t c = 0; c < NR; ++c) acc[r][c] += Ap[k * MR + r] * Bp[k * NR + c];
+#endif
+  for (int64_t r = 0; r < mr; ++r)
+    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c];
+}
+
+}  // namespace
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f)
+      std::memset(c, 0, sizeof(float) * size_t(N));
+    else if (beta != 1.f)
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+  }
+  if (K <= 0 || alpha == 0.f) return;
+  const int64_t panels = (N + NR - 1) / NR;
+  thread_local std::vector<float> bp_buf;
+  const bool nested = omp_in_parallel();
+  const bool parallel = !nested && M * N * K >= 32768 && M > MR;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kb = std::min(KC, K - k0);
+    bp_buf.resize(size_t(panels * kb * NR));
+    float* Bp = bp_buf.data();
+    pack_b(trans_b, B, ldb, k0, kb, N, Bp);
+    const int64_t tasks = (M + MC - 1) / MC;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < tasks; ++t) {
+      thread_local std::vector<float> ap_buf;
+      const int64_t i0 = t * MC, mb = std::min(MC, M - i0);
+      ap_buf.resize(size_t((MC + MR) * kb));
+      float* Ap = ap_buf.data();
+      pack_a(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+        for (int64_t g = 0; g < mb; g += MR)
+          micro_kernel(kb, Ap + g * kb, Bp + p * kb * NR, C + (i0 + g) * ldc + j0, ldc, std::min(MR, mb - g), nr);
+      }
+    }
+  }
+}
+
+void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                    int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s += double(at(A, trans_a, lda, i, k)) * double(at(B, trans_b, ldb, k, j));
+      float& c = C[i * ldc + j];
+      c = float(alpha * s) + (beta == 0.f ? 0.f : beta * c);
+    }
+}
+
+}  // namespace moe

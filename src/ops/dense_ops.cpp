@@ -1,0 +1,174 @@
+// Dense algebra ops: linear, bmm, add, add_bias, mul, scale, embedding, layernorm.
+#include <omp.h>
+
+#include <cstring>
+
+#include "moe/kernels/gemm.hpp"
+#include "moe/kernels/nn.hpp"
+#include "moe/ops/ops.hpp"
+
+namespace moe {
+
+Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
+  check(w.ndim() == 2, "linear", "weight must be [out, in], got " + w.shape.str());
+  check(x.ndim() >= 1 && x.cols() == w.size(1), "linear",
+        "input " + x.shape.str() + " does not match weight " + w.shape.str() + " (last dim must be " +
+            std::to_string(w.size(1)) + ")");
+  const bool has_bias = b.data != nullptr;
+  if (has_bias) check(b.ndim() == 1 && b.size(0) == w.size(0), "linear", "bias " + b.shape.str() + " must be [" + std::to_string(w.size(0)) + "]");
+  const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
+  Shape os = x.shape;
+  os.dims[size_t(os.ndim - 1)] = O;
+  Tensor y = has_bias ? g.output(os, x, w, b) : g.output(os, x, w);
+  if (has_bias) {
+    for (int64_t n = 0; n < N; ++n) std::memcpy(y.data + n * O, b.data, sizeof(float) * size_t(O));
+  }
+  gemm(false, true, N, O, I, 1.f, x.data, I, w.data, I, has_bias ? 1.f : 0.f, y.data, O);  // (N, O)
+  if (y.requires_grad()) {
+    g.record([=] {
+      if (x.grad) gemm(false, false, N, I, O, 1.f, y.grad, O, w.data, I, 1.f, x.grad, I);  // dx = dy·W
+      if (w.grad) gemm(true, false, O, I, N, 1.f, y.grad, O, x.data, I, 1.f, w.grad, I);   // dW = dyᵀ·x
+      if (has_bias && b.grad) bias_backward(b.grad, y.grad, N, O);
+    });
+  }
+  return y;
+}
+
+Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  check(a.ndim() >= 2 && a.ndim() == b.ndim(), "bmm", "operands " + a.shape.str() + " and " + b.shape.str() + " need the same rank >= 2");
+  int64_t batch = 1;
+  for (int i = 0; i < a.ndim() - 2; ++i) {
+    check(a.size(i) == b.size(i), "bmm", "batch dimensions differ: " + a.shape.str() + " vs " + b.shape.str());
+    batch *= a.size(i);
+  }
+  const int64_t ar = a.size(-2), ac = a.size(-1), br = b.size(-2), bc = b.size(-1);
+  const int64_t M = trans_a ? ac : ar, K = trans_a ? ar : ac;
+  const int64_t Kb = trans_b ? bc : br, N = trans_b ? br : bc;
+  check(K == Kb, "bmm", "inner dimensions differ: " + a.shape.str() + (trans_a ? "ᵀ" : "") + " · " + b.shape.str() + (trans_b ? "ᵀ" : ""));
+  Shape os = a.shape;
+  os.dims[size_t(os.ndim - 2)] = M;
+  os.dims[size_t(os.ndim - 1)] = N;
+  Tensor y = g.output(os, a, b);
+#pragma omp parallel for schedule(static) if (batch > 1)
+  for (int64_t i = 0; i < batch; ++i)
+    gemm(trans_a, trans_b, M, N, K, 1.f, a.data + i * ar * ac, ac, b.data + i * br * bc, bc, 0.f, y.data + i * M * N, N);
+  if (y.requires_grad()) {
+    g.record([=] {
+#pragma omp parallel for schedule(static) if (batch > 1)
+      for (int64_t i = 0; i < batch; ++i) {
+        const float* A = a.data + i * ar * ac;
+        const float* B = b.data + i * br * bc;
+        const float* dY = y.grad + i * M * N;
+        // Y = op(A)·op(B): d op(A) = dY·op(B)ᵀ, d op(B) = op(A)ᵀ·dY; transposes fold into flags.
+        if (a.grad) {
+          float* dA = a.grad + i * ar * ac;
+          if (!trans_a) gemm(false, !trans_b, M, K, N, 1.f, dY, N, B, bc, 1.f, dA, ac);
+          else gemm(trans_b, true, K, M, N, 1.f, B, bc, dY, N, 1.f, dA, ac);
+        }
+        if (b.grad) {
+          float* dB = b.grad + i * br * bc;
+          if (!trans_b) gemm(!trans_a, false, K, N, M, 1.f, A, ac, dY, N, 1.f, dB, bc);
+          else gemm(true, trans_a, N, K, M, 1.f, dY, N, A, ac, 1.f, dB, bc);
+        }
+      }
+    });
+  }
+  return y;
+}
+
+Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
+  check_same_shape("add", a, b);
+  Tensor y = g.output(a.shape, a, b);
+  const int64_t n = a.numel();
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) y.data[i] = a.data[i] + b.data[i];
+  if (y.requires_grad())
+    g.record([=] {
+      for (const Tensor* t : {&a, &b})
+        if (t->grad)
+          for (int64_t i = 0; i < n; ++i) t->grad[i] += y.grad[i];
+    });
+  return y;
+}
+
+Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {
+  check(bias.ndim() == 1 && bias.size(0) == x.cols(), "add_bias", "bias " + bias.shape.str() + " does not match " + x.shape.str());
+  Tensor y = g.output(x.shape, x, bias);
+  const int64_t N = x.rows(), C = x.cols();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) y.data[n * C + c] = x.data[n * C + c] + bias.data[c];
+  if (y.requires_grad())
+    g.record([=] {
+      if (x.grad)
+        for (int64_t i = 0; i < N * C; ++i) x.grad[i] += y.grad[i];
+      if (bias.grad) bias_backward(bias.grad, y.grad, N, C);
+    });
+  return y;
+}
+
+Tensor mul(Graph& g, const Tensor& a, const Tensor& b) {
+  check_same_shape("mul", a, b);
+  Tensor y = g.output(a.shape, a, b);
+  const int64_t n = a.numel();
+  for (int64_t i = 0; i < n; ++i) y.data[i] = a.data[i] * b.data[i];
+  if (y.requires_grad())
+    g.record([=] {
+      if (a.grad)
+        for (int64_t i = 0; i < n; ++i) a.grad[i] += y.grad[i] * b.data[i];
+      if (b.grad)
+        for (int64_t i = 0; i < n; ++i) b.grad[i] += y.grad[i] * a.data[i];
+    });
+  return y;
+}
+
+Tensor scale(Graph& g, const Tensor& x, float s) {
+  Tensor y = g.output(x.shape, x);
+  const int64_t n = x.numel();
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) y.data[i] = s * x.data[i];
+  if (y.requires_grad())
+    g.record([=] {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+      for (int64_t i = 0; i < n; ++i) x.grad[i] += s * y.grad[i];
+    });
+  return y;
+}
+
+Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape& out_shape) {
+  check(table.ndim() == 2, "embedding", "table must be [V, C], got " + table.shape.str());
+  const int64_t V = table.size(0), C = table.size(1);
+  check(out_shape.ndim >= 1 && out_shape[-1] == C, "embedding", "output shape " + out_shape.str() + " must end in C=" + std::to_string(C));
+  const int64_t N = out_shape.numel() / C;
+  for (int64_t n = 0; n < N; ++n)
+    check(ids[n] >= 0 && ids[n] < V, "embedding", "id " + std::to_string(ids[n]) + " at position " + std::to_string(n) + " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  Tensor y = g.output(out_shape, table);
+  for (int64_t n = 0; n < N; ++n) std::memcpy(y.data + n * C, table.data + int64_t(ids[n]) * C, sizeof(float) * size_t(C));
+  if (y.requires_grad()) {
+    int32_t* saved = g.arena().alloc_ints(N);
+    std::memcpy(saved, ids, sizeof(int32_t) * size_t(N));
+    g.record([=] {
+      // Serial in row order: rows sharing an id add in a fixed order.
+      for (int64_t n = 0; n < N; ++n) {
+        float* dst = table.grad + int64_t(saved[n]) * C;
+        const float* src = y.grad + n * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+      }
+    });
+  }
+  return y;
+}
+
+Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps) {
+  const int64_t C = x.cols(), N = x.rows();
+  check(w.ndim() == 1 && w.size(0) == C && b.shape == w.shape, "layernorm",
+        "weight " + w.shape.str() + " and bias " + b.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());
+  Tensor y = g.output(x.shape, x, w, b);
+  float* mean = g.arena().alloc_floats(N);
+  float* rstd = g.arena().alloc_floats(N);
+  layernorm_forward(y.data, mean, rstd, x.data, w.data, b.data, N, C, eps);
+  if (y.requires_grad())
+    g.record([=] { layernorm_backward(x.grad, w.grad, b.grad, y.grad, x.data, w.data, mean, rstd, N, C); });
+  return y;
+}
+
+}  // namespace moe

@@ -1,0 +1,90 @@
+// Elementwise ops: relu, gelu, silu, softplus, dropout, and the reductions sum and mean.
+#include <cmath>
+
+#include "moe/ops/ops.hpp"
+
+namespace moe {
+
+namespace {
+
+// y = f(x) elementwise; backward dx += dy · f'(x) (f' from x and y). One mechanism for all.
+template <class F, class DF>
+Tensor unary(Graph& g, const Tensor& x, F f, DF df) {
+  Tensor y = g.output(x.shape, x);
+  const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) y.data[i] = f(x.data[i]);
+  if (y.requires_grad())
+    g.record([=] {
+#pragma omp parallel for schedule(static) if (n > 65536)
+      for (int64_t i = 0; i < n; ++i) x.grad[i] += y.grad[i] * df(x.data[i], y.data[i]);
+    });
+  return y;
+}
+
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+}  // namespace
+
+Tensor relu(Graph& g, const Tensor& x) {
+  return unary(g, x, [](float v) { return v > 0.f ? v : 0.f; },
+               [](float v, float) { return v > 0.f ? 1.f : 0.f; });
+}
+
+Tensor gelu(Graph& g, const Tensor& x) {
+  return unary(g, x, [](float v) { return 0.5f * v * (1.f + std::erf(v * kInvSqrt2)); },
+               [](float v, float) {
+                 return 0.5f * (1.f + std::erf(v * kInvSqrt2)) + v * kInvSqrt2Pi * std::exp(-0.5f * v * v);
+               });
+}
+
+Tensor silu(Graph& g, const Tensor& x) {
+  return unary(g, x, [](float v) { return v / (1.f + std::exp(-v)); },
+               [](float v, float) {
+                 const float s = 1.f / (1.f + std::exp(-v));
+                 return s * (1.f + v * (1.f - s));
+               });
+}
+
+Tensor softplus(Graph& g, const Tensor& x) {
+  // torch.nn.functional.softplus with beta 1, threshold 20: linear above the threshold.
+  return unary(g, x, [](float v) { return v > 20.f ? v : std::log1p(std::exp(v)); },
+               [](float v, float) { return v > 20.f ? 1.f : 1.f / (1.f + std::exp(-v)); });
+}
+
+Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng) {
+  check(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
+  if (!training || p == 0.f) return x;
+  const int64_t n = x.numel();
+  float* mask = g.arena().alloc_floats(n);  // 0 or 1/(1-p)
+  rng.fill_uniform(mask, n);
+  const float keep_scale = 1.f / (1.f - p);
+  for (int64_t i = 0; i < n; ++i) mask[i] = mask[i] >= p ? keep_scale : 0.f;
+  Tensor y = g.output(x.shape, x);
+  for (int64_t i = 0; i < n; ++i) y.data[i] = x.data[i] * mask[i];
+  if (y.requires_grad())
+    g.record([=] {
+      for (int64_t i = 0; i < n; ++i) x.grad[i] += y.grad[i] * mask[i];
+    });
+  return y;
+}
+
+Tensor sum(Graph& g, const Tensor& x) {
+  Tensor y = g.output({1}, x);
+  double s = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) s += x.data[i];
+  y.data[0] = float(s);
+  if (y.requires_grad())
+    g.record([=] {
+      for (int64_t i = 0; i < x.numel(); ++i) x.grad[i] += y.grad[0];
+    });
+  return y;
+}
+
+Tensor mean(Graph& g, const Tensor& x) {
+  check(x.numel() > 0, "mean", "empty tensor");
+  return scale(g, sum(g, x), 1.f / float(x.numel()));
+}
+
+}  // namespace moe

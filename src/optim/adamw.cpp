@@ -1,0 +1,77 @@
+#include "moe/optim/adamw.hpp"
+
+#include <cmath>
+
+namespace moe {
+
+AdamW::AdamW(const OptimizerConfig& cfg, const ParamStore& params)
+    : cfg_(cfg),
+      m_(size_t(params.numel()), 0.f),
+      v_(size_t(params.numel()), 0.f),
+      decay_(size_t(params.numel()), 0) {
+  for (const ParamInfo& p : params.infos()) {
+    const bool decay = !cfg.exempt_no_decay || p.decay;
+    std::fill(decay_.begin() + p.offset, decay_.begin() + p.offset + p.shape.numel(), uint8_t(decay));
+  }
+}
+
+void AdamW::step(ParamStore& params, float lr) {
+  ++t_;
+  const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
+  const float wd = float(cfg_.weight_decay);
+  const float bc1 = 1.f - float(std::pow(double(b1), double(t_)));
+  const float bc2_sqrt = float(std::sqrt(1.0 - std::pow(double(b2), double(t_))));
+  const float step_size = lr / bc1;
+  float* p = params.data();
+  const float* g = params.grad();
+  float* m = m_.data();
+  float* v = v_.data();
+  const uint8_t* decay = decay_.data();
+  const int64_t n = params.numel();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    if (decay[i]) p[i] *= 1.f - lr * wd;
+    m[i] = b1 * m[i] + (1.f - b1) * g[i];
+    v[i] = b2 * v[i] + (1.f - b2) * g[i] * g[i];
+    const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
+    p[i] += -step_size * (m[i] / denom);  // torch's addcdiv_ order
+  }
+}
+
+float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps) {
+  const double lr = cfg.lr;
+  if (cfg.warmup_steps > 0 && step < cfg.warmup_steps)
+    return float(lr * double(step + 1) / double(cfg.warmup_steps));
+  if (cfg.schedule == "constant") return float(lr);
+  // Cosine decay from lr to min_lr over the steps after warmup.
+  const double span = double(std::max<int64_t>(1, max_steps - cfg.warmup_steps));
+  const double progress = std::min(1.0, double(step - cfg.warmup_steps) / span);
+  return float(cfg.min_lr + 0.5 * (lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress)));
+}
+
+double clip_grad_norm(ParamStore& params, double max_norm) {
+  // Fixed chunks summed in order: the same bits for any thread count.
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t n = params.numel();
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(size_t(chunks), 0.0);
+  const float* g = params.grad();
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    double s = 0;
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(g[i]) * g[i];
+    partial[size_t(c)] = s;
+  }
+  double total = 0;
+  for (double s : partial) total += s;
+  const double norm = std::sqrt(total);
+  if (max_norm > 0 && norm > max_norm) {
+    const float f = float(max_norm / (norm + 1e-6));
+    float* gw = params.grad();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) gw[i] *= f;
+  }
+  return norm;
+}
+
+}  // namespace moe

@@ -1,0 +1,126 @@
+#include "moe/train/checkpoint.hpp"
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "moe/io/safetensors.hpp"
+
+namespace moe {
+
+namespace {
+
+nlohmann::json rng_to_json(const RngState& s) { return {s.seed, s.stream, s.counter}; }
+
+RngState rng_from_json(const nlohmann::json& j) {
+  return {j.at(0).get<uint64_t>(), j.at(1).get<uint64_t>(), j.at(2).get<uint64_t>()};
+}
+
+std::string meta_at(const std::map<std::string, std::string>& meta, const std::string& key,
+                    const std::string& path) {
+  auto it = meta.find(key);
+  if (it == meta.end())
+    throw std::runtime_error("checkpoint " + path + ": metadata has no '" + key +
+                             "' (not a moe checkpoint, or from an incompatible version)");
+  return it->second;
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const Model& model, const AdamW* optimizer,
+                     const std::vector<uint32_t>& vocab, const TrainState& state) {
+  const ParamStore& ps = model.params();
+  std::vector<TensorEntry> entries;
+  auto add_block = [&](const std::string& prefix, const float* base) {
+    for (const ParamInfo& p : ps.infos()) {
+      TensorEntry e;
+      e.name = prefix + p.name;
+      e.dtype = DType::F32;
+      e.shape.assign(p.shape.dims.begin(), p.shape.dims.begin() + p.shape.ndim);
+      e.data = base + p.offset;
+      e.nbytes = sizeof(float) * size_t(p.shape.numel());
+      entries.push_back(e);
+    }
+  };
+  add_block("", ps.data());
+  if (optimizer) {
+    add_block("optimizer.m.", optimizer->m().data());
+    add_block("optimizer.v.", optimizer->v().data());
+  }
+  std::map<std::string, std::string> meta;
+  meta["format"] = kCheckpointFormat;
+  meta["config"] = config_to_json(model.config()).dump();
+  meta["vocab"] = nlohmann::json(vocab).dump();
+  meta["step"] = std::to_string(state.step);
+  meta["best_val_loss"] = nlohmann::json(state.best_val_loss).dump();
+  meta["rng"] = nlohmann::json{{"data", rng_to_json(state.data_rng)},
+                               {"dropout", rng_to_json(state.dropout_rng)},
+                               {"noise", rng_to_json(state.noise_rng)}}
+                    .dump();
+  if (optimizer) meta["optimizer.steps"] = std::to_string(optimizer->steps());
+  save_safetensors(path, entries, meta);
+}
+
+CheckpointHeader read_checkpoint_header(const std::string& path) {
+  SafeTensorsFile f = load_safetensors(path);
+  const auto& meta = f.metadata();
+  const std::string format = meta_at(meta, "format", path);
+  if (format != kCheckpointFormat)
+    throw std::runtime_error("checkpoint " + path + " has format '" + format + "'; this moe reads '" +
+                             kCheckpointFormat + "'");
+  CheckpointHeader h;
+  try {
+    h.config = config_from_json(nlohmann::json::parse(meta_at(meta, "config", path)), path + " (metadata)");
+    h.vocab = nlohmann::json::parse(meta_at(meta, "vocab", path)).get<std::vector<uint32_t>>();
+    h.state.step = std::stoll(meta_at(meta, "step", path));
+    h.state.best_val_loss = nlohmann::json::parse(meta_at(meta, "best_val_loss", path)).get<double>();
+    const nlohmann::json rng = nlohmann::json::parse(meta_at(meta, "rng", path));
+    h.state.data_rng = rng_from_json(rng.at("data"));
+    h.state.dropout_rng = rng_from_json(rng.at("dropout"));
+    h.state.noise_rng = rng_from_json(rng.at("noise"));
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error("checkpoint " + path + ": malformed metadata (" + e.what() + ")");
+  }
+  h.has_optimizer = meta.count("optimizer.steps") > 0;
+  return h;
+}
+
+void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer) {
+  SafeTensorsFile f = load_safetensors(path);
+  ParamStore& ps = model.params();
+  auto load_block = [&](const std::string& prefix, float* base) {
+    for (const ParamInfo& p : ps.infos()) f.copy_f32(prefix + p.name, p.shape, base + p.offset);
+  };
+  load_block("", ps.data());
+  if (optimizer) {
+    const auto& meta = f.metadata();
+    optimizer->set_steps(std::stoll(meta_at(meta, "optimizer.steps", path)));
+    load_block("optimizer.m.", optimizer->m().data());
+    load_block("optimizer.v.", optimizer->v().data());
+  }
+}
+
+void check_resume_compatible(const Config& saved, const Config& now, const std::string& path) {
+  nlohmann::json a = config_to_json(saved), b = config_to_json(now);
+  // What may change on resume: where the run logs, how long it runs, how often it reports.
+  for (auto* j : {&a, &b}) {
+    (*j)["logging"].erase("out_dir");
+    (*j)["training"].erase("max_steps");
+    (*j)["training"].erase("threads");
+    (*j)["logging"].erase("log_interval");
+    (*j)["logging"].erase("eval_interval");
+    (*j)["logging"].erase("eval_iters");
+    (*j)["logging"].erase("checkpoint_interval");
+  }
+  if (a == b) return;
+  std::string diffs;
+  for (auto& [section, fields] : a.items())
+    for (auto& [key, value] : fields.items())
+      if (!b.contains(section) || !b[section].contains(key) || b[section][key] != value)
+        diffs += "\n  " + section + "." + key + ": checkpoint " + value.dump() + ", config " +
+                 (b.contains(section) && b[section].contains(key) ? b[section][key].dump() : "absent");
+  throw std::runtime_error("--resume " + path + " was trained with a different config:" + diffs +
+                           "\nresume with the checkpoint's config, or start a new run");
+}
+
+}  // namespace moe

@@ -1,0 +1,67 @@
+#include "moe/train/evaluate.hpp"
+
+#include <cmath>
+
+namespace moe {
+
+namespace {
+constexpr uint64_t kStreamEval = 5;
+}
+
+EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g) {
+  const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
+  std::vector<int32_t> x(static_cast<size_t>(B * T)), y(size_t(B * T));
+  EvalEstimate est;
+  Rng noise_rng(cfg.training.seed, kStreamEval + 1);  // only drawn with router.noise_at_eval
+  ForwardOptions fo;
+  fo.noise_rng = &noise_rng;
+  for (int split = 0; split < 2; ++split) {
+    BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(cfg.training.seed, kStreamEval));
+    double total = 0;
+    for (int64_t i = 0; i < cfg.logging.eval_iters; ++i) {
+      sampler.next(x.data(), y.data());
+      g.clear();
+      NoGradGuard no_grad(g);
+      total += model.forward(g, x.data(), y.data(), B, T, fo).loss.data[0];
+    }
+    (split == 0 ? est.train_loss : est.val_loss) = total / double(cfg.logging.eval_iters);
+  }
+  g.clear();
+  return est;
+}
+
+SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, int64_t batch_size, Graph& g) {
+  const int64_t T = model.config().model.block_size;
+  const int64_t windows = (int64_t(ids.size()) - 1) / T;
+  check(windows >= 1, "evaluate", "the split has " + std::to_string(ids.size()) +
+                                      " tokens, fewer than block_size + 1 = " + std::to_string(T + 1));
+  SplitEvaluation ev;
+  ev.routing.reset(model.config().model.n_layer, model.config().router.num_experts);
+  Rng noise_rng(model.config().training.seed, kStreamEval + 1);
+  ForwardOptions fo;
+  fo.noise_rng = &noise_rng;
+  fo.stats = &ev.routing;
+  std::vector<int32_t> x, y;
+  double total = 0;  // sum of per-token losses
+  for (int64_t w0 = 0; w0 < windows; w0 += batch_size) {
+    const int64_t B = std::min(batch_size, windows - w0);
+    x.resize(size_t(B * T));
+    y.resize(size_t(B * T));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        x[size_t(b * T + t)] = ids[size_t((w0 + b) * T + t)];
+        y[size_t(b * T + t)] = ids[size_t((w0 + b) * T + t + 1)];
+      }
+    g.clear();
+    NoGradGuard no_grad(g);
+    total += double(model.forward(g, x.data(), y.data(), B, T, fo).loss.data[0]) * double(B * T);
+  }
+  g.clear();
+  ev.tokens = windows * T;
+  ev.loss = total / double(ev.tokens);
+  ev.perplexity = std::exp(ev.loss);
+  ev.bits_per_char = ev.loss / std::log(2.0);
+  return ev;
+}
+
+}  // namespace moe

@@ -1,0 +1,197 @@
+#include "moe/train/trainer.hpp"
+
+#include <omp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "moe/data/dataset.hpp"
+#include "moe/model/model.hpp"
+#include "moe/optim/adamw.hpp"
+#include "moe/train/checkpoint.hpp"
+#include "moe/train/evaluate.hpp"
+
+namespace moe {
+
+std::atomic<int> g_stop_signal{0};
+
+namespace {
+
+void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+// Generator streams: one per purpose, so none shifts another.
+constexpr uint64_t kStreamInit = 1, kStreamData = 2, kStreamDropout = 3, kStreamNoise = 4;
+
+std::string format_duration(double s) {
+  const int64_t t = int64_t(s + 0.5);
+  char buf[32];
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600), (long long)(t % 3600 / 60));
+  else
+    std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
+  return buf;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+void install_stop_signal_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
+TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
+  using clock = std::chrono::steady_clock;
+  const auto t_start = clock::now();
+  Config cfg = cfg_in;
+  TrainState state;
+  CheckpointHeader resumed;
+  if (!opt.resume.empty()) {
+    resumed = read_checkpoint_header(opt.resume);
+    check_resume_compatible(resumed.config, cfg, opt.resume);
+    state = resumed.state;
+  }
+  if (!opt.out_dir.empty()) cfg.logging.out_dir = opt.out_dir;
+  if (cfg.training.threads > 0) omp_set_num_threads(int(cfg.training.threads));
+
+  const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
+  Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, T);
+  if (!opt.resume.empty() && data.tokenizer().vocab() != resumed.vocab)
+    throw std::runtime_error("--resume " + opt.resume + ": the data file " + cfg.data.path +
+                             " has a different vocabulary than the checkpoint");
+  Model model(cfg, int64_t(data.tokenizer().vocab().size()));
+  AdamW adamw(cfg.optimizer, model.params());
+  BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, kStreamData));
+  Rng dropout_rng(cfg.training.seed, kStreamDropout), noise_rng(cfg.training.seed, kStreamNoise);
+  if (opt.resume.empty()) {
+    Rng init_rng(cfg.training.seed, kStreamInit);
+    model.init(init_rng);
+  } else {
+    load_checkpoint_tensors(opt.resume, model, &adamw);
+    sampler.set_state(state.data_rng);
+    dropout_rng.set_state(state.dropout_rng);
+    noise_rng.set_state(state.noise_rng);
+  }
+
+  namespace fs = std::filesystem;
+  const fs::path out = cfg.logging.out_dir;
+  fs::create_directories(out);
+  {
+    std::ofstream f(out / "config.json");
+    f << config_to_json(cfg).dump(2) << "\n";
+  }
+  std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
+  if (!metrics) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
+
+  if (!opt.quiet) {
+    spdlog::info("config:\n{}", config_to_json(cfg).dump(2));
+    spdlog::info("model: {} parameters ({} active per token), vocabulary {}, {} train / {} val tokens",
+                 model.params().numel(), model.active_param_count(), model.vocab_size(),
+                 data.train().size(), data.val().size());
+    if (!opt.resume.empty()) spdlog::info("resumed from {} at step {}", opt.resume, state.step);
+  }
+
+  auto save = [&](const fs::path& path) {
+    state.data_rng = sampler.state();
+    state.dropout_rng = dropout_rng.state();
+    state.noise_rng = noise_rng.state();
+    save_checkpoint(path.string(), model, &adamw, data.tokenizer().vocab(), state);
+  };
+
+  TrainResult res;
+  res.last_val_loss = std::numeric_limits<double>::quiet_NaN();
+  Graph g;
+  std::vector<int32_t> xb(static_cast<size_t>(B * T)), yb(size_t(B * T));
+  std::vector<double> step_ms;
+  const int64_t max_steps = cfg.training.max_steps;
+  double window_tokens = 0, window_seconds = 0;
+  RoutingStats stats;
+  for (int64_t step = state.step; step < max_steps; ++step) {
+    if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
+      EvalEstimate est = estimate_loss(model, data, cfg, g);
+      res.last_val_loss = est.val_loss;
+      metrics << nlohmann::json{{"step", step}, {"train_loss", est.train_loss}, {"val_loss", est.val_loss}}.dump()
+              << "\n" << std::flush;
+      if (!opt.quiet)
+        spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}", step, est.train_loss, est.val_loss);
+      if (est.val_loss < state.best_val_loss) {
+        state.best_val_loss = est.val_loss;
+        state.step = step;
+        save(out / "best.safetensors");
+      }
+    }
+
+    const auto t0 = clock::now();
+    g.clear();
+    model.params().zero_grad();
+    sampler.next(xb.data(), yb.data());
+    ForwardOptions fo;
+    fo.training = true;
+    fo.dropout_rng = &dropout_rng;
+    fo.noise_rng = &noise_rng;
+    fo.stats = &stats;  // accumulates over the logging window
+    Model::Output o = model.forward(g, xb.data(), yb.data(), B, T, fo);
+    const double loss = o.loss.data[0];
+    if (!std::isfinite(loss))
+      throw std::runtime_error("training diverged: loss is " + std::to_string(loss) + " at step " +
+                               std::to_string(step) + "; the last good checkpoint is kept in " + out.string() +
+                               " (try a lower optimizer.lr or optimizer.grad_clip)");
+    g.backward(o.loss);
+    const double grad_norm = clip_grad_norm(model.params(), cfg.optimizer.grad_clip);
+    const float lr = learning_rate(cfg.optimizer, step, max_steps);
+    adamw.step(model.params(), lr);
+    const double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+    step_ms.push_back(ms);
+    window_tokens += double(B * T);
+    window_seconds += ms / 1000.0;
+    res.last_train_loss = loss;
+    state.step = step + 1;
+
+    const bool log_now = (step + 1) % cfg.logging.log_interval == 0 || step + 1 == max_steps;
+    if (log_now) {
+      const double tok_s = window_tokens / std::max(1e-9, window_seconds);
+      const double eta = median(step_ms) / 1000.0 * double(max_steps - step - 1);
+      nlohmann::json j{{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
+                       {"tokens_per_s", tok_s}};
+      nlohmann::json usage = nlohmann::json::array();
+      for (const auto& layer : stats.tokens_per_expert) usage.push_back(layer);
+      j["tokens_per_expert"] = usage;
+      metrics << j.dump() << "\n" << std::flush;
+      if (!opt.quiet)
+        spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {:.0f} tok/s | ETA {}", step + 1,
+                     max_steps, loss, lr, grad_norm, tok_s, format_duration(eta));
+      window_tokens = window_seconds = 0;
+      stats.tokens_per_expert.clear();
+    }
+    if (cfg.logging.checkpoint_interval > 0 && (step + 1) % cfg.logging.checkpoint_interval == 0)
+      save(out / ("step_" + std::to_string(step + 1) + ".safetensors"));
+    if (g_stop_signal.load() != 0) {
+      res.interrupted = true;
+      break;
+    }
+  }
+  save(out / "last.safetensors");
+  if (!opt.quiet)
+    spdlog::info("{} at step {}: checkpoint {}", res.interrupted ? "interrupted" : "done", state.step,
+                 (out / "last.safetensors").string());
+  res.steps_done = state.step;
+  res.best_val_loss = state.best_val_loss;
+  res.median_step_ms = median(step_ms);
+  res.wall_seconds = std::chrono::duration<double>(clock::now() - t_start).count();
+  return res;
+}
+
+}  // namespace moe

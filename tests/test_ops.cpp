@@ -1,0 +1,278 @@
+// Every autograd op: finite-difference gradient checks and hand-computed forward values.
+#include <catch2/catch.hpp>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "gradcheck.hpp"
+#include "moe/kernels/gemm.hpp"
+#include "moe/kernels/routing.hpp"
+#include "moe/ops/ops.hpp"
+
+using namespace moe;
+using test::Probe;
+using test::random_vector;
+
+namespace {
+
+// A one-input op checked at random inputs in [lo, hi).
+void check_unary(const Shape& s, std::function<Tensor(Graph&, const Tensor&)> op, float lo = -1.f, float hi = 1.f,
+                 test::GradCheckOptions opt = {}) {
+  REQUIRE_GRADCHECK({random_vector(s.numel(), 1, lo, hi)}, {s},
+                    [&](Graph& g, const std::vector<Tensor>& in) { return Probe{op(g, in[0]), {}}; }, opt);
+}
+
+Tensor none() { return Tensor{}; }
+
+}  // namespace
+
+TEST_CASE("gemm matches the reference for every transpose, odd sizes, alpha and beta", "[ops][gemm]") {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (auto [M, N, K] : {std::array<int64_t, 3>{1, 1, 1}, {7, 19, 5}, {13, 33, 300}, {97, 40, 17}}) {
+        auto A = random_vector(M * K, 1), B = random_vector(K * N, 2), C0 = random_vector(M * N, 3);
+        std::vector<float> C = C0, R = C0;
+        const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+        gemm(ta, tb, M, N, K, 0.5f, A.data(), lda, B.data(), ldb, 2.f, C.data(), N);
+        gemm_reference(ta, tb, M, N, K, 0.5f, A.data(), lda, B.data(), ldb, 2.f, R.data(), N);
+        double d = 0;
+        for (size_t i = 0; i < C.size(); ++i) d = std::max(d, double(std::fabs(C[i] - R[i])));
+        INFO("ta " << ta << " tb " << tb << " M " << M << " N " << N << " K " << K << " max diff " << d);
+        REQUIRE(d < 1e-4);
+      }
+}
+
+TEST_CASE("gemm gives the same bits on 1 and 2 threads", "[ops][gemm]") {
+  const int64_t M = 300, N = 200, K = 600;
+  auto A = random_vector(M * K, 1), B = random_vector(K * N, 2);
+  std::vector<float> c1(static_cast<size_t>(M * N)), c2(static_cast<size_t>(M * N));
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  gemm(false, true, M, N, K, 1.f, A.data(), K, B.data(), K, 0.f, c1.data(), N);
+  omp_set_num_threads(2);
+  gemm(false, true, M, N, K, 1.f, A.data(), K, B.data(), K, 0.f, c2.data(), N);
+  omp_set_num_threads(saved);
+  REQUIRE(std::memcmp(c1.data(), c2.data(), c1.size() * sizeof(float)) == 0);
+}
+
+TEST_CASE("gradient checks: dense algebra", "[ops][gradcheck]") {
+  SECTION("linear with bias") {
+    REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(2 * 3 * 5, 1), random_vector(4 * 5, 2), random_vector(4, 3)}),
+                      (std::vector<Shape>{{2, 3, 5}, {4, 5}, {4}}),
+                      [](Graph& g, const std::vector<Tensor>& in) { return Probe{linear(g, in[0], in[1], in[2]), {}}; });
+  }
+  SECTION("linear without bias") {
+    REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(6 * 5, 1), random_vector(3 * 5, 2)}),
+                      (std::vector<Shape>{{6, 5}, {3, 5}}),
+                      [](Graph& g, const std::vector<Tensor>& in) { return Probe{linear(g, in[0], in[1], none()), {}}; });
+  }
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      DYNAMIC_SECTION("bmm trans_a " << ta << " trans_b " << tb) {
+        const Shape sa = ta ? Shape{2, 3, 4, 5} : Shape{2, 3, 5, 4};  // op(a): [.., 5, 4]
+        const Shape sb = tb ? Shape{2, 3, 6, 4} : Shape{2, 3, 4, 6};  // op(b): [.., 4, 6]
+        REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(sa.numel(), 1), random_vector(sb.numel(), 2)}),
+                          (std::vector<Shape>{sa, sb}), [=](Graph& g, const std::vector<Tensor>& in) {
+                            return Probe{bmm(g, in[0], in[1], ta, tb), {}};
+                          });
+      }
+    }
+  SECTION("add, mul, add_bias") {
+    std::vector<std::vector<float>> two = {random_vector(12, 1), random_vector(12, 2)};
+    std::vector<Shape> s2 = {{3, 4}, {3, 4}};
+    REQUIRE_GRADCHECK(two, s2, [](Graph& g, const std::vector<Tensor>& in) { return Probe{add(g, in[0], in[1]), {}}; });
+    REQUIRE_GRADCHECK(two, s2, [](Graph& g, const std::vector<Tensor>& in) { return Probe{mul(g, in[0], in[1]), {}}; });
+    REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(12, 1), random_vector(4, 2)}),
+                      (std::vector<Shape>{{3, 4}, {4}}),
+                      [](Graph& g, const std::vector<Tensor>& in) { return Probe{add_bias(g, in[0], in[1]), {}}; });
+  }
+  SECTION("scale, sum, mean") {
+    check_unary({3, 4}, [](Graph& g, const Tensor& x) { return scale(g, x, -2.5f); });
+    check_unary({3, 4}, [](Graph& g, const Tensor& x) { return sum(g, x); });
+    check_unary({3, 4}, [](Graph& g, const Tensor& x) { return mean(g, x); });
+  }
+  SECTION("embedding (repeated ids accumulate)") {
+    static const int32_t ids[6] = {2, 0, 2, 3, 1, 2};
+    check_unary({4, 5}, [](Graph& g, const Tensor& table) { return embedding(g, ids, table, {2, 3, 5}); });
+  }
+  SECTION("layernorm") {
+    REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(3 * 6, 1, -2, 2), random_vector(6, 2), random_vector(6, 3)}),
+                      (std::vector<Shape>{{3, 6}, {6}, {6}}),
+                      [](Graph& g, const std::vector<Tensor>& in) { return Probe{layernorm(g, in[0], in[1], in[2]), {}}; },
+                      test::GradCheckOptions{1e-2, 2e-3, 2e-2});
+  }
+}
+
+TEST_CASE("gradient checks: elementwise and layout", "[ops][gradcheck]") {
+  // relu away from its kink at 0.
+  auto x = random_vector(20, 5, 0.1f, 1.f);
+  for (size_t i = 0; i < x.size(); i += 2) x[i] = -x[i];
+  REQUIRE_GRADCHECK({x}, {{4, 5}}, [](Graph& g, const std::vector<Tensor>& in) { return Probe{relu(g, in[0]), {}}; });
+  check_unary({4, 5}, [](Graph& g, const Tensor& t) { return gelu(g, t); }, -3, 3);
+  check_unary({4, 5}, [](Graph& g, const Tensor& t) { return silu(g, t); }, -3, 3);
+  check_unary({4, 5}, [](Graph& g, const Tensor& t) { return softplus(g, t); }, -3, 3);
+  check_unary({4, 5}, [](Graph& g, const Tensor& t) {
+    Rng rng(9, 1);  // fixed mask
+    return dropout(g, t, 0.3f, true, rng);
+  });
+  check_unary({2, 3, 8}, [](Graph& g, const Tensor& t) { return split_heads(g, t, 4); });
+  check_unary({2, 4, 3, 2}, [](Graph& g, const Tensor& t) { return merge_heads(g, t); });
+  check_unary({2, 3, 8}, [](Graph& g, const Tensor& t) { return slice_cols(g, t, 3, 4); });
+}
+
+TEST_CASE("gradient checks: softmax and loss", "[ops][gradcheck]") {
+  check_unary({3, 5}, [](Graph& g, const Tensor& t) { return softmax(g, t); }, -2, 2);
+  check_unary({2, 3, 4, 4}, [](Graph& g, const Tensor& t) { return causal_softmax(g, t); }, -2, 2);
+  static const int32_t targets[6] = {0, 4, 2, 2, 1, 3};
+  check_unary({2, 3, 5}, [](Graph& g, const Tensor& t) { return cross_entropy(g, t, targets); }, -2, 2);
+}
+
+TEST_CASE("gradient checks: MoE routing", "[ops][gradcheck]") {
+  SECTION("topk_softmax, skipping points whose selection flips") {
+    auto r = test::gradcheck({random_vector(6 * 5, 3, -2, 2)}, {{6, 5}}, [](Graph& g, const std::vector<Tensor>& in) {
+      TopK t = topk_softmax(g, in[0], 2);
+      return Probe{t.weights, std::vector<int32_t>(t.index, t.index + 12)};
+    });
+    INFO("checked " << r.checked << " skipped " << r.skipped << " " << r.first_failure);
+    REQUIRE(r.checked >= 12);  // every kept logit of every row at least
+    REQUIRE(r.failures == 0);
+  }
+  SECTION("gather_rows (a row taken twice)") {
+    static const int32_t rows[4] = {2, 0, 2, 3};
+    check_unary({4, 3}, [](Graph& g, const Tensor& t) { return gather_rows(g, t, rows, 4); });
+  }
+  SECTION("index_add_weighted into h and gates (a row hit twice)") {
+    static const int32_t rows[3] = {1, 0, 1};
+    static const int32_t gate_pos[3] = {3, 0, 2};
+    REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(9, 1), random_vector(4, 2)}),
+                      (std::vector<Shape>{{3, 3}, {2, 2}}), [](Graph& g, const std::vector<Tensor>& in) {
+                        Tensor acc = g.zeros({2, 3}, g.grad_enabled());
+                        index_add_weighted(g, acc, in[0], rows, in[1], gate_pos, 3);
+                        return Probe{acc, {}};
+                      });
+  }
+  SECTION("a whole routed layer: x -> router -> top-2 -> experts -> weighted sum") {
+    // inputs: x [6, 4], router weight [3, 4], expert weights [3][4, 4]
+    REQUIRE_GRADCHECK(
+        (std::vector<std::vector<float>>{random_vector(24, 1), random_vector(12, 2, -2, 2), random_vector(48, 3)}),
+        (std::vector<Shape>{{6, 4}, {3, 4}, {3, 4, 4}}), [](Graph& g, const std::vector<Tensor>& in) {
+          const int64_t N = 6, E = 3, K = 2, C = 4;
+          TopK top = topk_softmax(g, linear(g, in[0], in[1], none()), K);
+          int32_t* off = g.arena().alloc_ints(E + 1);
+          int32_t* tok = g.arena().alloc_ints(N * K);
+          int32_t* pos = g.arena().alloc_ints(N * K);
+          group_by_expert(top.index, N, K, E, off, tok, pos);
+          Tensor acc = g.zeros({N, C}, g.grad_enabled());
+          for (int64_t e = 0; e < E; ++e) {
+            const int64_t n = off[e + 1] - off[e];
+            if (n == 0) continue;
+            Tensor w = in[2];
+            w.data += e * C * C;
+            if (w.grad) w.grad += e * C * C;
+            w.shape = {C, C};
+            Tensor h = gelu(g, linear(g, gather_rows(g, in[0], tok + off[e], n), w, none()));
+            index_add_weighted(g, acc, h, tok + off[e], top.weights, pos + off[e], n);
+          }
+          return Probe{acc, std::vector<int32_t>(top.index, top.index + N * K)};
+        });
+  }
+}
+
+TEST_CASE("forward values against hand-computed cases", "[ops]") {
+  Graph g;
+  NoGradGuard ng(g);
+  SECTION("softmax of [1, 2, 3]") {
+    const float v[3] = {1, 2, 3};
+    Tensor y = softmax(g, g.constant({1, 3}, v));
+    CHECK(y.data[0] == Approx(0.0900306));
+    CHECK(y.data[1] == Approx(0.2447285));
+    CHECK(y.data[2] == Approx(0.6652410));
+  }
+  SECTION("causal softmax masks the future exactly") {
+    const float v[4] = {5, 7, 1, 1};
+    Tensor y = causal_softmax(g, g.constant({2, 2}, v));
+    CHECK(y.data[0] == 1.f);
+    CHECK(y.data[1] == 0.f);
+    CHECK(y.data[2] == Approx(0.5));
+  }
+  SECTION("LayerNorm of [1, 2, 3, 4]") {
+    const float x[4] = {1, 2, 3, 4}, w[4] = {1, 1, 1, 1}, b[4] = {0, 0, 0, 0};
+    Tensor y = layernorm(g, g.constant({1, 4}, x), g.constant({4}, w), g.constant({4}, b));
+    // mean 2.5, variance 1.25: (x - 2.5) / sqrt(1.25 + 1e-5)
+    CHECK(y.data[0] == Approx(-1.3416355));
+    CHECK(y.data[1] == Approx(-0.4472118));
+    CHECK(y.data[3] == Approx(1.3416355));
+  }
+  SECTION("cross-entropy of a known distribution") {
+    // logits log([0.5, 0.25, 0.25]): loss of target 1 is ln 4, of target 0 is ln 2.
+    const float l[6] = {std::log(0.5f), std::log(0.25f), std::log(0.25f), std::log(0.5f), std::log(0.25f), std::log(0.25f)};
+    const int32_t t[2] = {1, 0};
+    Tensor y = cross_entropy(g, g.constant({2, 3}, l), t);
+    CHECK(y.data[0] == Approx((std::log(4.0) + std::log(2.0)) / 2));
+    const int32_t bad[2] = {1, 3};
+    REQUIRE_THROWS_WITH(cross_entropy(g, g.constant({2, 3}, l), bad), Catch::Contains("cross_entropy") && Catch::Contains("target 3"));
+  }
+  SECTION("GELU, SiLU, softplus at known points") {
+    const float x[3] = {-1, 0, 2};
+    Tensor ge = gelu(g, g.constant({3}, x)), si = silu(g, g.constant({3}, x)), sp = softplus(g, g.constant({3}, x));
+    CHECK(ge.data[0] == Approx(-0.15865525));
+    CHECK(ge.data[2] == Approx(1.95449974));
+    CHECK(si.data[0] == Approx(-0.26894142));
+    CHECK(sp.data[1] == Approx(std::log(2.0)));
+    const float big[1] = {30};
+    CHECK(softplus(g, g.constant({1}, big)).data[0] == 30.f);
+  }
+  SECTION("linear on a 2x3 case") {
+    const float x[6] = {1, 2, 3, 4, 5, 6}, w[6] = {1, 0, -1, 0.5f, 0.5f, 0.5f}, b[2] = {10, 20};
+    Tensor y = linear(g, g.constant({2, 3}, x), g.constant({2, 3}, w), g.constant({2}, b));
+    CHECK(y.data[0] == Approx(8));   // 1 - 3 + 10
+    CHECK(y.data[1] == Approx(23));  // 3 + 20
+    CHECK(y.data[2] == Approx(8));   // 4 - 6 + 10
+    CHECK(y.data[3] == Approx(27.5));
+  }
+  SECTION("top-k with ties broken toward the lower expert id") {
+    const float a[4] = {1, 3, 3, 0}, b[4] = {2, 2, 2, 2};
+    TopK ta = topk_softmax(g, g.constant({1, 4}, a), 2);
+    CHECK(ta.index[0] == 1);
+    CHECK(ta.index[1] == 2);
+    CHECK(ta.weights.data[0] == Approx(0.5));
+    TopK tb = topk_softmax(g, g.constant({1, 4}, b), 2);
+    CHECK(tb.index[0] == 0);
+    CHECK(tb.index[1] == 1);
+    const float c[3] = {0, 1, 2};
+    TopK tc = topk_softmax(g, g.constant({1, 3}, c), 2);
+    CHECK(tc.index[0] == 2);
+    CHECK(tc.weights.data[0] == Approx(1 / (1 + std::exp(-1.0))));
+  }
+  SECTION("group_by_expert") {
+    // N=3 tokens, K=2: token 0 -> {2, 0}, token 1 -> {0, 1}, token 2 -> {2, 1}.
+    const int32_t index[6] = {2, 0, 0, 1, 2, 1};
+    int32_t off[4], tok[6], pos[6];
+    group_by_expert(index, 3, 2, 3, off, tok, pos);
+    CHECK(std::vector<int32_t>(off, off + 4) == std::vector<int32_t>{0, 2, 4, 6});
+    // expert 0: tokens 0 (slot 1), 1 (slot 2); expert 1: 1 (slot 3), 2 (slot 5); expert 2: 0 (slot 0), 2 (slot 4)
+    CHECK(std::vector<int32_t>(tok, tok + 6) == std::vector<int32_t>{0, 1, 1, 2, 0, 2});
+    CHECK(std::vector<int32_t>(pos, pos + 6) == std::vector<int32_t>{1, 2, 3, 5, 0, 4});
+  }
+  SECTION("split/merge heads round trip") {
+    auto v = random_vector(2 * 3 * 8, 4);
+    Tensor x = g.constant({2, 3, 8}, v.data());
+    Tensor y = merge_heads(g, split_heads(g, x, 4));
+    REQUIRE(std::memcmp(x.data, y.data, sizeof(float) * 48) == 0);
+    // y[b0, h1, t1, d0] (flat 1*T*D + 1*D = 8) is x[b0, t1, c = h1*D + 0 = 2] (flat 1*8 + 2).
+    CHECK(split_heads(g, x, 4).data[8] == v[10]);
+  }
+}
+
+TEST_CASE("shape errors name the op and the shapes", "[ops]") {
+  Graph g;
+  Tensor a = g.zeros({2, 3}, false), b = g.zeros({4, 5}, false), w = g.zeros({4, 3}, false);
+  REQUIRE_THROWS_WITH(linear(g, b, w, none()), Catch::Contains("linear") && Catch::Contains("[4, 5]"));
+  REQUIRE_THROWS_WITH(add(g, a, b), Catch::Contains("add") && Catch::Contains("[2, 3] vs [4, 5]"));
+  REQUIRE_THROWS_WITH(bmm(g, a, b, false, false), Catch::Contains("bmm"));
+  REQUIRE_THROWS_WITH(split_heads(g, g.zeros({1, 2, 6}, false), 4), Catch::Contains("divisible"));
+  REQUIRE_THROWS_WITH(topk_softmax(g, a, 4), Catch::Contains("topk_softmax"));
+  const int32_t bad_id[2] = {0, 9};
+  REQUIRE_THROWS_WITH(embedding(g, bad_id, w, {2, 3}), Catch::Contains("id 9"));
+}
