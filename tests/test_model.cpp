@@ -58,7 +58,7 @@ Config tiny_config() {
 
 }  // namespace
 
-TEST_CASE("Model matches the PyTorch twin: logits, loss, gradients, 5 AdamW steps", "[.model][golden]") {
+TEST_CASE("Model matches the PyTorch twin: logits, loss, gradients, 5 AdamW steps", "[model][golden]") {
   const std::string path = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/twin_tiny.safetensors";
   SafeTensorsFile f = load_safetensors(path);
   Config cfg = config_from_json(nlohmann::json::parse(f.metadata().at("config")), path);
