@@ -4,7 +4,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <omp.h>
+
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "moe/generate/generator.hpp"
@@ -249,11 +252,48 @@ TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit",
   TrainResult r2 = train(cfg, second);
   REQUIRE(r2.steps_done == 20);
   REQUIRE(r1.last_train_loss == r2.last_train_loss);
+  // Every logged loss after the resume point, bit for bit (JSON keeps all float digits).
+  auto losses_after = [](const fs::path& metrics, int64_t from) {
+    std::vector<double> v;
+    std::ifstream in(metrics);
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line);
+      if (j.contains("loss") && j["step"].get<int64_t>() > from) v.push_back(j["loss"].get<double>());
+    }
+    return v;
+  };
+  const auto a_losses = losses_after(dir / "straight" / "metrics.jsonl", 10);
+  REQUIRE(a_losses.size() == 2);
+  REQUIRE(a_losses == losses_after(dir / "resumed" / "metrics.jsonl", 10));
 
   CheckpointHeader h = read_checkpoint_header((dir / "straight" / "last.safetensors").string());
   Model a(h.config, int64_t(h.vocab.size())), b(h.config, int64_t(h.vocab.size()));
   load_checkpoint_tensors((dir / "straight" / "last.safetensors").string(), a, nullptr);
   load_checkpoint_tensors((dir / "resumed" / "last.safetensors").string(), b, nullptr);
+  REQUIRE(same_params(a, b));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
+  Config cfg = tiny_config();
+  cfg.training.max_steps = 6;
+  const fs::path dir = fs::temp_directory_path() / "moe_test_threads";
+  fs::remove_all(dir);
+  TrainOptions opt;
+  opt.quiet = true;
+  const int saved = omp_get_max_threads();
+  cfg.training.threads = 1;
+  opt.out_dir = (dir / "one").string();
+  TrainResult one = train(cfg, opt);
+  cfg.training.threads = 2;
+  opt.out_dir = (dir / "two").string();
+  TrainResult two = train(cfg, opt);
+  omp_set_num_threads(saved);
+  REQUIRE(one.last_train_loss == two.last_train_loss);
+  CheckpointHeader h = read_checkpoint_header((dir / "one" / "last.safetensors").string());
+  Model a(h.config, int64_t(h.vocab.size())), b(h.config, int64_t(h.vocab.size()));
+  load_checkpoint_tensors((dir / "one" / "last.safetensors").string(), a, nullptr);
+  load_checkpoint_tensors((dir / "two" / "last.safetensors").string(), b, nullptr);
   REQUIRE(same_params(a, b));
   fs::remove_all(dir);
 }

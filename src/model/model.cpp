@@ -64,9 +64,7 @@ int64_t Model::active_param_count() const {
   int64_t expert = 0;
   for (const ParamInfo& p : params_.infos())
     if (p.name.find(".moe.experts.") != std::string::npos) expert += p.shape.numel();
-  int64_t total = 0;
-  for (const ParamInfo& p : params_.infos()) total += p.shape.numel();
-  return total - expert + expert / E_ * K_;
+  return params_.parameter_count() - expert + expert / E_ * K_;
 }
 
 void Model::init(Rng& rng) {

@@ -42,6 +42,12 @@ int ParamStore::find(const std::string& name) const {
   return -1;
 }
 
+int64_t ParamStore::parameter_count() const {
+  int64_t n = 0;
+  for (const ParamInfo& p : params_) n += p.shape.numel();
+  return n;
+}
+
 void ParamStore::zero_grad() { std::fill(grad_.begin(), grad_.end(), 0.0f); }
 
 }  // namespace moe

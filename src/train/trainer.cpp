@@ -99,7 +99,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   if (!opt.quiet) {
     spdlog::info("config:\n{}", config_to_json(cfg).dump(2));
     spdlog::info("model: {} parameters ({} active per token), vocabulary {}, {} train / {} val tokens",
-                 model.params().numel(), model.active_param_count(), model.vocab_size(),
+                 model.params().parameter_count(), model.active_param_count(), model.vocab_size(),
                  data.train().size(), data.val().size());
     if (!opt.resume.empty()) spdlog::info("resumed from {} at step {}", opt.resume, state.step);
   }

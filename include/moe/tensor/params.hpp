@@ -36,7 +36,10 @@ class ParamStore {
   const ParamInfo& info(int id) const { return params_[size_t(id)]; }
   const std::vector<ParamInfo>& infos() const { return params_; }
   int count() const { return int(params_.size()); }
+  // Floats in each block, including the alignment padding between parameters.
   int64_t numel() const { return total_; }
+  // Number of parameter values (no padding): the model's parameter count.
+  int64_t parameter_count() const;
 
   float* data() { return data_.data(); }
   const float* data() const { return data_.data(); }
