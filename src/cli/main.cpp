@@ -60,7 +60,12 @@ int run_generate(const std::string& ckpt, const std::string& prompt_arg, const s
                  int64_t max_new, GenerateOptions gopt) {
   Loaded l = load_for_inference(ckpt);
   const std::string prompt = prompt_file.empty() ? prompt_arg : read_file(prompt_file);
-  std::vector<int32_t> ids = l.tokenizer.encode(prompt);
+  std::vector<int32_t> ids;
+  try {
+    ids = l.tokenizer.encode(prompt);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("prompt: ") + e.what());
+  }
   Generator gen(*l.model, gopt);
   std::fputs(prompt.c_str(), stdout);
   gen.generate(ids, max_new, [&](int32_t id) {
@@ -77,11 +82,9 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
   Loaded l = load_for_inference(ckpt);
   const Config& cfg = l.header.config;
   const std::string path = data_path.empty() ? cfg.data.path : data_path;
-  Dataset data = Dataset::load(path, cfg.data.train_fraction, cfg.model.block_size);
-  std::vector<int32_t> ids = l.tokenizer.encode(read_file(path));
-  const size_t n_train = data.train().size();
-  std::vector<int32_t> part = split == "train" ? std::vector<int32_t>(ids.begin(), ids.begin() + long(n_train))
-                                               : std::vector<int32_t>(ids.begin() + long(n_train), ids.end());
+  // Encoded with the checkpoint's vocabulary; split as in training.
+  Dataset data = Dataset::load(path, cfg.data.train_fraction, cfg.model.block_size, &l.tokenizer);
+  const std::vector<int32_t>& part = split == "train" ? data.train() : data.val();
   Graph g;
   SplitEvaluation ev = evaluate_split(*l.model, part, batch_size > 0 ? batch_size : cfg.training.batch_size, g);
   nlohmann::json usage = nlohmann::json::array();
@@ -153,6 +156,10 @@ int main(int argc, char** argv) {
   eval_cmd->add_flag("--json", as_json, "print JSON");
 
   CLI11_PARSE(app, argc, argv);
+  if (max_new < 0 || gopt.context_keep < 0) {
+    std::fprintf(stderr, "moe: error: lengths must be >= 0\n");
+    return 2;
+  }
   try {
     if (*train_cmd) return run_train(config_path, resume, out_dir);
     if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);

@@ -1,0 +1,110 @@
+// Learning-rate schedule, gradient clipping, and the moe binary's verbs end to end.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "moe/optim/adamw.hpp"
+
+using namespace moe;
+namespace fs = std::filesystem;
+
+TEST_CASE("learning-rate schedules", "[optim]") {
+  OptimizerConfig c;
+  c.lr = 1e-3;
+  CHECK(learning_rate(c, 0, 100) == Approx(1e-3));
+  CHECK(learning_rate(c, 99, 100) == Approx(1e-3));
+  c.schedule = "cosine";
+  c.warmup_steps = 10;
+  c.min_lr = 1e-4;
+  CHECK(learning_rate(c, 0, 110) == Approx(1e-4));   // warmup: (step + 1) / warmup · lr
+  CHECK(learning_rate(c, 9, 110) == Approx(1e-3));
+  CHECK(learning_rate(c, 10, 110) == Approx(1e-3));  // cosine starts at lr
+  CHECK(learning_rate(c, 60, 110) == Approx(5.5e-4));  // halfway: (lr + min_lr) / 2
+  CHECK(learning_rate(c, 110, 110) == Approx(1e-4));   // floor
+}
+
+TEST_CASE("gradient clipping by global norm", "[optim]") {
+  ParamStore ps;
+  int a = ps.add("a", {2});
+  int b = ps.add("b", {1});
+  ps.finalize();
+  ps.get(a).grad[0] = 3;
+  ps.get(a).grad[1] = 0;
+  ps.get(b).grad[0] = 4;
+  CHECK(clip_grad_norm(ps, 0) == Approx(5));  // 0: measure only
+  CHECK(ps.get(b).grad[0] == 4);
+  CHECK(clip_grad_norm(ps, 1.0) == Approx(5));
+  CHECK(ps.get(a).grad[0] == Approx(0.6));
+  CHECK(ps.get(b).grad[0] == Approx(0.8));
+}
+
+namespace {
+
+struct Run {
+  int code;
+  std::string out;
+};
+
+Run run(const std::string& args) {
+  const std::string cmd = std::string(MOE_BINARY) + " " + args + " 2>&1";
+  Run r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
+  const fs::path dir = fs::temp_directory_path() / "moe_test_cli";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string data = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt";
+  std::ofstream(dir / "c.json") << R"({"data": {"path": ")" << data << R"("},
+    "model": {"block_size": 8, "n_embed": 16, "n_head": 2, "n_layer": 1},
+    "router": {"num_experts": 4, "top_k": 2},
+    "training": {"batch_size": 4, "max_steps": 12},
+    "logging": {"log_interval": 4, "eval_interval": 6, "eval_iters": 2, "checkpoint_interval": 6}})";
+  const std::string out = (dir / "run").string();
+  Run t = run("train --config " + (dir / "c.json").string() + " --out " + out);
+  INFO(t.out);
+  REQUIRE(t.code == 0);
+  CHECK_THAT(t.out, Catch::Contains("step 12/12") && Catch::Contains("tok/s") && Catch::Contains("ETA"));
+  for (const char* f : {"best.safetensors", "last.safetensors", "step_6.safetensors", "metrics.jsonl", "config.json"})
+    CHECK(fs::exists(fs::path(out) / f));
+
+  const std::string ckpt = out + "/last.safetensors";
+  Run g1 = run("generate --checkpoint " + ckpt + " --prompt 'First' --max-new-tokens 40 --seed 3");
+  Run g2 = run("generate --checkpoint " + ckpt + " --prompt 'First' --max-new-tokens 40 --seed 3");
+  REQUIRE(g1.code == 0);
+  CHECK(g1.out == g2.out);
+  CHECK(g1.out.rfind("First", 0) == 0);
+  Run bad_char = run("generate --checkpoint " + ckpt + " --prompt 'héllo'");
+  CHECK(bad_char.code != 0);
+  CHECK_THAT(bad_char.out, Catch::Contains("prompt") && Catch::Contains("U+00E9"));
+  Run bad_p = run("generate --checkpoint " + ckpt + " --top-p 1.5");
+  CHECK(bad_p.code != 0);
+  CHECK_THAT(bad_p.out, Catch::Contains("--top-p must be in (0, 1]"));
+
+  Run e = run("eval --checkpoint " + ckpt + " --json");
+  INFO(e.out);
+  REQUIRE(e.code == 0);
+  CHECK_THAT(e.out, Catch::Contains("\"perplexity\"") && Catch::Contains("\"expert_usage\""));
+
+  Run missing = run("eval --checkpoint " + (dir / "nope.safetensors").string());
+  CHECK(missing.code != 0);
+  CHECK_THAT(missing.out, Catch::Contains("nope.safetensors") && Catch::Contains("cannot open"));
+  Run bad_cfg = run("train --config " + (dir / "missing.json").string());
+  CHECK(bad_cfg.code != 0);
+  CHECK_THAT(bad_cfg.out, Catch::Contains("missing.json"));
+  fs::remove_all(dir);
+}
