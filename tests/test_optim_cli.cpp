@@ -8,6 +8,7 @@
 #include <string>
 
 #include "moe/optim/adamw.hpp"
+#include "moe/train/bench.hpp"
 
 using namespace moe;
 namespace fs = std::filesystem;
@@ -100,6 +101,12 @@ TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
   REQUIRE(e.code == 0);
   CHECK_THAT(e.out, Catch::Contains("\"perplexity\"") && Catch::Contains("\"expert_usage\""));
 
+  Run b = run("bench --config " + (dir / "c.json").string() + " --steps 2 --generate 20 --json");
+  INFO(b.out);
+  REQUIRE(b.code == 0);
+  CHECK_THAT(b.out, Catch::Contains("\"step_ms_median\"") && Catch::Contains("\"generate_chars_per_s\"") &&
+                        Catch::Contains("\"peak_rss_mb\""));
+
   Run missing = run("eval --checkpoint " + (dir / "nope.safetensors").string());
   CHECK(missing.code != 0);
   CHECK_THAT(missing.out, Catch::Contains("nope.safetensors") && Catch::Contains("cannot open"));
@@ -107,4 +114,12 @@ TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
   CHECK(bad_cfg.code != 0);
   CHECK_THAT(bad_cfg.out, Catch::Contains("missing.json"));
   fs::remove_all(dir);
+}
+
+TEST_CASE("analytic FLOPs of the makeMoE reference step", "[bench]") {
+  // Per token and layer: qkv 98304 + proj 32768 + attention 16384 + router 4096 + 2 experts 524288;
+  // 8 layers + lm_head 16640 = 5,423,360 per token, times 16 x 32 tokens.
+  Config c;
+  CHECK(forward_flops(c, 65) == 2776760320.0);
+  CHECK(3 * forward_flops(c, 65) / 1e9 == Approx(8.33).epsilon(0.001));  // the reference's "about 8.3 GFLOP"
 }

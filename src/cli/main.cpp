@@ -12,6 +12,7 @@
 #include "moe/data/tokenizer.hpp"
 #include "moe/generate/generator.hpp"
 #include "moe/io/config.hpp"
+#include "moe/train/bench.hpp"
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/evaluate.hpp"
 #include "moe/train/trainer.hpp"
@@ -113,6 +114,36 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
   return 0;
 }
 
+int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, int64_t chars, bool as_json) {
+  Config cfg = load_config(config_path);
+  BenchResult r = run_bench(cfg, steps, threads, chars);
+  nlohmann::json j{{"config", config_path},
+                   {"threads", r.threads},
+                   {"steps", r.steps},
+                   {"step_ms_median", r.step_ms_median},
+                   {"step_ms_min", r.step_ms_min},
+                   {"step_ms_max", r.step_ms_max},
+                   {"forward_ms_median", r.forward_ms_median},
+                   {"tokens_per_s", r.tokens_per_s},
+                   {"gflop_per_step", r.flops_per_step / 1e9},
+                   {"gflop_per_s", r.gflops_per_s},
+                   {"generate_chars_per_s", r.generate_chars_per_s},
+                   {"peak_rss_mb", r.peak_rss_mb}};
+  if (as_json) {
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  std::printf("%s, %d thread(s), %lld timed steps\n", config_path.c_str(), r.threads, (long long)r.steps);
+  std::printf("training step  median %.1f ms (min %.1f, max %.1f) | %.0f tokens/s\n", r.step_ms_median,
+              r.step_ms_min, r.step_ms_max, r.tokens_per_s);
+  std::printf("model FLOPs    %.2f GFLOP per step (forward %.2f) | %.1f GFLOP/s achieved\n", r.flops_per_step / 1e9,
+              r.forward_flops / 1e9, r.gflops_per_s);
+  std::printf("forward only   median %.1f ms\n", r.forward_ms_median);
+  std::printf("generation     %.0f characters/s (KV cache)\n", r.generate_chars_per_s);
+  std::printf("peak memory    %.1f MB resident\n", r.peak_rss_mb);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -155,6 +186,17 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   eval_cmd->add_flag("--json", as_json, "print JSON");
 
+  std::string bench_config;
+  int64_t bench_steps = 20, bench_chars = 500;
+  int bench_threads = 0;
+  auto* bench_cmd = app.add_subcommand("bench", "time training steps, the forward pass and generation");
+  bench_cmd->add_option("--config", bench_config, "JSON config file")->required();
+  bench_cmd->add_option("--steps", bench_steps, "timed steps (after 3 warm-up steps)")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--threads", bench_threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
+  bench_cmd->add_option("--generate", bench_chars, "characters to generate for the generation timing")
+      ->check(CLI::NonNegativeNumber);
+  bench_cmd->add_flag("--json", as_json, "print JSON");
+
   CLI11_PARSE(app, argc, argv);
   if (max_new < 0 || gopt.context_keep < 0) {
     std::fprintf(stderr, "moe: error: lengths must be >= 0\n");
@@ -164,6 +206,7 @@ int main(int argc, char** argv) {
     if (*train_cmd) return run_train(config_path, resume, out_dir);
     if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
     if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
+    if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moe: error: %s\n", e.what());
     return 1;

@@ -25,8 +25,8 @@ Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) 
   F_ = cfg.expert_hidden_size();
   T_max_ = cfg.model.block_size;
 
-  tok_emb_ = params_.add("tok_emb.weight", {V_, C_}, false);
-  pos_emb_ = params_.add("pos_emb.weight", {T_max_, C_}, false);
+  tok_emb_ = add_param("tok_emb.weight", {V_, C_}, false, {Role::kEmbedding});
+  pos_emb_ = add_param("pos_emb.weight", {T_max_, C_}, false, {Role::kEmbedding});
   for (int64_t l = 0; l < L_; ++l) {
     const std::string p = "blocks." + std::to_string(l) + ".";
     BlockParams b;
@@ -47,17 +47,24 @@ Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) 
   params_.finalize();
 }
 
+int Model::add_param(const std::string& name, const Shape& shape, bool decay, RoleInfo role) {
+  const int id = params_.add(name, shape, decay);
+  roles_.push_back(role);
+  return id;
+}
+
 LinearParams Model::add_linear(const std::string& name, int64_t in, int64_t out, bool bias) {
   LinearParams lp;
   lp.in = in;
   lp.out = out;
-  lp.weight = params_.add(name + ".weight", {out, in}, true);
-  if (bias) lp.bias = params_.add(name + ".bias", {out}, false);
+  lp.weight = add_param(name + ".weight", {out, in}, true, {Role::kLinearWeight, in, out});
+  if (bias) lp.bias = add_param(name + ".bias", {out}, false, {Role::kLinearBias, in, out});
   return lp;
 }
 
 NormParams Model::add_norm(const std::string& name, int64_t C) {
-  return {params_.add(name + ".weight", {C}, false), params_.add(name + ".bias", {C}, false)};
+  return {add_param(name + ".weight", {C}, false, {Role::kNormWeight}),
+          add_param(name + ".bias", {C}, false, {Role::kNormBias})};
 }
 
 int64_t Model::active_param_count() const {
@@ -68,35 +75,38 @@ int64_t Model::active_param_count() const {
 }
 
 void Model::init(Rng& rng) {
-  const std::string scheme = cfg_.model.init;
-  for (const ParamInfo& p : params_.infos()) {
-    Tensor t = params_.get(params_.find(p.name));
+  const bool kaiming = cfg_.model.init == "kaiming_normal";
+  const float std_dev = float(cfg_.model.init_std);
+  for (int id = 0; id < params_.count(); ++id) {
+    Tensor t = params_.get(id);
     const int64_t n = t.numel();
-    const bool is_norm = p.name.find("ln") != std::string::npos && p.name.rfind("lm_head", 0) != 0;
-    const bool is_emb = p.name.find("_emb.") != std::string::npos;
-    const bool is_bias = !is_norm && p.name.size() > 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
-    if (is_norm) {
-      std::fill(t.data, t.data + n, p.name.compare(p.name.size() - 7, 7, ".weight") == 0 ? 1.f : 0.f);
-    } else if (is_emb) {
-      // makeMoE keeps PyTorch's Embedding default N(0, 1); the other schemes use init_std.
-      rng.fill_normal(t.data, n, 0.f, scheme == "kaiming_normal" ? 1.f : float(cfg_.model.init_std));
-    } else if (is_bias) {
-      if (scheme == "kaiming_normal") {
-        // PyTorch's Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in from the weight.
-        const std::string wname = p.name.substr(0, p.name.size() - 5) + ".weight";
-        const float bound = 1.f / std::sqrt(float(params_.info(params_.find(wname)).shape[1]));
-        rng.fill_uniform(t.data, n, -bound, bound);
-      } else {
+    const RoleInfo& r = roles_[size_t(id)];
+    switch (r.role) {
+      case Role::kNormWeight:
+        std::fill(t.data, t.data + n, 1.f);
+        break;
+      case Role::kNormBias:
         std::fill(t.data, t.data + n, 0.f);
-      }
-    } else {  // Linear weight [out, in]
-      const double fan_out = double(p.shape[0]), fan_in = double(p.shape[1]);
-      if (scheme == "kaiming_normal")
-        rng.fill_normal(t.data, n, 0.f, float(std::sqrt(2.0 / fan_in)));
-      else if (scheme == "xavier")
-        rng.fill_normal(t.data, n, 0.f, float(std::sqrt(2.0 / (fan_in + fan_out))));
-      else
-        rng.fill_normal(t.data, n, 0.f, float(cfg_.model.init_std));
+        break;
+      case Role::kEmbedding:  // makeMoE keeps PyTorch's Embedding default N(0, 1)
+        rng.fill_normal(t.data, n, 0.f, kaiming ? 1.f : std_dev);
+        break;
+      case Role::kLinearBias:  // PyTorch's Linear default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for makeMoE
+        if (kaiming) {
+          const float bound = 1.f / std::sqrt(float(r.fan_in));
+          rng.fill_uniform(t.data, n, -bound, bound);
+        } else {
+          std::fill(t.data, t.data + n, 0.f);
+        }
+        break;
+      case Role::kLinearWeight:
+        if (kaiming)
+          rng.fill_normal(t.data, n, 0.f, float(std::sqrt(2.0 / double(r.fan_in))));
+        else if (cfg_.model.init == "xavier")
+          rng.fill_normal(t.data, n, 0.f, float(std::sqrt(2.0 / double(r.fan_in + r.fan_out))));
+        else
+          rng.fill_normal(t.data, n, 0.f, std_dev);
+        break;
     }
   }
 }

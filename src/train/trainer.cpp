@@ -119,6 +119,8 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   const int64_t max_steps = cfg.training.max_steps;
   double window_tokens = 0, window_seconds = 0;
   RoutingStats stats;
+  const int64_t first_step = state.step;
+  const auto t_loop = clock::now();
   for (int64_t step = state.step; step < max_steps; ++step) {
     if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
       EvalEstimate est = estimate_loss(model, data, cfg, g);
@@ -163,7 +165,9 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     const bool log_now = (step + 1) % cfg.logging.log_interval == 0 || step + 1 == max_steps;
     if (log_now) {
       const double tok_s = window_tokens / std::max(1e-9, window_seconds);
-      const double eta = median(step_ms) / 1000.0 * double(max_steps - step - 1);
+      // Wall clock so far (evaluations and checkpoints included) per step done in this run.
+      const double elapsed = std::chrono::duration<double>(clock::now() - t_loop).count();
+      const double eta = elapsed / double(step + 1 - first_step) * double(max_steps - step - 1);
       nlohmann::json j{{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
                        {"tokens_per_s", tok_s}};
       nlohmann::json usage = nlohmann::json::array();

@@ -103,7 +103,16 @@ class Model {
   LinearParams add_linear(const std::string& name, int64_t in, int64_t out, bool bias);
   NormParams add_norm(const std::string& name, int64_t C);
 
+  // How init() fills each parameter, recorded when it is registered (indexed by id).
+  enum class Role { kEmbedding, kNormWeight, kNormBias, kLinearWeight, kLinearBias };
+  struct RoleInfo {
+    Role role;
+    int64_t fan_in = 0, fan_out = 0;  // for Linear weights and biases
+  };
+  int add_param(const std::string& name, const Shape& shape, bool decay, RoleInfo role);
+
   Config cfg_;
+  std::vector<RoleInfo> roles_;
   int64_t V_, C_, H_, D_, L_, E_, K_, F_, T_max_;
   ParamStore params_;
   int tok_emb_ = -1, pos_emb_ = -1;

@@ -1,0 +1,30 @@
+// moe bench: timings of the training step, the forward pass and generation for a config,
+// with the model FLOPs counted analytically.
+#pragma once
+
+#include <cstdint>
+
+#include "moe/io/config.hpp"
+
+namespace moe {
+
+struct BenchResult {
+  int64_t steps = 0;
+  int threads = 0;
+  double step_ms_median = 0, step_ms_min = 0, step_ms_max = 0;
+  double forward_ms_median = 0;
+  double tokens_per_s = 0;        // B*T / median step
+  double flops_per_step = 0;      // forward + backward (2x forward), analytic
+  double forward_flops = 0;
+  double gflops_per_s = 0;        // flops_per_step / median step
+  double generate_chars_per_s = 0;
+  double peak_rss_mb = 0;
+};
+
+// Matmul FLOPs of one forward pass over B*T tokens (attention over the full T x T scores,
+// as dense implementations compute them; top_k experts per token).
+double forward_flops(const Config& cfg, int64_t vocab_size);
+
+BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t generate_chars);
+
+}  // namespace moe

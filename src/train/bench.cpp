@@ -1,0 +1,100 @@
+#include "moe/train/bench.hpp"
+
+#include <omp.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
+#include "moe/data/dataset.hpp"
+#include "moe/generate/generator.hpp"
+#include "moe/model/model.hpp"
+#include "moe/optim/adamw.hpp"
+
+namespace moe {
+
+double forward_flops(const Config& cfg, int64_t V) {
+  const double C = double(cfg.model.n_embed), T = double(cfg.model.block_size), E = double(cfg.router.num_experts),
+               K = double(cfg.router.top_k), F = double(cfg.expert_hidden_size());
+  const double per_layer = 2 * C * 3 * C      // qkv
+                           + 2 * C * C        // output projection
+                           + 2 * 2 * T * C    // q·kᵀ and att·v over all heads
+                           + 2 * 2 * C * E    // router and noise logits
+                           + K * 2 * 2 * C * F;  // the k chosen experts' two layers
+  const double per_token = double(cfg.model.n_layer) * per_layer + 2 * C * double(V);
+  return per_token * double(cfg.training.batch_size) * T;
+}
+
+namespace {
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+}  // namespace
+
+BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t generate_chars) {
+  using clock = std::chrono::steady_clock;
+  if (threads > 0) omp_set_num_threads(threads);
+  BenchResult r;
+  r.steps = steps;
+  r.threads = omp_get_max_threads();
+  const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
+  Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, T);
+  Model model(cfg, data.tokenizer().size());
+  Rng init(cfg.training.seed, 1), drop(cfg.training.seed, 3), noise(cfg.training.seed, 4);
+  model.init(init);
+  AdamW adamw(cfg.optimizer, model.params());
+  BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, 2));
+  std::vector<int32_t> x(static_cast<size_t>(B * T)), y(static_cast<size_t>(B * T));
+  Graph g;
+  ForwardOptions fo;
+  fo.training = true;
+  fo.dropout_rng = &drop;
+  fo.noise_rng = &noise;
+  std::vector<double> step_ms, fwd_ms;
+  const int64_t warmup = 3;
+  for (int64_t i = 0; i < warmup + steps; ++i) {
+    sampler.next(x.data(), y.data());
+    const auto t0 = clock::now();
+    g.clear();
+    model.params().zero_grad();
+    Model::Output o = model.forward(g, x.data(), y.data(), B, T, fo);
+    g.backward(o.loss);
+    adamw.step(model.params(), float(cfg.optimizer.lr));
+    if (i >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
+  }
+  ForwardOptions eval;
+  eval.noise_rng = &noise;
+  for (int64_t i = 0; i < warmup + steps; ++i) {
+    sampler.next(x.data(), y.data());
+    const auto t0 = clock::now();
+    g.clear();
+    NoGradGuard ng(g);
+    model.forward(g, x.data(), y.data(), B, T, eval);
+    if (i >= warmup) fwd_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
+  }
+  g.clear();
+  r.step_ms_median = median_of(step_ms);
+  r.step_ms_min = *std::min_element(step_ms.begin(), step_ms.end());
+  r.step_ms_max = *std::max_element(step_ms.begin(), step_ms.end());
+  r.forward_ms_median = median_of(fwd_ms);
+  r.tokens_per_s = double(B * T) / (r.step_ms_median / 1000.0);
+  r.forward_flops = forward_flops(cfg, data.tokenizer().size());
+  r.flops_per_step = 3 * r.forward_flops;
+  r.gflops_per_s = r.flops_per_step / (r.step_ms_median / 1000.0) / 1e9;
+  if (generate_chars > 0) {
+    GenerateOptions go;
+    Generator gen(model, go);
+    int64_t n = 0;
+    const auto t0 = clock::now();
+    gen.generate({0}, generate_chars, [&](int32_t) { ++n; });
+    r.generate_chars_per_s = double(n) / std::chrono::duration<double>(clock::now() - t0).count();
+  }
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  r.peak_rss_mb = double(ru.ru_maxrss) / 1024.0;
+  return r;
+}
+
+}  // namespace moe
