@@ -262,13 +262,18 @@ def get_batch(data, B, T):
     return torch.stack([data[i:i + T] for i in ix]), torch.stack([data[i + 1:i + T + 1] for i in ix])
 
 
-def bench(args):
+def setup(args):
+    """Config, data splits, a fresh model and its optimizer, as both bench and train use them."""
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     torch.manual_seed(cfg["training"]["seed"])
-    train, _, V = load_data(cfg)
+    train, val, V = load_data(cfg)
     model = Twin(cfg, V)
-    opt = make_optimizer(model, cfg)
+    return cfg, train, val, model, make_optimizer(model, cfg)
+
+
+def bench(args):
+    cfg, train, _, model, opt = setup(args)
     B, T = cfg["training"]["batch_size"], cfg["model"]["block_size"]
     times = []
     for i in range(args.steps + 3):
@@ -286,12 +291,7 @@ def bench(args):
 
 
 def train_run(args):
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    torch.manual_seed(cfg["training"]["seed"])
-    train, val, V = load_data(cfg)
-    model = Twin(cfg, V)
-    opt = make_optimizer(model, cfg)
+    cfg, train, val, model, opt = setup(args)
     B, T = cfg["training"]["batch_size"], cfg["model"]["block_size"]
     steps, every, iters = cfg["training"]["max_steps"], cfg["logging"]["eval_interval"], cfg["logging"]["eval_iters"]
     noise_at_eval = cfg["router"]["noise_at_eval"]

@@ -48,6 +48,15 @@ bool same_params(const Model& a, const Model& b) {
   return true;
 }
 
+// The weights of two checkpoints are equal bit for bit.
+bool same_checkpoint_weights(const fs::path& a_path, const fs::path& b_path) {
+  CheckpointHeader h = read_checkpoint_header(a_path.string());
+  Model a(h.config, int64_t(h.vocab.size())), b(h.config, int64_t(h.vocab.size()));
+  load_checkpoint_tensors(a_path.string(), a, nullptr);
+  load_checkpoint_tensors(b_path.string(), b, nullptr);
+  return same_params(a, b);
+}
+
 Config tiny_config() {
   nlohmann::json j = {
       {"data", {{"path", std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt"}}},
@@ -266,11 +275,7 @@ TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit",
   REQUIRE(a_losses.size() == 2);
   REQUIRE(a_losses == losses_after(dir / "resumed" / "metrics.jsonl", 10));
 
-  CheckpointHeader h = read_checkpoint_header((dir / "straight" / "last.safetensors").string());
-  Model a(h.config, int64_t(h.vocab.size())), b(h.config, int64_t(h.vocab.size()));
-  load_checkpoint_tensors((dir / "straight" / "last.safetensors").string(), a, nullptr);
-  load_checkpoint_tensors((dir / "resumed" / "last.safetensors").string(), b, nullptr);
-  REQUIRE(same_params(a, b));
+  REQUIRE(same_checkpoint_weights(dir / "straight" / "last.safetensors", dir / "resumed" / "last.safetensors"));
   fs::remove_all(dir);
 }
 
@@ -290,10 +295,6 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   TrainResult two = train(cfg, opt);
   omp_set_num_threads(saved);
   REQUIRE(one.last_train_loss == two.last_train_loss);
-  CheckpointHeader h = read_checkpoint_header((dir / "one" / "last.safetensors").string());
-  Model a(h.config, int64_t(h.vocab.size())), b(h.config, int64_t(h.vocab.size()));
-  load_checkpoint_tensors((dir / "one" / "last.safetensors").string(), a, nullptr);
-  load_checkpoint_tensors((dir / "two" / "last.safetensors").string(), b, nullptr);
-  REQUIRE(same_params(a, b));
+  REQUIRE(same_checkpoint_weights(dir / "one" / "last.safetensors", dir / "two" / "last.safetensors"));
   fs::remove_all(dir);
 }

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""moe and its PyTorch twin timed side by side on one config, with 1 and 2 threads.
+
+  /usr/bin/python3 scripts/bench_vs_torch.py [--config configs/makemoe.json] [--steps 20]
+
+Runs `moe bench` and `scripts/torch_twin.py bench` alternately in one go (timings on a
+shared machine drift, so only ratios measured together mean much) and prints a table.
+The twin needs torch: run this with a Python that has it (Debian: /usr/bin/python3 after
+apt-get install python3-torch). Without torch only moe's figures are printed.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/makemoe.json")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--moe", default=os.path.join(ROOT, "build", "moe"))
+    args = ap.parse_args()
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+        print("torch is not importable by this Python: timing moe only", file=sys.stderr)
+    rows = []
+    for threads in (1, 2):
+        m = run_json([args.moe, "bench", "--config", args.config, "--steps", str(args.steps),
+                      "--threads", str(threads), "--generate", "0", "--json"])
+        t = None
+        if have_torch:
+            t = run_json([sys.executable, os.path.join(ROOT, "scripts", "torch_twin.py"), "bench", "--config",
+                          args.config, "--steps", str(args.steps), "--threads", str(threads)])
+        rows.append((threads, m, t))
+    print(f"{args.config}: median training step (forward, backward, AdamW), {args.steps} timed steps")
+    print("| threads | moe ms | PyTorch ms | PyTorch / moe |")
+    print("|---|---|---|---|")
+    for threads, m, t in rows:
+        tm = f"{t['median_ms']:.1f}" if t else "-"
+        ratio = f"{t['median_ms'] / m['step_ms_median']:.2f}x" if t else "-"
+        print(f"| {threads} | {m['step_ms_median']:.1f} | {tm} | {ratio} |")
+    if have_torch:
+        best_t = min(t["median_ms"] for _, _, t in rows)
+        best_m = min(m["step_ms_median"] for _, m, _ in rows)
+        print(f"best of 1 or 2 threads: moe {best_m:.1f} ms, PyTorch {best_t:.1f} ms, ratio {best_t / best_m:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
