@@ -82,7 +82,9 @@ TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K);
 Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n);
 // In place: acc[rows[i]] += gates_flat[gate_pos[i]] · h[i] for i < n, where h [n, C],
 // acc [N, C] and gates any tensor read as flat. Gradients flow into h and gates; acc's
-// gradient passes through unchanged (it is an accumulator made by g.zeros()).
+// gradient passes through unchanged (it is an accumulator made by g.zeros()). Rows may
+// repeat; gate positions must be distinct (each routed slot owns its gate), because the
+// backward writes gate gradients in parallel.
 void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* rows,
                         const Tensor& gates, const int32_t* gate_pos, int64_t n);
 
