@@ -1,6 +1,7 @@
 #include "moe/data/dataset.hpp"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -8,6 +9,9 @@
 namespace moe {
 
 Dataset Dataset::load(const std::string& path, double train_fraction, int64_t block_size, const Tokenizer* vocab) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw std::runtime_error("data file " + path + " is a directory; set data.path to a UTF-8 text file");
   std::ifstream in(path, std::ios::binary);
   if (!in)
     throw std::runtime_error("data file " + path + " cannot be opened (for tiny Shakespeare run data/get_data.sh)");
@@ -47,6 +51,9 @@ Dataset Dataset::load(const std::string& path, double train_fraction, int64_t bl
 
 BatchSampler::BatchSampler(const std::vector<int32_t>& ids, int64_t B, int64_t T, Rng rng)
     : ids_(&ids), B_(B), T_(T), rng_(rng) {
+  if (B < 1 || T < 1)
+    throw std::runtime_error("BatchSampler: batch size " + std::to_string(B) + " and block size " + std::to_string(T) +
+                             " must both be positive");
   if (int64_t(ids.size()) < T + 1)
     throw std::runtime_error("BatchSampler: " + std::to_string(ids.size()) + " ids, need at least T + 1 = " +
                              std::to_string(T + 1));
@@ -61,6 +68,31 @@ void BatchSampler::next(int32_t* x, int32_t* y) {
       y[b * T_ + t] = (*ids_)[s + size_t(t) + 1];
     }
   }
+}
+
+WindowBatcher::WindowBatcher(const std::vector<int32_t>& ids, int64_t B, int64_t T)
+    : ids_(&ids), B_(B), T_(T), windows_(0) {
+  if (B < 1 || T < 1)
+    throw std::runtime_error("WindowBatcher: batch size " + std::to_string(B) + " and block size " +
+                             std::to_string(T) + " must both be positive");
+  windows_ = ids.empty() ? 0 : (int64_t(ids.size()) - 1) / T;
+  if (windows_ < 1)
+    throw std::runtime_error("WindowBatcher: the split has " + std::to_string(ids.size()) +
+                             " tokens, fewer than block_size + 1 = " + std::to_string(T + 1));
+}
+
+int64_t WindowBatcher::batch(int64_t i, int32_t* x, int32_t* y) const {
+  if (i < 0 || i >= batches())
+    throw std::runtime_error("WindowBatcher: batch " + std::to_string(i) + " outside [0, " +
+                             std::to_string(batches()) + ")");
+  const int64_t w0 = i * B_, n = std::min(B_, windows_ - w0);
+  const int32_t* ids = ids_->data();
+  for (int64_t b = 0; b < n; ++b) {
+    const int32_t* w = ids + (w0 + b) * T_;
+    std::copy(w, w + T_, x + b * T_);
+    std::copy(w + 1, w + T_ + 1, y + b * T_);
+  }
+  return n;
 }
 
 }  // namespace moe

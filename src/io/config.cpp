@@ -1,7 +1,11 @@
 #include "moe/io/config.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <climits>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -40,7 +44,10 @@ const char* type_name() {
 template <class T>
 bool type_ok(const json& j) {
   if constexpr (std::is_same_v<T, bool>) return j.is_boolean();
-  else if constexpr (std::is_same_v<T, int64_t>) return j.is_number_integer() || (j.is_number_float() && std::floor(j.get<double>()) == j.get<double>() && std::fabs(j.get<double>()) < 9e15);
+  else if constexpr (std::is_same_v<T, int64_t>)  // 64 is fine as 64.0 too; 1e300 or 2^64 - 1 are not
+    return (j.is_number_unsigned() && j.get<uint64_t>() <= uint64_t(INT64_MAX)) ||
+           (j.is_number_integer() && !j.is_number_unsigned()) ||
+           (j.is_number_float() && std::floor(j.get<double>()) == j.get<double>() && std::fabs(j.get<double>()) < 9e15);
   else if constexpr (std::is_same_v<T, double>) return j.is_number();
   else return j.is_string();
 }
@@ -224,8 +231,13 @@ json config_to_json(const Config& c) {
 }
 
 Config load_config(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw ConfigError("config " + path + ": is a directory; give the path of a JSON file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw ConfigError("config " + path + ": cannot open the file (does it exist and is it readable?)");
+  if (!in)
+    throw ConfigError("config " + path + ": cannot open the file (" + std::strerror(errno) +
+                      "; does it exist and is it readable?)");
   std::stringstream ss;
   ss << in.rdbuf();
   const std::string text = ss.str();

@@ -21,6 +21,13 @@ struct DTypeInfo {
   const char* name;
   size_t size;
 };
+constexpr uint64_t kFnvOffset = 14695981039346656037ull;  // 0xcbf29ce484222325, the FNV-1a-64 basis
+// Files written before the basis was corrected (it had lost its last digit) hold a checksum
+// with this basis; they are still accepted.
+constexpr uint64_t kLegacyFnvOffset = 1469598103934665603ull;
+constexpr const char* kChecksumKey = "checksum_fnv1a64";
+constexpr uint64_t kMaxHeader = uint64_t(100) << 20;  // the reference implementation's limit
+
 constexpr DTypeInfo kDTypes[] = {{DType::F32, "F32", 4}, {DType::I32, "I32", 4}, {DType::I64, "I64", 8}, {DType::U8, "U8", 1}};
 
 std::runtime_error io_error(const std::string& path, const std::string& what) {
@@ -62,8 +69,7 @@ size_t dtype_size(DType d) {
   return 0;
 }
 
-uint64_t fnv1a64(const uint8_t* p, size_t n) {
-  uint64_t h = 1469598103934665603ull;
+uint64_t fnv1a64_update(uint64_t h, const uint8_t* p, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     h ^= p[i];
     h *= 1099511628211ull;
@@ -71,26 +77,32 @@ uint64_t fnv1a64(const uint8_t* p, size_t n) {
   return h;
 }
 
+uint64_t fnv1a64(const uint8_t* p, size_t n) { return fnv1a64_update(kFnvOffset, p, n); }
+
 void save_safetensors(const std::string& path, const std::vector<TensorEntry>& tensors,
                       const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   size_t offset = 0;
-  uint64_t h = 1469598103934665603ull;
   for (const TensorEntry& t : tensors) {
-    int64_t numel = 1;
-    for (int64_t d : t.shape) numel *= d;
-    if (size_t(numel) * dtype_size(t.dtype) != t.nbytes)
-      throw io_error(path, "tensor " + t.name + ": shape and byte size disagree");
+    if (t.name.empty() || t.name == "__metadata__")
+      throw io_error(path, "cannot write a tensor named '" + t.name + "' (empty and __metadata__ are reserved)");
+    if (header.contains(t.name)) throw io_error(path, "cannot write tensor " + t.name + " twice");
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) {
+      if (d < 0) throw io_error(path, "tensor " + t.name + " has a negative dimension " + std::to_string(d));
+      numel *= uint64_t(d);
+    }
+    if (numel * dtype_size(t.dtype) != t.nbytes)
+      throw io_error(path, "tensor " + t.name + ": shape gives " + std::to_string(numel * dtype_size(t.dtype)) +
+                               " bytes of " + dtype_name(t.dtype) + " but " + std::to_string(t.nbytes) + " were given");
+    if (t.nbytes > 0 && t.data == nullptr) throw io_error(path, "tensor " + t.name + " has no data pointer");
     header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.nbytes}}};
     offset += t.nbytes;
-    const auto* p = static_cast<const uint8_t*>(t.data);
-    for (size_t i = 0; i < t.nbytes; ++i) {
-      h ^= p[i];
-      h *= 1099511628211ull;
-    }
   }
+  uint64_t h = kFnvOffset;
+  for (const TensorEntry& t : tensors) h = fnv1a64_update(h, static_cast<const uint8_t*>(t.data), t.nbytes);
   nlohmann::ordered_json meta(metadata);
-  meta["checksum_fnv1a64"] = hex64(h);
+  meta[kChecksumKey] = hex64(h);
   header["__metadata__"] = meta;
   std::string hs = header.dump();
   hs.append((8 - hs.size() % 8) % 8, ' ');
@@ -98,19 +110,28 @@ void save_safetensors(const std::string& path, const std::vector<TensorEntry>& t
   uint8_t lenbytes[8];
   for (int i = 0; i < 8; ++i) lenbytes[i] = uint8_t(hlen >> (8 * i));
 
+  // Write a sibling temporary, make it durable, then rename it over the target: a reader (or
+  // a crash) sees either the old file or the new one, never a torn one.
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw io_error(path, std::string("cannot write checkpoint: ") + std::strerror(errno));
-  bool ok = write_all(fd, lenbytes, 8) && write_all(fd, hs.data(), hs.size());
+  if (fd < 0)
+    throw io_error(path, "cannot create the temporary file " + tmp + ": " + std::strerror(errno) +
+                             " (does the directory exist and is it writable?); the previous file, if any, is untouched");
+  int err = 0;
+  const char* step = nullptr;
+  auto fail = [&](const char* what) {
+    if (!step) step = what, err = errno;
+  };
+  if (!write_all(fd, lenbytes, 8) || !write_all(fd, hs.data(), hs.size())) fail("write");
   for (const TensorEntry& t : tensors)
-    if (ok) ok = write_all(fd, t.data, t.nbytes);
-  ok = ok && ::fsync(fd) == 0;
-  const int err = errno;
-  ok = (::close(fd) == 0) && ok;
-  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int e = ok ? errno : err;
+    if (!step && !write_all(fd, t.data, t.nbytes)) fail("write");
+  if (!step && ::fsync(fd) != 0) fail("fsync");
+  if (::close(fd) != 0) fail("close");
+  if (!step && std::rename(tmp.c_str(), path.c_str()) != 0) fail("rename");
+  if (step) {
     std::remove(tmp.c_str());
-    throw io_error(path, std::string("writing failed (") + std::strerror(e) + "); the previous file, if any, is untouched");
+    throw io_error(path, std::string("writing failed at ") + step + " (" + std::strerror(err) +
+                             "); the previous file, if any, is untouched");
   }
   // Make the rename itself durable.
   const std::string dir = std::filesystem::path(path).parent_path().string();
@@ -131,9 +152,11 @@ SafeTensorsFile load_safetensors(const std::string& path) {
   in.read(reinterpret_cast<char*>(lenbytes), 8);
   uint64_t hlen = 0;
   for (int i = 0; i < 8; ++i) hlen |= uint64_t(lenbytes[i]) << (8 * i);
-  if (hlen > size - 8 || hlen > (uint64_t(100) << 20))
+  if (hlen > size - 8)
     throw io_error(path, "header length " + std::to_string(hlen) + " exceeds the file (" + std::to_string(size) +
                              " bytes): truncated or not a safetensors file");
+  if (hlen > kMaxHeader)
+    throw io_error(path, "header length " + std::to_string(hlen) + " is over the 100 MiB limit: not a safetensors file?");
   std::string hs(size_t(hlen), '\0');
   in.read(hs.data(), std::streamsize(hlen));
   SafeTensorsFile f;
@@ -148,33 +171,52 @@ SafeTensorsFile load_safetensors(const std::string& path) {
     throw io_error(path, std::string("header is not valid JSON: ") + e.what());
   }
   if (!header.is_object()) throw io_error(path, "header is not a JSON object");
-  std::vector<std::pair<size_t, size_t>> ranges;
+  struct Range {
+    size_t begin, end;
+    std::string name;
+    bool operator<(const Range& o) const { return begin != o.begin ? begin < o.begin : end < o.end; }
+  };
+  std::vector<Range> ranges;
   try {
     for (auto& [name, v] : header.items()) {
       if (name == "__metadata__") {
-        for (auto& [k, s] : v.items()) f.metadata_[k] = s.get<std::string>();
+        if (!v.is_object()) throw io_error(path, "__metadata__ must be an object of strings, got " + v.dump());
+        for (auto& [k, s] : v.items()) {
+          if (!s.is_string()) throw io_error(path, "metadata " + k + " must be a string, got " + s.dump());
+          f.metadata_[k] = s.get<std::string>();
+        }
         continue;
       }
+      if (!v.is_object()) throw io_error(path, "tensor " + name + ": header entry must be an object, got " + v.dump());
       SafeTensorsFile::Info info{};
       const std::string dt = v.at("dtype").get<std::string>();
       bool known = false;
       for (const auto& t : kDTypes)
         if (dt == t.name) info.dtype = t.d, known = true;
-      if (!known) throw io_error(path, "tensor " + name + " has unsupported dtype " + dt);
+      if (!known) throw io_error(path, "tensor " + name + " has unsupported dtype " + dt + " (this reader knows F32, I32, I64, U8)");
       info.shape = v.at("shape").get<std::vector<int64_t>>();
       const auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
-      if (off.size() != 2 || off[0] > off[1] || off[1] > f.data_.size())
-        throw io_error(path, "tensor " + name + " has data offsets outside the file (truncated?)");
+      if (off.size() != 2 || off[0] > off[1])
+        throw io_error(path, "tensor " + name + " has malformed data_offsets " + v.at("data_offsets").dump());
+      if (off[1] > f.data_.size())
+        throw io_error(path, "tensor " + name + " has data offsets [" + std::to_string(off[0]) + ", " +
+                                 std::to_string(off[1]) + ") outside the file's " + std::to_string(f.data_.size()) +
+                                 "-byte data section (truncated?)");
       uint64_t numel = 1;
       for (int64_t d : info.shape) {
         if (d < 0) throw io_error(path, "tensor " + name + " has a negative dimension");
+        // Any dimension past the data section's size cannot match; stop before numel overflows.
+        if (d > 0 && numel > f.data_.size() / uint64_t(d))
+          throw io_error(path, "tensor " + name + ": shape " + v.at("shape").dump() + " is larger than the file");
         numel *= uint64_t(d);
       }
       if (numel * dtype_size(info.dtype) != off[1] - off[0])
-        throw io_error(path, "tensor " + name + ": shape and data offsets disagree");
+        throw io_error(path, "tensor " + name + ": shape " + v.at("shape").dump() + " of " + dt + " needs " +
+                                 std::to_string(numel * dtype_size(info.dtype)) + " bytes, data_offsets give " +
+                                 std::to_string(off[1] - off[0]));
       info.begin = size_t(off[0]);
       info.end = size_t(off[1]);
-      ranges.push_back({info.begin, info.end});
+      ranges.push_back({info.begin, info.end, name});
       f.infos_[name] = info;
     }
   } catch (const nlohmann::json::exception& e) {
@@ -182,10 +224,16 @@ SafeTensorsFile load_safetensors(const std::string& path) {
   }
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i].first < ranges[i - 1].second) throw io_error(path, "tensors overlap in the data section");
-  auto it = f.metadata_.find("checksum_fnv1a64");
-  if (it != f.metadata_.end() && it->second != hex64(fnv1a64(f.data_.data(), f.data_.size())))
-    throw io_error(path, "checksum mismatch: the tensor data is corrupted");
+    if (ranges[i].begin < ranges[i - 1].end)
+      throw io_error(path, "tensors " + ranges[i - 1].name + " and " + ranges[i].name + " overlap in the data section");
+  // Files from other writers (e.g. Python's safetensors) carry no checksum: then there is none to check.
+  auto it = f.metadata_.find(kChecksumKey);
+  if (it != f.metadata_.end()) {
+    const std::string actual = hex64(fnv1a64(f.data_.data(), f.data_.size()));
+    if (it->second != actual && it->second != hex64(fnv1a64_update(kLegacyFnvOffset, f.data_.data(), f.data_.size())))
+      throw io_error(path, "checksum mismatch (stored " + it->second + ", data " + actual +
+                               "): the tensor data is corrupted");
+  }
   return f;
 }
 

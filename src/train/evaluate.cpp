@@ -32,32 +32,23 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
 
 SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, int64_t batch_size, Graph& g) {
   const int64_t T = model.config().model.block_size;
-  const int64_t windows = (int64_t(ids.size()) - 1) / T;
-  check(windows >= 1, "evaluate", "the split has " + std::to_string(ids.size()) +
-                                      " tokens, fewer than block_size + 1 = " + std::to_string(T + 1));
+  const WindowBatcher windows(ids, batch_size, T);  // throws if the split is shorter than T + 1
   SplitEvaluation ev;
   ev.routing.reset(model.config().model.n_layer, model.config().router.num_experts);
   Rng noise_rng(model.config().training.seed, kStreamEval + 1);
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
   fo.stats = &ev.routing;
-  std::vector<int32_t> x, y;
+  std::vector<int32_t> x(size_t(batch_size * T)), y(size_t(batch_size * T));
   double total = 0;  // sum of per-token losses
-  for (int64_t w0 = 0; w0 < windows; w0 += batch_size) {
-    const int64_t B = std::min(batch_size, windows - w0);
-    x.resize(size_t(B * T));
-    y.resize(size_t(B * T));
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        x[size_t(b * T + t)] = ids[size_t((w0 + b) * T + t)];
-        y[size_t(b * T + t)] = ids[size_t((w0 + b) * T + t + 1)];
-      }
+  for (int64_t i = 0; i < windows.batches(); ++i) {
+    const int64_t B = windows.batch(i, x.data(), y.data());
     g.clear();
     NoGradGuard no_grad(g);
     total += double(model.forward(g, x.data(), y.data(), B, T, fo).loss.data[0]) * double(B * T);
   }
   g.clear();
-  ev.tokens = windows * T;
+  ev.tokens = windows.tokens();
   ev.loss = total / double(ev.tokens);
   ev.perplexity = std::exp(ev.loss);
   ev.bits_per_char = ev.loss / std::log(2.0);

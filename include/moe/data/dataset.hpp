@@ -1,6 +1,7 @@
 // Dataset: a UTF-8 text file, its character vocabulary, and the train/validation split of
 // its ids (the first train_fraction of the ids train, the rest validation, like makeMoE).
 // BatchSampler: makeMoE's random batches (B windows of T + 1 ids at uniform offsets).
+// WindowBatcher: deterministic evaluation batches over a whole split.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +30,7 @@ class Dataset {
   std::vector<int32_t> train_, val_;
 };
 
+// Keeps a pointer to `ids`: the vector must outlive the sampler.
 class BatchSampler {
  public:
   BatchSampler(const std::vector<int32_t>& ids, int64_t B, int64_t T, Rng rng);
@@ -41,6 +43,24 @@ class BatchSampler {
   const std::vector<int32_t>* ids_;
   int64_t B_, T_;
   Rng rng_;
+};
+
+// The split cut into consecutive, non-overlapping windows: window w is ids[w*T : w*T + T]
+// as inputs and ids[w*T + 1 : w*T + T + 1] as targets, so every id but the first is predicted
+// once (a tail shorter than T + 1 is left out). Batch i holds windows [i*B, i*B + B); the last
+// batch may hold fewer. Keeps a pointer to `ids`: the vector must outlive the batcher.
+class WindowBatcher {
+ public:
+  WindowBatcher(const std::vector<int32_t>& ids, int64_t B, int64_t T);
+  int64_t windows() const { return windows_; }
+  int64_t batches() const { return (windows_ + B_ - 1) / B_; }
+  int64_t tokens() const { return windows_ * T_; }  // predicted tokens over all batches
+  // Writes batch i into x, y (room for B*T ids each) and returns its number of windows.
+  int64_t batch(int64_t i, int32_t* x, int32_t* y) const;
+
+ private:
+  const std::vector<int32_t>* ids_;
+  int64_t B_, T_, windows_;
 };
 
 }  // namespace moe

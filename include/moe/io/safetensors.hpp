@@ -28,6 +28,8 @@ struct TensorEntry {
   size_t nbytes = 0;
 };
 
+// Throws std::runtime_error naming the path (and the errno text for I/O failures); a failed
+// write removes its temporary and leaves any previous file at `path` as it was.
 void save_safetensors(const std::string& path, const std::vector<TensorEntry>& tensors,
                       const std::map<std::string, std::string>& metadata);
 
@@ -51,15 +53,19 @@ class SafeTensorsFile {
   void copy_i32(const std::string& name, int32_t* out, int64_t n) const;
 
  private:
-  friend SafeTensorsFile load_safetensors(const std::string& path);
+  friend // Reads the whole file and validates it; throws std::runtime_error naming the path and the problem.
+SafeTensorsFile load_safetensors(const std::string& path);
   std::string path_;
   std::vector<uint8_t> data_;  // the data section
   std::map<std::string, Info> infos_;
   std::map<std::string, std::string> metadata_;
 };
 
+// Reads the whole file and validates it; throws std::runtime_error naming the path and the problem.
 SafeTensorsFile load_safetensors(const std::string& path);
 
+// FNV-1a 64-bit hash; the checksum stored in metadata "checksum_fnv1a64" as 16 hex digits.
 uint64_t fnv1a64(const uint8_t* p, size_t n);
+uint64_t fnv1a64_update(uint64_t h, const uint8_t* p, size_t n);
 
 }  // namespace moe

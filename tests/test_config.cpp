@@ -1,0 +1,189 @@
+// Config: makeMoE defaults, JSON round trip, and errors that name the field, value and fix.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "io_test_util.hpp"
+#include "moe/io/config.hpp"
+
+using namespace moe;
+using moe_test::TempDir;
+using moe_test::write_file;
+using nlohmann::json;
+
+namespace {
+
+std::string config_error(const json& j) {
+  try {
+    config_from_json(j, "test.json");
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+std::string load_error(const std::string& path) {
+  try {
+    load_config(path);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+}  // namespace
+
+TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
+  const Config c;
+  CHECK(c.data.path == "data/tinyshakespeare.txt");
+  CHECK(c.data.train_fraction == 0.9);
+  CHECK(c.model.block_size == 32);
+  CHECK(c.model.n_embed == 128);
+  CHECK(c.model.n_head == 8);
+  CHECK(c.model.n_layer == 8);
+  CHECK(c.model.dropout == 0.1);
+  CHECK(c.model.expert_hidden == 0);
+  CHECK(c.model.attn_scale == "head");
+  CHECK(c.model.init == "kaiming_normal");
+  CHECK(c.model.init_std == 0.02);
+  CHECK(c.router.num_experts == 8);
+  CHECK(c.router.top_k == 2);
+  CHECK(c.router.noisy);
+  CHECK_FALSE(c.router.noise_at_eval);
+  CHECK(c.optimizer.lr == 1e-3);
+  CHECK(c.optimizer.beta1 == 0.9);
+  CHECK(c.optimizer.beta2 == 0.999);
+  CHECK(c.optimizer.eps == 1e-8);
+  CHECK(c.optimizer.weight_decay == 0.01);
+  CHECK_FALSE(c.optimizer.exempt_no_decay);
+  CHECK(c.optimizer.grad_clip == 0);
+  CHECK(c.optimizer.schedule == "constant");
+  CHECK(c.optimizer.warmup_steps == 0);
+  CHECK(c.optimizer.min_lr == 0);
+  CHECK(c.training.batch_size == 16);
+  CHECK(c.training.max_steps == 5000);
+  CHECK(c.training.seed == 1337);
+  CHECK(c.training.threads == 0);
+  CHECK(c.logging.log_interval == 10);
+  CHECK(c.logging.eval_interval == 100);
+  CHECK(c.logging.eval_iters == 400);
+  CHECK(c.logging.checkpoint_interval == 1000);
+  CHECK(c.logging.out_dir == "runs/default");
+
+  CHECK(c.head_size() == 16);
+  CHECK(c.expert_hidden_size() == 512);
+  CHECK(c.attention_scale() == Approx(0.25f));  // head_size^-0.5
+  Config e = c;
+  e.model.attn_scale = "embed";  // makeMoE's quirk
+  CHECK(e.attention_scale() == Approx(1 / std::sqrt(128.0)));
+  e.model.expert_hidden = 300;
+  CHECK(e.expert_hidden_size() == 300);
+  CHECK_NOTHROW(validate(c));
+}
+
+TEST_CASE("Config round-trips through JSON; missing sections and keys take defaults", "[io][config]") {
+  const json defaults = config_to_json(Config{});
+  for (const char* section : {"data", "model", "router", "optimizer", "training", "logging"})
+    CHECK(defaults.contains(section));
+  CHECK(defaults["model"]["n_embed"] == 128);
+  CHECK(defaults["router"]["noisy"] == true);
+  CHECK(config_to_json(config_from_json(json::object(), "empty")) == defaults);
+
+  Config c;
+  c.model.n_layer = 3;
+  c.model.attn_scale = "embed";
+  c.router.noise_at_eval = true;
+  c.optimizer.lr = 3e-4;
+  c.optimizer.schedule = "cosine";
+  c.logging.out_dir = "runs/x";
+  const json j = config_to_json(c);
+  const Config back = config_from_json(j, "rt");
+  CHECK(config_to_json(back) == j);
+  CHECK(back.optimizer.lr == 3e-4);
+  CHECK(back.model.attn_scale == "embed");
+  // Through text too, as a checkpoint stores it.
+  CHECK(config_to_json(config_from_json(json::parse(j.dump()), "text")) == j);
+
+  const Config partial = config_from_json({{"model", {{"n_layer", 2}}}, {"router", json::object()}}, "partial");
+  CHECK(partial.model.n_layer == 2);
+  CHECK(partial.model.n_embed == 128);
+  CHECK(partial.training.batch_size == 16);
+  CHECK(config_from_json({{"model", {{"n_layer", 4.0}}}}, "x").model.n_layer == 4);  // integral float is fine
+}
+
+TEST_CASE("Config errors name the field, the value and what is allowed", "[io][config]") {
+  using Catch::Contains;
+  CHECK_THAT(config_error({{"model", {{"n_embd", 64}}}}),
+             Contains("test.json") && Contains("unknown key 'model.n_embd'; did you mean 'model.n_embed'?"));
+  CHECK_THAT(config_error({{"optimizer", {{"weight_decy", 0}}}}), Contains("did you mean 'optimizer.weight_decay'?"));
+  CHECK_THAT(config_error({{"model", {{"zzzzzzzz", 1}}}}), Contains("unknown key 'model.zzzzzzzz'") && !Contains("did you mean"));
+  CHECK_THAT(config_error({{"modle", json::object()}}), Contains("unknown section 'modle'; did you mean 'model'?"));
+  CHECK_THAT(config_error({{"model", 5}}), Contains("section 'model' must be a JSON object"));
+  CHECK_THAT(config_error(json::array()), Contains("must be a JSON object"));
+
+  // Wrong JSON types.
+  CHECK_THAT(config_error({{"model", {{"n_embed", "big"}}}}), Contains("model.n_embed = \"big\": must be an integer"));
+  CHECK_THAT(config_error({{"model", {{"n_embed", 64.5}}}}), Contains("model.n_embed = 64.5: must be an integer"));
+  CHECK_THAT(config_error(json::parse(R"({"training": {"seed": 18446744073709551615}})")),
+             Contains("training.seed = 18446744073709551615: must be an integer"));
+  CHECK_THAT(config_error({{"router", {{"noisy", 1}}}}), Contains("router.noisy = 1: must be a boolean"));
+  CHECK_THAT(config_error({{"optimizer", {{"lr", "1e-3"}}}}), Contains("optimizer.lr = \"1e-3\": must be a number"));
+  CHECK_THAT(config_error({{"data", {{"path", 3}}}}), Contains("data.path = 3: must be a string"));
+  // Every field, given the wrong type, is named by its dotted path (the table covers them all).
+  const json all_fields = config_to_json(Config{});
+  for (auto& [section, body] : all_fields.items())
+    for (auto& [key, value] : body.items()) {
+      INFO(section << "." << key);
+      CHECK_THAT(config_error({{section, {{key, json::array()}}}}), Contains(section + "." + key + " = []: must be"));
+    }
+
+  // Impossible values.
+  CHECK_THAT(config_error({{"model", {{"n_embed", 100}, {"n_head", 8}}}}),
+             Contains("model.n_embed = 100 must be divisible by model.n_head = 8"));
+  CHECK_THAT(config_error({{"router", {{"top_k", 9}}}}), Contains("router.top_k = 9 must be at most router.num_experts = 8"));
+  CHECK_THAT(config_error({{"router", {{"top_k", 0}}}}), Contains("router.top_k = 0: must be a positive integer"));
+  CHECK_THAT(config_error({{"model", {{"block_size", 0}}}}), Contains("model.block_size = 0: must be a positive integer"));
+  CHECK_THAT(config_error({{"training", {{"batch_size", -4}}}}), Contains("training.batch_size = -4: must be a positive integer"));
+  CHECK_THAT(config_error({{"model", {{"dropout", 1.0}}}}), Contains("model.dropout = 1.0: must be in [0, 1)"));
+  CHECK_THAT(config_error({{"model", {{"dropout", -0.1}}}}), Contains("model.dropout = -0.1: must be in [0, 1)"));
+  CHECK_THAT(config_error({{"data", {{"train_fraction", 1.0}}}}), Contains("data.train_fraction = 1.0: must be in (0, 1)"));
+  CHECK_THAT(config_error({{"data", {{"train_fraction", 0}}}}), Contains("data.train_fraction = 0.0: must be in (0, 1)"));
+  CHECK_THAT(config_error({{"optimizer", {{"lr", 0}}}}), Contains("optimizer.lr = 0.0: must be a number > 0"));
+  CHECK_THAT(config_error({{"optimizer", {{"lr", -1}}}}), Contains("optimizer.lr = -1.0"));
+  CHECK_THAT(config_error({{"optimizer", {{"beta2", 1}}}}), Contains("optimizer.beta2 = 1.0: must be in [0, 1)"));
+  CHECK_THAT(config_error({{"optimizer", {{"min_lr", 0.1}}}}), Contains("optimizer.min_lr = 0.1 must not exceed optimizer.lr"));
+
+  // Unknown enum strings list the allowed ones.
+  CHECK_THAT(config_error({{"optimizer", {{"schedule", "linear"}}}}),
+             Contains("optimizer.schedule = \"linear\": must be one of \"constant\" \"cosine\""));
+  CHECK_THAT(config_error({{"model", {{"attn_scale", "both"}}}}), Contains("model.attn_scale = \"both\"") && Contains("\"embed\""));
+  CHECK_THAT(config_error({{"model", {{"init", "he"}}}}),
+             Contains("model.init = \"he\": must be one of \"kaiming_normal\" \"xavier\" \"normal\""));
+
+  // validate() checks a struct built in code the same way.
+  Config c;
+  c.model.n_head = 3;
+  CHECK_THROWS_WITH(validate(c), Contains("model.n_embed = 128 must be divisible by model.n_head = 3"));
+}
+
+TEST_CASE("load_config names the file, and the line and column of invalid JSON", "[io][config]") {
+  using Catch::Contains;
+  TempDir d("config");
+  const std::string bad = d / "bad.json";
+  write_file(bad, "{\n  \"model\": {\n    \"n_embed\": 64,,\n  }\n}\n");
+  CHECK_THAT(load_error(bad), Contains(bad) && Contains("invalid JSON at line 3, column 19"));
+  write_file(d / "bad2.json", "{\"model\": {\"n_layer\": 2}");  // unterminated
+  CHECK_THAT(load_error(d / "bad2.json"), Contains("invalid JSON at line 1"));
+  write_file(d / "empty.json", "  \n");
+  CHECK_THAT(load_error(d / "empty.json"), Contains(d / "empty.json") && Contains("empty"));
+  CHECK_THAT(load_error(d / "missing.json"), Contains(d / "missing.json") && Contains("cannot open") && Contains("No such file"));
+  CHECK_THAT(load_error(d.path.string()), Contains("is a directory"));
+  write_file(d / "typo.json", R"({"model": {"n_embd": 64}})");
+  CHECK_THAT(load_error(d / "typo.json"), Contains(d / "typo.json") && Contains("did you mean 'model.n_embed'?"));
+  write_file(d / "good.json", R"({"model": {"n_layer": 2}, "optimizer": {"schedule": "cosine"}})");
+  const Config c = load_config(d / "good.json");
+  CHECK(c.model.n_layer == 2);
+  CHECK(c.optimizer.schedule == "cosine");
+  CHECK(c.model.n_embed == 128);
+}
