@@ -53,8 +53,7 @@ class SafeTensorsFile {
   void copy_i32(const std::string& name, int32_t* out, int64_t n) const;
 
  private:
-  friend // Reads the whole file and validates it; throws std::runtime_error naming the path and the problem.
-SafeTensorsFile load_safetensors(const std::string& path);
+  friend SafeTensorsFile load_safetensors(const std::string& path);
   std::string path_;
   std::vector<uint8_t> data_;  // the data section
   std::map<std::string, Info> infos_;
