@@ -1,3 +1,4 @@
+#include "moe/tensor/streams.hpp"
 #include "moe/generate/generator.hpp"
 
 #include <algorithm>
@@ -5,7 +6,7 @@
 namespace moe {
 
 Generator::Generator(Model& model, const GenerateOptions& opt)
-    : model_(model), opt_(opt), rng_(opt.seed, /*stream=*/11) {
+    : model_(model), opt_(opt), rng_(opt.seed, kStreamSample) {
   validate(opt_.sampling);
   const int64_t T = model_.config().model.block_size;
   if (opt_.context_keep <= 0) opt_.context_keep = std::max<int64_t>(1, T / 2);
@@ -19,7 +20,7 @@ void Generator::generate(const std::vector<int32_t>& prompt, int64_t max_new,
   const int64_t V = model_.vocab_size();
   std::vector<int32_t> ctx(prompt.end() - std::min<int64_t>(int64_t(prompt.size()), T), prompt.end());
   if (ctx.empty()) ctx.push_back(0);
-  Rng noise_rng(opt_.seed, /*stream=*/12);  // only drawn when router.noise_at_eval
+  Rng noise_rng(opt_.seed, kStreamSampleNoise);  // only drawn when router.noise_at_eval
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
   KVCache cache = model_.new_cache();

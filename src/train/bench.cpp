@@ -1,3 +1,4 @@
+#include "moe/tensor/streams.hpp"
 #include "moe/train/bench.hpp"
 
 #include <omp.h>
@@ -42,10 +43,10 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, T);
   Model model(cfg, data.tokenizer().size());
-  Rng init(cfg.training.seed, 1), drop(cfg.training.seed, 3), noise(cfg.training.seed, 4);
+  Rng init(cfg.training.seed, kStreamInit), drop(cfg.training.seed, kStreamDropout), noise(cfg.training.seed, kStreamNoise);
   model.init(init);
   AdamW adamw(cfg.optimizer, model.params());
-  BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, 2));
+  BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, kStreamData));
   std::vector<int32_t> x(static_cast<size_t>(B * T)), y(static_cast<size_t>(B * T));
   Graph g;
   ForwardOptions fo;

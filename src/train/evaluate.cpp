@@ -1,22 +1,19 @@
+#include "moe/tensor/streams.hpp"
 #include "moe/train/evaluate.hpp"
 
 #include <cmath>
 
 namespace moe {
 
-namespace {
-constexpr uint64_t kStreamEval = 5;
-}
-
 EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g) {
   const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
   std::vector<int32_t> x(static_cast<size_t>(B * T)), y(size_t(B * T));
   EvalEstimate est;
-  Rng noise_rng(cfg.training.seed, kStreamEval + 1);  // only drawn with router.noise_at_eval
+  Rng noise_rng(cfg.training.seed, kStreamEvalNoise);  // only drawn with router.noise_at_eval
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
   for (int split = 0; split < 2; ++split) {
-    BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(cfg.training.seed, kStreamEval));
+    BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(cfg.training.seed, kStreamEvalData));
     double total = 0;
     for (int64_t i = 0; i < cfg.logging.eval_iters; ++i) {
       sampler.next(x.data(), y.data());
@@ -35,7 +32,7 @@ SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, in
   const WindowBatcher windows(ids, batch_size, T);  // throws if the split is shorter than T + 1
   SplitEvaluation ev;
   ev.routing.reset(model.config().model.n_layer, model.config().router.num_experts);
-  Rng noise_rng(model.config().training.seed, kStreamEval + 1);
+  Rng noise_rng(model.config().training.seed, kStreamEvalNoise);
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
   fo.stats = &ev.routing;

@@ -1,3 +1,4 @@
+#include "moe/tensor/streams.hpp"
 #include "moe/train/trainer.hpp"
 
 #include <omp.h>
@@ -26,9 +27,6 @@ std::atomic<int> g_stop_signal{0};
 namespace {
 
 void on_stop_signal(int sig) { g_stop_signal.store(sig); }
-
-// Generator streams: one per purpose, so none shifts another.
-constexpr uint64_t kStreamInit = 1, kStreamData = 2, kStreamDropout = 3, kStreamNoise = 4;
 
 std::string format_duration(double s) {
   const int64_t t = int64_t(s + 0.5);
