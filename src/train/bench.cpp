@@ -12,6 +12,7 @@
 #include "moe/generate/generator.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
+#include "moe/train/trainer.hpp"
 
 namespace moe {
 
@@ -26,13 +27,6 @@ double forward_flops(const Config& cfg, int64_t V) {
   const double per_token = double(cfg.model.n_layer) * per_layer + 2 * C * double(V);
   return per_token * double(cfg.training.batch_size) * T;
 }
-
-namespace {
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-}  // namespace
 
 BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t generate_chars) {
   using clock = std::chrono::steady_clock;
@@ -76,10 +70,10 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
     if (i >= warmup) fwd_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
   }
   g.clear();
-  r.step_ms_median = median_of(step_ms);
+  r.step_ms_median = median(step_ms);
   r.step_ms_min = *std::min_element(step_ms.begin(), step_ms.end());
   r.step_ms_max = *std::max_element(step_ms.begin(), step_ms.end());
-  r.forward_ms_median = median_of(fwd_ms);
+  r.forward_ms_median = median(fwd_ms);
   r.tokens_per_s = double(B * T) / (r.step_ms_median / 1000.0);
   r.forward_flops = forward_flops(cfg, data.tokenizer().size());
   r.flops_per_step = 3 * r.forward_flops;

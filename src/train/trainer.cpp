@@ -38,13 +38,13 @@ std::string format_duration(double s) {
   return buf;
 }
 
+}  // namespace
+
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
   return v[v.size() / 2];
 }
-
-}  // namespace
 
 void install_stop_signal_handlers() {
   std::signal(SIGINT, on_stop_signal);

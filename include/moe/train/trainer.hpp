@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "moe/io/config.hpp"
 
@@ -32,5 +33,8 @@ extern std::atomic<int> g_stop_signal;
 void install_stop_signal_handlers();
 
 TrainResult train(const Config& cfg, const TrainOptions& opt);
+
+// The element at index size/2 of the sorted values (0 when empty): for step timings.
+double median(std::vector<double> v);
 
 }  // namespace moe
