@@ -8,6 +8,7 @@
 #include "moe/io/config.hpp"
 
 using namespace moe;
+using moe_test::error_of;
 using moe_test::TempDir;
 using moe_test::write_file;
 using nlohmann::json;
@@ -15,22 +16,10 @@ using nlohmann::json;
 namespace {
 
 std::string config_error(const json& j) {
-  try {
-    config_from_json(j, "test.json");
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "no error";
+  return error_of<ConfigError>([&] { config_from_json(j, "test.json"); });
 }
 
-std::string load_error(const std::string& path) {
-  try {
-    load_config(path);
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "no error";
-}
+std::string load_error(const std::string& path) { return error_of<ConfigError>([&] { load_config(path); }); }
 
 }  // namespace
 

@@ -9,6 +9,7 @@
 
 using namespace moe;
 using Catch::Contains;
+using moe_test::error_of;
 using moe_test::TempDir;
 using moe_test::write_file;
 
@@ -21,12 +22,7 @@ std::string alphabet_text(int n) {
 }
 
 std::string load_error(const std::string& path, int64_t T) {
-  try {
-    Dataset::load(path, 0.9, T);
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "no error";
+  return error_of([&] { Dataset::load(path, 0.9, T); });
 }
 
 }  // namespace

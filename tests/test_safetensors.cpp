@@ -14,6 +14,7 @@
 using namespace moe;
 using Catch::Contains;
 using moe_test::read_file;
+using moe_test::error_of;
 using moe_test::TempDir;
 using moe_test::write_file;
 using nlohmann::json;
@@ -33,22 +34,10 @@ std::string st_bytes(std::string header, const std::string& data) {
   return le64(header.size()) + header + data;
 }
 
-std::string load_error(const std::string& path) {
-  try {
-    load_safetensors(path);
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "no error";
-}
+std::string load_error(const std::string& path) { return error_of([&] { load_safetensors(path); }); }
 
 std::string save_error(const std::string& path, const std::vector<TensorEntry>& t) {
-  try {
-    save_safetensors(path, t, {});
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "no error";
+  return error_of([&] { save_safetensors(path, t, {}); });
 }
 
 }  // namespace
