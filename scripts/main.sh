@@ -9,5 +9,5 @@ bash "$root/scripts/build.sh"
 bash "$root/data/get_data.sh"
 cd "$root"
 out=runs/$(basename "$config" .json)
-./build/moe train --config "$config" --out "$out"
+./build/moe train --config "$config" --out "$out" --overwrite
 ./build/moe generate --checkpoint "$out/best.safetensors" --prompt "ROMEO:" --max-new-tokens 300 --seed 1

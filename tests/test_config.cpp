@@ -71,7 +71,7 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK_NOTHROW(validate(c));
 }
 
-TEST_CASE("Config round-trips through JSON; missing sections and keys take defaults", "[io][config]") {
+TEST_CASE("Config round-trips through JSON, missing sections and keys take defaults", "[io][config]") {
   const json defaults = config_to_json(Config{});
   for (const char* section : {"data", "model", "router", "optimizer", "training", "logging"})
     CHECK(defaults.contains(section));

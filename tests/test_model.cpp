@@ -164,7 +164,7 @@ TEST_CASE("KV-cache decoding equals full-context recomputation", "[model][genera
   REQUIRE_THROWS_WITH(model.decode(g_inc, cache, seq.data(), 1, fo), Catch::Contains("block_size"));
 }
 
-TEST_CASE("Generation is deterministic by seed; exact window mode matches recomputation", "[model][generate]") {
+TEST_CASE("Generation is deterministic by seed, exact window mode matches recomputation", "[model][generate]") {
   Config cfg = tiny_config();
   Model model(cfg, 13);
   Rng init(1, 1);

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <string>
 
+#include "cli_util.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/train/bench.hpp"
 
@@ -43,25 +44,11 @@ TEST_CASE("gradient clipping by global norm", "[optim]") {
   CHECK(ps.get(b).grad[0] == Approx(0.8));
 }
 
+using moe_test::Run;
+
 namespace {
 
-struct Run {
-  int code;
-  std::string out;
-};
-
-Run run(const std::string& args) {
-  const std::string cmd = std::string(MOE_BINARY) + " " + args + " 2>&1";
-  Run r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+Run run(const std::string& args) { return moe_test::run_moe(args); }
 
 }  // namespace
 

@@ -44,7 +44,7 @@ TEST_CASE("Tokenizer: encode names every missing character and its code point", 
   CHECK_THROWS_WITH(t.encode("a\tb"), Contains("(U+0009)"));  // control characters by code point only
 }
 
-TEST_CASE("UTF-8: boundary code points round-trip; invalid input names the byte offset", "[io][tokenizer]") {
+TEST_CASE("UTF-8: boundary code points round-trip, invalid input names the byte offset", "[io][tokenizer]") {
   std::string s;
   const std::vector<uint32_t> cps = {0, 0x7F, 0x80, 0x7FF, 0x800, 0xD7FF, 0xE000, 0xFFFF, 0x10000, 0x10FFFF};
   for (uint32_t cp : cps) utf8_append(s, cp);

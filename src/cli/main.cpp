@@ -2,7 +2,9 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -23,7 +25,7 @@ using namespace moe;
 
 std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::runtime_error("cannot read " + path);
+  if (!f) throw std::runtime_error("cannot read " + path + " (" + std::strerror(errno) + ")");
   std::ostringstream ss;
   ss << f.rdbuf();
   return ss.str();
@@ -45,12 +47,14 @@ Loaded load_for_inference(const std::string& path) {
   return l;
 }
 
-int run_train(const std::string& config_path, const std::string& resume, const std::string& out_dir) {
+int run_train(const std::string& config_path, const std::string& resume, const std::string& out_dir,
+              bool overwrite) {
   Config cfg = load_config(config_path);
   install_stop_signal_handlers();
   TrainOptions opt;
   opt.resume = resume;
   opt.out_dir = out_dir;
+  opt.overwrite = overwrite;
   TrainResult r = train(cfg, opt);
   spdlog::info("final train loss {:.4f}, last val loss {:.4f}, best val loss {:.4f}; {:.1f} s, median step {:.1f} ms",
                r.last_train_loss, r.last_val_loss, r.best_val_loss, r.wall_seconds, r.median_step_ms);
@@ -144,11 +148,23 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
   return 0;
 }
 
+std::string fmt_number(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"moe: train, sample and evaluate character-level sparse Mixture-of-Experts language models"};
   app.require_subcommand(1);
+  // Parse errors in the same one-line form as every other error, pointing at the right --help.
+  app.failure_message([](const CLI::App* failed, const CLI::Error& e) {
+    std::string help = "moe --help";
+    for (const CLI::App* sub : failed->get_subcommands()) help = "moe " + sub->get_name() + " --help";
+    return "moe: error: " + std::string(e.what()) + " (see " + help + ")\n";
+  });
   spdlog::set_pattern("[%H:%M:%S] %v");
 
   std::string config_path, resume, out_dir;
@@ -156,6 +172,9 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--config", config_path, "JSON config file")->required();
   train_cmd->add_option("--resume", resume, "checkpoint to resume from (exact continuation)");
   train_cmd->add_option("--out", out_dir, "run directory (default: the config's logging.out_dir)");
+  bool overwrite = false;
+  train_cmd->add_flag("--overwrite", overwrite, "start afresh in a run directory that holds an earlier run's "
+                                                "checkpoints (they are deleted)");
 
   std::string ckpt, prompt, prompt_file;
   int64_t max_new = 500;
@@ -164,11 +183,9 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--checkpoint", ckpt, "checkpoint file (.safetensors)")->required();
   auto* p_opt = gen_cmd->add_option("--prompt", prompt, "text to continue");
   gen_cmd->add_option("--prompt-file", prompt_file, "file whose text to continue")->excludes(p_opt);
-  gen_cmd->add_option("--max-new-tokens", max_new, "characters to generate")->check(CLI::NonNegativeNumber);
-  gen_cmd->add_option("--temperature", gopt.sampling.temperature, "softmax temperature; 0 is greedy")
-      ->check(CLI::NonNegativeNumber);
-  gen_cmd->add_option("--top-k", gopt.sampling.top_k, "keep the k most likely characters (0: all)")
-      ->check(CLI::NonNegativeNumber);
+  gen_cmd->add_option("--max-new-tokens", max_new, "characters to generate");
+  gen_cmd->add_option("--temperature", gopt.sampling.temperature, "softmax temperature; 0 is greedy");
+  gen_cmd->add_option("--top-k", gopt.sampling.top_k, "keep the k most likely characters (0: all)");
   gen_cmd->add_option("--top-p", gopt.sampling.top_p, "nucleus sampling mass in (0, 1]");
   gen_cmd->add_option("--seed", gopt.seed, "random seed (same seed, same text)");
   gen_cmd->add_option("--context-keep", gopt.context_keep,
@@ -182,8 +199,7 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--checkpoint", ckpt, "checkpoint file (.safetensors)")->required();
   eval_cmd->add_option("--data", data_path, "text file (default: the config's data.path)");
   eval_cmd->add_option("--split", split, "val or train")->check(CLI::IsMember({"val", "train"}));
-  eval_cmd->add_option("--batch-size", eval_batch, "windows per forward pass (default: training batch size)")
-      ->check(CLI::PositiveNumber);
+  eval_cmd->add_option("--batch-size", eval_batch, "windows per forward pass (default: training batch size)");
   eval_cmd->add_flag("--json", as_json, "print JSON");
 
   std::string bench_config;
@@ -191,19 +207,36 @@ int main(int argc, char** argv) {
   int bench_threads = 0;
   auto* bench_cmd = app.add_subcommand("bench", "time training steps, the forward pass and generation");
   bench_cmd->add_option("--config", bench_config, "JSON config file")->required();
-  bench_cmd->add_option("--steps", bench_steps, "timed steps (after 3 warm-up steps)")->check(CLI::PositiveNumber);
-  bench_cmd->add_option("--threads", bench_threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
-  bench_cmd->add_option("--generate", bench_chars, "characters to generate for the generation timing")
-      ->check(CLI::NonNegativeNumber);
+  bench_cmd->add_option("--steps", bench_steps, "timed steps (after 3 warm-up steps)");
+  bench_cmd->add_option("--threads", bench_threads, "OpenMP threads (0: default)");
+  bench_cmd->add_option("--generate", bench_chars, "characters to generate for the generation timing");
   bench_cmd->add_flag("--json", as_json, "print JSON");
 
   CLI11_PARSE(app, argc, argv);
-  if (max_new < 0 || gopt.context_keep < 0) {
-    std::fprintf(stderr, "moe: error: lengths must be >= 0\n");
+  // Numeric flags, checked here so every message says which flag, what it got and what is allowed.
+  std::string bad;
+  auto need = [&](bool ok, const std::string& flag, double got, const char* allowed) {
+    if (!ok && bad.empty()) bad = flag + " must be " + allowed + ", got " + fmt_number(got);
+  };
+  if (*gen_cmd) {
+    need(max_new >= 0, "--max-new-tokens", double(max_new), ">= 0");
+    need(gopt.sampling.temperature >= 0, "--temperature", gopt.sampling.temperature, ">= 0 (0 is greedy)");
+    need(gopt.sampling.top_k >= 0, "--top-k", double(gopt.sampling.top_k), ">= 0 (0 keeps all)");
+    need(gopt.sampling.top_p > 0 && gopt.sampling.top_p <= 1, "--top-p", gopt.sampling.top_p, "in (0, 1]");
+    need(gopt.context_keep >= 0, "--context-keep", double(gopt.context_keep), ">= 0");
+  }
+  if (*eval_cmd) need(eval_batch >= 1 || eval_cmd->count("--batch-size") == 0, "--batch-size", double(eval_batch), ">= 1");
+  if (*bench_cmd) {
+    need(bench_steps >= 1, "--steps", double(bench_steps), ">= 1");
+    need(bench_threads >= 0, "--threads", double(bench_threads), ">= 0 (0: the default)");
+    need(bench_chars >= 0, "--generate", double(bench_chars), ">= 0");
+  }
+  if (!bad.empty()) {
+    std::fprintf(stderr, "moe: error: %s\n", bad.c_str());
     return 2;
   }
   try {
-    if (*train_cmd) return run_train(config_path, resume, out_dir);
+    if (*train_cmd) return run_train(config_path, resume, out_dir, overwrite);
     if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
     if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
     if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json);

@@ -2,6 +2,7 @@
 #include "moe/generate/generator.hpp"
 
 #include <algorithm>
+#include <stdexcept>
 
 namespace moe {
 
@@ -10,8 +11,9 @@ Generator::Generator(Model& model, const GenerateOptions& opt)
   validate(opt_.sampling);
   const int64_t T = model_.config().model.block_size;
   if (opt_.context_keep <= 0) opt_.context_keep = std::max<int64_t>(1, T / 2);
-  check(opt_.context_keep <= T, "Generator",
-        "context_keep must be at most block_size " + std::to_string(T));
+  if (opt_.context_keep > T)
+    throw std::invalid_argument("--context-keep must be at most the model's block_size " + std::to_string(T) +
+                                ", got " + std::to_string(opt_.context_keep));
 }
 
 void Generator::generate(const std::vector<int32_t>& prompt, int64_t max_new,

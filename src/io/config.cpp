@@ -248,9 +248,12 @@ Config load_config(const std::string& path) {
     j = json::parse(text);
   } catch (const json::parse_error& e) {
     std::string what = e.what();
+    // nlohmann's text is "[json.exception...] parse error at line L, column C: <reason>"; the
+    // position is given once, as line and column.
     const size_t p = what.find("parse error");
+    const size_t colon = p == std::string::npos ? p : what.find(": ", p);
     throw ConfigError("config " + path + ": invalid JSON at " + line_col(text, e.byte == 0 ? 0 : e.byte - 1) + ": " +
-                      (p == std::string::npos ? what : what.substr(p)));
+                      (colon == std::string::npos ? what : what.substr(colon + 2)));
   }
   return config_from_json(j, path);
 }

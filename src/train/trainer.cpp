@@ -38,6 +38,39 @@ std::string format_duration(double s) {
   return buf;
 }
 
+// Makes `to` name the same bytes as `from`, atomically: a hard link (or, where the file system
+// has none, a copy) to a temporary name, then a rename over `to`.
+void link_atomically(const std::filesystem::path& from, const std::filesystem::path& to) {
+  namespace fs = std::filesystem;
+  fs::path tmp = to;
+  tmp += ".tmp";
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  fs::create_hard_link(from, tmp, ec);
+  if (ec) fs::copy_file(from, tmp, fs::copy_options::overwrite_existing);
+  fs::rename(tmp, to);
+}
+
+// A fresh run must not silently mix with, or overwrite, another run's checkpoints.
+void prepare_fresh_run_dir(const std::filesystem::path& out, bool overwrite) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(out)) return;
+  std::vector<fs::path> old;
+  for (const auto& e : fs::directory_iterator(out)) {
+    const std::string name = e.path().filename().string();
+    if (e.path().extension() == ".safetensors" || name == "metrics.jsonl") old.push_back(e.path());
+  }
+  const bool has_checkpoints = std::any_of(old.begin(), old.end(), [](const fs::path& p) {
+    return p.extension() == ".safetensors";
+  });
+  if (has_checkpoints && !overwrite)
+    throw std::runtime_error("run directory " + out.string() +
+                             " already holds checkpoints of an earlier run; continue it with --resume " +
+                             (out / "last.safetensors").string() +
+                             ", start afresh with --overwrite, or choose another --out");
+  for (const fs::path& p : old) fs::remove(p);
+}
+
 }  // namespace
 
 double median(std::vector<double> v) {
@@ -86,10 +119,12 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
 
   namespace fs = std::filesystem;
   const fs::path out = cfg.logging.out_dir;
+  if (opt.resume.empty()) prepare_fresh_run_dir(out, opt.overwrite);
   fs::create_directories(out);
   {
     std::ofstream f(out / "config.json");
     f << config_to_json(cfg).dump(2) << "\n";
+    if (!f) throw std::runtime_error("cannot write " + (out / "config.json").string());
   }
   std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
   if (!metrics) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
@@ -131,6 +166,10 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
         state.best_val_loss = est.val_loss;
         state.step = step;
         save(out / "best.safetensors");
+      }
+      if (g_stop_signal.load() != 0) {  // a signal during the evaluation: stop before the next step
+        res.interrupted = true;
+        break;
       }
     }
 
@@ -178,8 +217,11 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       window_tokens = window_seconds = 0;
       stats.tokens_per_expert.clear();
     }
-    if (cfg.logging.checkpoint_interval > 0 && (step + 1) % cfg.logging.checkpoint_interval == 0)
-      save(out / ("step_" + std::to_string(step + 1) + ".safetensors"));
+    if (cfg.logging.checkpoint_interval > 0 && (step + 1) % cfg.logging.checkpoint_interval == 0) {
+      const fs::path step_file = out / ("step_" + std::to_string(step + 1) + ".safetensors");
+      save(step_file);
+      link_atomically(step_file, out / "last.safetensors");  // last.safetensors: always the newest
+    }
     if (g_stop_signal.load() != 0) {
       res.interrupted = true;
       break;

@@ -16,6 +16,9 @@ struct TrainOptions {
   std::string resume;   // checkpoint to resume from, or empty
   std::string out_dir;  // overrides config.logging.out_dir when non-empty
   bool quiet = false;   // no progress lines (tests)
+  // A fresh run refuses a run directory that already holds checkpoints unless this is set;
+  // then the old checkpoints and metrics are deleted first.
+  bool overwrite = false;
 };
 
 struct TrainResult {
