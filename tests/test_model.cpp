@@ -54,6 +54,9 @@ bool same_checkpoint_weights(const fs::path& a_path, const fs::path& b_path) {
   Model a(h.config, int64_t(h.vocab.size())), b(h.config, int64_t(h.vocab.size()));
   load_checkpoint_tensors(a_path.string(), a, nullptr);
   load_checkpoint_tensors(b_path.string(), b, nullptr);
+  for (const Model::Buffer& buf : a.buffers())  // the balancing biases too
+    if (std::memcmp(a.buffer_data() + buf.offset, b.buffer_data() + buf.offset, sizeof(float) * size_t(buf.size)) != 0)
+      return false;
   return same_params(a, b);
 }
 
@@ -66,6 +69,20 @@ Config tiny_config() {
       {"training", {{"batch_size", 4}, {"max_steps", 20}, {"seed", 7}}},
       {"logging", {{"log_interval", 5}, {"eval_interval", 10}, {"eval_iters", 2}, {"checkpoint_interval", 0}}}};
   return config_from_json(j, "tiny_config");
+}
+
+// tiny_config with every MoE option beyond makeMoE switched on.
+Config all_features_config() {
+  Config c = tiny_config();
+  c.model.expert_ffn = "swiglu";
+  c.model.shared_experts = 1;
+  c.router.gating = "softmax_topk";
+  c.router.renormalize = true;
+  c.router.aux_loss_coef = 0.01;
+  c.router.z_loss_coef = 1e-3;
+  c.router.capacity_factor = 1.0;
+  c.router.bias_update_rate = 1e-3;
+  return c;
 }
 
 }  // namespace
@@ -243,7 +260,9 @@ TEST_CASE("Checkpoint round trip restores weights, moments and state", "[model][
 }
 
 TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit", "[model][resume]") {
-  Config cfg = tiny_config();
+  const bool features = GENERATE(false, true);
+  INFO((features ? "every MoE option on" : "makeMoE"));
+  Config cfg = features ? all_features_config() : tiny_config();
   const fs::path dir = fs::temp_directory_path() / "moe_test_resume";
   fs::remove_all(dir);
   TrainOptions straight;
@@ -280,7 +299,9 @@ TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit",
 }
 
 TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
-  Config cfg = tiny_config();
+  const bool features = GENERATE(false, true);
+  INFO((features ? "every MoE option on" : "makeMoE"));
+  Config cfg = features ? all_features_config() : tiny_config();
   cfg.training.max_steps = 6;
   const fs::path dir = fs::temp_directory_path() / "moe_test_threads";
   fs::remove_all(dir);

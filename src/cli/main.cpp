@@ -92,26 +92,25 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
   const std::vector<int32_t>& part = split == "train" ? data.train() : data.val();
   Graph g;
   SplitEvaluation ev = evaluate_split(*l.model, part, batch_size > 0 ? batch_size : cfg.training.batch_size, g);
+  const nlohmann::json health = ev.routing.health();
   nlohmann::json usage = nlohmann::json::array();
-  for (const auto& layer : ev.routing.tokens_per_expert) {
-    int64_t total = 0;
-    for (int64_t c : layer) total += c;
-    nlohmann::json fr = nlohmann::json::array();
-    for (int64_t c : layer) fr.push_back(total ? double(c) / double(total) : 0.0);
-    usage.push_back(fr);
-  }
+  for (const auto& layer : health) usage.push_back(layer["load"]);
   if (as_json) {
     nlohmann::json j{{"checkpoint", ckpt}, {"data", path},          {"split", split},
                      {"tokens", ev.tokens}, {"loss", ev.loss},      {"perplexity", ev.perplexity},
-                     {"bits_per_char", ev.bits_per_char},           {"expert_usage", usage}};
+                     {"bits_per_char", ev.bits_per_char},           {"expert_usage", usage},
+                     {"router", health}};
     std::cout << j.dump(2) << "\n";
   } else {
     std::printf("%s split of %s: %lld tokens\nloss %.4f | perplexity %.3f | bits/char %.4f\n", split.c_str(),
                 path.c_str(), (long long)ev.tokens, ev.loss, ev.perplexity, ev.bits_per_char);
-    std::printf("expert usage (fraction of routed slots per expert):\n");
-    for (size_t l2 = 0; l2 < usage.size(); ++l2) {
-      std::printf("  layer %zu:", l2);
-      for (const auto& f : usage[l2]) std::printf(" %.3f", f.get<double>());
+    std::printf("router health per layer (load: fraction of routed slots per expert):\n");
+    for (size_t l2 = 0; l2 < health.size(); ++l2) {
+      const auto& h = health[l2];
+      std::printf("  layer %zu: max violation %.3f | dropped %.3f | entropy %.3f | aux %.4f | z %.3f | load",
+                  l2, h["max_violation"].get<double>(), h["dropped_frac"].get<double>(),
+                  h["router_entropy"].get<double>(), h["aux_loss"].get<double>(), h["z_loss"].get<double>());
+      for (const auto& f : h["load"]) std::printf(" %.3f", f.get<double>());
       std::printf("\n");
     }
   }

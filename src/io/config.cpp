@@ -105,6 +105,8 @@ const std::vector<Field>& fields() {
       field("model", "n_layer", &Config::model, &ModelConfig::n_layer, positive()),
       field("model", "dropout", &Config::model, &ModelConfig::dropout, in_range(0, 1, false, true)),
       field("model", "expert_hidden", &Config::model, &ModelConfig::expert_hidden, non_negative()),
+      field("model", "expert_ffn", &Config::model, &ModelConfig::expert_ffn, one_of({"relu", "gelu", "swiglu"})),
+      field("model", "shared_experts", &Config::model, &ModelConfig::shared_experts, non_negative()),
       field("model", "attn_scale", &Config::model, &ModelConfig::attn_scale, one_of({"head", "embed"})),
       field("model", "init", &Config::model, &ModelConfig::init, one_of({"kaiming_normal", "xavier", "normal"})),
       field("model", "init_std", &Config::model, &ModelConfig::init_std, positive_number()),
@@ -112,6 +114,13 @@ const std::vector<Field>& fields() {
       field("router", "top_k", &Config::router, &RouterConfig::top_k, positive()),
       field("router", "noisy", &Config::router, &RouterConfig::noisy),
       field("router", "noise_at_eval", &Config::router, &RouterConfig::noise_at_eval),
+      field("router", "gating", &Config::router, &RouterConfig::gating, one_of({"topk_softmax", "softmax_topk"})),
+      field("router", "renormalize", &Config::router, &RouterConfig::renormalize),
+      field("router", "aux_loss_coef", &Config::router, &RouterConfig::aux_loss_coef, non_negative_number()),
+      field("router", "z_loss_coef", &Config::router, &RouterConfig::z_loss_coef, non_negative_number()),
+      field("router", "capacity_factor", &Config::router, &RouterConfig::capacity_factor, non_negative_number()),
+      field("router", "capacity_at_eval", &Config::router, &RouterConfig::capacity_at_eval),
+      field("router", "bias_update_rate", &Config::router, &RouterConfig::bias_update_rate, non_negative_number()),
       field("optimizer", "lr", &Config::optimizer, &OptimizerConfig::lr, positive_number()),
       field("optimizer", "beta1", &Config::optimizer, &OptimizerConfig::beta1, in_range(0, 1, false, true)),
       field("optimizer", "beta2", &Config::optimizer, &OptimizerConfig::beta2, in_range(0, 1, false, true)),
@@ -219,6 +228,8 @@ void validate(const Config& c, const std::string& src) {
   if (c.router.top_k > c.router.num_experts)
     fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most router.num_experts = " +
          std::to_string(c.router.num_experts));
+  if (c.router.renormalize && c.router.gating != "softmax_topk")
+    fail("router.renormalize applies to router.gating = \"softmax_topk\" only (topk_softmax weights already sum to 1)");
   if (c.optimizer.min_lr > c.optimizer.lr)
     fail("optimizer.min_lr = " + json(c.optimizer.min_lr).dump() + " must not exceed optimizer.lr = " +
          json(c.optimizer.lr).dump());

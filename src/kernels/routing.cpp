@@ -1,26 +1,41 @@
 #include "moe/kernels/routing.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <vector>
 
 namespace moe {
 
-void topk_softmax_forward(float* weights, int32_t* index, const float* logits, int64_t N, int64_t E, int64_t K) {
+void topk_select(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K) {
 #pragma omp parallel for schedule(static) if (N * E > 16384)
   for (int64_t n = 0; n < N; ++n) {
-    const float* x = logits + n * E;
+    const float* x = scores + n * E;
+    auto score = [&](int32_t e) { return bias ? x[e] + bias[e] : x[e]; };
     int32_t* idx = index + n * K;
     // Selection by insertion: K and E are small. Strictly greater wins, so ties keep the lower id.
     int64_t filled = 0;
     for (int32_t e = 0; e < E; ++e) {
+      const float v = score(e);
       int64_t pos = filled;
-      while (pos > 0 && x[e] > x[idx[pos - 1]]) --pos;
+      while (pos > 0 && v > score(idx[pos - 1])) --pos;
       if (pos >= K) continue;
       for (int64_t j = std::min(filled, K - 1); j > pos; --j) idx[j] = idx[j - 1];
       idx[pos] = e;
       if (filled < K) ++filled;
     }
+  }
+}
+
+void topk_softmax_forward(float* weights, const int32_t* index, const float* logits, int64_t N, int64_t E,
+                          int64_t K) {
+#pragma omp parallel for schedule(static) if (N * E > 16384)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* x = logits + n * E;
+    const int32_t* idx = index + n * K;
     float* w = weights + n * K;
-    const float mx = x[idx[0]];
+    float mx = x[idx[0]];
+    for (int64_t k = 1; k < K; ++k) mx = std::max(mx, x[idx[k]]);
     float z = 0;
     for (int64_t k = 0; k < K; ++k) z += (w[k] = std::exp(x[idx[k]] - mx));
     for (int64_t k = 0; k < K; ++k) w[k] /= z;
@@ -53,6 +68,34 @@ void group_by_expert(const int32_t* index, int64_t N, int64_t K, int64_t E, int3
   }
   for (int64_t e = E; e > 0; --e) offsets[e] = offsets[e - 1];
   offsets[0] = 0;
+}
+
+int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, const float* gates, int64_t E,
+                       int64_t capacity) {
+  int64_t dropped = 0, out = 0;
+  std::vector<int32_t> order, keep_token, keep_pos;
+  for (int64_t e = 0; e < E; ++e) {
+    const int32_t begin = offsets[e], end = offsets[e + 1], n = end - begin;
+    offsets[e] = int32_t(out);
+    if (n <= capacity) {
+      for (int32_t s = begin; s < end; ++s, ++out) token[out] = token[s], gate_pos[out] = gate_pos[s];
+      continue;
+    }
+    // The `capacity` largest gates, ties to the earlier slot; then back to row order.
+    order.resize(size_t(n));
+    std::iota(order.begin(), order.end(), begin);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return gates[gate_pos[a]] > gates[gate_pos[b]]; });
+    order.resize(size_t(capacity));
+    std::sort(order.begin(), order.end());
+    keep_token.clear();
+    keep_pos.clear();
+    for (int32_t s : order) keep_token.push_back(token[s]), keep_pos.push_back(gate_pos[s]);
+    for (size_t i = 0; i < order.size(); ++i, ++out) token[out] = keep_token[i], gate_pos[out] = keep_pos[i];
+    dropped += n - capacity;
+  }
+  offsets[E] = int32_t(out);
+  return dropped;
 }
 
 }  // namespace moe

@@ -10,7 +10,35 @@
 namespace moe {
 
 void RoutingStats::reset(int64_t layers, int64_t experts) {
-  tokens_per_expert.assign(size_t(layers), std::vector<int64_t>(size_t(experts), 0));
+  const size_t L = size_t(layers);
+  tokens_per_expert.assign(L, std::vector<int64_t>(size_t(experts), 0));
+  assigned.assign(L, 0);
+  dropped.assign(L, 0);
+  tokens.assign(L, 0);
+  forwards.assign(L, 0);
+  entropy_sum.assign(L, 0);
+  z_sum.assign(L, 0);
+  aux_sum.assign(L, 0);
+}
+
+nlohmann::json RoutingStats::health() const {
+  nlohmann::json layers = nlohmann::json::array();
+  for (size_t l = 0; l < tokens_per_expert.size(); ++l) {
+    const auto& counts = tokens_per_expert[l];
+    int64_t total = 0, most = 0;
+    for (int64_t c : counts) total += c, most = std::max(most, c);
+    nlohmann::json load = nlohmann::json::array();
+    for (int64_t c : counts) load.push_back(total ? double(c) / double(total) : 0.0);
+    const double mean_load = double(total) / double(counts.size());
+    const auto per = [](double sum, int64_t n) { return n ? sum / double(n) : 0.0; };
+    layers.push_back({{"load", load},
+                      {"dropped_frac", per(double(dropped[l]), assigned[l])},
+                      {"router_entropy", per(entropy_sum[l], tokens[l])},
+                      {"aux_loss", per(aux_sum[l], forwards[l])},
+                      {"z_loss", per(z_sum[l], tokens[l])},
+                      {"max_violation", total ? double(most) / mean_load - 1 : 0.0}});
+  }
+  return layers;
 }
 
 Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) {
@@ -36,15 +64,52 @@ Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) 
     b.ln2 = add_norm(p + "ln2", C_);
     b.route = add_linear(p + "moe.router.route", C_, E_, true);
     b.noise = add_linear(p + "moe.router.noise", C_, E_, true);
-    for (int64_t e = 0; e < E_; ++e) {
-      const std::string q = p + "moe.experts." + std::to_string(e) + ".";
-      b.experts.push_back({add_linear(q + "fc1", C_, F_, true), add_linear(q + "fc2", F_, C_, true)});
-    }
+    for (int64_t e = 0; e < E_; ++e) b.experts.push_back(add_expert(p + "moe.experts." + std::to_string(e) + "."));
+    for (int64_t e = 0; e < cfg.model.shared_experts; ++e)
+      b.shared.push_back(add_expert(p + "moe.shared." + std::to_string(e) + "."));
     blocks_.push_back(std::move(b));
   }
   ln_f_ = add_norm("ln_f", C_);
   lm_head_ = add_linear("lm_head", C_, V_, true);
   params_.finalize();
+  if (cfg.router.bias_update_rate > 0) balance_bias_.assign(size_t(L_ * E_), 0.f);
+  last_load_.assign(size_t(L_ * E_), 0);
+}
+
+ExpertParams Model::add_expert(const std::string& q) {
+  ExpertParams ep;
+  if (cfg_.model.expert_ffn == "swiglu") {  // Mixtral's form, without biases
+    ep.fc1 = add_linear(q + "fc1", C_, F_, false);
+    ep.fc2 = add_linear(q + "fc2", F_, C_, false);
+    ep.fc3 = add_linear(q + "fc3", C_, F_, false);
+  } else {
+    ep.fc1 = add_linear(q + "fc1", C_, F_, true);
+    ep.fc2 = add_linear(q + "fc2", F_, C_, true);
+  }
+  return ep;
+}
+
+std::vector<Model::Buffer> Model::buffers() const {
+  std::vector<Buffer> out;
+  if (!balance_bias_.empty())
+    for (int64_t l = 0; l < L_; ++l)
+      out.push_back({"blocks." + std::to_string(l) + ".moe.router.balance_bias", l * E_, E_});
+  return out;
+}
+
+void Model::update_balance_bias() {
+  if (balance_bias_.empty()) return;
+  const float rate = float(cfg_.router.bias_update_rate);
+  for (int64_t l = 0; l < L_; ++l) {
+    const int64_t* load = last_load_.data() + l * E_;
+    int64_t total = 0;
+    for (int64_t e = 0; e < E_; ++e) total += load[e];
+    for (int64_t e = 0; e < E_; ++e) {
+      // Compare load[e] with the mean total / E exactly, in integers.
+      const int64_t diff = total - load[e] * E_;
+      balance_bias_[size_t(l * E_ + e)] += diff > 0 ? rate : diff < 0 ? -rate : 0.f;
+    }
+  }
 }
 
 int Model::add_param(const std::string& name, const Shape& shape, bool decay, RoleInfo role) {
@@ -134,13 +199,66 @@ Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const 
   return dropout(g, apply_linear(g, bp.proj, y), p, opt.training, drop);
 }
 
+Tensor Model::expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt) {
+  const std::string& kind = cfg_.model.expert_ffn;
+  Tensor h = apply_linear(g, ep.fc1, x);  // (n, F)
+  if (kind == "swiglu")
+    h = mul(g, silu(g, h), apply_linear(g, ep.fc3, x));
+  else
+    h = kind == "gelu" ? gelu(g, h) : relu(g, h);
+  const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
+  Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
+  return dropout(g, apply_linear(g, ep.fc2, h), p, opt.training, drop);  // (n, C)
+}
+
+namespace {
+
+// Router health of one forward from the clean logits [N, E] and the slots per expert: adds the
+// entropy and logsumexp² of every token and the Switch aux value E · Σ_i f_i P_i.
+void record_router_health(RoutingStats& st, int64_t layer, const float* clean, int64_t N, int64_t E,
+                          const int32_t* offsets, int64_t dropped) {
+  const size_t l = size_t(layer);
+  std::vector<double> P(static_cast<size_t>(E), 0.0), p(static_cast<size_t>(E));
+  double entropy = 0, z = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* r = clean + n * E;
+    const double mx = *std::max_element(r, r + E);
+    double sum = 0;
+    for (int64_t e = 0; e < E; ++e) sum += (p[size_t(e)] = std::exp(double(r[e]) - mx));
+    const double lse = mx + std::log(sum);
+    z += lse * lse;
+    for (int64_t e = 0; e < E; ++e) {
+      const double q = p[size_t(e)] / sum;
+      P[size_t(e)] += q / double(N);
+      if (q > 0) entropy -= q * std::log(q);
+    }
+  }
+  const int64_t slots = offsets[E];
+  double aux = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t c = offsets[e + 1] - offsets[e];
+    st.tokens_per_expert[l][size_t(e)] += c;
+    aux += double(c) / double(slots) * P[size_t(e)];
+  }
+  st.assigned[l] += slots;
+  st.dropped[l] += dropped;
+  st.tokens[l] += N;
+  st.forwards[l] += 1;
+  st.entropy_sum[l] += entropy;
+  st.z_sum[l] += z;
+  st.aux_sum[l] += double(E) * aux;
+}
+
+}  // namespace
+
 Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
-                      const ForwardOptions& opt) {
+                      const ForwardOptions& opt, RouterLosses* losses) {
+  const RouterConfig& rc = cfg_.router;
   const int64_t N = x.rows();
-  Tensor xf = x.view({N, C_});            // (N, C)
-  Tensor logits = apply_linear(g, bp.route, xf);  // (N, E)
-  const bool noisy = opt.fixed_noise != nullptr ||
-                     (cfg_.router.noisy && (opt.training || cfg_.router.noise_at_eval));
+  Tensor xf = x.view({N, C_});                    // (N, C)
+  Tensor clean = apply_linear(g, bp.route, xf);   // (N, E)
+  Tensor logits = clean;
+  const bool noisy = opt.fixed_noise != nullptr || (rc.noisy && (opt.training || rc.noise_at_eval));
   if (noisy) {
     Tensor noise = g.new_tensor({N, E_}, false);  // (N, E) standard normal
     if (opt.fixed_noise) {
@@ -152,33 +270,57 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
       opt.noise_rng->fill_normal(noise.data, N * E_);
     }
     Tensor noise_scale = softplus(g, apply_linear(g, bp.noise, xf));
-    logits = add(g, logits, mul(g, noise, noise_scale));
+    logits = add(g, clean, mul(g, noise, noise_scale));
   }
-  TopK top = topk_softmax(g, logits, K_);  // weights (N, K), index N*K
+
+  // Gating: which K experts per token (selection may add the balancing bias) and their weights.
+  const float* bias = balance_bias_.empty() ? nullptr : balance_bias_.data() + layer * E_;
+  TopK top;
+  if (rc.gating == "topk_softmax") {
+    top = topk_softmax(g, logits, K_, bias);  // (N, K)
+  } else {
+    Tensor probs = softmax(g, logits);  // (N, E)
+    top.index = topk_indices(g, probs, K_, bias);
+    top.weights = gather_cols(g, probs, top.index, K_);  // (N, K)
+    if (rc.renormalize) top.weights = normalize_rows(g, top.weights);
+  }
   if (opt.chosen) (*opt.chosen)[size_t(layer)].assign(top.index, top.index + N * K_);
 
   int32_t* offsets = g.arena().alloc_ints(E_ + 1);
   int32_t* token = g.arena().alloc_ints(N * K_);
   int32_t* gate_pos = g.arena().alloc_ints(N * K_);
   group_by_expert(top.index, N, K_, E_, offsets, token, gate_pos);
-  if (opt.stats)
-    for (int64_t e = 0; e < E_; ++e)
-      opt.stats->tokens_per_expert[size_t(layer)][size_t(e)] += offsets[e + 1] - offsets[e];
+  if (opt.training)
+    for (int64_t e = 0; e < E_; ++e) last_load_[size_t(layer * E_ + e)] = offsets[e + 1] - offsets[e];
 
-  const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
-  Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
+  // Balancing losses from the clean logits and the router's choices (before any capacity).
+  if (losses && rc.aux_loss_coef > 0) {
+    int32_t* slots = g.arena().alloc_ints(E_);
+    for (int64_t e = 0; e < E_; ++e) slots[e] = offsets[e + 1] - offsets[e];
+    losses->aux.push_back(switch_aux_loss(g, clean, slots));
+  }
+  if (losses && rc.z_loss_coef > 0) losses->z.push_back(router_z_loss(g, clean));
+
+  // Router health counts the router's choices, so it keeps the offsets from before any drops.
+  int32_t* chosen_offsets = g.arena().alloc_ints(E_ + 1);
+  std::copy(offsets, offsets + E_ + 1, chosen_offsets);
+  int64_t dropped = 0;
+  if (rc.capacity_factor > 0 && (opt.training || rc.capacity_at_eval)) {
+    const auto capacity = int64_t(std::ceil(rc.capacity_factor * double(K_ * N) / double(E_)));
+    dropped = apply_capacity(offsets, token, gate_pos, top.weights.data, E_, capacity);
+  }
+  if (opt.stats) record_router_health(*opt.stats, layer, clean.data, N, E_, chosen_offsets, dropped);
+
   Tensor acc = g.zeros({N, C_}, g.grad_enabled());  // (N, C)
   for (int64_t e = 0; e < E_; ++e) {
     const int64_t begin = offsets[e], n = offsets[e + 1] - offsets[e];
     if (n == 0) continue;  // only the chosen experts compute
-    const ExpertParams& ep = bp.experts[size_t(e)];
-    Tensor xe = gather_rows(g, xf, token + begin, n);         // (n, C)
-    Tensor h = relu(g, apply_linear(g, ep.fc1, xe));           // (n, F)
-    Tensor ye = apply_linear(g, ep.fc2, h);                    // (n, C)
-    ye = dropout(g, ye, p, opt.training, drop);
+    Tensor ye = expert_forward(g, bp.experts[size_t(e)], gather_rows(g, xf, token + begin, n), opt);  // (n, C)
     index_add_weighted(g, acc, ye, token + begin, top.weights, gate_pos + begin, n);
   }
-  return acc.view(x.shape);
+  Tensor out = acc;
+  for (const ExpertParams& sp : bp.shared) out = add(g, out, expert_forward(g, sp, xf, opt));
+  return out.view(x.shape);
 }
 
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,
@@ -187,7 +329,8 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
         "sequence length " + std::to_string(T) + " must be in [1, block_size=" + std::to_string(T_max_) + "]");
   check(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
         "training with dropout needs a dropout generator");
-  if (opt.stats && opt.stats->tokens_per_expert.empty()) opt.stats->reset(L_, E_);
+  if (opt.stats && opt.stats->empty()) opt.stats->reset(L_, E_);
+  RouterLosses router_losses;
   int32_t* pos = g.arena().alloc_ints(B * T);
   for (int64_t i = 0; i < B * T; ++i) pos[i] = int32_t(i % T);
   Tensor x = add(g, embedding(g, idx, params_.get(tok_emb_), {B, T, C_}),
@@ -195,11 +338,19 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   for (int64_t l = 0; l < L_; ++l) {
     const BlockParams& bp = blocks_[size_t(l)];
     x = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
-    x = add(g, x, moe_ffn(g, bp, apply_norm(g, bp.ln2, x), l, opt));
+    x = add(g, x, moe_ffn(g, bp, apply_norm(g, bp.ln2, x), l, opt, targets ? &router_losses : nullptr));
   }
   Output out;
   out.logits = apply_linear(g, lm_head_, apply_norm(g, ln_f_, x));  // (B, T, V)
-  if (targets) out.loss = cross_entropy(g, out.logits, targets);
+  if (!targets) return out;
+  out.loss = cross_entropy(g, out.logits, targets);
+  out.objective = out.loss;
+  // Each balancing loss is averaged over the layers, then weighted by its coefficient.
+  const auto add_term = [&](const std::vector<Tensor>& terms, double coef) {
+    for (const Tensor& t : terms) out.objective = add(g, out.objective, scale(g, t, float(coef / double(L_))));
+  };
+  add_term(router_losses.aux, cfg_.router.aux_loss_coef);
+  add_term(router_losses.z, cfg_.router.z_loss_coef);
   return out;
 }
 
@@ -259,7 +410,7 @@ const float* Model::decode(Graph& g, KVCache& cache, const int32_t* tokens, int6
   for (int64_t l = 0; l < L_; ++l) {
     const BlockParams& bp = blocks_[size_t(l)];
     x = add(g, x, attention_cached(g, bp, apply_norm(g, bp.ln1, x), n, cache, l));
-    x = add(g, x, moe_ffn(g, bp, apply_norm(g, bp.ln2, x), l, o));
+    x = add(g, x, moe_ffn(g, bp, apply_norm(g, bp.ln2, x), l, o, nullptr));
   }
   cache.len += n;
   // Only the last position's logits are needed.

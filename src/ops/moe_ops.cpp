@@ -1,4 +1,6 @@
 // Sparse MoE routing ops: top-k softmax, row gather, weighted scatter-add.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "moe/kernels/routing.hpp"
@@ -6,13 +8,22 @@
 
 namespace moe {
 
-TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K) {
-  check(logits.ndim() == 2, "topk_softmax", "logits must be [N, E], got " + logits.shape.str());
-  const int64_t N = logits.size(0), E = logits.size(1);
-  check(K >= 1 && K <= E, "topk_softmax", "K=" + std::to_string(K) + " must be in [1, E=" + std::to_string(E) + "]");
+namespace {
+
+void check_topk(const char* op, const Tensor& scores, int64_t K) {
+  check(scores.ndim() == 2, op, "scores must be [N, E], got " + scores.shape.str());
+  check(K >= 1 && K <= scores.size(1), op,
+        "K=" + std::to_string(K) + " must be in [1, E=" + std::to_string(scores.size(1)) + "]");
+}
+
+}  // namespace
+
+TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K, const float* select_bias) {
+  check_topk("topk_softmax", logits, K);
   TopK out;
+  out.index = topk_indices(g, logits, K, select_bias);
+  const int64_t N = logits.size(0), E = logits.size(1);
   out.weights = g.output({N, K}, logits);
-  out.index = g.arena().alloc_ints(N * K);
   topk_softmax_forward(out.weights.data, out.index, logits.data, N, E, K);
   if (out.weights.requires_grad()) {
     const Tensor w = out.weights;
@@ -20,6 +31,71 @@ TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K) {
     g.record([=] { topk_softmax_backward(logits.grad, w.grad, w.data, index, N, E, K); });
   }
   return out;
+}
+
+int32_t* topk_indices(Graph& g, const Tensor& scores, int64_t K, const float* select_bias) {
+  check_topk("topk_indices", scores, K);
+  const int64_t N = scores.size(0), E = scores.size(1);
+  int32_t* index = g.arena().alloc_ints(N * K);
+  topk_select(index, scores.data, select_bias, N, E, K);
+  return index;
+}
+
+Tensor gather_cols(Graph& g, const Tensor& x, const int32_t* index, int64_t K) {
+  check(x.ndim() == 2, "gather_cols", "input must be [N, E], got " + x.shape.str());
+  const int64_t N = x.size(0), E = x.size(1);
+  for (int64_t i = 0; i < N * K; ++i)
+    check(index[i] >= 0 && index[i] < E, "gather_cols", "column " + std::to_string(index[i]) + " outside [0, " + std::to_string(E) + ")");
+  Tensor y = g.output({N, K}, x);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) y.data[n * K + k] = x.data[n * E + index[n * K + k]];
+  if (y.requires_grad())
+    g.record([=] {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) x.grad[n * E + index[n * K + k]] += y.grad[n * K + k];
+    });
+  return y;
+}
+
+Tensor normalize_rows(Graph& g, const Tensor& x) {
+  check(x.ndim() == 2, "normalize_rows", "input must be [N, K], got " + x.shape.str());
+  const int64_t N = x.size(0), K = x.size(1);
+  Tensor y = g.output({N, K}, x);
+  for (int64_t n = 0; n < N; ++n) {
+    float s = 0;
+    for (int64_t k = 0; k < K; ++k) s += x.data[n * K + k];
+    for (int64_t k = 0; k < K; ++k) y.data[n * K + k] = x.data[n * K + k] / s;
+  }
+  if (y.requires_grad())
+    g.record([=] {
+      // y = x / s: dx_j = (dy_j - Σ_k dy_k y_k) / s.
+      for (int64_t n = 0; n < N; ++n) {
+        float s = 0, dot = 0;
+        for (int64_t k = 0; k < K; ++k) s += x.data[n * K + k], dot += y.grad[n * K + k] * y.data[n * K + k];
+        for (int64_t k = 0; k < K; ++k) x.grad[n * K + k] += (y.grad[n * K + k] - dot) / s;
+      }
+    });
+  return y;
+}
+
+Tensor logsumexp(Graph& g, const Tensor& x) {
+  check(x.ndim() == 2, "logsumexp", "input must be [N, E], got " + x.shape.str());
+  const int64_t N = x.size(0), E = x.size(1);
+  Tensor y = g.output({N}, x);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* r = x.data + n * E;
+    const float mx = *std::max_element(r, r + E);
+    double z = 0;
+    for (int64_t e = 0; e < E; ++e) z += std::exp(double(r[e] - mx));
+    y.data[n] = mx + float(std::log(z));
+  }
+  if (y.requires_grad())
+    g.record([=] {
+      // d lse / dx_j = softmax(x)_j = exp(x_j - lse).
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t e = 0; e < E; ++e) x.grad[n * E + e] += y.grad[n] * std::exp(x.data[n * E + e] - y.data[n]);
+    });
+  return y;
 }
 
 Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
@@ -77,6 +153,25 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
       }
     });
   }
+}
+
+Tensor switch_aux_loss(Graph& g, const Tensor& logits, const int32_t* slots) {
+  check(logits.ndim() == 2, "switch_aux_loss", "logits must be [N, E], got " + logits.shape.str());
+  const int64_t N = logits.size(0), E = logits.size(1);
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) total += slots[e];
+  // E · Σ_i f_i P_i = Σ_{n,i} softmax(logits)[n, i] · E f_i / N.
+  Tensor w = g.new_tensor({N, E}, false);
+  for (int64_t e = 0; e < E; ++e) {
+    const float fe = total ? float(slots[e]) / float(total) : 0.f;
+    for (int64_t n = 0; n < N; ++n) w.data[n * E + e] = float(E) * fe / float(N);
+  }
+  return sum(g, mul(g, softmax(g, logits), w));
+}
+
+Tensor router_z_loss(Graph& g, const Tensor& logits) {
+  Tensor lse = logsumexp(g, logits);
+  return mean(g, mul(g, lse, lse));
 }
 
 }  // namespace moe

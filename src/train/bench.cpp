@@ -55,7 +55,7 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
     g.clear();
     model.params().zero_grad();
     Model::Output o = model.forward(g, x.data(), y.data(), B, T, fo);
-    g.backward(o.loss);
+    g.backward(o.objective);
     adamw.step(model.params(), float(cfg.optimizer.lr));
     if (i >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
   }

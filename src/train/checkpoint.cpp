@@ -43,6 +43,8 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW* o
     }
   };
   add_block("", ps.data());
+  for (const Model::Buffer& b : model.buffers())
+    entries.push_back({b.name, DType::F32, {b.size}, model.buffer_data() + b.offset, sizeof(float) * size_t(b.size)});
   if (optimizer) {
     add_block("optimizer.m.", optimizer->m().data());
     add_block("optimizer.v.", optimizer->v().data());
@@ -92,6 +94,7 @@ void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optim
     for (const ParamInfo& p : ps.infos()) f.copy_f32(prefix + p.name, p.shape, base + p.offset);
   };
   load_block("", ps.data());
+  for (const Model::Buffer& b : model.buffers()) f.copy_f32(b.name, Shape{b.size}, model.buffer_data() + b.offset);
   if (optimizer) {
     const auto& meta = f.metadata();
     optimizer->set_steps(std::stoll(meta_at(meta, "optimizer.steps", path)));

@@ -188,10 +188,11 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       throw std::runtime_error("training diverged: loss is " + std::to_string(loss) + " at step " +
                                std::to_string(step) + "; the last good checkpoint is kept in " + out.string() +
                                " (try a lower optimizer.lr or optimizer.grad_clip)");
-    g.backward(o.loss);
+    g.backward(o.objective);
     const double grad_norm = clip_grad_norm(model.params(), cfg.optimizer.grad_clip);
     const float lr = learning_rate(cfg.optimizer, step, max_steps);
     adamw.step(model.params(), lr);
+    model.update_balance_bias();  // no-op unless router.bias_update_rate > 0
     const double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
     step_ms.push_back(ms);
     window_tokens += double(B * T);
@@ -207,15 +208,22 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       const double eta = elapsed / double(step + 1 - first_step) * double(max_steps - step - 1);
       nlohmann::json j{{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
                        {"tokens_per_s", tok_s}};
-      nlohmann::json usage = nlohmann::json::array();
-      for (const auto& layer : stats.tokens_per_expert) usage.push_back(layer);
-      j["tokens_per_expert"] = usage;
+      j["tokens_per_expert"] = stats.tokens_per_expert;
+      const nlohmann::json health = stats.health();
+      j["router"] = health;
+      double worst_violation = 0, dropped = 0;
+      for (const auto& layer : health) {
+        worst_violation = std::max(worst_violation, layer["max_violation"].get<double>());
+        dropped += layer["dropped_frac"].get<double>() / double(health.size());
+      }
       metrics << j.dump() << "\n" << std::flush;
       if (!opt.quiet)
-        spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {:.0f} tok/s | ETA {}", step + 1,
-                     max_steps, loss, lr, grad_norm, tok_s, format_duration(eta));
+        spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | max load {:+.0f}%{} | {:.0f} tok/s | ETA {}",
+                     step + 1, max_steps, loss, lr, grad_norm, 100 * worst_violation,
+                     cfg.router.capacity_factor > 0 ? fmt::format(" | dropped {:.1f}%", 100 * dropped) : "",
+                     tok_s, format_duration(eta));
       window_tokens = window_seconds = 0;
-      stats.tokens_per_expert.clear();
+      stats = RoutingStats();
     }
     if (cfg.logging.checkpoint_interval > 0 && (step + 1) % cfg.logging.checkpoint_interval == 0) {
       const fs::path step_file = out / ("step_" + std::to_string(step + 1) + ".safetensors");

@@ -25,6 +25,8 @@ struct ModelConfig {
   int64_t n_layer = 8;
   double dropout = 0.1;
   int64_t expert_hidden = 0;          // 0: 4 * n_embed
+  std::string expert_ffn = "relu";    // "relu" | "gelu": fc2(act(fc1 x)); "swiglu": fc2(silu(fc1 x) * fc3 x)
+  int64_t shared_experts = 0;         // experts every token passes through, added to the routed output
   std::string attn_scale = "head";    // "head": head_size^-0.5; "embed": n_embed^-0.5 (makeMoE)
   std::string init = "kaiming_normal";  // "kaiming_normal" | "xavier" | "normal"
   double init_std = 0.02;             // for "normal" (and embeddings outside kaiming_normal)
@@ -35,6 +37,15 @@ struct RouterConfig {
   int64_t top_k = 2;
   bool noisy = true;           // noisy top-k gating (in training)
   bool noise_at_eval = false;  // makeMoE also adds the noise at evaluation and generation
+  // "topk_softmax": softmax over the k kept logits (makeMoE); "softmax_topk": softmax over all
+  // experts, then the k largest probabilities (Mixtral, Megablocks), rescaled to sum 1 if renormalize.
+  std::string gating = "topk_softmax";
+  bool renormalize = false;
+  double aux_loss_coef = 0;      // Switch load-balancing loss E * sum_i f_i P_i, averaged over layers
+  double z_loss_coef = 0;        // ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2
+  double capacity_factor = 0;    // capacity = ceil(factor * k * tokens / E) per expert; 0: dropless
+  bool capacity_at_eval = false; // apply the capacity outside training too
+  double bias_update_rate = 0;   // DeepSeek-V3 aux-loss-free balancing step gamma; 0: off
 };
 
 struct OptimizerConfig {

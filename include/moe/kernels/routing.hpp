@@ -5,9 +5,11 @@
 
 namespace moe {
 
-// Per row of logits [N, E]: the K largest (ties: lower expert id first), in descending order,
-// into index [N, K]; weights [N, K] = softmax over those K logits.
-void topk_softmax_forward(float* weights, int32_t* index, const float* logits, int64_t N, int64_t E, int64_t K);
+// Per row of scores [N, E]: the ids of the K largest of scores + bias (bias [E], may be null),
+// in descending order, into index [N, K]. Ties: the lower expert id first.
+void topk_select(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K);
+// weights [N, K] = per row, softmax over the logits at the K ids in index.
+void topk_softmax_forward(float* weights, const int32_t* index, const float* logits, int64_t N, int64_t E, int64_t K);
 // dlogits[n, index[n,k]] += softmax backward of the kept weights.
 void topk_softmax_backward(float* dlogits, const float* dweights, const float* weights, const int32_t* index,
                            int64_t N, int64_t E, int64_t K);
@@ -17,5 +19,12 @@ void topk_softmax_backward(float* dlogits, const float* dweights, const float* w
 // flat position in the [N, K] weights). Tokens appear in increasing row order per expert.
 void group_by_expert(const int32_t* index, int64_t N, int64_t K, int64_t E, int32_t* offsets, int32_t* token,
                      int32_t* gate_pos);
+
+// Expert capacity on grouped slots (as group_by_expert leaves them): an expert with more than
+// `capacity` slots keeps the `capacity` with the largest gate weight (gates read at gate_pos;
+// ties: the lower slot), still in increasing row order; the lists are compacted in place and
+// offsets updated. Returns the number of dropped slots.
+int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, const float* gates, int64_t E,
+                       int64_t capacity);
 
 }  // namespace moe

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "moe/io/config.hpp"
 #include "moe/tensor/graph.hpp"
 #include "moe/tensor/params.hpp"
@@ -28,6 +30,7 @@ struct NormParams {
 struct ExpertParams {
   LinearParams fc1;  // C -> F
   LinearParams fc2;  // F -> C
+  LinearParams fc3;  // C -> F, SwiGLU's linear branch (weight -1 otherwise)
 };
 
 struct BlockParams {
@@ -38,12 +41,22 @@ struct BlockParams {
   LinearParams route;  // C -> E: clean router logits
   LinearParams noise;  // C -> E: scale of the router noise, through softplus
   std::vector<ExpertParams> experts;
+  std::vector<ExpertParams> shared;  // model.shared_experts, applied to every token
 };
 
-// Per-layer routing counts gathered during a forward (for eval and metrics).
+// Per-layer routing statistics gathered during forwards (metrics log and `moe eval`).
 struct RoutingStats {
-  std::vector<std::vector<int64_t>> tokens_per_expert;  // [layer][expert], routed slots
+  std::vector<std::vector<int64_t>> tokens_per_expert;  // [layer][expert]: slots the router chose
+  std::vector<int64_t> assigned, dropped;  // [layer]: routed slots, and those the capacity dropped
+  std::vector<int64_t> tokens, forwards;   // [layer]
+  std::vector<double> entropy_sum;  // [layer]: Σ over tokens of the router entropy (nats)
+  std::vector<double> z_sum;        // [layer]: Σ over tokens of logsumexp(router logits)²
+  std::vector<double> aux_sum;      // [layer]: Σ over forwards of E · Σ_i f_i P_i
   void reset(int64_t layers, int64_t experts);
+  bool empty() const { return tokens_per_expert.empty(); }
+  // Per layer: {"load": fraction of slots per expert, "dropped_frac", "router_entropy",
+  // "aux_loss", "z_loss", "max_violation" (max load / mean load - 1)}.
+  nlohmann::json health() const;
 };
 
 // Key/value cache for incremental generation of one sequence.
@@ -77,10 +90,11 @@ class Model {
   // Fills every parameter per config.model.init from rng (registration order).
   void init(Rng& rng);
 
-  // idx, targets: B*T ids; targets may be null (loss is then empty). logits [B, T, V].
+  // idx, targets: B*T ids; targets may be null (losses are then empty). logits [B, T, V].
   struct Output {
     Tensor logits;
-    Tensor loss;
+    Tensor loss;       // mean cross-entropy: what is reported
+    Tensor objective;  // loss + the router's balancing losses: what training minimises
   };
   Output forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B, int64_t T,
                  const ForwardOptions& opt);
@@ -92,12 +106,31 @@ class Model {
                       const ForwardOptions& opt);
   KVCache new_cache() const;
 
+  // State that is not a parameter but is saved in checkpoints: the aux-loss-free balancing
+  // biases ("blocks.{l}.moe.router.balance_bias", [E]) when router.bias_update_rate > 0.
+  struct Buffer {
+    std::string name;
+    int64_t offset, size;  // within buffer_data()
+  };
+  std::vector<Buffer> buffers() const;
+  float* buffer_data() { return balance_bias_.data(); }
+  const float* buffer_data() const { return balance_bias_.data(); }
+  // DeepSeek-V3's update after a training step: each expert's selection bias moves by
+  // bias_update_rate toward balance (up when the last training forward gave it fewer slots
+  // than the mean, down when more).
+  void update_balance_bias();
+
  private:
   Tensor attention(Graph& g, const BlockParams& bp, const Tensor& x, const ForwardOptions& opt);
   Tensor attention_cached(Graph& g, const BlockParams& bp, const Tensor& x, int64_t n,
                           KVCache& cache, int64_t layer);
+  struct RouterLosses {
+    std::vector<Tensor> aux, z;  // one scalar per layer
+  };
   Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
-                 const ForwardOptions& opt);
+                 const ForwardOptions& opt, RouterLosses* losses);
+  Tensor expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt);
+  ExpertParams add_expert(const std::string& name);
   Tensor apply_linear(Graph& g, const LinearParams& lp, const Tensor& x) const;
   Tensor apply_norm(Graph& g, const NormParams& np, const Tensor& x) const;
   LinearParams add_linear(const std::string& name, int64_t in, int64_t out, bool bias);
@@ -119,6 +152,8 @@ class Model {
   std::vector<BlockParams> blocks_;
   NormParams ln_f_;
   LinearParams lm_head_;
+  std::vector<float> balance_bias_;  // [L, E] when router.bias_update_rate > 0, else empty
+  std::vector<int64_t> last_load_;    // [L, E]: slots per expert in the last training forward
   Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn
 };
 

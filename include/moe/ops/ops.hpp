@@ -75,8 +75,25 @@ struct TopK {
   int32_t* index;        // N*K expert ids, arena-owned; per row in descending logit order
 };
 // For each row of logits [N, E], keep the K largest (ties: the lower expert id first) and
-// softmax over them. Gradient flows from weights into the kept logits only.
-TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K);
+// softmax over them. Gradient flows from weights into the kept logits only. With
+// select_bias [E], the K are chosen by logits + bias; the weights still use the logits.
+TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K, const float* select_bias = nullptr);
+// The ids (N*K, arena-owned) of the K largest of scores [N, E] + bias per row; no gradient.
+int32_t* topk_indices(Graph& g, const Tensor& scores, int64_t K, const float* select_bias = nullptr);
+// y[n, k] = x[n, index[n*K + k]]: x [N, E] -> y [N, K].
+Tensor gather_cols(Graph& g, const Tensor& x, const int32_t* index, int64_t K);
+// Each row divided by its sum: x [N, K] (positive entries) -> y [N, K].
+Tensor normalize_rows(Graph& g, const Tensor& x);
+// log Σ_j exp(x[n, j]) per row: x [N, E] -> y [N].
+Tensor logsumexp(Graph& g, const Tensor& x);
+
+// ---- router balancing losses (src/ops/moe_ops.cpp), scalars of shape {1} ----
+// Switch Transformer load-balancing loss E · Σ_i f_i · P_i: P_i the mean over the N rows of
+// softmax(logits)[:, i], f_i = slots[i] / Σ slots the fraction of routed slots expert i got
+// (a count, so no gradient flows through it). logits [N, E], slots E counts.
+Tensor switch_aux_loss(Graph& g, const Tensor& logits, const int32_t* slots);
+// ST-MoE router z-loss: mean over rows of logsumexp(logits)².
+Tensor router_z_loss(Graph& g, const Tensor& logits);
 // y[i] = x[rows[i]] for i < n: x [N, C] -> y [n, C]. rows arena- or caller-owned, must
 // outlive backward.
 Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n);
