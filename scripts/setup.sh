@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building moe and its tests needs, from Debian's packages. Idempotent: when
 # everything is there it installs nothing and does not touch the network.
+# --python also installs what the Python scripts need (numpy, matplotlib, optuna) for
+# Debian's /usr/bin/python3; scripts/py.sh finds that interpreter.
 set -euo pipefail
 pkgs=(build-essential cmake libomp-dev libcli11-dev libspdlog-dev nlohmann-json3-dev catch2)
+if [ "${1:-}" = "--python" ]; then pkgs+=(python3 python3-numpy python3-matplotlib python3-optuna); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

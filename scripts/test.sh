@@ -2,6 +2,7 @@
 # Builds moe and runs every test. Exits non-zero on any failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+bash "$root/scripts/setup.sh" --python  # the script tests need numpy, matplotlib and optuna
 bash "$root/scripts/build.sh"
 cd "$root/build"
 ctest --output-on-failure -j "$(nproc)"

@@ -48,14 +48,24 @@ Loaded load_for_inference(const std::string& path) {
 }
 
 int run_train(const std::string& config_path, const std::string& resume, const std::string& out_dir,
-              bool overwrite) {
+              bool overwrite, bool dry_run) {
   Config cfg = load_config(config_path);
   install_stop_signal_handlers();
   TrainOptions opt;
   opt.resume = resume;
   opt.out_dir = out_dir;
   opt.overwrite = overwrite;
+  opt.dry_run = dry_run;
   TrainResult r = train(cfg, opt);
+  if (dry_run) {
+    std::printf("%s\n", nlohmann::json{{"config", config_path},
+                                       {"parameters", r.parameters},
+                                       {"active_parameters", r.active_parameters},
+                                       {"resolved", config_to_json(cfg)}}
+                            .dump()
+                            .c_str());
+    return 0;
+  }
   spdlog::info("final train loss {:.4f}, last val loss {:.4f}, best val loss {:.4f}; {:.1f} s, median step {:.1f} ms",
                r.last_train_loss, r.last_val_loss, r.best_val_loss, r.wall_seconds, r.median_step_ms);
   return r.interrupted ? 128 + g_stop_signal.load() : 0;
@@ -171,7 +181,9 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--config", config_path, "JSON config file")->required();
   train_cmd->add_option("--resume", resume, "checkpoint to resume from (exact continuation)");
   train_cmd->add_option("--out", out_dir, "run directory (default: the config's logging.out_dir)");
-  bool overwrite = false;
+  bool overwrite = false, dry_run = false;
+  train_cmd->add_flag("--dry-run", dry_run, "check the config and data, print the resolved config and the "
+                                            "parameter counts as JSON, and exit");
   train_cmd->add_flag("--overwrite", overwrite, "start afresh in a run directory that holds an earlier run's "
                                                 "checkpoints (they are deleted)");
 
@@ -235,7 +247,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    if (*train_cmd) return run_train(config_path, resume, out_dir, overwrite);
+    if (*train_cmd) return run_train(config_path, resume, out_dir, overwrite, dry_run);
     if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
     if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
     if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json);

@@ -104,6 +104,10 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     throw std::runtime_error("--resume " + opt.resume + ": the data file " + cfg.data.path +
                              " has a different vocabulary than the checkpoint");
   Model model(cfg, int64_t(data.tokenizer().vocab().size()));
+  TrainResult res;
+  res.parameters = model.params().parameter_count();
+  res.active_parameters = model.active_param_count();
+  if (opt.dry_run) return res;
   AdamW adamw(cfg.optimizer, model.params());
   BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, kStreamData));
   Rng dropout_rng(cfg.training.seed, kStreamDropout), noise_rng(cfg.training.seed, kStreamNoise);
@@ -144,7 +148,6 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     save_checkpoint(path.string(), model, &adamw, data.tokenizer().vocab(), state);
   };
 
-  TrainResult res;
   res.last_val_loss = std::numeric_limits<double>::quiet_NaN();
   Graph g;
   std::vector<int32_t> xb(static_cast<size_t>(B * T)), yb(size_t(B * T));

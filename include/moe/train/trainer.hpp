@@ -19,6 +19,9 @@ struct TrainOptions {
   // A fresh run refuses a run directory that already holds checkpoints unless this is set;
   // then the old checkpoints and metrics are deleted first.
   bool overwrite = false;
+  // Check the config and data, build the model, report its size, and stop: no training and
+  // nothing written.
+  bool dry_run = false;
 };
 
 struct TrainResult {
@@ -29,6 +32,7 @@ struct TrainResult {
   bool interrupted = false;
   double wall_seconds = 0;
   double median_step_ms = 0;
+  int64_t parameters = 0, active_parameters = 0;  // active: per token (shared + top_k experts)
 };
 
 // Set by the signal handlers; the loop saves and stops when it sees it.

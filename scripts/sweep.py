@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Hyperparameter sweeps over `moe train`.
+
+  scripts/py.sh scripts/sweep.py SPEC.json [--out DIR] [--trials N] [--parallel P]
+
+A spec (JSON) names a base config, the parameters to vary as dotted config paths, a method
+and a budget; see configs/sweeps/ for examples:
+
+  {
+    "base": "configs/tiny.json",
+    "params": {"router.num_experts": [1, 4, 8, 16],              (a list: these values)
+               "optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": true},   (a range)
+               "model.n_layer": {"low": 1, "high": 4, "int": true}},
+    "method": "grid" | "random" | "bayes",   (bayes: Optuna's TPE sampler)
+    "trials": 20,          (budget; grid: at most every combination)
+    "parallel": 2,         (trials at once; each gets cores / parallel OpenMP threads)
+    "seed": 0,
+    "overrides": {"training.max_steps": 1000},      (applied to every trial)
+    "pruner": {"warmup_steps": 500, "startup_trials": 3},  (optional: Optuna's median pruner)
+    "out": "runs/sweeps/NAME"
+  }
+
+Every trial runs in DIR/trial_NNN with its own derived config. Configs that `moe` rejects
+(for example top_k > num_experts) are recorded as "invalid" and not trained. The study
+lives in DIR/optuna.db: running the same command again resumes, skipping finished trials
+and re-running the ones an interruption cut short. After every trial, DIR/results.json and
+DIR/results.csv list every trial: parameters, status, final and best val loss, tokens/s,
+wall time, total and active parameters.
+"""
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ["trial", "status", "final_val_loss", "best_val_loss", "tokens_per_s", "wall_s", "parameters",
+          "active_parameters", "steps", "dir"]
+
+
+def fail(msg):
+    sys.exit(f"sweep: error: {msg}")
+
+
+def set_dotted(cfg, path, value):
+    section, _, key = path.partition(".")
+    if not key:
+        fail(f"parameter '{path}' must be a dotted config path such as router.num_experts")
+    cfg.setdefault(section, {})[key] = value
+
+
+def distributions(params):
+    out = {}
+    for name, spec in params.items():
+        if isinstance(spec, list):
+            if not spec:
+                fail(f"parameter {name}: empty value list")
+            out[name] = optuna.distributions.CategoricalDistribution(spec)
+        elif isinstance(spec, dict) and "low" in spec and "high" in spec:
+            if spec.get("int"):
+                out[name] = optuna.distributions.IntDistribution(int(spec["low"]), int(spec["high"]),
+                                                                 log=bool(spec.get("log")))
+            else:
+                out[name] = optuna.distributions.FloatDistribution(float(spec["low"]), float(spec["high"]),
+                                                                   log=bool(spec.get("log")))
+        else:
+            fail(f"parameter {name}: give a list of values or a range {{\"low\": a, \"high\": b}}")
+    return out
+
+
+def plan(spec, dists):
+    """The parameter sets grid and random search will run, in order (None for bayes)."""
+    names = list(spec["params"])
+    if spec["method"] == "grid":
+        for n in names:
+            if not isinstance(spec["params"][n], list):
+                fail(f"grid search needs a list of values for {n}")
+        return [dict(zip(names, combo)) for combo in itertools.product(*(spec["params"][n] for n in names))]
+    if spec["method"] == "random":
+        rng = random.Random(spec.get("seed", 0))
+        out = []
+        for _ in range(spec["trials"]):
+            p = {}
+            for n in names:
+                d = dists[n]
+                if isinstance(d, optuna.distributions.CategoricalDistribution):
+                    p[n] = rng.choice(list(d.choices))
+                elif isinstance(d, optuna.distributions.IntDistribution):
+                    p[n] = rng.randint(d.low, d.high)
+                elif d.log:
+                    p[n] = math.exp(rng.uniform(math.log(d.low), math.log(d.high)))
+                else:
+                    p[n] = rng.uniform(d.low, d.high)
+            out.append(p)
+        return out
+    return None
+
+
+class Sweep:
+    def __init__(self, spec, out, moe):
+        self.spec, self.out, self.moe = spec, out, moe
+        self.lock = threading.Lock()
+        self.dists = distributions(spec["params"])
+        with open(resolve(spec["base"])) as f:
+            self.base = json.load(f)
+        data = self.base.get("data", {}).get("path", "data/tinyshakespeare.txt")
+        self.base.setdefault("data", {})["path"] = os.path.abspath(data)
+        for k, v in spec.get("overrides", {}).items():
+            set_dotted(self.base, k, v)
+        parallel = max(1, int(spec.get("parallel", 1)))
+        self.threads = int(spec.get("threads_per_trial", max(1, (os.cpu_count() or 1) // parallel)))
+        pr = spec.get("pruner")
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(pr.get("startup_trials", 3)),
+                                              n_warmup_steps=int(pr.get("warmup_steps", 0)))
+                  if pr else optuna.pruners.NopPruner())
+        sampler = optuna.samplers.TPESampler(seed=spec.get("seed", 0)) if spec["method"] == "bayes" else None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(study_name="sweep", storage=f"sqlite:///{os.path.join(out, 'optuna.db')}",
+                                         load_if_exists=True, direction="minimize", sampler=sampler, pruner=pruner)
+        # Trials an interruption cut short: failed, so they do not count; grid/random re-run them.
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            self.study.tell(t.number, state=TrialState.FAIL)
+        self.todo = plan(spec, self.dists)
+        finished = [t for t in self.study.get_trials(deepcopy=False)
+                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if self.todo is not None:
+            done = [t.params for t in finished]
+            total = spec.get("trials", len(self.todo))
+            self.todo = [p for p in self.todo if p not in done]
+            self.budget = min(len(self.todo), max(0, total - len(finished)))
+            self.todo = self.todo[:self.budget]
+        else:
+            self.budget = max(0, spec["trials"] - len(finished))
+        if finished:
+            print(f"sweep: resuming: {len(finished)} trial(s) finished, {self.budget} to run", file=sys.stderr)
+
+    def next_trial(self):
+        with self.lock:
+            if self.budget <= 0:
+                return None
+            self.budget -= 1
+            if self.todo is not None:
+                self.study.enqueue_trial(self.todo.pop(0))
+            return self.study.ask(self.dists)
+
+    def run(self):
+        parallel = max(1, int(self.spec.get("parallel", 1)))
+        workers = [threading.Thread(target=self.worker) for _ in range(parallel)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        self.write_results()
+
+    def worker(self):
+        while True:
+            trial = self.next_trial()
+            if trial is None:
+                return
+            try:
+                state, value = self.run_trial(trial)
+            except Exception as e:  # a crashed trial is recorded, the sweep goes on
+                trial.set_user_attr("status", "failed")
+                trial.set_user_attr("error", str(e))
+                state, value = TrialState.FAIL, None
+            with self.lock:
+                self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+                self.write_results()
+
+    def run_trial(self, trial):
+        cfg = json.loads(json.dumps(self.base))
+        for k, v in trial.params.items():
+            set_dotted(cfg, k, v)
+        run_dir = os.path.join(self.out, f"trial_{trial.number:03d}")
+        os.makedirs(run_dir, exist_ok=True)
+        set_dotted(cfg, "training.threads", self.threads)
+        set_dotted(cfg, "logging.out_dir", run_dir)
+        cfg_path = os.path.join(run_dir, "trial_config.json")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+        trial.set_user_attr("dir", run_dir)
+        label = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+
+        check = subprocess.run([self.moe, "train", "--config", cfg_path, "--dry-run"], capture_output=True, text=True)
+        if check.returncode != 0:
+            trial.set_user_attr("status", "invalid")
+            trial.set_user_attr("error", (check.stderr or check.stdout).strip())
+            print(f"sweep: trial {trial.number} ({label}): invalid: {check.stderr.strip()}", file=sys.stderr)
+            return TrialState.PRUNED, None
+        sizes = json.loads(check.stdout)
+        trial.set_user_attr("parameters", sizes["parameters"])
+        trial.set_user_attr("active_parameters", sizes["active_parameters"])
+
+        print(f"sweep: trial {trial.number} ({label}): training in {run_dir}", file=sys.stderr, flush=True)
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        t0 = time.time()
+        with open(os.path.join(run_dir, "train.log"), "w") as log:
+            proc = subprocess.Popen([self.moe, "train", "--config", cfg_path, "--overwrite"], stdout=log,
+                                    stderr=subprocess.STDOUT)
+            seen, pruned = 0, False
+            while True:
+                code = proc.poll()
+                records = read_metrics(metrics_path)
+                for r in records[seen:]:
+                    if "val_loss" in r:
+                        trial.report(r["val_loss"], r["step"])
+                        if not pruned and trial.should_prune():
+                            pruned = True
+                            proc.send_signal(signal.SIGTERM)  # moe saves last.safetensors and exits 143
+                seen = len(records)
+                if code is not None:
+                    break
+                time.sleep(0.5)
+        wall = time.time() - t0
+        records = read_metrics(metrics_path)
+        vals = [r["val_loss"] for r in records if "val_loss" in r]
+        speeds = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+        trial.set_user_attr("wall_s", wall)
+        trial.set_user_attr("steps", max([r["step"] for r in records], default=0))
+        if vals:
+            trial.set_user_attr("final_val_loss", vals[-1])
+            trial.set_user_attr("best_val_loss", min(vals))
+        if speeds:
+            trial.set_user_attr("tokens_per_s", speeds[len(speeds) // 2])
+        if pruned:
+            trial.set_user_attr("status", "pruned")
+            print(f"sweep: trial {trial.number} pruned at val loss {vals[-1]:.4f}", file=sys.stderr)
+            return TrialState.PRUNED, None
+        if proc.returncode != 0 or not vals:
+            raise RuntimeError(f"moe train exited with {proc.returncode}; see {run_dir}/train.log")
+        trial.set_user_attr("status", "done")
+        print(f"sweep: trial {trial.number} done: final val loss {vals[-1]:.4f}, best {min(vals):.4f}, "
+              f"{wall:.0f} s", file=sys.stderr, flush=True)
+        return TrialState.COMPLETE, vals[-1]
+
+    def write_results(self):
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state in (TrialState.RUNNING, TrialState.WAITING):
+                continue
+            # A failed trial without a status of its own was cut short by an interruption.
+            row = {"trial": t.number, "status": t.user_attrs.get("status", "interrupted")}
+            row.update({k: t.params.get(k) for k in self.spec["params"]})
+            for k in FIELDS[2:]:
+                row[k] = t.user_attrs.get(k)
+            if "error" in t.user_attrs:
+                row["error"] = t.user_attrs["error"]
+            rows.append(row)
+        with open(os.path.join(self.out, "results.json"), "w") as f:
+            json.dump({"spec": self.spec, "trials": rows}, f, indent=2)
+        cols = ["trial", "status", *self.spec["params"], *FIELDS[2:], "error"]
+        with open(os.path.join(self.out, "results.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+
+def read_metrics(path):
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n"):  # a line still being written is read next time
+                    out.append(json.loads(line))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def resolve(path):
+    return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(ROOT, path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec")
+    ap.add_argument("--out", help="sweep directory (default: the spec's out)")
+    ap.add_argument("--trials", type=int, help="override the spec's trial budget")
+    ap.add_argument("--parallel", type=int, help="override the spec's parallel")
+    ap.add_argument("--moe", default=os.path.join(ROOT, "build", "moe"))
+    args = ap.parse_args()
+    try:
+        with open(resolve(args.spec)) as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"cannot read the spec {args.spec}: {e}")
+    for k in ("base", "params", "method"):
+        if k not in spec:
+            fail(f"the spec has no '{k}'")
+    if spec["method"] not in ("grid", "random", "bayes"):
+        fail(f"method must be grid, random or bayes, got {spec['method']!r}")
+    if args.trials is not None:
+        spec["trials"] = args.trials
+    if args.parallel is not None:
+        spec["parallel"] = args.parallel
+    if spec["method"] != "grid" and "trials" not in spec:
+        fail(f"{spec['method']} search needs a trial budget ('trials')")
+    if not os.access(args.moe, os.X_OK):
+        fail(f"{args.moe} is not an executable; build first (bash scripts/build.sh)")
+    out = args.out or spec.get("out") or os.path.join("runs", "sweeps", os.path.splitext(os.path.basename(args.spec))[0])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "spec.json"), "w") as f:
+        json.dump(spec, f, indent=2)
+    Sweep(spec, out, args.moe).run()
+    print(f"sweep: results in {out}/results.csv and {out}/results.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The sweep and plot scripts end to end on a tiny config: grid search with an impossible
+# pair, resume without re-running, random and Bayesian search with the pruner, and the plots.
+# Usage: tests/scripts/test_scripts.sh MOE_BINARY
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+moe=$1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$root"
+py() { bash scripts/py.sh "$@"; }
+fail() { echo "test_scripts: FAILED: $*" >&2; exit 1; }
+
+cat > "$work/grid.json" <<JSON
+{"base": "tests/fixtures/tiny_sweep.json", "method": "grid", "parallel": 2,
+ "params": {"router.num_experts": [1, 2], "router.top_k": [1, 2]},
+ "overrides": {"training.max_steps": 20}}
+JSON
+py scripts/sweep.py "$work/grid.json" --out "$work/grid" --moe "$moe" 2> "$work/grid.log" || { cat "$work/grid.log"; fail "grid sweep"; }
+py - "$work/grid/results.json" <<'PY' || fail "grid results"
+import json, sys
+r = json.load(open(sys.argv[1]))["trials"]
+status = sorted((t["router.num_experts"], t["router.top_k"], t["status"]) for t in r)
+assert status == [(1, 1, "done"), (1, 2, "invalid"), (2, 1, "done"), (2, 2, "done")], status
+for t in r:
+    if t["status"] == "done":
+        assert t["final_val_loss"] > 0 and t["best_val_loss"] <= t["final_val_loss"], t
+        assert t["tokens_per_s"] > 0 and t["wall_s"] > 0 and t["parameters"] >= t["active_parameters"] > 0, t
+PY
+grep -q "router.num_experts,router.top_k,final_val_loss" "$work/grid/results.csv" || fail "results.csv header"
+
+# Resume: nothing left to run, nothing re-run.
+py scripts/sweep.py "$work/grid.json" --out "$work/grid" --moe "$moe" 2> "$work/resume.log"
+grep -q "resuming: 4 trial(s) finished, 0 to run" "$work/resume.log" || { cat "$work/resume.log"; fail "resume"; }
+[ "$(ls -d "$work"/grid/trial_* | wc -l)" -eq 4 ] || fail "resume ran new trials"
+
+cat > "$work/bayes.json" <<JSON
+{"base": "tests/fixtures/tiny_sweep.json", "method": "bayes", "trials": 4, "parallel": 1, "seed": 3,
+ "params": {"optimizer.lr": {"low": 1e-4, "high": 3e-2, "log": true}, "model.dropout": {"low": 0.0, "high": 0.3}},
+ "overrides": {"training.max_steps": 30},
+ "pruner": {"startup_trials": 1, "warmup_steps": 0}}
+JSON
+py scripts/sweep.py "$work/bayes.json" --out "$work/bayes" --moe "$moe" 2> "$work/bayes.log" || { cat "$work/bayes.log"; fail "bayes sweep"; }
+py - "$work/bayes/results.json" <<'PY' || fail "bayes results"
+import json, sys
+r = json.load(open(sys.argv[1]))["trials"]
+assert len(r) == 4, r
+assert all(t["status"] in ("done", "pruned") for t in r), r
+assert all(1e-4 <= t["optimizer.lr"] <= 3e-2 for t in r), r
+PY
+
+cat > "$work/random.json" <<JSON
+{"base": "tests/fixtures/tiny_sweep.json", "method": "random", "trials": 2, "seed": 1,
+ "params": {"router.num_experts": [2, 4], "optimizer.lr": {"low": 1e-3, "high": 1e-2}},
+ "overrides": {"training.max_steps": 10}}
+JSON
+py scripts/sweep.py "$work/random.json" --out "$work/random" --moe "$moe" 2> "$work/random.log" || { cat "$work/random.log"; fail "random sweep"; }
+[ "$(grep -c ',done,' "$work/random/results.csv")" -eq 2 ] || fail "random: 2 trials done"
+
+py scripts/plot_run.py "$work/grid/trial_003" > /dev/null || fail "plot_run"
+py scripts/plot_sweep.py "$work/grid" > /dev/null || fail "plot_sweep"
+for f in grid/trial_003/plots/loss.png grid/trial_003/plots/lr.png grid/trial_003/plots/experts.png \
+         grid/plots/heatmap.png grid/plots/vs_router_num_experts.png grid/plots/vs_router_top_k.png; do
+  [ "$(head -c 4 "$work/$f" | tail -c 3)" = "PNG" ] || fail "$f is not a PNG"
+done
+
+# Bad input: a clear error, not a traceback.
+echo '{"base": "x.json"}' > "$work/bad.json"
+if py scripts/sweep.py "$work/bad.json" --moe "$moe" 2> "$work/bad.log"; then fail "a bad spec was accepted"; fi
+grep -q "sweep: error: the spec has no 'params'" "$work/bad.log" || { cat "$work/bad.log"; fail "bad spec message"; }
+echo "test_scripts: all passed"
