@@ -230,6 +230,21 @@ json config_to_json(const Config& c) {
   return j;
 }
 
+Config parse_config(const std::string& text, const std::string& origin) {
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw ConfigError("config " + origin + ": the file is empty; write a JSON object, e.g. {\"training\": {\"max_steps\": 100}}");
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    const size_t p = what.find("parse error");
+    throw ConfigError("config " + origin + ": invalid JSON at " + line_col(text, e.byte == 0 ? 0 : e.byte - 1) + ": " +
+                      (p == std::string::npos ? what : what.substr(p)));
+  }
+  return config_from_json(j, origin);
+}
+
 Config load_config(const std::string& path) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec))
@@ -240,19 +255,7 @@ Config load_config(const std::string& path) {
                       "; does it exist and is it readable?)");
   std::stringstream ss;
   ss << in.rdbuf();
-  const std::string text = ss.str();
-  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
-    throw ConfigError("config " + path + ": the file is empty; write a JSON object, e.g. {\"training\": {\"max_steps\": 100}}");
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    std::string what = e.what();
-    const size_t p = what.find("parse error");
-    throw ConfigError("config " + path + ": invalid JSON at " + line_col(text, e.byte == 0 ? 0 : e.byte - 1) + ": " +
-                      (p == std::string::npos ? what : what.substr(p)));
-  }
-  return config_from_json(j, path);
+  return parse_config(ss.str(), path);
 }
 
 }  // namespace moe

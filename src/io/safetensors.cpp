@@ -147,23 +147,28 @@ SafeTensorsFile load_safetensors(const std::string& path) {
   if (!in) throw io_error(path, "cannot open (does the checkpoint exist?)");
   const auto size = uint64_t(in.tellg());
   in.seekg(0);
+  std::vector<uint8_t> bytes(static_cast<size_t>(size));
+  in.read(reinterpret_cast<char*>(bytes.data()), std::streamsize(bytes.size()));
+  if (!in) throw io_error(path, "read failed");
+  return parse_safetensors(std::move(bytes), path);
+}
+
+SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path) {
+  const uint64_t size = bytes.size();
   if (size < 8) throw io_error(path, "too short (" + std::to_string(size) + " bytes) to be a safetensors file");
-  uint8_t lenbytes[8];
-  in.read(reinterpret_cast<char*>(lenbytes), 8);
   uint64_t hlen = 0;
-  for (int i = 0; i < 8; ++i) hlen |= uint64_t(lenbytes[i]) << (8 * i);
+  for (int i = 0; i < 8; ++i) hlen |= uint64_t(bytes[size_t(i)]) << (8 * i);
   if (hlen > size - 8)
     throw io_error(path, "header length " + std::to_string(hlen) + " exceeds the file (" + std::to_string(size) +
                              " bytes): truncated or not a safetensors file");
   if (hlen > kMaxHeader)
     throw io_error(path, "header length " + std::to_string(hlen) + " is over the 100 MiB limit: not a safetensors file?");
-  std::string hs(size_t(hlen), '\0');
-  in.read(hs.data(), std::streamsize(hlen));
+  const std::string hs(reinterpret_cast<const char*>(bytes.data()) + 8, size_t(hlen));
   SafeTensorsFile f;
   f.path_ = path;
-  f.data_.resize(size_t(size - 8 - hlen));
-  in.read(reinterpret_cast<char*>(f.data_.data()), std::streamsize(f.data_.size()));
-  if (!in) throw io_error(path, "read failed");
+  // The data section is what follows the header; drop the prefix in place (no second copy of the file).
+  bytes.erase(bytes.begin(), bytes.begin() + std::ptrdiff_t(8 + hlen));
+  f.data_ = std::move(bytes);
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(hs);

@@ -62,8 +62,11 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW* o
 }
 
 CheckpointHeader read_checkpoint_header(const std::string& path) {
-  SafeTensorsFile f = load_safetensors(path);
-  const auto& meta = f.metadata();
+  return checkpoint_header_from_metadata(load_safetensors(path).metadata(), path);
+}
+
+CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std::string>& meta,
+                                                 const std::string& path) {
   const std::string format = meta_at(meta, "format", path);
   if (format != kCheckpointFormat)
     throw std::runtime_error("checkpoint " + path + " has format '" + format + "'; this moe reads '" +
@@ -86,7 +89,11 @@ CheckpointHeader read_checkpoint_header(const std::string& path) {
 }
 
 void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer) {
-  SafeTensorsFile f = load_safetensors(path);
+  load_checkpoint_tensors(load_safetensors(path), model, optimizer);
+}
+
+void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* optimizer) {
+  const std::string& path = f.path();
   ParamStore& ps = model.params();
   auto load_block = [&](const std::string& prefix, float* base) {
     for (const ParamInfo& p : ps.infos()) f.copy_f32(prefix + p.name, p.shape, base + p.offset);
