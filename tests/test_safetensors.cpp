@@ -143,6 +143,7 @@ TEST_CASE("safetensors: damaged files give errors naming the path and the proble
   p = damaged(le64(uint64_t(1) << 62) + "{}");
   CHECK_THAT(load_error(p), Contains("header length 4611686018427387904 exceeds the file"));
   CHECK_THAT(load_error(d / "missing"), Contains(d / "missing") && Contains("cannot open"));
+  CHECK_THAT(load_error(d.path.string()), Contains(d.path.string()) && Contains("is a directory"));
 
   std::string flipped = bytes;
   flipped[flipped.size() - 2] ^= 0x40;  // one bit of the data

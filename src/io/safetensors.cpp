@@ -143,6 +143,8 @@ void save_safetensors(const std::string& path, const std::vector<TensorEntry>& t
 }
 
 SafeTensorsFile load_safetensors(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw io_error(path, "is a directory, not a safetensors file");
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw io_error(path, "cannot open (does the checkpoint exist?)");
   const auto size = uint64_t(in.tellg());
