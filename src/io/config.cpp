@@ -222,6 +222,22 @@ void validate(const Config& c, const std::string& src) {
   if (c.optimizer.min_lr > c.optimizer.lr)
     fail("optimizer.min_lr = " + json(c.optimizer.min_lr).dump() + " must not exceed optimizer.lr = " +
          json(c.optimizer.lr).dump());
+  // Sizes are int64 and get multiplied together (4 * n_embed, B * T * 3C, B * H * T * T, times
+  // the vocabulary, ...): refuse, before anything overflows, models far beyond any machine.
+  // Computed in double, so the check itself cannot overflow.
+  const double B = double(c.training.batch_size), T = double(c.model.block_size), C = double(c.model.n_embed),
+               H = double(c.model.n_head), L = double(c.model.n_layer), E = double(c.router.num_experts),
+               F = c.model.expert_hidden > 0 ? double(c.model.expert_hidden) : 4 * C;
+  const double kMaxElements = double(int64_t(1) << 40);
+  const std::pair<const char*, double> sizes[] = {
+      {"batch_size * block_size * max(3 * n_embed, expert hidden size, num_experts) activations",
+       B * T * std::max({3 * C, F, E})},
+      {"batch_size * n_head * block_size^2 attention scores", B * H * T * T},
+      {"parameters", T * C + L * (4 * C * C + 2 * C * E + E * 2 * C * F)},
+  };
+  for (const auto& [what, n] : sizes)
+    if (n > kMaxElements)
+      fail("the model is too large: " + std::string(what) + " = " + json(n).dump() + " elements, over the limit of 2^40");
 }
 
 json config_to_json(const Config& c) {
