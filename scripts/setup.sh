@@ -2,7 +2,10 @@
 # Installs what building moe and its tests needs, from Debian's packages. Idempotent: when
 # everything is there it installs nothing and does not touch the network.
 set -euo pipefail
-pkgs=(build-essential cmake libomp-dev libcli11-dev libspdlog-dev nlohmann-json3-dev catch2)
+# MOE_EXTRA_PKGS (space-separated) adds packages, e.g. scripts/fuzz.sh asks for clang and
+# libclang-rt-dev (libFuzzer and the sanitizer runtimes).
+# shellcheck disable=SC2206
+pkgs=(build-essential cmake libomp-dev libcli11-dev libspdlog-dev nlohmann-json3-dev catch2 ${MOE_EXTRA_PKGS:-})
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
