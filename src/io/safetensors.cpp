@@ -55,6 +55,20 @@ bool write_all(int fd, const void* buf, size_t n) {
   return true;
 }
 
+// The integers of a JSON array. nlohmann's get<integer>() also takes floats and converts them
+// with a cast that is undefined behaviour when out of range (data_offsets [0, 85e52]), so
+// only JSON integers are accepted; `non_negative` also refuses negative ones.
+template <class T>
+std::vector<T> int_array(const nlohmann::json& j, bool non_negative, const std::string& path, const std::string& what) {
+  bool ok = j.is_array();
+  for (size_t i = 0; ok && i < j.size(); ++i) ok = non_negative ? j[i].is_number_unsigned() : j[i].is_number_integer();
+  if (!ok)
+    throw io_error(path, what + " must be an array of " + (non_negative ? "non-negative " : "") + "integers, got " + j.dump());
+  std::vector<T> out;
+  for (const auto& e : j) out.push_back(e.get<T>());
+  return out;
+}
+
 }  // namespace
 
 const char* dtype_name(DType d) {
@@ -201,8 +215,8 @@ SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string&
       for (const auto& t : kDTypes)
         if (dt == t.name) info.dtype = t.d, known = true;
       if (!known) throw io_error(path, "tensor " + name + " has unsupported dtype " + dt + " (this reader knows F32, I32, I64, U8)");
-      info.shape = v.at("shape").get<std::vector<int64_t>>();
-      const auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
+      info.shape = int_array<int64_t>(v.at("shape"), false, path, "tensor " + name + ": shape");
+      const auto off = int_array<uint64_t>(v.at("data_offsets"), true, path, "tensor " + name + ": data_offsets");
       if (off.size() != 2 || off[0] > off[1])
         throw io_error(path, "tensor " + name + " has malformed data_offsets " + v.at("data_offsets").dump());
       if (off[1] > f.data_.size())
