@@ -166,6 +166,8 @@ TEST_CASE("safetensors: damaged files give errors naming the path and the proble
   CHECK_THAT(load_error(p), Contains(p) && Contains("tensor w: data_offsets must be an array of non-negative integers, got [0,8.5e+53]"));
   p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[-16,0]}})", data16));
   CHECK_THAT(load_error(p), Contains("data_offsets must be an array of non-negative integers"));
+  p = damaged(st_bytes(R"({"w":)" + std::string(60000, '[') + std::string(60000, ']') + "}", data16));
+  CHECK_THAT(load_error(p), Contains("tensor w: header entry must be an object, got an array nested over 64 levels deep"));
   p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[4.0],"data_offsets":[0,16]}})", data16));
   CHECK_THAT(load_error(p), Contains("tensor w: shape must be an array of integers, got [4.0]"));
   p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}})", data16));

@@ -1,4 +1,5 @@
 #include "moe/io/config.hpp"
+#include "moe/io/json_excerpt.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -182,7 +183,7 @@ Config config_from_json(const json& j, const std::string& src) {
       throw ConfigError(src + ": unknown section '" + sec + "'" + (s.empty() ? "" : "; did you mean '" + s + "'?") +
                         " (sections: " + all + ")");
     }
-    if (!body.is_object()) throw ConfigError(src + ": section '" + sec + "' must be a JSON object, got " + body.dump());
+    if (!body.is_object()) throw ConfigError(src + ": section '" + sec + "' must be a JSON object, got " + json_excerpt(body));
     for (auto& [key, value] : body.items()) {
       const Field* f = nullptr;
       std::vector<std::string> names;
@@ -199,7 +200,7 @@ Config config_from_json(const json& j, const std::string& src) {
       try {
         f->set(c, value);
       } catch (const std::string& expected) {
-        throw ConfigError(src + ": " + sec + "." + key + " = " + value.dump() + ": must be " + expected);
+        throw ConfigError(src + ": " + sec + "." + key + " = " + json_excerpt(value) + ": must be " + expected);
       }
     }
   }

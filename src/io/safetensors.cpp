@@ -1,4 +1,5 @@
 #include "moe/io/safetensors.hpp"
+#include "moe/io/json_excerpt.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -63,7 +64,7 @@ std::vector<T> int_array(const nlohmann::json& j, bool non_negative, const std::
   bool ok = j.is_array();
   for (size_t i = 0; ok && i < j.size(); ++i) ok = non_negative ? j[i].is_number_unsigned() : j[i].is_number_integer();
   if (!ok)
-    throw io_error(path, what + " must be an array of " + (non_negative ? "non-negative " : "") + "integers, got " + j.dump());
+    throw io_error(path, what + " must be an array of " + (non_negative ? "non-negative " : "") + "integers, got " + json_excerpt(j));
   std::vector<T> out;
   for (const auto& e : j) out.push_back(e.get<T>());
   return out;
@@ -201,14 +202,14 @@ SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string&
   try {
     for (auto& [name, v] : header.items()) {
       if (name == "__metadata__") {
-        if (!v.is_object()) throw io_error(path, "__metadata__ must be an object of strings, got " + v.dump());
+        if (!v.is_object()) throw io_error(path, "__metadata__ must be an object of strings, got " + json_excerpt(v));
         for (auto& [k, s] : v.items()) {
-          if (!s.is_string()) throw io_error(path, "metadata " + k + " must be a string, got " + s.dump());
+          if (!s.is_string()) throw io_error(path, "metadata " + k + " must be a string, got " + json_excerpt(s));
           f.metadata_[k] = s.get<std::string>();
         }
         continue;
       }
-      if (!v.is_object()) throw io_error(path, "tensor " + name + ": header entry must be an object, got " + v.dump());
+      if (!v.is_object()) throw io_error(path, "tensor " + name + ": header entry must be an object, got " + json_excerpt(v));
       SafeTensorsFile::Info info{};
       const std::string dt = v.at("dtype").get<std::string>();
       bool known = false;
@@ -218,7 +219,7 @@ SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string&
       info.shape = int_array<int64_t>(v.at("shape"), false, path, "tensor " + name + ": shape");
       const auto off = int_array<uint64_t>(v.at("data_offsets"), true, path, "tensor " + name + ": data_offsets");
       if (off.size() != 2 || off[0] > off[1])
-        throw io_error(path, "tensor " + name + " has malformed data_offsets " + v.at("data_offsets").dump());
+        throw io_error(path, "tensor " + name + " has malformed data_offsets " + json_excerpt(v.at("data_offsets")));
       if (off[1] > f.data_.size())
         throw io_error(path, "tensor " + name + " has data offsets [" + std::to_string(off[0]) + ", " +
                                  std::to_string(off[1]) + ") outside the file's " + std::to_string(f.data_.size()) +
@@ -228,11 +229,11 @@ SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string&
         if (d < 0) throw io_error(path, "tensor " + name + " has a negative dimension");
         // Any dimension past the data section's size cannot match; stop before numel overflows.
         if (d > 0 && numel > f.data_.size() / uint64_t(d))
-          throw io_error(path, "tensor " + name + ": shape " + v.at("shape").dump() + " is larger than the file");
+          throw io_error(path, "tensor " + name + ": shape " + json_excerpt(v.at("shape")) + " is larger than the file");
         numel *= uint64_t(d);
       }
       if (numel * dtype_size(info.dtype) != off[1] - off[0])
-        throw io_error(path, "tensor " + name + ": shape " + v.at("shape").dump() + " of " + dt + " needs " +
+        throw io_error(path, "tensor " + name + ": shape " + json_excerpt(v.at("shape")) + " of " + dt + " needs " +
                                  std::to_string(numel * dtype_size(info.dtype)) + " bytes, data_offsets give " +
                                  std::to_string(off[1] - off[0]));
       info.begin = size_t(off[0]);

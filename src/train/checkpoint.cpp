@@ -1,4 +1,5 @@
 #include "moe/train/checkpoint.hpp"
+#include "moe/io/json_excerpt.hpp"
 
 #include <map>
 #include <nlohmann/json.hpp>
@@ -21,7 +22,7 @@ struct MetaError : std::runtime_error {
 // cast that is undefined behaviour when out of range (1e300), and wraps negative integers.
 uint64_t json_uint(const nlohmann::json& j, uint64_t max, const std::string& what) {
   if (!j.is_number_unsigned() || j.get<uint64_t>() > max)
-    throw MetaError(what + " must be an integer in [0, " + std::to_string(max) + "], got " + j.dump());
+    throw MetaError(what + " must be an integer in [0, " + std::to_string(max) + "], got " + json_excerpt(j));
   return j.get<uint64_t>();
 }
 
@@ -89,7 +90,7 @@ CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std
   try {
     h.config = config_from_json(nlohmann::json::parse(meta_at(meta, "config", path)), path + " (metadata)");
     const nlohmann::json vocab = nlohmann::json::parse(meta_at(meta, "vocab", path));
-    if (!vocab.is_array()) throw MetaError("vocab must be an array of code points, got " + vocab.dump());
+    if (!vocab.is_array()) throw MetaError("vocab must be an array of code points, got " + json_excerpt(vocab));
     for (const auto& cp : vocab) h.vocab.push_back(uint32_t(json_uint(cp, UINT32_MAX, "vocab entry")));
     h.state.step = std::stoll(meta_at(meta, "step", path));
     h.state.best_val_loss = nlohmann::json::parse(meta_at(meta, "best_val_loss", path)).get<double>();
