@@ -4,7 +4,10 @@
 # --python also installs what the Python scripts need (numpy, matplotlib, optuna) for
 # Debian's /usr/bin/python3; scripts/py.sh finds that interpreter.
 set -euo pipefail
-pkgs=(build-essential cmake libomp-dev libcli11-dev libspdlog-dev nlohmann-json3-dev catch2)
+# MOE_EXTRA_PKGS (space-separated) adds packages, e.g. scripts/fuzz.sh asks for clang and
+# libclang-rt-dev (libFuzzer and the sanitizer runtimes).
+# shellcheck disable=SC2206
+pkgs=(build-essential cmake libomp-dev libcli11-dev libspdlog-dev nlohmann-json3-dev catch2 ${MOE_EXTRA_PKGS:-})
 if [ "${1:-}" = "--python" ]; then pkgs+=(python3 python3-numpy python3-matplotlib python3-optuna); fi
 missing=()
 for p in "${pkgs[@]}"; do

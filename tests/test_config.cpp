@@ -142,6 +142,20 @@ TEST_CASE("Config errors name the field, the value and what is allowed", "[io][c
   CHECK_THAT(config_error({{"optimizer", {{"lr", -1}}}}), Contains("optimizer.lr = -1.0"));
   CHECK_THAT(config_error({{"optimizer", {{"beta2", 1}}}}), Contains("optimizer.beta2 = 1.0: must be in [0, 1)"));
   CHECK_THAT(config_error({{"optimizer", {{"min_lr", 0.1}}}}), Contains("optimizer.min_lr = 0.1 must not exceed optimizer.lr"));
+  // Values from the file are quoted without recursing into them (found by fuzz_config: dump()
+  // of [[[...]]] 60000 deep overflowed the stack); long ones are cut.
+  const std::string deep = std::string(60000, '[') + std::string(60000, ']');
+  CHECK_THAT(error_of<ConfigError>([&] { parse_config(R"({"data": )" + deep + "}", "deep.json"); }),
+             Contains("deep.json: section 'data' must be a JSON object, got an array nested over 64 levels deep"));
+  CHECK_THAT(error_of<ConfigError>([&] { parse_config(R"({"data": {"path": )" + deep + "}}", "deep.json"); }),
+             Contains("data.path = an array nested over 64 levels deep: must be a string"));
+  CHECK_THAT(config_error({{"data", {{"path", std::vector<int>(1000, 7)}}}}),
+             Contains("data.path = [7,7,7") && Contains(",7...: must be a string"));
+  // Sizes whose products would overflow int64 (found by tests/fuzz/fuzz_config.cpp: 4 * n_embed overflowed).
+  CHECK_THAT(config_error({{"model", {{"n_embed", 4444444444666660112LL}, {"n_head", 1}}}}),
+             Contains("the model is too large") && Contains("over the limit of 2^40"));
+  CHECK_THAT(config_error({{"model", {{"block_size", 1 << 20}}}, {"training", {{"batch_size", 1 << 20}}}}),
+             Contains("the model is too large: batch_size * "));
 
   // Unknown enum strings list the allowed ones.
   CHECK_THAT(config_error({{"optimizer", {{"schedule", "linear"}}}}),

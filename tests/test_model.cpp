@@ -259,6 +259,32 @@ TEST_CASE("Checkpoint round trip restores weights, moments and state", "[model][
   fs::remove_all(dir);
 }
 
+TEST_CASE("Checkpoint metadata: numbers that are not integers in range are refused", "[model][checkpoint]") {
+  // Found by tests/fuzz/fuzz_checkpoint.cpp: nlohmann's get<uint64_t>() converted 1e300 with an
+  // out-of-range (undefined) cast, and silently wrapped -1 and 2^32 + 65 into the vocabulary.
+  std::map<std::string, std::string> meta = {
+      {"format", kCheckpointFormat}, {"config", config_to_json(tiny_config()).dump()}, {"vocab", "[10,65]"},
+      {"step", "3"}, {"best_val_loss", "2.5"}, {"rng", R"({"data":[1,2,3],"dropout":[4,5,6],"noise":[7,8,9]})"}};
+  REQUIRE(checkpoint_header_from_metadata(meta, "m").vocab == std::vector<uint32_t>{10, 65});
+  auto error_with = [&](const std::string& key, const std::string& value) {
+    auto m = meta;
+    m[key] = value;
+    try {
+      checkpoint_header_from_metadata(m, "ck.safetensors");
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  using Catch::Contains;
+  CHECK_THAT(error_with("vocab", "[10,1e300]"), Contains("ck.safetensors") && Contains("vocab entry must be an integer"));
+  CHECK_THAT(error_with("vocab", "[-1]"), Contains("vocab entry must be an integer in [0, 4294967295], got -1"));
+  CHECK_THAT(error_with("vocab", "[4294967361]"), Contains("vocab entry must be an integer"));
+  CHECK_THAT(error_with("vocab", "{}"), Contains("vocab must be an array"));
+  CHECK_THAT(error_with("rng", R"({"data":[1,2,8.5e53],"dropout":[4,5,6],"noise":[7,8,9]})"),
+             Contains("ck.safetensors") && Contains("generator counter must be an integer"));
+}
+
 TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit", "[model][resume]") {
   const bool features = GENERATE(false, true);
   INFO((features ? "every MoE option on" : "makeMoE"));

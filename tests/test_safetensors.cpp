@@ -143,6 +143,7 @@ TEST_CASE("safetensors: damaged files give errors naming the path and the proble
   p = damaged(le64(uint64_t(1) << 62) + "{}");
   CHECK_THAT(load_error(p), Contains("header length 4611686018427387904 exceeds the file"));
   CHECK_THAT(load_error(d / "missing"), Contains(d / "missing") && Contains("cannot open"));
+  CHECK_THAT(load_error(d.path.string()), Contains(d.path.string()) && Contains("is a directory"));
 
   std::string flipped = bytes;
   flipped[flipped.size() - 2] ^= 0x40;  // one bit of the data
@@ -160,6 +161,15 @@ TEST_CASE("safetensors: damaged files give errors naming the path and the proble
   CHECK_THAT(load_error(p), Contains("tensor w has data offsets [0, 32) outside"));
   p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[8,4]}})", data16));
   CHECK_THAT(load_error(p), Contains("tensor w has malformed data_offsets [8,4]"));
+  // Found by tests/fuzz/fuzz_checkpoint.cpp: a float offset went through an out-of-range (undefined) cast.
+  p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,85e52]}})", data16));
+  CHECK_THAT(load_error(p), Contains(p) && Contains("tensor w: data_offsets must be an array of non-negative integers, got [0,8.5e+53]"));
+  p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[-16,0]}})", data16));
+  CHECK_THAT(load_error(p), Contains("data_offsets must be an array of non-negative integers"));
+  p = damaged(st_bytes(R"({"w":)" + std::string(60000, '[') + std::string(60000, ']') + "}", data16));
+  CHECK_THAT(load_error(p), Contains("tensor w: header entry must be an object, got an array nested over 64 levels deep"));
+  p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[4.0],"data_offsets":[0,16]}})", data16));
+  CHECK_THAT(load_error(p), Contains("tensor w: shape must be an array of integers, got [4.0]"));
   p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}})", data16));
   CHECK_THAT(load_error(p), Contains("tensor w: shape [3] of F32 needs 12 bytes, data_offsets give 16"));
   p = damaged(st_bytes(R"({"w":{"dtype":"F32","shape":[4611686018427387904, 4],"data_offsets":[0,16]}})", data16));

@@ -1,4 +1,5 @@
 #include "moe/io/config.hpp"
+#include "moe/io/json_excerpt.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -191,7 +192,7 @@ Config config_from_json(const json& j, const std::string& src) {
       throw ConfigError(src + ": unknown section '" + sec + "'" + (s.empty() ? "" : "; did you mean '" + s + "'?") +
                         " (sections: " + all + ")");
     }
-    if (!body.is_object()) throw ConfigError(src + ": section '" + sec + "' must be a JSON object, got " + body.dump());
+    if (!body.is_object()) throw ConfigError(src + ": section '" + sec + "' must be a JSON object, got " + json_excerpt(body));
     for (auto& [key, value] : body.items()) {
       const Field* f = nullptr;
       std::vector<std::string> names;
@@ -208,7 +209,7 @@ Config config_from_json(const json& j, const std::string& src) {
       try {
         f->set(c, value);
       } catch (const std::string& expected) {
-        throw ConfigError(src + ": " + sec + "." + key + " = " + value.dump() + ": must be " + expected);
+        throw ConfigError(src + ": " + sec + "." + key + " = " + json_excerpt(value) + ": must be " + expected);
       }
     }
   }
@@ -233,12 +234,46 @@ void validate(const Config& c, const std::string& src) {
   if (c.optimizer.min_lr > c.optimizer.lr)
     fail("optimizer.min_lr = " + json(c.optimizer.min_lr).dump() + " must not exceed optimizer.lr = " +
          json(c.optimizer.lr).dump());
+  // Sizes are int64 and get multiplied together (4 * n_embed, B * T * 3C, B * H * T * T, times
+  // the vocabulary, ...): refuse, before anything overflows, models far beyond any machine.
+  // Computed in double, so the check itself cannot overflow.
+  const double B = double(c.training.batch_size), T = double(c.model.block_size), C = double(c.model.n_embed),
+               H = double(c.model.n_head), L = double(c.model.n_layer), E = double(c.router.num_experts),
+               F = c.model.expert_hidden > 0 ? double(c.model.expert_hidden) : 4 * C;
+  const double kMaxElements = double(int64_t(1) << 40);
+  const std::pair<const char*, double> sizes[] = {
+      {"batch_size * block_size * max(3 * n_embed, expert hidden size, num_experts) activations",
+       B * T * std::max({3 * C, F, E})},
+      {"batch_size * n_head * block_size^2 attention scores", B * H * T * T},
+      {"parameters", T * C + L * (4 * C * C + 2 * C * E + E * 2 * C * F)},
+  };
+  for (const auto& [what, n] : sizes)
+    if (n > kMaxElements)
+      fail("the model is too large: " + std::string(what) + " = " + json(n).dump() + " elements, over the limit of 2^40");
 }
 
 json config_to_json(const Config& c) {
   json j = json::object();
   for (const Field& f : fields()) j[f.section][f.name] = f.get(c);
   return j;
+}
+
+Config parse_config(const std::string& text, const std::string& origin) {
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw ConfigError("config " + origin + ": the file is empty; write a JSON object, e.g. {\"training\": {\"max_steps\": 100}}");
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    // nlohmann's text is "[json.exception...] parse error at line L, column C: <reason>"; the
+    // position is given once, as line and column.
+    const size_t p = what.find("parse error");
+    const size_t colon = p == std::string::npos ? p : what.find(": ", p);
+    throw ConfigError("config " + origin + ": invalid JSON at " + line_col(text, e.byte == 0 ? 0 : e.byte - 1) + ": " +
+                      (colon == std::string::npos ? what : what.substr(colon + 2)));
+  }
+  return config_from_json(j, origin);
 }
 
 Config load_config(const std::string& path) {
@@ -251,22 +286,7 @@ Config load_config(const std::string& path) {
                       "; does it exist and is it readable?)");
   std::stringstream ss;
   ss << in.rdbuf();
-  const std::string text = ss.str();
-  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
-    throw ConfigError("config " + path + ": the file is empty; write a JSON object, e.g. {\"training\": {\"max_steps\": 100}}");
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    std::string what = e.what();
-    // nlohmann's text is "[json.exception...] parse error at line L, column C: <reason>"; the
-    // position is given once, as line and column.
-    const size_t p = what.find("parse error");
-    const size_t colon = p == std::string::npos ? p : what.find(": ", p);
-    throw ConfigError("config " + path + ": invalid JSON at " + line_col(text, e.byte == 0 ? 0 : e.byte - 1) + ": " +
-                      (colon == std::string::npos ? what : what.substr(colon + 2)));
-  }
-  return config_from_json(j, path);
+  return parse_config(ss.str(), path);
 }
 
 }  // namespace moe

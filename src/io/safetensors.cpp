@@ -1,4 +1,5 @@
 #include "moe/io/safetensors.hpp"
+#include "moe/io/json_excerpt.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -56,6 +57,20 @@ bool write_all(int fd, const void* buf, size_t n) {
     n -= size_t(w);
   }
   return true;
+}
+
+// The integers of a JSON array. nlohmann's get<integer>() also takes floats and converts them
+// with a cast that is undefined behaviour when out of range (data_offsets [0, 85e52]), so
+// only JSON integers are accepted; `non_negative` also refuses negative ones.
+template <class T>
+std::vector<T> int_array(const nlohmann::json& j, bool non_negative, const std::string& path, const std::string& what) {
+  bool ok = j.is_array();
+  for (size_t i = 0; ok && i < j.size(); ++i) ok = non_negative ? j[i].is_number_unsigned() : j[i].is_number_integer();
+  if (!ok)
+    throw io_error(path, what + " must be an array of " + (non_negative ? "non-negative " : "") + "integers, got " + json_excerpt(j));
+  std::vector<T> out;
+  for (const auto& e : j) out.push_back(e.get<T>());
+  return out;
 }
 
 }  // namespace
@@ -163,27 +178,34 @@ void save_safetensors(const std::string& path, const std::vector<TensorEntry>& t
 }
 
 SafeTensorsFile load_safetensors(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw io_error(path, "is a directory, not a safetensors file");
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw io_error(path, "cannot open (does the checkpoint exist?)");
   const auto size = uint64_t(in.tellg());
   in.seekg(0);
+  std::vector<uint8_t> bytes(static_cast<size_t>(size));
+  in.read(reinterpret_cast<char*>(bytes.data()), std::streamsize(bytes.size()));
+  if (!in) throw io_error(path, "read failed");
+  return parse_safetensors(std::move(bytes), path);
+}
+
+SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path) {
+  const uint64_t size = bytes.size();
   if (size < 8) throw io_error(path, "too short (" + std::to_string(size) + " bytes) to be a safetensors file");
-  uint8_t lenbytes[8];
-  in.read(reinterpret_cast<char*>(lenbytes), 8);
   uint64_t hlen = 0;
-  for (int i = 0; i < 8; ++i) hlen |= uint64_t(lenbytes[i]) << (8 * i);
+  for (int i = 0; i < 8; ++i) hlen |= uint64_t(bytes[size_t(i)]) << (8 * i);
   if (hlen > size - 8)
     throw io_error(path, "header length " + std::to_string(hlen) + " exceeds the file (" + std::to_string(size) +
                              " bytes): truncated or not a safetensors file");
   if (hlen > kMaxHeader)
     throw io_error(path, "header length " + std::to_string(hlen) + " is over the 100 MiB limit: not a safetensors file?");
-  std::string hs(size_t(hlen), '\0');
-  in.read(hs.data(), std::streamsize(hlen));
+  const std::string hs(reinterpret_cast<const char*>(bytes.data()) + 8, size_t(hlen));
   SafeTensorsFile f;
   f.path_ = path;
-  f.data_.resize(size_t(size - 8 - hlen));
-  in.read(reinterpret_cast<char*>(f.data_.data()), std::streamsize(f.data_.size()));
-  if (!in) throw io_error(path, "read failed");
+  // The data section is what follows the header; drop the prefix in place (no second copy of the file).
+  bytes.erase(bytes.begin(), bytes.begin() + std::ptrdiff_t(8 + hlen));
+  f.data_ = std::move(bytes);
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(hs);
@@ -200,24 +222,24 @@ SafeTensorsFile load_safetensors(const std::string& path) {
   try {
     for (auto& [name, v] : header.items()) {
       if (name == "__metadata__") {
-        if (!v.is_object()) throw io_error(path, "__metadata__ must be an object of strings, got " + v.dump());
+        if (!v.is_object()) throw io_error(path, "__metadata__ must be an object of strings, got " + json_excerpt(v));
         for (auto& [k, s] : v.items()) {
-          if (!s.is_string()) throw io_error(path, "metadata " + k + " must be a string, got " + s.dump());
+          if (!s.is_string()) throw io_error(path, "metadata " + k + " must be a string, got " + json_excerpt(s));
           f.metadata_[k] = s.get<std::string>();
         }
         continue;
       }
-      if (!v.is_object()) throw io_error(path, "tensor " + name + ": header entry must be an object, got " + v.dump());
+      if (!v.is_object()) throw io_error(path, "tensor " + name + ": header entry must be an object, got " + json_excerpt(v));
       SafeTensorsFile::Info info{};
       const std::string dt = v.at("dtype").get<std::string>();
       bool known = false;
       for (const auto& t : kDTypes)
         if (dt == t.name) info.dtype = t.d, known = true;
       if (!known) throw io_error(path, "tensor " + name + " has unsupported dtype " + dt + " (this reader knows F32, I32, I64, U8)");
-      info.shape = v.at("shape").get<std::vector<int64_t>>();
-      const auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
+      info.shape = int_array<int64_t>(v.at("shape"), false, path, "tensor " + name + ": shape");
+      const auto off = int_array<uint64_t>(v.at("data_offsets"), true, path, "tensor " + name + ": data_offsets");
       if (off.size() != 2 || off[0] > off[1])
-        throw io_error(path, "tensor " + name + " has malformed data_offsets " + v.at("data_offsets").dump());
+        throw io_error(path, "tensor " + name + " has malformed data_offsets " + json_excerpt(v.at("data_offsets")));
       if (off[1] > f.data_.size())
         throw io_error(path, "tensor " + name + " has data offsets [" + std::to_string(off[0]) + ", " +
                                  std::to_string(off[1]) + ") outside the file's " + std::to_string(f.data_.size()) +
@@ -227,11 +249,11 @@ SafeTensorsFile load_safetensors(const std::string& path) {
         if (d < 0) throw io_error(path, "tensor " + name + " has a negative dimension");
         // Any dimension past the data section's size cannot match; stop before numel overflows.
         if (d > 0 && numel > f.data_.size() / uint64_t(d))
-          throw io_error(path, "tensor " + name + ": shape " + v.at("shape").dump() + " is larger than the file");
+          throw io_error(path, "tensor " + name + ": shape " + json_excerpt(v.at("shape")) + " is larger than the file");
         numel *= uint64_t(d);
       }
       if (numel * dtype_size(info.dtype) != off[1] - off[0])
-        throw io_error(path, "tensor " + name + ": shape " + v.at("shape").dump() + " of " + dt + " needs " +
+        throw io_error(path, "tensor " + name + ": shape " + json_excerpt(v.at("shape")) + " of " + dt + " needs " +
                                  std::to_string(numel * dtype_size(info.dtype)) + " bytes, data_offsets give " +
                                  std::to_string(off[1] - off[0]));
       info.begin = size_t(off[0]);

@@ -1,4 +1,5 @@
 #include "moe/train/checkpoint.hpp"
+#include "moe/io/json_excerpt.hpp"
 
 #include <map>
 #include <nlohmann/json.hpp>
@@ -12,8 +13,22 @@ namespace {
 
 nlohmann::json rng_to_json(const RngState& s) { return {s.seed, s.stream, s.counter}; }
 
+// A malformed metadata value; the caller adds the path.
+struct MetaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// An unsigned JSON integer at most `max`. nlohmann's get<uint64_t>() also takes floats, with a
+// cast that is undefined behaviour when out of range (1e300), and wraps negative integers.
+uint64_t json_uint(const nlohmann::json& j, uint64_t max, const std::string& what) {
+  if (!j.is_number_unsigned() || j.get<uint64_t>() > max)
+    throw MetaError(what + " must be an integer in [0, " + std::to_string(max) + "], got " + json_excerpt(j));
+  return j.get<uint64_t>();
+}
+
 RngState rng_from_json(const nlohmann::json& j) {
-  return {j.at(0).get<uint64_t>(), j.at(1).get<uint64_t>(), j.at(2).get<uint64_t>()};
+  return {json_uint(j.at(0), UINT64_MAX, "generator seed"), json_uint(j.at(1), UINT64_MAX, "generator stream"),
+          json_uint(j.at(2), UINT64_MAX, "generator counter")};
 }
 
 std::string meta_at(const std::map<std::string, std::string>& meta, const std::string& key,
@@ -64,8 +79,11 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW* o
 }
 
 CheckpointHeader read_checkpoint_header(const std::string& path) {
-  SafeTensorsFile f = load_safetensors(path);
-  const auto& meta = f.metadata();
+  return checkpoint_header_from_metadata(load_safetensors(path).metadata(), path);
+}
+
+CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std::string>& meta,
+                                                 const std::string& path) {
   const std::string format = meta_at(meta, "format", path);
   if (format != kCheckpointFormat)
     throw std::runtime_error("checkpoint " + path + " has format '" + format + "'; this moe reads '" +
@@ -73,7 +91,9 @@ CheckpointHeader read_checkpoint_header(const std::string& path) {
   CheckpointHeader h;
   try {
     h.config = config_from_json(nlohmann::json::parse(meta_at(meta, "config", path)), path + " (metadata)");
-    h.vocab = nlohmann::json::parse(meta_at(meta, "vocab", path)).get<std::vector<uint32_t>>();
+    const nlohmann::json vocab = nlohmann::json::parse(meta_at(meta, "vocab", path));
+    if (!vocab.is_array()) throw MetaError("vocab must be an array of code points, got " + json_excerpt(vocab));
+    for (const auto& cp : vocab) h.vocab.push_back(uint32_t(json_uint(cp, UINT32_MAX, "vocab entry")));
     h.state.step = std::stoll(meta_at(meta, "step", path));
     h.state.best_val_loss = nlohmann::json::parse(meta_at(meta, "best_val_loss", path)).get<double>();
     const nlohmann::json rng = nlohmann::json::parse(meta_at(meta, "rng", path));
@@ -82,13 +102,19 @@ CheckpointHeader read_checkpoint_header(const std::string& path) {
     h.state.noise_rng = rng_from_json(rng.at("noise"));
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error("checkpoint " + path + ": malformed metadata (" + e.what() + ")");
+  } catch (const MetaError& e) {
+    throw std::runtime_error("checkpoint " + path + ": malformed metadata (" + e.what() + ")");
   }
   h.has_optimizer = meta.count("optimizer.steps") > 0;
   return h;
 }
 
 void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer) {
-  SafeTensorsFile f = load_safetensors(path);
+  load_checkpoint_tensors(load_safetensors(path), model, optimizer);
+}
+
+void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* optimizer) {
+  const std::string& path = f.path();
   ParamStore& ps = model.params();
   auto load_block = [&](const std::string& prefix, float* base) {
     for (const ParamInfo& p : ps.infos()) f.copy_f32(prefix + p.name, p.shape, base + p.offset);

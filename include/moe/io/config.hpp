@@ -96,6 +96,8 @@ struct ConfigError : std::runtime_error {
 };
 
 Config load_config(const std::string& path);
+// The text of a config file; `origin` (the path) names it in every error message.
+Config parse_config(const std::string& text, const std::string& origin);
 Config config_from_json(const nlohmann::json& j, const std::string& source_name);
 nlohmann::json config_to_json(const Config& c);
 // Throws ConfigError on the first impossible value.

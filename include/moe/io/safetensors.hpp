@@ -53,7 +53,7 @@ class SafeTensorsFile {
   void copy_i32(const std::string& name, int32_t* out, int64_t n) const;
 
  private:
-  friend SafeTensorsFile load_safetensors(const std::string& path);
+  friend SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path);
   std::string path_;
   std::vector<uint8_t> data_;  // the data section
   std::map<std::string, Info> infos_;
@@ -62,6 +62,8 @@ class SafeTensorsFile {
 
 // Reads the whole file and validates it; throws std::runtime_error naming the path and the problem.
 SafeTensorsFile load_safetensors(const std::string& path);
+// The same from the file's bytes in memory; `path` names the source in every error.
+SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path);
 
 // FNV-1a 64-bit hash; the checksum stored in metadata "checksum_fnv1a64" as 16 hex digits.
 uint64_t fnv1a64(const uint8_t* p, size_t n);

@@ -5,10 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "moe/io/config.hpp"
+#include "moe/io/safetensors.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/tensor/rng.hpp"
@@ -36,10 +38,14 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW* o
 
 // Reads the header (config, vocab, state) without the tensors.
 CheckpointHeader read_checkpoint_header(const std::string& path);
+// The same from a loaded file's metadata; `path` names the source in every error.
+CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std::string>& meta,
+                                                 const std::string& path);
 
 // Loads weights (and moments when optimizer is non-null) into a model built from the
 // header's config. Throws naming the path and the tensor on any mismatch.
 void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer);
+void load_checkpoint_tensors(const SafeTensorsFile& file, Model& model, AdamW* optimizer);
 
 // Throws, listing the differing fields, unless `now` may continue a run saved with `saved`
 // (only the run directory, step budget, thread count and reporting intervals may change).
