@@ -24,22 +24,30 @@ inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
   return trans ? X[c * ld + r] : X[r * ld + c];
 }
 
-// Bp: for each panel of NR columns, kb rows of NR floats (zero padded past N).
-void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb, int64_t N, float* Bp) {
-  const int64_t panels = (N + NR - 1) / NR;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* dst = Bp + p * kb * NR;
-    const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+// Panel p of Bp: kb rows of NR floats for columns p*NR.. (zero padded past N).
+void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb, int64_t N, int64_t p,
+                  float* dst) {
+  const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+  if (!trans_b) {
     for (int64_t k = 0; k < kb; ++k) {
       float* row = dst + k * NR;
-      if (!trans_b && nr == NR) {
-        std::memcpy(row, B + (k0 + k) * ldb + j0, sizeof(float) * NR);
+      const float* src = B + (k0 + k) * ldb + j0;
+      if (nr == NR) {
+        std::memcpy(row, src, sizeof(float) * NR);
       } else {
-        for (int64_t j = 0; j < nr; ++j) row[j] = at(B, trans_b, ldb, k0 + k, j0 + j);
+        for (int64_t j = 0; j < nr; ++j) row[j] = src[j];
         for (int64_t j = nr; j < NR; ++j) row[j] = 0.f;
       }
     }
+    return;
   }
+  // Bᵀ stored: column j of the panel is contiguous in B; read it along k.
+  for (int64_t j = 0; j < nr; ++j) {
+    const float* src = B + (j0 + j) * ldb + k0;
+    for (int64_t k = 0; k < kb; ++k) dst[k * NR + j] = src[k];
+  }
+  for (int64_t j = nr; j < NR; ++j)
+    for (int64_t k = 0; k < kb; ++k) dst[k * NR + j] = 0.f;
 }
 
 // Ap: for each group of MR rows, kb columns of MR floats (scaled by alpha, zero padded).
@@ -121,26 +129,39 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   }
   if (K <= 0 || alpha == 0.f) return;
   const int64_t panels = (N + NR - 1) / NR;
-  thread_local std::vector<float> bp_buf;
+  thread_local std::vector<float> bp_store;  // the caller's; the team packs into it and reads it
   const bool nested = omp_in_parallel();
-  const bool parallel = !nested && M * N * K >= 32768 && M > MR;
+  const bool parallel = !nested && M * N * K >= 32768 && (M > MR || panels > 1);
+  // Tasks: blocks of MC rows, and when those are too few to keep every thread busy, groups
+  // of column panels too. Each C element belongs to one task and sums over k in the same
+  // order, so the bits do not depend on the thread count.
+  const int64_t row_tasks = (M + MC - 1) / MC;
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t col_groups = std::min(panels, std::max<int64_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
+  const int64_t panels_per_group = (panels + col_groups - 1) / col_groups;
+  const int64_t tasks = row_tasks * col_groups;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kb = std::min(KC, K - k0);
-    bp_buf.resize(size_t(panels * kb * NR));
-    float* Bp = bp_buf.data();
-    pack_b(trans_b, B, ldb, k0, kb, N, Bp);
-    const int64_t tasks = (M + MC - 1) / MC;
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t t = 0; t < tasks; ++t) {
-      thread_local std::vector<float> ap_buf;
-      const int64_t i0 = t * MC, mb = std::min(MC, M - i0);
-      ap_buf.resize(size_t((MC + MR) * kb));
-      float* Ap = ap_buf.data();
-      pack_a(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
-      for (int64_t p = 0; p < panels; ++p) {
-        const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
-        for (int64_t g = 0; g < mb; g += MR)
-          micro_kernel(kb, Ap + g * kb, Bp + p * kb * NR, C + (i0 + g) * ldc + j0, ldc, std::min(MR, mb - g), nr);
+    bp_store.resize(size_t(panels * kb * NR));
+    float* Bp = bp_store.data();
+#pragma omp parallel if (parallel)
+    {
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < panels; ++p) pack_b_panel(trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) {
+        thread_local std::vector<float> ap_buf;
+        const int64_t i0 = (t / col_groups) * MC, mb = std::min(MC, M - i0);
+        const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
+        if (p0 >= p1) continue;
+        ap_buf.resize(size_t((MC + MR) * kb));
+        float* Ap = ap_buf.data();
+        pack_a(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+          for (int64_t g = 0; g < mb; g += MR)
+            micro_kernel(kb, Ap + g * kb, Bp + p * kb * NR, C + (i0 + g) * ldc + j0, ldc, std::min(MR, mb - g), nr);
+        }
       }
     }
   }
