@@ -50,15 +50,37 @@ void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t
     for (int64_t k = 0; k < kb; ++k) dst[k * NR + j] = 0.f;
 }
 
+// C[i][j] *= beta (0: set to 0) for rows [i0, i1) and columns [j0, j1).
+void scale_rows(float* C, int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64_t j1, float beta) {
+  if (beta == 1.f) return;
+  for (int64_t i = i0; i < i1; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f)
+      std::memset(c + j0, 0, sizeof(float) * size_t(j1 - j0));
+    else
+      for (int64_t j = j0; j < j1; ++j) c[j] *= beta;
+  }
+}
+
 // Ap: for each group of MR rows, kb columns of MR floats (scaled by alpha, zero padded).
 void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, int64_t k0, int64_t kb,
             float alpha, float* Ap) {
   for (int64_t g = 0; g < mb; g += MR) {
     float* dst = Ap + g * kb;
     const int64_t mr = std::min(MR, mb - g);
-    for (int64_t k = 0; k < kb; ++k) {
-      for (int64_t r = 0; r < mr; ++r) dst[k * MR + r] = alpha * at(A, trans_a, lda, i0 + g + r, k0 + k);
-      for (int64_t r = mr; r < MR; ++r) dst[k * MR + r] = 0.f;
+    if (trans_a) {  // Aᵀ stored: the MR rows of one k are contiguous
+      for (int64_t k = 0; k < kb; ++k) {
+        const float* src = A + (k0 + k) * lda + i0 + g;
+        for (int64_t r = 0; r < mr; ++r) dst[k * MR + r] = alpha * src[r];
+        for (int64_t r = mr; r < MR; ++r) dst[k * MR + r] = 0.f;
+      }
+    } else {  // each row is contiguous along k
+      for (int64_t r = 0; r < mr; ++r) {
+        const float* src = A + (i0 + g + r) * lda + k0;
+        for (int64_t k = 0; k < kb; ++k) dst[k * MR + r] = alpha * src[k];
+      }
+      for (int64_t r = mr; r < MR; ++r)
+        for (int64_t k = 0; k < kb; ++k) dst[k * MR + r] = 0.f;
     }
   }
 }
@@ -120,14 +142,10 @@ void micro_kernel(int64_t kb, const float* Ap, const float* Bp, float* C, int64_
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  for (int64_t i = 0; i < M; ++i) {
-    float* c = C + i * ldc;
-    if (beta == 0.f)
-      std::memset(c, 0, sizeof(float) * size_t(N));
-    else if (beta != 1.f)
-      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+  if (K <= 0 || alpha == 0.f) {
+    scale_rows(C, ldc, 0, M, 0, N, beta);
+    return;
   }
-  if (K <= 0 || alpha == 0.f) return;
   const int64_t panels = (N + NR - 1) / NR;
   thread_local std::vector<float> bp_store;  // the caller's; the team packs into it and reads it
   const bool nested = omp_in_parallel();
@@ -154,6 +172,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
         const int64_t i0 = (t / col_groups) * MC, mb = std::min(MC, M - i0);
         const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
         if (p0 >= p1) continue;
+        // The task's own part of C takes beta before its first accumulation.
+        if (k0 == 0) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
         ap_buf.resize(size_t((MC + MR) * kb));
         float* Ap = ap_buf.data();
         pack_a(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
