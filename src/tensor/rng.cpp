@@ -76,32 +76,45 @@ inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// Word 0 of the Philox blocks of counters ctr_lo + 0..7: the same bits as Rng::philox.
-inline __m256i philox8_word0(uint64_t key, uint64_t ctr_hi, uint64_t ctr_lo) {
-  alignas(32) uint32_t lo32[8], hi32[8];
-  for (int j = 0; j < 8; ++j) {
-    const uint64_t c = ctr_lo + uint64_t(j);
-    lo32[j] = uint32_t(c);
-    hi32[j] = uint32_t(c >> 32);
+// Philox keys of the 10 rounds, broadcast.
+struct RoundKeys {
+  __m256i k0[10], k1[10];
+  explicit RoundKeys(uint64_t key) {
+    uint32_t a = uint32_t(key), b = uint32_t(key >> 32);
+    for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
+      k0[r] = _mm256_set1_epi32(int(a));
+      k1[r] = _mm256_set1_epi32(int(b));
+    }
   }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo32));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi32));
+};
+
+// Word 0 of the Philox blocks of counters ctr_lo + 0..7: the same bits as Rng::philox.
+inline __m256i philox8_word0(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ctr_lo) {
+  __m256i c0, c1;
+  if (uint32_t(ctr_lo) <= 0xFFFFFFF8u) {  // no carry into the high word within the eight
+    c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(ctr_lo))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    c1 = _mm256_set1_epi32(int(uint32_t(ctr_lo >> 32)));
+  } else {
+    alignas(32) uint32_t lo32[8], hi32[8];
+    for (int j = 0; j < 8; ++j) {
+      const uint64_t c = ctr_lo + uint64_t(j);
+      lo32[j] = uint32_t(c);
+      hi32[j] = uint32_t(c >> 32);
+    }
+    c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo32));
+    c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi32));
+  }
   __m256i c2 = _mm256_set1_epi32(int(uint32_t(ctr_hi)));
   __m256i c3 = _mm256_set1_epi32(int(uint32_t(ctr_hi >> 32)));
   const __m256i m0 = _mm256_set1_epi32(int(0xD2511F53u)), m1 = _mm256_set1_epi32(int(0xCD9E8D57u));
-  uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
   for (int r = 0; r < 10; ++r) {
     __m256i hi0, lo0, hi1, lo1;
     mulhilo8(c0, m0, hi0, lo0);
     mulhilo8(c2, m1, hi1, lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(int(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
-    c0 = n0;
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), keys.k0[r]);
     c1 = lo1;
-    c2 = n2;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), keys.k1[r]);
     c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
   return c0;
 }
@@ -116,9 +129,10 @@ void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
   // Eight counters at a time; the same numbers as the scalar loop below.
   const int64_t blocks = n / 8;
   const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f), vlo = _mm256_set1_ps(lo), vrange = _mm256_set1_ps(hi - lo);
+  const RoundKeys keys(s.seed);
 #pragma omp parallel for schedule(static) if (n > 65536)
   for (int64_t b = 0; b < blocks; ++b) {
-    const __m256i w = philox8_word0(s.seed, s.stream, s.counter + uint64_t(b * 8));
+    const __m256i w = philox8_word0(keys, s.stream, s.counter + uint64_t(b * 8));
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale);
     _mm256_storeu_ps(out + b * 8, _mm256_add_ps(vlo, _mm256_mul_ps(vrange, u)));
   }
