@@ -276,3 +276,38 @@ TEST_CASE("shape errors name the op and the shapes", "[ops]") {
   const int32_t bad_id[2] = {0, 9};
   REQUIRE_THROWS_WITH(embedding(g, bad_id, w, {2, 3}), Catch::Contains("id 9"));
 }
+
+TEST_CASE("fused causal attention equals the composed ops, and its gradients check", "[ops][attention]") {
+  const int64_t B = 2, T = 5, H = 2, C = 6;
+  const auto composed = [&](Graph& g, const Tensor& qkv, float p, Rng& rng) {
+    Tensor q = split_heads(g, slice_cols(g, qkv, 0, C), H);
+    Tensor k = split_heads(g, slice_cols(g, qkv, C, C), H);
+    Tensor v = split_heads(g, slice_cols(g, qkv, 2 * C, C), H);
+    Tensor att = dropout(g, causal_softmax(g, scale(g, bmm(g, q, k, false, true), 0.4f)), p, p > 0, rng);
+    return merge_heads(g, bmm(g, att, v, false, false));
+  };
+  for (float p : {0.f, 0.3f}) {
+    INFO("dropout " << p);
+    const auto x = random_vector(B * T * 3 * C, 5, -1.5f, 1.5f);
+    const auto seed_grad = random_vector(B * T * C, 6);
+    std::vector<float> grads[2], outs[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      Graph g;
+      Tensor qkv = g.new_tensor({B, T, 3 * C}, true);
+      std::copy(x.begin(), x.end(), qkv.data);
+      Rng rng(11, 2);
+      Tensor y = fused ? causal_attention(g, qkv, H, 0.4f, p, p > 0, rng) : composed(g, qkv, p, rng);
+      REQUIRE(y.shape == Shape{B, T, C});
+      outs[fused].assign(y.data, y.data + y.numel());
+      Tensor loss = sum(g, mul(g, y, g.constant(y.shape, seed_grad.data())));
+      g.backward(loss);
+      grads[fused].assign(qkv.grad, qkv.grad + qkv.numel());
+    }
+    for (size_t i = 0; i < outs[0].size(); ++i) REQUIRE(outs[1][i] == Approx(outs[0][i]).margin(1e-6));
+    for (size_t i = 0; i < grads[0].size(); ++i) REQUIRE(grads[1][i] == Approx(grads[0][i]).margin(1e-5));
+  }
+  REQUIRE_GRADCHECK({random_vector(B * T * 3 * C, 7)}, {{B, T, 3 * C}}, [&](Graph& g, const std::vector<Tensor>& in) {
+    Rng rng(3, 1);
+    return Probe{causal_attention(g, in[0], H, 0.4f, 0.25f, true, rng), {}};
+  });
+}

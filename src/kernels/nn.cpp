@@ -1,4 +1,5 @@
 #include "moe/kernels/nn.hpp"
+#include "moe/tensor/parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -8,7 +9,7 @@ namespace moe {
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w,
                        const float* b, int64_t N, int64_t C, float eps) {
-#pragma omp parallel for schedule(static) if (N * C > 16384)
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* x = inp + n * C;
     float m = 0;
@@ -28,7 +29,7 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
 void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                         const float* w, const float* mean, const float* rstd, int64_t N, int64_t C) {
   if (dinp) {
-#pragma omp parallel for schedule(static) if (N * C > 16384)
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
     for (int64_t n = 0; n < N; ++n) {
       const float* x = inp + n * C;
       const float* dy = dout + n * C;
@@ -49,7 +50,7 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
     }
   }
   if (dw || db) {
-#pragma omp parallel for schedule(static) if (N * C > 16384)
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
     for (int64_t c = 0; c < C; ++c) {
       float sw = 0, sb = 0;
       for (int64_t n = 0; n < N; ++n) {
@@ -64,7 +65,7 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
 }
 
 void softmax_forward(float* out, const float* inp, int64_t N, int64_t C, bool causal) {
-#pragma omp parallel for schedule(static) if (N * C > 16384)
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* x = inp + n * C;
     float* y = out + n * C;
@@ -80,7 +81,7 @@ void softmax_forward(float* out, const float* inp, int64_t N, int64_t C, bool ca
 }
 
 void softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static) if (N * C > 16384)
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* y = out + n * C;
     const float* dy = dout + n * C;
@@ -93,7 +94,7 @@ void softmax_backward(float* dinp, const float* dout, const float* out, int64_t 
 
 void cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets,
                            int64_t N, int64_t V) {
-#pragma omp parallel for schedule(static) if (N * V > 16384)
+#pragma omp parallel for schedule(static) if (N * V > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* x = logits + n * V;
     float* p = probs + n * V;
@@ -110,7 +111,7 @@ void cross_entropy_forward(float* losses, float* probs, const float* logits, con
 void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* targets, float dloss,
                             int64_t N, int64_t V) {
   const float s = dloss / float(N);
-#pragma omp parallel for schedule(static) if (N * V > 16384)
+#pragma omp parallel for schedule(static) if (N * V > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     float* d = dlogits + n * V;
     const float* p = probs + n * V;
@@ -123,7 +124,7 @@ void bias_backward(float* db, const float* dout, int64_t N, int64_t C) {
   // Channels in blocks so each thread sums whole columns, rows in order.
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (N * C > 16384)
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
   for (int64_t bl = 0; bl < blocks; ++bl) {
     const int64_t c0 = bl * kBlock, c1 = std::min(C, c0 + kBlock);
     float acc[kBlock] = {};

@@ -1,4 +1,5 @@
 #include "moe/kernels/routing.hpp"
+#include "moe/tensor/parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -8,7 +9,7 @@
 namespace moe {
 
 void topk_select(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K) {
-#pragma omp parallel for schedule(static) if (N * E > 16384)
+#pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* x = scores + n * E;
     auto score = [&](int32_t e) { return bias ? x[e] + bias[e] : x[e]; };
@@ -29,7 +30,7 @@ void topk_select(int32_t* index, const float* scores, const float* bias, int64_t
 
 void topk_softmax_forward(float* weights, const int32_t* index, const float* logits, int64_t N, int64_t E,
                           int64_t K) {
-#pragma omp parallel for schedule(static) if (N * E > 16384)
+#pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* x = logits + n * E;
     const int32_t* idx = index + n * K;
@@ -44,7 +45,7 @@ void topk_softmax_forward(float* weights, const int32_t* index, const float* log
 
 void topk_softmax_backward(float* dlogits, const float* dweights, const float* weights, const int32_t* index,
                            int64_t N, int64_t E, int64_t K) {
-#pragma omp parallel for schedule(static) if (N * E > 16384)
+#pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* w = weights + n * K;
     const float* dw = dweights + n * K;

@@ -190,12 +190,7 @@ Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const 
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
   Tensor qkv = apply_linear(g, bp.qkv, x);  // (B, T, 3C)
-  Tensor q = split_heads(g, slice_cols(g, qkv, 0, C_), H_);       // (B, H, T, D)
-  Tensor k = split_heads(g, slice_cols(g, qkv, C_, C_), H_);      // (B, H, T, D)
-  Tensor v = split_heads(g, slice_cols(g, qkv, 2 * C_, C_), H_);  // (B, H, T, D)
-  Tensor att = scale(g, bmm(g, q, k, false, true), cfg_.attention_scale());  // (B, H, T, T)
-  att = dropout(g, causal_softmax(g, att), p, opt.training, drop);
-  Tensor y = merge_heads(g, bmm(g, att, v, false, false));  // (B, T, C)
+  Tensor y = causal_attention(g, qkv, H_, cfg_.attention_scale(), p, opt.training, drop);  // (B, T, C)
   return dropout(g, apply_linear(g, bp.proj, y), p, opt.training, drop);
 }
 

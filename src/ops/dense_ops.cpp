@@ -1,5 +1,6 @@
 // Dense algebra ops: linear, bmm, add, add_bias, mul, scale, embedding, layernorm.
 #include <omp.h>
+#include "moe/tensor/parallel.hpp"
 
 #include <cstring>
 
@@ -80,7 +81,7 @@ Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
   check_same_shape("add", a, b);
   Tensor y = g.output(a.shape, a, b);
   const int64_t n = a.numel();
-#pragma omp parallel for simd schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) y.data[i] = a.data[i] + b.data[i];
   if (y.requires_grad())
     g.record([=] {
@@ -124,11 +125,11 @@ Tensor mul(Graph& g, const Tensor& a, const Tensor& b) {
 Tensor scale(Graph& g, const Tensor& x, float s) {
   Tensor y = g.output(x.shape, x);
   const int64_t n = x.numel();
-#pragma omp parallel for simd schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) y.data[i] = s * x.data[i];
   if (y.requires_grad())
     g.record([=] {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
       for (int64_t i = 0; i < n; ++i) x.grad[i] += s * y.grad[i];
     });
   return y;

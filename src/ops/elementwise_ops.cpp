@@ -1,5 +1,6 @@
 // Elementwise ops: relu, gelu, silu, softplus, dropout, and the reductions sum and mean.
 #include <cmath>
+#include "moe/tensor/parallel.hpp"
 
 #include "moe/ops/ops.hpp"
 
@@ -12,11 +13,11 @@ template <class F, class DF>
 Tensor unary(Graph& g, const Tensor& x, F f, DF df) {
   Tensor y = g.output(x.shape, x);
   const int64_t n = x.numel();
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) y.data[i] = f(x.data[i]);
   if (y.requires_grad())
     g.record([=] {
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
       for (int64_t i = 0; i < n; ++i) x.grad[i] += y.grad[i] * df(x.data[i], y.data[i]);
     });
   return y;
@@ -60,11 +61,15 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng) {
   float* mask = g.arena().alloc_floats(n);  // 0 or 1/(1-p)
   rng.fill_uniform(mask, n);
   const float keep_scale = 1.f / (1.f - p);
-  for (int64_t i = 0; i < n; ++i) mask[i] = mask[i] >= p ? keep_scale : 0.f;
   Tensor y = g.output(x.shape, x);
-  for (int64_t i = 0; i < n; ++i) y.data[i] = x.data[i] * mask[i];
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+  for (int64_t i = 0; i < n; ++i) {
+    mask[i] = mask[i] >= p ? keep_scale : 0.f;
+    y.data[i] = x.data[i] * mask[i];
+  }
   if (y.requires_grad())
     g.record([=] {
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
       for (int64_t i = 0; i < n; ++i) x.grad[i] += y.grad[i] * mask[i];
     });
   return y;

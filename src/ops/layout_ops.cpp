@@ -1,5 +1,6 @@
 // Layout ops: split_heads, merge_heads, slice_cols (copies, so later kernels see contiguous data).
 #include <cstring>
+#include "moe/tensor/parallel.hpp"
 
 #include "moe/ops/ops.hpp"
 
@@ -10,7 +11,7 @@ namespace {
 // Copies [B, T, H, D] <-> [B, H, T, D]; `to_heads` picks the direction. dst += when accumulate.
 void permute_bthd(float* dst, const float* src, int64_t B, int64_t T, int64_t H, int64_t D, bool to_heads,
                   bool accumulate) {
-#pragma omp parallel for collapse(2) schedule(static) if (B * T * H * D > 65536)
+#pragma omp parallel for collapse(2) schedule(static) if (B * T * H * D > kParallelMinWork)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t t = 0; t < T; ++t) {

@@ -1,5 +1,6 @@
 // Sparse MoE routing ops: top-k softmax, row gather, weighted scatter-add.
 #include <algorithm>
+#include "moe/tensor/parallel.hpp"
 #include <cmath>
 #include <cstring>
 
@@ -104,17 +105,20 @@ Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     check(rows[i] >= 0 && rows[i] < N, "gather_rows", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
   Tensor y = g.output({n, C}, x);
-#pragma omp parallel for schedule(static) if (n * C > 65536)
+#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) std::memcpy(y.data + i * C, x.data + int64_t(rows[i]) * C, sizeof(float) * size_t(C));
-  if (y.requires_grad())
+  if (y.requires_grad()) {
+    // Rows that repeat are summed serially, in index order; distinct rows in parallel.
+    const bool distinct = strictly_increasing(rows, n);
     g.record([=] {
-      // Serial: several i may share a row; adds happen in index order.
+#pragma omp parallel for schedule(static) if (distinct && n * C > kParallelMinWork)
       for (int64_t i = 0; i < n; ++i) {
         float* d = x.grad + int64_t(rows[i]) * C;
         const float* s = y.grad + i * C;
         for (int64_t c = 0; c < C; ++c) d[c] += s[c];
       }
     });
+  }
   return y;
 }
 
@@ -127,7 +131,9 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
     check(rows[i] >= 0 && rows[i] < N, "index_add_weighted", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
     check(gate_pos[i] >= 0 && gate_pos[i] < gates.numel(), "index_add_weighted", "gate position " + std::to_string(gate_pos[i]) + " outside the gates");
   }
-  // Serial in slot order: a row may be hit by several slots, always in the same order.
+  // A row hit by several slots takes them serially, in slot order; distinct rows in parallel.
+  const bool distinct = strictly_increasing(rows, n);
+#pragma omp parallel for schedule(static) if (distinct && n * C > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) {
     const float w = gates.data[gate_pos[i]];
     float* d = acc.data + int64_t(rows[i]) * C;
@@ -138,7 +144,7 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
     check(acc.requires_grad(), "index_add_weighted", "the accumulator must track a gradient (make it with g.zeros(shape, true))");
     const Tensor a = acc;
     g.record([=] {
-#pragma omp parallel for schedule(static) if (n * C > 65536)
+#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
       for (int64_t i = 0; i < n; ++i) {
         const float* dy = a.grad + int64_t(rows[i]) * C;
         if (h.grad) {

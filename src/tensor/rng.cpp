@@ -1,4 +1,5 @@
 #include "moe/tensor/rng.hpp"
+#include "moe/tensor/parallel.hpp"
 
 #include <cmath>
 
@@ -130,7 +131,7 @@ void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
   const int64_t blocks = n / 8;
   const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f), vlo = _mm256_set1_ps(lo), vrange = _mm256_set1_ps(hi - lo);
   const RoundKeys keys(s.seed);
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
   for (int64_t b = 0; b < blocks; ++b) {
     const __m256i w = philox8_word0(keys, s.stream, s.counter + uint64_t(b * 8));
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale);
@@ -148,7 +149,7 @@ void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
 
 void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
   const RngState s = s_;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) {
     uint32_t w[4];
     philox(s.seed, s.stream, s.counter + uint64_t(i), w);

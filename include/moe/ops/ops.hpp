@@ -59,6 +59,14 @@ Tensor merge_heads(Graph& g, const Tensor& x);
 // Used to split a fused qkv projection into q, k and v.
 Tensor slice_cols(Graph& g, const Tensor& x, int64_t begin, int64_t width);
 
+// ---- fused attention (src/ops/attention_ops.cpp) ----
+// Causal multi-head self-attention from a fused projection qkv [B, T, 3C] (columns: q, k, v;
+// head h at columns h*D..(h+1)*D of each, D = C / H): per (batch, head), scores q·kᵀ·scale,
+// causal softmax, dropout with probability p on the weights when training (one rng draw
+// per weight, in [B, H, T, T] order), and the weighted sum of v. Output [B, T, C], heads
+// side by side. One kernel forward and one backward, parallel over (batch, head).
+Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng);
+
 // ---- softmax and loss (src/ops/softmax_ops.cpp) ----
 // Softmax over the last dimension.
 Tensor softmax(Graph& g, const Tensor& x);
