@@ -110,6 +110,8 @@ class Sweep:
     def __init__(self, spec, out, moe):
         self.spec, self.out, self.moe = spec, out, moe
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.procs = []
         self.dists = distributions(spec["params"])
         with open(resolve(spec["base"])) as f:
             self.base = json.load(f)
@@ -146,7 +148,7 @@ class Sweep:
 
     def next_trial(self):
         with self.lock:
-            if self.budget <= 0:
+            if self.budget <= 0 or self.stopping.is_set():
                 return None
             self.budget -= 1
             if self.todo is not None:
@@ -154,13 +156,28 @@ class Sweep:
             return self.study.ask(self.dists)
 
     def run(self):
+        """Runs the trials; returns False when interrupted (Ctrl-C or SIGTERM)."""
         parallel = max(1, int(self.spec.get("parallel", 1)))
         workers = [threading.Thread(target=self.worker) for _ in range(parallel)]
         for w in workers:
             w.start()
-        for w in workers:
-            w.join()
+        try:
+            while any(w.is_alive() for w in workers):
+                for w in workers:
+                    w.join(0.2)
+        except KeyboardInterrupt:
+            # Stop: no new trials; running ones get SIGINT (moe saves and exits) and are
+            # recorded as interrupted, to run again on resume.
+            self.stopping.set()
+            print("sweep: interrupted; stopping the running trials", file=sys.stderr, flush=True)
+            with self.lock:
+                for proc in self.procs:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGINT)
+            for w in workers:
+                w.join()
         self.write_results()
+        return not self.stopping.is_set()
 
     def worker(self):
         while True:
@@ -169,6 +186,8 @@ class Sweep:
                 return
             try:
                 state, value = self.run_trial(trial)
+            except TrialInterrupted:  # no status: it shows as interrupted and runs again on resume
+                state, value = TrialState.FAIL, None
             except Exception as e:  # a crashed trial is recorded, the sweep goes on
                 trial.set_user_attr("status", "failed")
                 trial.set_user_attr("error", str(e))
@@ -207,6 +226,8 @@ class Sweep:
         with open(os.path.join(run_dir, "train.log"), "w") as log:
             proc = subprocess.Popen([self.moe, "train", "--config", cfg_path, "--overwrite"], stdout=log,
                                     stderr=subprocess.STDOUT)
+            with self.lock:
+                self.procs.append(proc)
             seen, pruned = 0, False
             while True:
                 code = proc.poll()
@@ -236,6 +257,8 @@ class Sweep:
             trial.set_user_attr("status", "pruned")
             print(f"sweep: trial {trial.number} pruned at val loss {vals[-1]:.4f}", file=sys.stderr)
             return TrialState.PRUNED, None
+        if proc.returncode in (130, 143) or self.stopping.is_set():  # SIGINT / SIGTERM: moe saved and stopped
+            raise TrialInterrupted()
         if proc.returncode != 0 or not vals:
             raise RuntimeError(f"moe train exited with {proc.returncode}; see {run_dir}/train.log")
         trial.set_user_attr("status", "done")
@@ -263,6 +286,15 @@ class Sweep:
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM stops the sweep the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+class TrialInterrupted(Exception):
+    """moe train stopped on a signal: the trial runs again on resume."""
 
 
 def read_metrics(path):
@@ -311,8 +343,12 @@ def main():
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "spec.json"), "w") as f:
         json.dump(spec, f, indent=2)
-    Sweep(spec, out, args.moe).run()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    finished = Sweep(spec, out, args.moe).run()
     print(f"sweep: results in {out}/results.csv and {out}/results.json", file=sys.stderr)
+    if not finished:
+        print("sweep: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,21 @@ py scripts/sweep.py "$work/grid.json" --out "$work/grid" --moe "$moe" 2> "$work/
 grep -q "resuming: 4 trial(s) finished, 0 to run" "$work/resume.log" || { cat "$work/resume.log"; fail "resume"; }
 [ "$(ls -d "$work"/grid/trial_* | wc -l)" -eq 4 ] || fail "resume ran new trials"
 
+# Interrupt: SIGTERM (or Ctrl-C) stops the sweep (exit 130), the running trials are recorded
+# as interrupted, and running again finishes them. (A background job of a script ignores
+# SIGINT, so the test sends SIGTERM.)
+sed 's/"training.max_steps": 20/"training.max_steps": 5000/' "$work/grid.json" > "$work/long.json"
+bash scripts/py.sh scripts/sweep.py "$work/long.json" --out "$work/int" --moe "$moe" 2> "$work/int.log" &
+pid=$!
+for _ in $(seq 50); do [ -f "$work/int/trial_000/metrics.jsonl" ] && break; sleep 0.2; done
+sleep 1
+kill -TERM $pid
+code=0; wait $pid || code=$?
+[ $code -eq 130 ] || { cat "$work/int.log"; fail "interrupted sweep exit code $code"; }
+grep -q ",interrupted," "$work/int/results.csv" || { cat "$work/int/results.csv"; fail "no interrupted trial"; }
+py scripts/sweep.py "$work/grid.json" --out "$work/int" --moe "$moe" 2> "$work/int2.log" || { cat "$work/int2.log"; fail "resume after interrupt"; }
+[ "$(grep -c ',done,' "$work/int/results.csv")" -eq 3 ] || { cat "$work/int/results.csv"; fail "resume finished 3 trials"; }
+
 cat > "$work/bayes.json" <<JSON
 {"base": "tests/fixtures/tiny_sweep.json", "method": "bayes", "trials": 4, "parallel": 1, "seed": 3,
  "params": {"optimizer.lr": {"low": 1e-4, "high": 3e-2, "log": true}, "model.dropout": {"low": 0.0, "high": 0.3}},
