@@ -40,8 +40,16 @@ import sys
 import threading
 import time
 
-import optuna
-from optuna.trial import TrialState
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM stops the sweep the way Ctrl-C does (installed before the slow imports)."""
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGTERM, stop_on_sigterm)
+
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["trial", "status", "final_val_loss", "best_val_loss", "tokens_per_s", "wall_s", "parameters",
@@ -288,11 +296,6 @@ class Sweep:
             w.writerows(rows)
 
 
-def stop_on_sigterm(signum, frame):
-    """SIGTERM stops the sweep the way Ctrl-C does."""
-    raise KeyboardInterrupt
-
-
 class TrialInterrupted(Exception):
     """moe train stopped on a signal: the trial runs again on resume."""
 
@@ -343,7 +346,6 @@ def main():
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "spec.json"), "w") as f:
         json.dump(spec, f, indent=2)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     finished = Sweep(spec, out, args.moe).run()
     print(f"sweep: results in {out}/results.csv and {out}/results.json", file=sys.stderr)
     if not finished:
@@ -352,4 +354,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before any trial started
+        print("sweep: interrupted", file=sys.stderr)
+        sys.exit(130)

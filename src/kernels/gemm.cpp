@@ -62,6 +62,44 @@ void scale_rows(float* C, int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64
   }
 }
 
+// C[0, :] = alpha · a · op(B) + beta · C[0, :] for a single row a (K values, stride lda when
+// trans_a). Sums over k in order; parallel over columns only.
+void gemv_row(bool trans_a, bool trans_b, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+              const float* B, int64_t ldb, float beta, float* C) {
+  thread_local std::vector<float> a_buf;
+  const float* a = A;
+  if (trans_a) {
+    a_buf.resize(size_t(K));
+    for (int64_t k = 0; k < K; ++k) a_buf[size_t(k)] = A[k * lda];
+    a = a_buf.data();
+  }
+  const bool parallel = !omp_in_parallel() && N * K >= 65536;
+  if (trans_b) {  // B stored [N, K]: one dot product per column
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t j = 0; j < N; ++j) {
+      const float* b = B + j * ldb;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += a[k] * b[k];
+      C[j] = alpha * acc + (beta == 0.f ? 0.f : beta * C[j]);
+    }
+    return;
+  }
+  // B stored [K, N]: accumulate rows of B, columns split across threads.
+  constexpr int64_t kCols = 256;
+  const int64_t chunks = (N + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t j0 = ch * kCols, j1 = std::min(N, j0 + kCols);
+    float acc[kCols] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const float ak = a[k];
+      const float* b = B + k * ldb;
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += ak * b[j];
+    }
+    for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
+  }
+}
+
 // Ap: for each group of MR rows, kb columns of MR floats (scaled by alpha, zero padded).
 void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, int64_t k0, int64_t kb,
             float alpha, float* Ap) {
@@ -144,6 +182,10 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   if (M <= 0 || N <= 0) return;
   if (K <= 0 || alpha == 0.f) {
     scale_rows(C, ldc, 0, M, 0, N, beta);
+    return;
+  }
+  if (M == 1) {  // one row (token-by-token decoding): packing would cost as much as the product
+    gemv_row(trans_a, trans_b, N, K, alpha, A, lda, B, ldb, beta, C);
     return;
   }
   const int64_t panels = (N + NR - 1) / NR;

@@ -22,6 +22,7 @@ Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
   os.dims[size_t(os.ndim - 1)] = O;
   Tensor y = has_bias ? g.output(os, x, w, b) : g.output(os, x, w);
   if (has_bias) {
+#pragma omp parallel for schedule(static) if (N * O > kParallelMinWork)
     for (int64_t n = 0; n < N; ++n) std::memcpy(y.data + n * O, b.data, sizeof(float) * size_t(O));
   }
   gemm(false, true, N, O, I, 1.f, x.data, I, w.data, I, has_bias ? 1.f : 0.f, y.data, O);  // (N, O)
@@ -86,8 +87,11 @@ Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
   if (y.requires_grad())
     g.record([=] {
       for (const Tensor* t : {&a, &b})
-        if (t->grad)
-          for (int64_t i = 0; i < n; ++i) t->grad[i] += y.grad[i];
+        if (t->grad) {
+          float* d = t->grad;
+#pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
+          for (int64_t i = 0; i < n; ++i) d[i] += y.grad[i];
+        }
     });
   return y;
 }
@@ -111,13 +115,15 @@ Tensor mul(Graph& g, const Tensor& a, const Tensor& b) {
   check_same_shape("mul", a, b);
   Tensor y = g.output(a.shape, a, b);
   const int64_t n = a.numel();
+#pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) y.data[i] = a.data[i] * b.data[i];
   if (y.requires_grad())
     g.record([=] {
-      if (a.grad)
-        for (int64_t i = 0; i < n; ++i) a.grad[i] += y.grad[i] * b.data[i];
-      if (b.grad)
-        for (int64_t i = 0; i < n; ++i) b.grad[i] += y.grad[i] * a.data[i];
+#pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
+      for (int64_t i = 0; i < n; ++i) {
+        if (a.grad) a.grad[i] += y.grad[i] * b.data[i];
+        if (b.grad) b.grad[i] += y.grad[i] * a.data[i];
+      }
     });
   return y;
 }

@@ -40,8 +40,8 @@ grep -q "resuming: 4 trial(s) finished, 0 to run" "$work/resume.log" || { cat "$
 sed 's/"training.max_steps": 20/"training.max_steps": 5000/' "$work/grid.json" > "$work/long.json"
 bash scripts/py.sh scripts/sweep.py "$work/long.json" --out "$work/int" --moe "$moe" 2> "$work/int.log" &
 pid=$!
-for _ in $(seq 50); do [ -f "$work/int/trial_000/metrics.jsonl" ] && break; sleep 0.2; done
-sleep 1
+for _ in $(seq 600); do [ -s "$work/int/trial_000/metrics.jsonl" ] && break; sleep 0.2; done
+[ -s "$work/int/trial_000/metrics.jsonl" ] || fail "the long sweep did not start a trial within 2 minutes"
 kill -TERM $pid
 code=0; wait $pid || code=$?
 [ $code -eq 130 ] || { cat "$work/int.log"; fail "interrupted sweep exit code $code"; }
