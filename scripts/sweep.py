@@ -170,9 +170,11 @@ class Sweep:
         for w in workers:
             w.start()
         try:
+            # Sleep, not join: a KeyboardInterrupt that lands inside Thread.join can leave the
+            # thread marked finished while it still runs (seen with Python 3.11: the trial
+            # being stopped was never recorded).
             while any(w.is_alive() for w in workers):
-                for w in workers:
-                    w.join(0.2)
+                time.sleep(0.2)
         except KeyboardInterrupt:
             # Stop: no new trials; running ones get SIGINT (moe saves and exits) and are
             # recorded as interrupted, to run again on resume.
