@@ -18,13 +18,8 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   Tensor y = g.output({B, T, C}, qkv);
   // Attention weights before dropout, kept for the backward; masked entries are 0.
   float* probs = g.arena().alloc_floats(B * H * TT);
-  float* mask = nullptr;  // 0 or 1/(1-p) per weight
-  if (training && p > 0.f) {
-    mask = g.arena().alloc_floats(B * H * TT);
-    rng.fill_uniform(mask, B * H * TT);
-    const float keep = 1.f / (1.f - p);
-    for (int64_t i = 0; i < B * H * TT; ++i) mask[i] = mask[i] >= p ? keep : 0.f;
-  }
+  // 0 or 1/(1-p) per weight, exactly as dropout() on the [B, H, T, T] weights would draw it.
+  const float* mask = training && p > 0.f ? dropout_mask(g, B * H * TT, p, rng) : nullptr;
 
 #pragma omp parallel for schedule(static) if (B * H * TT * D > kParallelMinWork)
   for (int64_t bh = 0; bh < B * H; ++bh) {

@@ -54,19 +54,23 @@ Tensor softplus(Graph& g, const Tensor& x) {
                [](float v, float) { return v > 20.f ? 1.f : 1.f / (1.f + std::exp(-v)); });
 }
 
+float* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {
+  float* mask = g.arena().alloc_floats(n);
+  rng.fill_uniform(mask, n);
+  const float keep_scale = 1.f / (1.f - p);
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+  for (int64_t i = 0; i < n; ++i) mask[i] = mask[i] >= p ? keep_scale : 0.f;
+  return mask;
+}
+
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng) {
   check(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
-  float* mask = g.arena().alloc_floats(n);  // 0 or 1/(1-p)
-  rng.fill_uniform(mask, n);
-  const float keep_scale = 1.f / (1.f - p);
+  const float* mask = dropout_mask(g, n, p, rng);
   Tensor y = g.output(x.shape, x);
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) {
-    mask[i] = mask[i] >= p ? keep_scale : 0.f;
-    y.data[i] = x.data[i] * mask[i];
-  }
+  for (int64_t i = 0; i < n; ++i) y.data[i] = x.data[i] * mask[i];
   if (y.requires_grad())
     g.record([=] {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)

@@ -46,6 +46,9 @@ Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's thresho
 // Inverted dropout: zero with probability p, scale the kept by 1/(1-p). Identity when p == 0
 // or when `training` is false. The mask comes from rng (the counter advances by numel).
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng);
+// The mask dropout uses, in the arena: n values, 1/(1-p) where kept and 0 where dropped, from
+// n uniforms of rng. Shared by ops that fuse dropout (causal_attention).
+float* dropout_mask(Graph& g, int64_t n, float p, Rng& rng);
 // Scalar (shape {1}) sum and mean of all elements.
 Tensor sum(Graph& g, const Tensor& x);
 Tensor mean(Graph& g, const Tensor& x);
