@@ -1,9 +1,10 @@
 #include "moe/kernels/nn.hpp"
-#include "moe/tensor/parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "moe/tensor/parallel.hpp"
 
 namespace moe {
 

@@ -1,10 +1,11 @@
 #include "moe/kernels/routing.hpp"
-#include "moe/tensor/parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
+
+#include "moe/tensor/parallel.hpp"
 
 namespace moe {
 

@@ -1,12 +1,12 @@
 // Dense algebra ops: linear, bmm, add, add_bias, mul, scale, embedding, layernorm.
 #include <omp.h>
-#include "moe/tensor/parallel.hpp"
 
 #include <cstring>
 
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
 #include "moe/ops/ops.hpp"
+#include "moe/tensor/parallel.hpp"
 
 namespace moe {
 

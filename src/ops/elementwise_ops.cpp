@@ -1,8 +1,8 @@
 // Elementwise ops: relu, gelu, silu, softplus, dropout, and the reductions sum and mean.
 #include <cmath>
-#include "moe/tensor/parallel.hpp"
 
 #include "moe/ops/ops.hpp"
+#include "moe/tensor/parallel.hpp"
 
 namespace moe {
 

@@ -1,8 +1,8 @@
 // Layout ops: split_heads, merge_heads, slice_cols (copies, so later kernels see contiguous data).
 #include <cstring>
-#include "moe/tensor/parallel.hpp"
 
 #include "moe/ops/ops.hpp"
+#include "moe/tensor/parallel.hpp"
 
 namespace moe {
 

@@ -1,11 +1,11 @@
 // Sparse MoE routing ops: top-k softmax, row gather, weighted scatter-add.
 #include <algorithm>
-#include "moe/tensor/parallel.hpp"
 #include <cmath>
 #include <cstring>
 
 #include "moe/kernels/routing.hpp"
 #include "moe/ops/ops.hpp"
+#include "moe/tensor/parallel.hpp"
 
 namespace moe {
 

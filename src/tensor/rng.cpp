@@ -1,7 +1,8 @@
 #include "moe/tensor/rng.hpp"
-#include "moe/tensor/parallel.hpp"
 
 #include <cmath>
+
+#include "moe/tensor/parallel.hpp"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
