@@ -2,7 +2,8 @@
 # Builds moe and runs every test. Exits non-zero on any failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-bash "$root/scripts/setup.sh" --python  # the script tests need numpy, matplotlib and optuna
+# The script tests need numpy, matplotlib and optuna; the MPI tests (tests/test_mpi.cpp) mpirun.
+bash "$root/scripts/setup.sh" --python --mpi
 bash "$root/scripts/build.sh"
 cd "$root/build"
 ctest --output-on-failure -j "$(nproc)"

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "moe/data/dataset.hpp"
+#include "moe/dist/comm.hpp"
 #include "moe/data/tokenizer.hpp"
 #include "moe/generate/generator.hpp"
 #include "moe/io/config.hpp"
@@ -48,7 +49,7 @@ Loaded load_for_inference(const std::string& path) {
 }
 
 int run_train(const std::string& config_path, const std::string& resume, const std::string& out_dir,
-              bool overwrite, bool dry_run) {
+              bool overwrite, bool dry_run, bool expert_parallel) {
   Config cfg = load_config(config_path);
   install_stop_signal_handlers();
   TrainOptions opt;
@@ -56,6 +57,7 @@ int run_train(const std::string& config_path, const std::string& resume, const s
   opt.out_dir = out_dir;
   opt.overwrite = overwrite;
   opt.dry_run = dry_run;
+  opt.expert_parallel = expert_parallel;
   TrainResult r = train(cfg, opt);
   if (dry_run) {
     std::printf("%s\n", nlohmann::json{{"config", config_path},
@@ -68,6 +70,8 @@ int run_train(const std::string& config_path, const std::string& resume, const s
   }
   spdlog::info("final train loss {:.4f}, last val loss {:.4f}, best val loss {:.4f}; {:.1f} s, median step {:.1f} ms",
                r.last_train_loss, r.last_val_loss, r.best_val_loss, r.wall_seconds, r.median_step_ms);
+  if (r.ranks > 1)
+    spdlog::info("{} processes; gradient all-reduce {:.1f} ms per step on average", r.ranks, r.reduce_ms_per_step);
   return r.interrupted ? 128 + g_stop_signal.load() : 0;
 }
 
@@ -165,7 +169,7 @@ std::string fmt_number(double v) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{"moe: train, sample and evaluate character-level sparse Mixture-of-Experts language models"};
   app.require_subcommand(1);
   // Parse errors in the same one-line form as every other error, pointing at the right --help.
@@ -181,11 +185,14 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--config", config_path, "JSON config file")->required();
   train_cmd->add_option("--resume", resume, "checkpoint to resume from (exact continuation)");
   train_cmd->add_option("--out", out_dir, "run directory (default: the config's logging.out_dir)");
-  bool overwrite = false, dry_run = false;
+  bool overwrite = false, dry_run = false, expert_parallel = false;
   train_cmd->add_flag("--dry-run", dry_run, "check the config and data, print the resolved config and the "
                                             "parameter counts as JSON, and exit");
   train_cmd->add_flag("--overwrite", overwrite, "start afresh in a run directory that holds an earlier run's "
                                                 "checkpoints (they are deleted)");
+  train_cmd->add_flag("--expert-parallel", expert_parallel,
+                      "under mpirun: each process computes and updates only its share of every layer's "
+                      "experts (router.num_experts must be a multiple of the number of processes)");
 
   std::string ckpt, prompt, prompt_file;
   int64_t max_new = 500;
@@ -247,7 +254,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    if (*train_cmd) return run_train(config_path, resume, out_dir, overwrite, dry_run);
+    if (dist::size() > 1 && !*train_cmd)
+      throw std::runtime_error(app.get_subcommands().front()->get_name() +
+                               " runs in one process: start it without mpirun (only train runs across processes)");
+    if (dist::rank() > 0) spdlog::set_level(spdlog::level::warn);  // rank 0 reports for all
+    if (*train_cmd) return run_train(config_path, resume, out_dir, overwrite, dry_run, expert_parallel);
     if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
     if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
     if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json);
@@ -256,4 +267,18 @@ int main(int argc, char** argv) {
     return 1;
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    moe::dist::init(&argc, &argv);  // MPI, when started by mpirun
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe: error: %s\n", e.what());
+    return 1;
+  }
+  const int rc = run(argc, argv);
+  // An error on one process (its message is printed) must not leave the others waiting.
+  if ((rc == 1 || rc == 2) && moe::dist::size() > 1) moe::dist::abort_all(rc);
+  moe::dist::finalize();
+  return rc;
 }

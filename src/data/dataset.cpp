@@ -59,15 +59,28 @@ BatchSampler::BatchSampler(const std::vector<int32_t>& ids, int64_t B, int64_t T
                              std::to_string(T + 1));
 }
 
+void BatchSampler::set_shard(int64_t index, int64_t count) {
+  if (count < 1 || index < 0 || index >= count)
+    throw std::runtime_error("BatchSampler: shard " + std::to_string(index) + " of " + std::to_string(count));
+  shard_index_ = index, shard_count_ = count;
+}
+
 void BatchSampler::next(int32_t* x, int32_t* y) {
   const uint64_t range = uint64_t(ids_->size()) - uint64_t(T_);  // offsets in [0, len - T)
+  // Row g of the shared batch (shard_count_ * B rows) starts at counter base + g.
+  RngState base = rng_.state();
   for (int64_t b = 0; b < B_; ++b) {
-    const size_t s = size_t(rng_.below(range));
+    RngState row = base;
+    row.counter += uint64_t(shard_index_ * B_ + b);
+    Rng r(row);
+    const size_t s = size_t(r.below(range));
     for (int64_t t = 0; t < T_; ++t) {
       x[b * T_ + t] = (*ids_)[s + size_t(t)];
       y[b * T_ + t] = (*ids_)[s + size_t(t) + 1];
     }
   }
+  base.counter += uint64_t(shard_count_ * B_);
+  rng_.set_state(base);
 }
 
 WindowBatcher::WindowBatcher(const std::vector<int32_t>& ids, int64_t B, int64_t T)

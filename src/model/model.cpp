@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
+#include "moe/dist/comm.hpp"
 #include "moe/kernels/routing.hpp"
 #include "moe/ops/ops.hpp"
 
@@ -285,16 +287,6 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
   int32_t* token = g.arena().alloc_ints(N * K_);
   int32_t* gate_pos = g.arena().alloc_ints(N * K_);
   group_by_expert(top.index, N, K_, E_, offsets, token, gate_pos);
-  if (opt.training)
-    for (int64_t e = 0; e < E_; ++e) last_load_[size_t(layer * E_ + e)] = offsets[e + 1] - offsets[e];
-
-  // Balancing losses from the clean logits and the router's choices (before any capacity).
-  if (losses && rc.aux_loss_coef > 0) {
-    int32_t* slots = g.arena().alloc_ints(E_);
-    for (int64_t e = 0; e < E_; ++e) slots[e] = offsets[e + 1] - offsets[e];
-    losses->aux.push_back(switch_aux_loss(g, clean, slots));
-  }
-  if (losses && rc.z_loss_coef > 0) losses->z.push_back(router_z_loss(g, clean));
 
   // Router health counts the router's choices, so it keeps the offsets from before any drops.
   int32_t* chosen_offsets = g.arena().alloc_ints(E_ + 1);
@@ -306,16 +298,128 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
   }
   if (opt.stats) record_router_health(*opt.stats, layer, clean.data, N, E_, chosen_offsets, dropped);
 
-  Tensor acc = g.zeros({N, C_}, g.grad_enabled());  // (N, C)
+  // Slots per expert, chosen (before any capacity drops) and kept: counts[r][e] and
+  // counts[r][E + e] for process r, every process of a distributed forward, else this one.
+  const bool dist = opt.distributed && ranks_ > 1;
+  const int64_t R = dist ? ranks_ : 1, me = dist ? rank_ : 0;
+  auto* mine = static_cast<int64_t*>(g.arena().alloc_bytes(sizeof(int64_t) * size_t(2 * E_)));
+  auto* counts = static_cast<int64_t*>(g.arena().alloc_bytes(sizeof(int64_t) * size_t(R * 2 * E_)));
   for (int64_t e = 0; e < E_; ++e) {
-    const int64_t begin = offsets[e], n = offsets[e + 1] - offsets[e];
-    if (n == 0) continue;  // only the chosen experts compute
-    Tensor ye = expert_forward(g, bp.experts[size_t(e)], gather_rows(g, xf, token + begin, n), opt);  // (n, C)
-    index_add_weighted(g, acc, ye, token + begin, top.weights, gate_pos + begin, n);
+    mine[e] = chosen_offsets[e + 1] - chosen_offsets[e];
+    mine[E_ + e] = offsets[e + 1] - offsets[e];
+  }
+  if (dist)
+    dist::allgather(mine, counts, 2 * E_);
+  else
+    std::copy(mine, mine + 2 * E_, counts);
+  int32_t* slots = g.arena().alloc_ints(E_);  // chosen over the global batch
+  for (int64_t e = 0; e < E_; ++e) {
+    int64_t c = 0;
+    for (int64_t r = 0; r < R; ++r) c += counts[r * 2 * E_ + e];
+    slots[e] = int32_t(c);
+    if (opt.training) last_load_[size_t(layer * E_ + e)] = c;
+  }
+
+  // Balancing losses from the clean logits and the router's choices (before any capacity).
+  if (losses && rc.aux_loss_coef > 0) losses->aux.push_back(switch_aux_loss(g, clean, slots));
+  if (losses && rc.z_loss_coef > 0) losses->z.push_back(router_z_loss(g, clean));
+
+  Tensor acc = g.zeros({N, C_}, g.grad_enabled());  // (N, C)
+  if (dist && expert_parallel_) {
+    Tensor ys = remote_experts(g, bp, xf, offsets, token, counts, opt);  // (slots kept, C)
+    index_add_weighted(g, acc, ys, token, top.weights, gate_pos, offsets[E_]);
+  } else {
+    const bool drawn = opt.training && cfg_.model.dropout > 0 && opt.dropout_rng;
+    for (int64_t e = 0; e < E_; ++e) {
+      const int64_t begin = offsets[e], n = offsets[e + 1] - offsets[e];
+      if (drawn) {
+        // Expert e's dropout over the rows of every process, in process order: what one
+        // process with the whole batch would draw for these rows.
+        int64_t before = 0, total = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t k = counts[r * 2 * E_ + E_ + e];
+          if (r < me) before += k;
+          total += k;
+        }
+        if (n == 0) opt.dropout_rng->skip(uint64_t(total * C_));
+        else opt.dropout_rng->set_next_window(uint64_t(before * C_), uint64_t(total * C_));
+      }
+      if (n == 0) continue;  // only the chosen experts compute
+      Tensor ye = expert_forward(g, bp.experts[size_t(e)], gather_rows(g, xf, token + begin, n), opt);  // (n, C)
+      index_add_weighted(g, acc, ye, token + begin, top.weights, gate_pos + begin, n);
+    }
   }
   Tensor out = acc;
   for (const ExpertParams& sp : bp.shared) out = add(g, out, expert_forward(g, sp, xf, opt));
   return out.view(x.shape);
+}
+
+Tensor Model::remote_experts(Graph& g, const BlockParams& bp, const Tensor& xf, const int32_t* offsets,
+                             const int32_t* token, const int64_t* counts, const ForwardOptions& opt) {
+  // Dispatch: the kept rows, sorted by expert, go to the experts' owners (experts of one
+  // owner are consecutive). Rows from rank src arrive in one block, sorted by expert.
+  const int64_t R = ranks_, El = E_ / R, S = offsets[E_];
+  const auto kept = [&](int64_t r, int64_t e) { return counts[r * 2 * E_ + E_ + e]; };
+  auto* send = static_cast<int64_t*>(g.arena().alloc_bytes(sizeof(int64_t) * size_t(2 * R)));
+  int64_t* recv = send + R;
+  int64_t* block = static_cast<int64_t*>(g.arena().alloc_bytes(sizeof(int64_t) * size_t(R)));  // first row from src
+  int64_t received = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    send[r] = offsets[(r + 1) * El] - offsets[r * El];
+    recv[r] = 0;
+    for (int64_t e = rank_ * El; e < (rank_ + 1) * El; ++e) recv[r] += kept(r, e);
+    block[r] = received;
+    received += recv[r];
+  }
+  Tensor xr = exchange_rows(g, gather_rows(g, xf, token, S), send, recv);  // (received, C)
+
+  // Each expert of this rank runs once over its rows from every rank, in rank order (the
+  // order one process would see them in); the other experts' dropout numbers are skipped.
+  Tensor yr = g.zeros({received, C_}, g.grad_enabled());
+  Tensor ones = g.new_tensor({std::max<int64_t>(1, received)}, false);
+  std::fill(ones.data, ones.data + ones.numel(), 1.f);
+  const bool drawn = opt.training && cfg_.model.dropout > 0 && opt.dropout_rng;
+  for (int64_t e = 0; e < E_; ++e) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < R; ++r) n += kept(r, e);
+    if (expert_owner(e) != rank_) {
+      if (drawn) opt.dropout_rng->skip(uint64_t(n * C_));
+      continue;
+    }
+    if (n == 0) continue;
+    int32_t* rows = g.arena().alloc_ints(n);
+    int64_t i = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t first = block[r];
+      for (int64_t e2 = rank_ * El; e2 < e; ++e2) first += kept(r, e2);
+      for (int64_t j = 0; j < kept(r, e); ++j) rows[i++] = int32_t(first + j);
+    }
+    if (drawn) opt.dropout_rng->set_next_window(0, uint64_t(n * C_));
+    Tensor ye = expert_forward(g, bp.experts[size_t(e)], gather_rows(g, xr, rows, n), opt);  // (n, C)
+    index_add_weighted(g, yr, ye, rows, ones, rows, n);
+  }
+  // Combine: the outputs go back to the ranks the rows came from, in their original order.
+  return exchange_rows(g, yr, recv, send);  // (S, C)
+}
+
+void Model::set_parallel(int rank, int ranks, bool expert_parallel) {
+  check(ranks >= 1 && rank >= 0 && rank < ranks, "Model", "rank " + std::to_string(rank) + " of " + std::to_string(ranks));
+  if (expert_parallel && E_ % ranks != 0)
+    throw std::runtime_error("expert parallelism over " + std::to_string(ranks) + " processes needs router.num_experts (" +
+                             std::to_string(E_) + ") to be a multiple of " + std::to_string(ranks));
+  rank_ = rank, ranks_ = ranks, expert_parallel_ = expert_parallel;
+}
+
+int Model::expert_owner(int64_t e) const { return expert_parallel_ ? int(e / (E_ / ranks_)) : 0; }
+
+std::vector<int> Model::param_expert() const {
+  std::vector<int> out(size_t(params_.count()), -1);
+  for (const BlockParams& b : blocks_)
+    for (size_t e = 0; e < b.experts.size(); ++e)
+      for (const LinearParams* lp : {&b.experts[e].fc1, &b.experts[e].fc2, &b.experts[e].fc3})
+        for (int id : {lp->weight, lp->bias})
+          if (id >= 0) out[size_t(id)] = int(e);
+  return out;
 }
 
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,

@@ -1,5 +1,6 @@
 #include "moe/optim/adamw.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace moe {
@@ -15,7 +16,7 @@ AdamW::AdamW(const OptimizerConfig& cfg, const ParamStore& params)
   }
 }
 
-void AdamW::step(ParamStore& params, float lr) {
+void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* only) {
   ++t_;
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
   const float wd = float(cfg_.weight_decay);
@@ -27,14 +28,16 @@ void AdamW::step(ParamStore& params, float lr) {
   float* m = m_.data();
   float* v = v_.data();
   const uint8_t* decay = decay_.data();
-  const int64_t n = params.numel();
+  const std::vector<FloatRange> all{{0, params.numel()}};
+  for (const FloatRange& r : only ? *only : all) {
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    if (decay[i]) p[i] *= 1.f - lr * wd;
-    m[i] = b1 * m[i] + (1.f - b1) * g[i];
-    v[i] = b2 * v[i] + (1.f - b2) * g[i] * g[i];
-    const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
-    p[i] += -step_size * (m[i] / denom);  // torch's addcdiv_ order
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      if (decay[i]) p[i] *= 1.f - lr * wd;
+      m[i] = b1 * m[i] + (1.f - b1) * g[i];
+      v[i] = b2 * v[i] + (1.f - b2) * g[i] * g[i];
+      const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
+      p[i] += -step_size * (m[i] / denom);  // torch's addcdiv_ order
+    }
   }
 }
 
@@ -49,28 +52,33 @@ float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps)
   return float(cfg.min_lr + 0.5 * (lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress)));
 }
 
-double clip_grad_norm(ParamStore& params, double max_norm) {
-  // Fixed chunks summed in order: the same bits for any thread count.
+double sum_of_squares(const float* x, int64_t n) {
   constexpr int64_t kChunk = 1 << 14;
-  const int64_t n = params.numel();
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(size_t(chunks), 0.0);
-  const float* g = params.grad();
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < chunks; ++c) {
     double s = 0;
-    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(g[i]) * g[i];
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(x[i]) * x[i];
     partial[size_t(c)] = s;
   }
   double total = 0;
   for (double s : partial) total += s;
-  const double norm = std::sqrt(total);
-  if (max_norm > 0 && norm > max_norm) {
-    const float f = float(max_norm / (norm + 1e-6));
-    float* gw = params.grad();
+  return total;
+}
+
+void clip_to_norm(ParamStore& params, double norm, double max_norm) {
+  if (!(max_norm > 0 && norm > max_norm)) return;
+  const float f = float(max_norm / (norm + 1e-6));
+  float* g = params.grad();
+  const int64_t n = params.numel();
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) gw[i] *= f;
-  }
+  for (int64_t i = 0; i < n; ++i) g[i] *= f;
+}
+
+double clip_grad_norm(ParamStore& params, double max_norm) {
+  const double norm = std::sqrt(sum_of_squares(params.grad(), params.numel()));
+  clip_to_norm(params, norm, max_norm);
   return norm;
 }
 

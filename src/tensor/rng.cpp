@@ -1,6 +1,8 @@
 #include "moe/tensor/rng.hpp"
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "moe/tensor/parallel.hpp"
 
@@ -124,8 +126,33 @@ inline __m256i philox8_word0(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ct
 }  // namespace
 #endif
 
+uint64_t Rng::take_fill(int64_t n) {
+  uint64_t offset = 0, total = uint64_t(n);
+  if (window_total_ > 0) {  // this fill only
+    if (window_offset_ + uint64_t(n) > window_total_)
+      throw std::logic_error("Rng: a window of " + std::to_string(window_total_) + " numbers cannot hold " +
+                             std::to_string(n) + " at offset " + std::to_string(window_offset_));
+    offset = window_offset_, total = window_total_;
+    window_offset_ = window_total_ = 0;
+  } else {
+    offset = shard_index_ * uint64_t(n), total = shard_count_ * uint64_t(n);
+  }
+  const uint64_t first = s_.counter + offset;
+  s_.counter += total;
+  return first;
+}
+
+void Rng::set_shard(uint64_t index, uint64_t count) {
+  if (count == 0 || index >= count)
+    throw std::invalid_argument("Rng: shard " + std::to_string(index) + " of " + std::to_string(count));
+  shard_index_ = index, shard_count_ = count;
+}
+
+void Rng::set_next_window(uint64_t offset, uint64_t total) { window_offset_ = offset, window_total_ = total; }
+
 void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
-  const RngState s = s_;
+  RngState s = s_;
+  s.counter = take_fill(n);
   int64_t done = 0;
 #if defined(__AVX2__)
   // Eight counters at a time; the same numbers as the scalar loop below.
@@ -145,18 +172,17 @@ void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
     philox(s.seed, s.stream, s.counter + uint64_t(i), w);
     out[i] = lo + (hi - lo) * to_unit(w[0]);
   }
-  s_.counter += uint64_t(n);
 }
 
 void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
-  const RngState s = s_;
+  RngState s = s_;
+  s.counter = take_fill(n);
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) {
     uint32_t w[4];
     philox(s.seed, s.stream, s.counter + uint64_t(i), w);
     out[i] = mean + stddev * block_normal(w);
   }
-  s_.counter += uint64_t(n);
 }
 
 }  // namespace moe

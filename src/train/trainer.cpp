@@ -19,6 +19,7 @@
 #include "moe/optim/adamw.hpp"
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/evaluate.hpp"
+#include "moe/train/parallel.hpp"
 
 namespace moe {
 
@@ -104,13 +105,23 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     throw std::runtime_error("--resume " + opt.resume + ": the data file " + cfg.data.path +
                              " has a different vocabulary than the checkpoint");
   Model model(cfg, int64_t(data.tokenizer().vocab().size()));
+  ParallelTraining par(model, opt.expert_parallel);  // one process unless started by mpirun
+  const int64_t R = par.ranks();
+  const bool lead = par.rank() == 0;  // writes the logs, metrics and checkpoints
+  const bool quiet = opt.quiet || !lead;
   TrainResult res;
+  res.ranks = par.ranks();
   res.parameters = model.params().parameter_count();
   res.active_parameters = model.active_param_count();
   if (opt.dry_run) return res;
   AdamW adamw(cfg.optimizer, model.params());
   BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, kStreamData));
   Rng dropout_rng(cfg.training.seed, kStreamDropout), noise_rng(cfg.training.seed, kStreamNoise);
+  // Each rank draws its rows' share of one global batch of R·B rows, and their share of the
+  // dropout and noise numbers, so R ranks draw what one process with batch R·B would.
+  sampler.set_shard(par.rank(), R);
+  dropout_rng.set_shard(uint64_t(par.rank()), uint64_t(R));
+  noise_rng.set_shard(uint64_t(par.rank()), uint64_t(R));
   if (opt.resume.empty()) {
     Rng init_rng(cfg.training.seed, kStreamInit);
     model.init(init_rng);
@@ -123,17 +134,23 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
 
   namespace fs = std::filesystem;
   const fs::path out = cfg.logging.out_dir;
-  if (opt.resume.empty()) prepare_fresh_run_dir(out, opt.overwrite);
-  fs::create_directories(out);
-  {
-    std::ofstream f(out / "config.json");
-    f << config_to_json(cfg).dump(2) << "\n";
-    if (!f) throw std::runtime_error("cannot write " + (out / "config.json").string());
+  std::ofstream metrics;  // stays closed on the other ranks: writes to it do nothing
+  if (lead) {
+    if (opt.resume.empty()) prepare_fresh_run_dir(out, opt.overwrite);
+    fs::create_directories(out);
+    {
+      std::ofstream f(out / "config.json");
+      f << config_to_json(cfg).dump(2) << "\n";
+      if (!f) throw std::runtime_error("cannot write " + (out / "config.json").string());
+    }
+    metrics.open(out / "metrics.jsonl", std::ios::app);
+    if (!metrics) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
   }
-  std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
-  if (!metrics) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
 
-  if (!opt.quiet) {
+  if (!quiet) {
+    if (R > 1)
+      spdlog::info("{} over {} processes: batch {} per process, {} in all", par.expert_parallel() ? "expert parallel" : "data parallel",
+                   R, B, R * B);
     spdlog::info("config:\n{}", config_to_json(cfg).dump(2));
     spdlog::info("model: {} parameters ({} active per token), vocabulary {}, {} train / {} val tokens",
                  model.params().parameter_count(), model.active_param_count(), model.vocab_size(),
@@ -142,10 +159,19 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   }
 
   auto save = [&](const fs::path& path) {
+    par.share_experts(model.params(), &adamw);  // collective: every rank saves at the same steps
+    if (!lead) return;
     state.data_rng = sampler.state();
     state.dropout_rng = dropout_rng.state();
     state.noise_rng = noise_rng.state();
     save_checkpoint(path.string(), model, &adamw, data.tokenizer().vocab(), state);
+  };
+
+  // A signal reaches each rank at its own moment: they stop together when any has seen one.
+  auto stop_requested = [&] {
+    double any = g_stop_signal.load() != 0 ? 1 : 0;
+    if (R > 1) par.sum(&any, 1);
+    return any > 0;
   };
 
   res.last_val_loss = std::numeric_limits<double>::quiet_NaN();
@@ -159,18 +185,19 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   const auto t_loop = clock::now();
   for (int64_t step = state.step; step < max_steps; ++step) {
     if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
-      EvalEstimate est = estimate_loss(model, data, cfg, g);
+      par.share_experts(model.params(), nullptr);
+      EvalEstimate est = estimate_loss(model, data, cfg, g);  // the same on every rank
       res.last_val_loss = est.val_loss;
       metrics << nlohmann::json{{"step", step}, {"train_loss", est.train_loss}, {"val_loss", est.val_loss}}.dump()
               << "\n" << std::flush;
-      if (!opt.quiet)
+      if (!quiet)
         spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}", step, est.train_loss, est.val_loss);
       if (est.val_loss < state.best_val_loss) {
         state.best_val_loss = est.val_loss;
         state.step = step;
         save(out / "best.safetensors");
       }
-      if (g_stop_signal.load() != 0) {  // a signal during the evaluation: stop before the next step
+      if (stop_requested()) {  // a signal during the evaluation: stop before the next step
         res.interrupted = true;
         break;
       }
@@ -185,20 +212,26 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     fo.dropout_rng = &dropout_rng;
     fo.noise_rng = &noise_rng;
     fo.stats = &stats;  // accumulates over the logging window
+    fo.distributed = R > 1;
     Model::Output o = model.forward(g, xb.data(), yb.data(), B, T, fo);
-    const double loss = o.loss.data[0];
+    double loss = o.loss.data[0];
+    if (R > 1) {  // the global batch's loss, so that every rank takes the same decisions
+      par.sum(&loss, 1);
+      loss /= double(R);
+    }
     if (!std::isfinite(loss))
       throw std::runtime_error("training diverged: loss is " + std::to_string(loss) + " at step " +
                                std::to_string(step) + "; the last good checkpoint is kept in " + out.string() +
                                " (try a lower optimizer.lr or optimizer.grad_clip)");
     g.backward(o.objective);
-    const double grad_norm = clip_grad_norm(model.params(), cfg.optimizer.grad_clip);
+    par.reduce_gradients(model.params());
+    const double grad_norm = par.clip_grad_norm(model.params(), cfg.optimizer.grad_clip);
     const float lr = learning_rate(cfg.optimizer, step, max_steps);
-    adamw.step(model.params(), lr);
+    adamw.step(model.params(), lr, par.update_ranges());
     model.update_balance_bias();  // no-op unless router.bias_update_rate > 0
     const double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
     step_ms.push_back(ms);
-    window_tokens += double(B * T);
+    window_tokens += double(R * B * T);
     window_seconds += ms / 1000.0;
     res.last_train_loss = loss;
     state.step = step + 1;
@@ -220,7 +253,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
         dropped += layer["dropped_frac"].get<double>() / double(health.size());
       }
       metrics << j.dump() << "\n" << std::flush;
-      if (!opt.quiet)
+      if (!quiet)
         spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | max load {:+.0f}%{} | {:.0f} tok/s | ETA {}",
                      step + 1, max_steps, loss, lr, grad_norm, 100 * worst_violation,
                      cfg.router.capacity_factor > 0 ? fmt::format(" | dropped {:.1f}%", 100 * dropped) : "",
@@ -231,20 +264,21 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     if (cfg.logging.checkpoint_interval > 0 && (step + 1) % cfg.logging.checkpoint_interval == 0) {
       const fs::path step_file = out / ("step_" + std::to_string(step + 1) + ".safetensors");
       save(step_file);
-      link_atomically(step_file, out / "last.safetensors");  // last.safetensors: always the newest
+      if (lead) link_atomically(step_file, out / "last.safetensors");  // last.safetensors: always the newest
     }
-    if (g_stop_signal.load() != 0) {
+    if (stop_requested()) {
       res.interrupted = true;
       break;
     }
   }
   save(out / "last.safetensors");
-  if (!opt.quiet)
+  if (!quiet)
     spdlog::info("{} at step {}: checkpoint {}", res.interrupted ? "interrupted" : "done", state.step,
                  (out / "last.safetensors").string());
   res.steps_done = state.step;
   res.best_val_loss = state.best_val_loss;
   res.median_step_ms = median(step_ms);
+  if (!step_ms.empty()) res.reduce_ms_per_step = 1000 * par.reduce_seconds() / double(step_ms.size());
   res.wall_seconds = std::chrono::duration<double>(clock::now() - t_start).count();
   return res;
 }

@@ -34,8 +34,12 @@ class Dataset {
 class BatchSampler {
  public:
   BatchSampler(const std::vector<int32_t>& ids, int64_t B, int64_t T, Rng rng);
-  // x, y: B*T ids each; y is x shifted by one.
+  // x, y: B*T ids each; y is x shifted by one. Row b uses the generator's counter + b (one
+  // number per row), then the counter moves past the batch.
   void next(int32_t* x, int32_t* y);
+  // Data parallelism: this process takes rows [index·B, index·B + B) of a batch of count·B
+  // rows, so `count` processes together draw exactly one process's batch of count·B.
+  void set_shard(int64_t index, int64_t count);
   const RngState& state() const { return rng_.state(); }
   void set_state(const RngState& s) { rng_.set_state(s); }
 
@@ -43,6 +47,7 @@ class BatchSampler {
   const std::vector<int32_t>* ids_;
   int64_t B_, T_;
   Rng rng_;
+  int64_t shard_index_ = 0, shard_count_ = 1;
 };
 
 // The split cut into consecutive, non-overlapping windows: window w is ids[w*T : w*T + T]

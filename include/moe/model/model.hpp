@@ -74,6 +74,11 @@ struct ForwardOptions {
   RoutingStats* stats = nullptr;
   // Top-k ids chosen per layer ([B*T*K] each), written when non-null (tests).
   std::vector<std::vector<int32_t>>* chosen = nullptr;
+  // The training forward of a run over several processes (see Model::set_parallel): the
+  // routing counts behind the aux loss, the balancing bias and the expert dropout are those
+  // of the global batch, and with expert parallelism the routed rows travel to the rank
+  // that owns their expert. Collective: every rank runs the same forwards.
+  bool distributed = false;
 };
 
 class Model {
@@ -120,6 +125,17 @@ class Model {
   // than the mean, down when more).
   void update_balance_bias();
 
+  // Training over `ranks` processes (this one `rank`), each with its own share of the batch.
+  // With expert_parallel, expert e of every layer belongs to rank e / (E / ranks) (E must be
+  // a multiple of ranks): only that rank computes it, in distributed forwards.
+  void set_parallel(int rank, int ranks, bool expert_parallel);
+  bool expert_parallel() const { return expert_parallel_; }
+  // The rank that computes expert e (0 without expert parallelism).
+  int expert_owner(int64_t e) const;
+  // Per parameter id: the routed expert it belongs to, or -1 (everything else, including
+  // shared experts).
+  std::vector<int> param_expert() const;
+
  private:
   Tensor attention(Graph& g, const BlockParams& bp, const Tensor& x, const ForwardOptions& opt);
   Tensor attention_cached(Graph& g, const BlockParams& bp, const Tensor& x, int64_t n,
@@ -130,6 +146,8 @@ class Model {
   Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
                  const ForwardOptions& opt, RouterLosses* losses);
   Tensor expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt);
+  Tensor remote_experts(Graph& g, const BlockParams& bp, const Tensor& xf, const int32_t* offsets,
+                        const int32_t* token, const int64_t* counts, const ForwardOptions& opt);
   ExpertParams add_expert(const std::string& name);
   Tensor apply_linear(Graph& g, const LinearParams& lp, const Tensor& x) const;
   Tensor apply_norm(Graph& g, const NormParams& np, const Tensor& x) const;
@@ -154,6 +172,8 @@ class Model {
   LinearParams lm_head_;
   std::vector<float> balance_bias_;  // [L, E] when router.bias_update_rate > 0, else empty
   std::vector<int64_t> last_load_;    // [L, E]: slots per expert in the last training forward
+  int rank_ = 0, ranks_ = 1;
+  bool expert_parallel_ = false;
   Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn
 };
 

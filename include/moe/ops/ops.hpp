@@ -116,4 +116,10 @@ Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n);
 void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* rows,
                         const Tensor& gates, const int32_t* gate_pos, int64_t n);
 
+// ---- across processes (src/ops/dist_ops.cpp), collective: every rank must call it ----
+// Rows to other ranks (MPI_Alltoallv): x [n, C] holds send_rows[r] rows for rank r, in rank
+// order; y [Σ recv_rows, C] the rows from every rank, in rank order. The backward sends the
+// gradients back the same way. send_rows and recv_rows (dist::size() counts each) are copied.
+Tensor exchange_rows(Graph& g, const Tensor& x, const int64_t* send_rows, const int64_t* recv_rows);
+
 }  // namespace moe

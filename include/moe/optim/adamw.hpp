@@ -12,11 +12,17 @@
 
 namespace moe {
 
+// Floats [begin, end) of the parameter block (and of the gradient and moment blocks).
+struct FloatRange {
+  int64_t begin = 0, end = 0;
+};
+
 class AdamW {
  public:
   AdamW(const OptimizerConfig& cfg, const ParamStore& params);
-  // One update with learning rate lr; increments the step count.
-  void step(ParamStore& params, float lr);
+  // One update with learning rate lr; increments the step count. With `only`, just those
+  // ranges change (expert parallelism: the experts another process owns are left alone).
+  void step(ParamStore& params, float lr, const std::vector<FloatRange>* only = nullptr);
   int64_t steps() const { return t_; }
   // Moments, same layout as the parameter block (for checkpoints).
   std::vector<float>& m() { return m_; }
@@ -39,5 +45,9 @@ float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps)
 // thread count). When max_norm > 0 and the norm exceeds it, scales the gradients down to it.
 // Returns the norm before clipping.
 double clip_grad_norm(ParamStore& params, double max_norm);
+// Σ x[i]² in double, over fixed chunks summed in order: the same bits for any thread count.
+double sum_of_squares(const float* x, int64_t n);
+// When max_norm > 0 and norm exceeds it, scales every gradient by max_norm / (norm + 1e-6).
+void clip_to_norm(ParamStore& params, double norm, double max_norm);
 
 }  // namespace moe

@@ -30,15 +30,30 @@ class Rng {
   float uniform();                       // [0, 1)
   float normal();                        // N(0, 1)
   uint64_t below(uint64_t n);            // uniform integer in [0, n), n > 0
-  // out[i] uses counter + i; the counter advances by n. Parallel over i.
+  // out[i] uses counter + i; the counter advances by n. Parallel over i. (With a shard or a
+  // window set, see below, the first number and the advance come from those instead.)
   void fill_uniform(float* out, int64_t n, float lo = 0.f, float hi = 1.f);
   void fill_normal(float* out, int64_t n, float mean = 0.f, float stddev = 1.f);
+
+  // Data parallelism: every fill of n numbers is this process's part `index` of a fill of
+  // count·n numbers that `count` processes share (numbers counter + index·n + i, and the
+  // counter advances by count·n on every process). A fill over a batch-major tensor thus
+  // draws exactly what one process with the whole batch would draw for these rows.
+  void set_shard(uint64_t index, uint64_t count);
+  // The next fill only: numbers counter + offset + i of a shared fill of `total` numbers (for
+  // row blocks whose size differs between processes, like the tokens routed to an expert).
+  void set_next_window(uint64_t offset, uint64_t total);
+  // Advances the counter past n numbers that another process draws.
+  void skip(uint64_t n) { s_.counter += n; }
 
   const RngState& state() const { return s_; }
   void set_state(const RngState& s) { s_ = s; }
 
  private:
+  uint64_t take_fill(int64_t n);  // the first counter of a fill; advances the state
   RngState s_;
+  uint64_t shard_index_ = 0, shard_count_ = 1;  // not saved: set by whoever runs the processes
+  uint64_t window_offset_ = 0, window_total_ = 0;
 };
 
 }  // namespace moe

@@ -22,6 +22,9 @@ struct TrainOptions {
   // Check the config and data, build the model, report its size, and stop: no training and
   // nothing written.
   bool dry_run = false;
+  // Under mpirun with several processes: shard each layer's experts across the ranks (see
+  // moe/train/parallel.hpp); otherwise plain data parallelism.
+  bool expert_parallel = false;
 };
 
 struct TrainResult {
@@ -33,6 +36,8 @@ struct TrainResult {
   double wall_seconds = 0;
   double median_step_ms = 0;
   int64_t parameters = 0, active_parameters = 0;  // active: per token (shared + top_k experts)
+  int ranks = 1;                 // processes that trained together
+  double reduce_ms_per_step = 0;  // mean time in the gradient all-reduce (ranks > 1)
 };
 
 // Set by the signal handlers; the loop saves and stops when it sees it.

@@ -1,0 +1,143 @@
+// Training across processes: `mpirun -np 2 moe train` against one process with the whole
+// batch. Built when moe is built with MPI (MOE_HAVE_MPI); the runs use --oversubscribe so
+// that two ranks fit on any machine.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "cli_util.hpp"
+#include "io_test_util.hpp"
+
+#ifdef MOE_HAVE_MPI
+
+using namespace moe_test;
+
+namespace {
+
+const std::string kData = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt";
+
+// Everything that draws random numbers or couples the ranks is on: dropout (attention,
+// residual and inside the experts), router noise, the aux and z losses, the balancing bias.
+std::string config_json(int64_t batch, int64_t steps, int64_t experts = 4) {
+  return R"({"data": {"path": ")" + kData + R"("},
+    "model": {"block_size": 16, "n_embed": 32, "n_head": 4, "n_layer": 2, "dropout": 0.1},
+    "router": {"num_experts": )" + std::to_string(experts) + R"(, "top_k": 2, "noisy": true,
+               "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "bias_update_rate": 0.001},
+    "optimizer": {"lr": 3e-3, "grad_clip": 1.0},
+    "training": {"batch_size": )" + std::to_string(batch) + R"(, "max_steps": )" + std::to_string(steps) +
+         R"(, "seed": 7, "threads": 1},
+    "logging": {"log_interval": 1, "eval_interval": 1000, "eval_iters": 2, "checkpoint_interval": 10}})";
+}
+
+// `moe args` on `ranks` processes (plain `moe` for 1). Root may run mpirun in containers.
+Run moe_on(int ranks, const std::string& args) {
+  if (ranks == 1) return run_moe(args);
+  return run_shell("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 mpirun -np " +
+                   std::to_string(ranks) + " --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 " +
+                   std::string(MOE_BINARY) + " " + args);
+}
+
+// The training loss of every step in a run's metrics.jsonl, by step.
+std::vector<double> losses(const std::string& metrics) {
+  std::vector<double> out;
+  std::ifstream f(metrics);
+  for (std::string line; std::getline(f, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;
+    out.resize(size_t(j["step"].get<int64_t>()));
+    out.back() = j["loss"].get<double>();
+  }
+  return out;
+}
+
+void check_same_losses(const std::vector<double>& a, const std::vector<double>& b, size_t steps) {
+  REQUIRE(a.size() == steps);
+  REQUIRE(b.size() == steps);
+  double worst = 0;
+  for (size_t i = 0; i < steps; ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+  INFO("largest loss difference over " << steps << " steps: " << worst);
+  CHECK(worst < 1e-5);
+}
+
+// `moe eval --json` loss of a checkpoint on the validation split.
+double eval_loss(const std::string& checkpoint) {
+  const Run r = run_moe("eval --checkpoint " + checkpoint + " --json");
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  return nlohmann::json::parse(r.out.substr(r.out.find('{')))["loss"].get<double>();
+}
+
+}  // namespace
+
+TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert parallel", "[mpi]") {
+  TempDir d("mpi_same");
+  write_file(d / "b8.json", config_json(8, 20));
+  write_file(d / "b4.json", config_json(4, 20));
+  const Run one = moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "one"));
+  INFO(one.out);
+  REQUIRE(one.code == 0);
+  const Run dp = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "dp"));
+  INFO(dp.out);
+  REQUIRE(dp.code == 0);
+  CHECK_THAT(dp.out, Catch::Contains("data parallel over 2 processes: batch 4 per process, 8 in all"));
+  const Run ep = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "ep") + " --expert-parallel");
+  INFO(ep.out);
+  REQUIRE(ep.code == 0);
+  CHECK_THAT(ep.out, Catch::Contains("expert parallel over 2 processes"));
+
+  const std::vector<double> l1 = losses(d / "one/metrics.jsonl");
+  check_same_losses(l1, losses(d / "dp/metrics.jsonl"), 20);
+  check_same_losses(l1, losses(d / "ep/metrics.jsonl"), 20);
+  // Rank 0 wrote whole models (under expert parallelism, with the other rank's experts).
+  const double e1 = eval_loss(d / "one/last.safetensors");
+  CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - e1) < 1e-4);
+  CHECK(std::abs(eval_loss(d / "ep/last.safetensors") - e1) < 1e-4);
+}
+
+TEST_CASE("resume with a different number of ranks continues the same run", "[mpi]") {
+  TempDir d("mpi_resume");
+  write_file(d / "b8.json", config_json(8, 20));
+  write_file(d / "b4.json", config_json(4, 20));
+  write_file(d / "b4_10.json", config_json(4, 10));
+  write_file(d / "b8_10.json", config_json(8, 10));
+  REQUIRE(moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "straight")).code == 0);
+  const std::vector<double> straight = losses(d / "straight/metrics.jsonl");
+
+  // 2 expert-parallel ranks for 10 steps, then 1 rank with the same global batch.
+  REQUIRE(moe_on(2, "train --config " + (d / "b4_10.json") + " --out " + (d / "a") + " --expert-parallel").code == 0);
+  const Run a = moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "a") + " --resume " +
+                              (d / "a/last.safetensors"));
+  INFO(a.out);
+  REQUIRE(a.code == 0);
+  check_same_losses(straight, losses(d / "a/metrics.jsonl"), 20);
+
+  // 1 rank for 10 steps, then 2 data-parallel ranks.
+  REQUIRE(moe_on(1, "train --config " + (d / "b8_10.json") + " --out " + (d / "b")).code == 0);
+  const Run b = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "b") + " --resume " +
+                              (d / "b/last.safetensors"));
+  INFO(b.out);
+  REQUIRE(b.code == 0);
+  check_same_losses(straight, losses(d / "b/metrics.jsonl"), 20);
+}
+
+TEST_CASE("errors under mpirun end every rank with one message", "[mpi][errors]") {
+  TempDir d("mpi_errors");
+  write_file(d / "e3.json", config_json(4, 4, 3));
+  // 3 experts cannot be split over 2 ranks.
+  Run r = moe_on(2, "train --config " + (d / "e3.json") + " --out " + (d / "run") + " --expert-parallel");
+  INFO(r.out);
+  CHECK(r.code != 0);
+  CHECK(r.code != 124);  // not the timeout: no rank was left waiting
+  CHECK_THAT(r.out, Catch::Contains("router.num_experts (3) to be a multiple of 2"));
+  // Only train runs across processes.
+  r = moe_on(2, "generate --checkpoint " + (d / "none.safetensors"));
+  CHECK(r.code != 0);
+  CHECK(r.code != 124);
+  CHECK_THAT(r.out, Catch::Contains("generate runs in one process"));
+}
+
+#endif  // MOE_HAVE_MPI

@@ -1,0 +1,63 @@
+// Data-parallel random draws: processes that each take their share of a batch draw exactly
+// what one process with the whole batch draws (the basis of tests/test_mpi.cpp).
+#include <catch2/catch.hpp>
+
+#include <vector>
+
+#include "moe/data/dataset.hpp"
+#include "moe/tensor/rng.hpp"
+
+using namespace moe;
+
+TEST_CASE("Rng shards and windows split one fill between processes", "[rng][parallel]") {
+  const int64_t n = 1000;  // > 8, with a tail, for the 8-lane uniform path
+  Rng whole(5, 3);
+  std::vector<float> u(3 * n), z(3 * n);
+  whole.fill_uniform(u.data(), 3 * n);
+  whole.fill_normal(z.data(), 3 * n);
+  for (uint64_t r = 0; r < 3; ++r) {
+    Rng part(5, 3);
+    part.set_shard(r, 3);
+    std::vector<float> pu(n), pz(n);
+    part.fill_uniform(pu.data(), n);
+    part.fill_normal(pz.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      REQUIRE(pu[size_t(i)] == u[size_t(int64_t(r) * n + i)]);
+      REQUIRE(pz[size_t(i)] == z[size_t(int64_t(r) * n + i)]);
+    }
+    CHECK(part.state().counter == whole.state().counter);  // every process ends at the same counter
+  }
+  // A window: numbers [offset, offset + m) of a shared fill of `total`, then the counter moves past it.
+  Rng w(5, 3);
+  w.set_shard(1, 3);  // a window overrides the shard for one fill
+  std::vector<float> part(7);
+  w.set_next_window(10, 3 * n);
+  w.fill_uniform(part.data(), 7);
+  for (int64_t i = 0; i < 7; ++i) CHECK(part[size_t(i)] == u[size_t(10 + i)]);
+  CHECK(w.state().counter == uint64_t(3 * n));
+  w.skip(3 * n);
+  CHECK(w.state().counter == whole.state().counter);
+  w.set_next_window(5, 8);
+  CHECK_THROWS(w.fill_uniform(part.data(), 7));  // 5 + 7 > 8
+  CHECK_THROWS(w.set_shard(3, 3));
+}
+
+TEST_CASE("BatchSampler shards draw the rows of one larger batch", "[data][parallel]") {
+  std::vector<int32_t> ids(5000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t(i * 7 % 65);
+  const int64_t B = 4, T = 8;
+  BatchSampler whole(ids, 2 * B, T, Rng(9, 2));
+  BatchSampler a(ids, B, T, Rng(9, 2)), b(ids, B, T, Rng(9, 2));
+  a.set_shard(0, 2);
+  b.set_shard(1, 2);
+  for (int step = 0; step < 3; ++step) {
+    std::vector<int32_t> wx(size_t(2 * B * T)), wy(wx.size()), x(size_t(2 * B * T)), y(x.size());
+    whole.next(wx.data(), wy.data());
+    a.next(x.data(), y.data());
+    b.next(x.data() + B * T, y.data() + B * T);
+    REQUIRE(x == wx);
+    REQUIRE(y == wy);
+    CHECK(a.state().counter == whole.state().counter);
+    CHECK(b.state().counter == whole.state().counter);
+  }
+}
