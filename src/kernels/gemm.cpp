@@ -121,14 +121,23 @@ MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float a
   for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
 }
 
-// acc[MR][NR] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part.
+// acc[MR][NR] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part. GCC/Clang
+// vector types of 8 floats: the compiler maps them to whatever vectors the build targets.
 void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr) {
-  float acc[MR][NR] = {};
-  for (int64_t k = 0; k < kb; ++k)
-    for (int64_t r = 0; r < MR; ++r)
-      for (int64_t c = 0; c < NR; ++c) acc[r][c] += Ap[k * MR + r] * Bp[k * NR + c];
+  typedef float v8 __attribute__((vector_size(32)));
+  v8 acc[MR][2] = {};
+  for (int64_t k = 0; k < kb; ++k) {
+    v8 b0, b1;
+    std::memcpy(&b0, Bp + k * NR, sizeof b0);
+    std::memcpy(&b1, Bp + k * NR + 8, sizeof b1);
+    for (int64_t r = 0; r < MR; ++r) {
+      const float a = Ap[k * MR + r];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
   for (int64_t r = 0; r < mr; ++r)
-    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c];
+    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c / 8][c % 8];
 }
 
 #ifdef MOE_GEMM_X86
@@ -159,6 +168,15 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
     __m256 a5 = _mm256_broadcast_ss(a + 5);
     c50 = _mm256_fmadd_ps(a5, b0, c50);
     c51 = _mm256_fmadd_ps(a5, b1, c51);
+  }
+  if (mr == MR && nr == NR) {  // a full tile: C += acc in vectors (the same sums as below)
+    const __m256 acc_regs[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int64_t r = 0; r < MR; ++r)
+      for (int64_t h = 0; h < 2; ++h) {
+        float* c = C + r * ldc + h * 8;
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc_regs[r][h]));
+      }
+    return;
   }
   alignas(32) float acc[MR][NR];
   _mm256_store_ps(acc[0], c00);
