@@ -26,14 +26,16 @@ run() {  # run TAG FILTER [env...]: appends TAG,<csv row> for each repetition
     sed "s/^/$tag,/" >> "$csv" || true
 }
 args=("$@")
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for s in $shapes; do
   run ours "^$s/(ours_|naive)"
   run openblas "^$s/openblas"
   run openblas_avx2 "^$s/openblas" OPENBLAS_CORETYPE=Haswell
 done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 core=$(OPENBLAS_VERBOSE=2 "$bin" --benchmark_filter='^$' 2>&1 | sed -n 's/^Core: //p' | head -1)
 # Rows: tag,"shape/impl/threads:n/real_time",iterations,...,GFLOP/s (the last column).
-awk -F, -v core="${core:-?}" '
+awk -F, -v core="${core:-?}" -v load="$load_before -> $load_after" '
   { split($2, p, "/"); gsub(/"/, "", p[1]); t = p[3]; sub(/threads:/, "", t)
     impl = ($1 == "openblas_avx2") ? "openblas_avx2" : p[2]
     key = p[1] " " t; if (!(key in seen)) { seen[key] = 1; order[n++] = key }
@@ -52,4 +54,6 @@ awk -F, -v core="${core:-?}" '
     }
     print "GFLOP/s (2·M·N·K per call over wall time, best of 3). ours = our avx2 kernel; OpenBLAS = its own"
     print "choice of kernel (" core " here); OB AVX2 = OpenBLAS with OPENBLAS_CORETYPE=Haswell."
+    print "Load average (1, 5, 15 min) before -> after: " load ". With other processes on the cores, the"
+    print "2-thread rows of ours mostly measure OpenMP threads spinning for a core that is taken."
   }' "$csv"
