@@ -3,13 +3,22 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+// The avx2 kernel is compiled for AVX2/FMA with a target attribute, whatever the build's
+// flags, and runs only when the CPU has them (gemm_kernel).
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#define MOE_GEMM_AVX2 1
+#define MOE_GEMM_X86 1
+#define MOE_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
+// The loops each kernel compiles for its own instruction set are written once, as bodies
+// forced inline into a portable and an avx2 copy.
+#define MOE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace moe {
 
@@ -62,44 +71,6 @@ void scale_rows(float* C, int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64
   }
 }
 
-// C[0, :] = alpha · a · op(B) + beta · C[0, :] for a single row a (K values, stride lda when
-// trans_a). Sums over k in order; parallel over columns only.
-void gemv_row(bool trans_a, bool trans_b, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-              const float* B, int64_t ldb, float beta, float* C) {
-  thread_local std::vector<float> a_buf;
-  const float* a = A;
-  if (trans_a) {
-    a_buf.resize(size_t(K));
-    for (int64_t k = 0; k < K; ++k) a_buf[size_t(k)] = A[k * lda];
-    a = a_buf.data();
-  }
-  const bool parallel = !omp_in_parallel() && N * K >= 65536;
-  if (trans_b) {  // B stored [N, K]: one dot product per column
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t j = 0; j < N; ++j) {
-      const float* b = B + j * ldb;
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += a[k] * b[k];
-      C[j] = alpha * acc + (beta == 0.f ? 0.f : beta * C[j]);
-    }
-    return;
-  }
-  // B stored [K, N]: accumulate rows of B, columns split across threads.
-  constexpr int64_t kCols = 256;
-  const int64_t chunks = (N + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    const int64_t j0 = ch * kCols, j1 = std::min(N, j0 + kCols);
-    float acc[kCols] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const float ak = a[k];
-      const float* b = B + k * ldb;
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += ak * b[j];
-    }
-    for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
-  }
-}
-
 // Ap: for each group of MR rows, kb columns of MR floats (scaled by alpha, zero padded).
 void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, int64_t k0, int64_t kb,
             float alpha, float* Ap) {
@@ -123,9 +94,55 @@ void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, i
   }
 }
 
-// acc[MR][NR] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part.
-void micro_kernel(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr) {
-#ifdef MOE_GEMM_AVX2
+// One row, B stored [N, K]: C[j] = alpha · a·B[j, :] + beta · C[j] for j in [j0, j1), each a
+// dot product summed over k in order.
+MOE_ALWAYS_INLINE void gemv_dot_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
+                                     const float* B, int64_t ldb, float beta, float* C) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* b = B + j * ldb;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += a[k] * b[k];
+    C[j] = alpha * acc + (beta == 0.f ? 0.f : beta * C[j]);
+  }
+}
+
+constexpr int64_t kAxpyCols = 256;  // columns of one gemv_axpy call (its accumulators)
+
+// One row, B stored [K, N]: the same for j in [j0, j1), j1 - j0 <= kAxpyCols, accumulating
+// the rows of B in order.
+MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
+                                      const float* B, int64_t ldb, float beta, float* C) {
+  float acc[kAxpyCols] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float ak = a[k];
+    const float* b = B + k * ldb;
+    for (int64_t j = j0; j < j1; ++j) acc[j - j0] += ak * b[j];
+  }
+  for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
+}
+
+// acc[MR][NR] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part. GCC/Clang
+// vector types of 8 floats: the compiler maps them to whatever vectors the build targets.
+void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr) {
+  typedef float v8 __attribute__((vector_size(32)));
+  v8 acc[MR][2] = {};
+  for (int64_t k = 0; k < kb; ++k) {
+    v8 b0, b1;
+    std::memcpy(&b0, Bp + k * NR, sizeof b0);
+    std::memcpy(&b1, Bp + k * NR + 8, sizeof b1);
+    for (int64_t r = 0; r < MR; ++r) {
+      const float a = Ap[k * MR + r];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+  for (int64_t r = 0; r < mr; ++r)
+    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c / 8][c % 8];
+}
+
+#ifdef MOE_GEMM_X86
+MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
+                                int64_t nr) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
@@ -152,6 +169,15 @@ void micro_kernel(int64_t kb, const float* Ap, const float* Bp, float* C, int64_
     c50 = _mm256_fmadd_ps(a5, b0, c50);
     c51 = _mm256_fmadd_ps(a5, b1, c51);
   }
+  if (mr == MR && nr == NR) {  // a full tile: C += acc in vectors (the same sums as below)
+    const __m256 acc_regs[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int64_t r = 0; r < MR; ++r)
+      for (int64_t h = 0; h < 2; ++h) {
+        float* c = C + r * ldc + h * 8;
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc_regs[r][h]));
+      }
+    return;
+  }
   alignas(32) float acc[MR][NR];
   _mm256_store_ps(acc[0], c00);
   _mm256_store_ps(acc[0] + 8, c01);
@@ -165,27 +191,135 @@ void micro_kernel(int64_t kb, const float* Ap, const float* Bp, float* C, int64_
   _mm256_store_ps(acc[4] + 8, c41);
   _mm256_store_ps(acc[5], c50);
   _mm256_store_ps(acc[5] + 8, c51);
-#else
-  float acc[MR][NR] = {};
-  for (int64_t k = 0; k < kb; ++k)
-    for (int64_t r = 0; r < MR; ++r)
-      for (int64_t c = 0; c < NR; ++c) acc[r][c] += Ap[k * MR + r] * Bp[k * NR + c];
-#endif
   for (int64_t r = 0; r < mr; ++r)
     for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c];
+}
+#endif
+
+// The products of one task: the packed rows Ap (mb of them) times the packed column panels
+// [p0, p1) of Bp, added to C (whose row 0 is the task's first row).
+template <void (*Micro)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t)>
+MOE_ALWAYS_INLINE void tile_body(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1,
+                                 int64_t N, float* C, int64_t ldc) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+    for (int64_t g = 0; g < mb; g += MR) Micro(kb, Ap + g * kb, Bp + p * kb * NR, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr);
+  }
+}
+
+// What differs between the kernels.
+struct Kernel {
+  void (*tile)(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1, int64_t N, float* C,
+               int64_t ldc);
+  void (*gemv_dot)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
+                   float beta, float* C);
+  void (*gemv_axpy)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
+                    float beta, float* C);
+};
+
+__attribute__((flatten)) void tile_portable(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1, int64_t N,
+                   float* C, int64_t ldc) {
+  tile_body<micro_portable>(kb, Ap, mb, Bp, p0, p1, N, C, ldc);
+}
+void gemv_dot_portable(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
+                       float beta, float* C) {
+  gemv_dot_body(j0, j1, K, alpha, a, B, ldb, beta, C);
+}
+void gemv_axpy_portable(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
+                        float beta, float* C) {
+  gemv_axpy_body(j0, j1, K, alpha, a, B, ldb, beta, C);
+}
+constexpr Kernel kPortable{tile_portable, gemv_dot_portable, gemv_axpy_portable};
+
+#ifdef MOE_GEMM_X86
+MOE_TARGET_AVX2 __attribute__((flatten)) void tile_avx2(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1,
+                               int64_t N, float* C, int64_t ldc) {
+  tile_body<micro_avx2>(kb, Ap, mb, Bp, p0, p1, N, C, ldc);
+}
+MOE_TARGET_AVX2 void gemv_dot_avx2(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,
+                                   int64_t ldb, float beta, float* C) {
+  gemv_dot_body(j0, j1, K, alpha, a, B, ldb, beta, C);
+}
+MOE_TARGET_AVX2 void gemv_axpy_avx2(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,
+                                    int64_t ldb, float beta, float* C) {
+  gemv_axpy_body(j0, j1, K, alpha, a, B, ldb, beta, C);
+}
+constexpr Kernel kAvx2{tile_avx2, gemv_dot_avx2, gemv_axpy_avx2};
+#endif
+
+const Kernel& kernel_of(GemmKernel k) {
+#ifdef MOE_GEMM_X86
+  if (k == GemmKernel::avx2) return kAvx2;
+#else
+  if (k == GemmKernel::avx2) throw std::logic_error("gemm: the avx2 kernel exists on x86 only");
+#endif
+  return kPortable;
+}
+
+// C[0, :] = alpha · a · op(B) + beta · C[0, :] for a single row a (K values, stride lda when
+// trans_a). Sums over k in order; parallel over columns only.
+void gemv_row(const Kernel& kern, bool trans_a, bool trans_b, int64_t N, int64_t K, float alpha, const float* A,
+              int64_t lda, const float* B, int64_t ldb, float beta, float* C) {
+  thread_local std::vector<float> a_buf;
+  const float* a = A;
+  if (trans_a) {
+    a_buf.resize(size_t(K));
+    for (int64_t k = 0; k < K; ++k) a_buf[size_t(k)] = A[k * lda];
+    a = a_buf.data();
+  }
+  const bool parallel = !omp_in_parallel() && N * K >= 65536;
+  // Column chunks: dot products (B stored [N, K]) or accumulated rows of B (B stored [K, N]).
+  const int64_t cols = trans_b ? 32 : kAxpyCols;
+  const auto fn = trans_b ? kern.gemv_dot : kern.gemv_axpy;
+  const int64_t chunks = (N + cols - 1) / cols;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t ch = 0; ch < chunks; ++ch) fn(ch * cols, std::min(N, (ch + 1) * cols), K, alpha, a, B, ldb, beta, C);
 }
 
 }  // namespace
 
+bool gemm_cpu_has_avx2() {
+#ifdef MOE_GEMM_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+GemmKernel choose_gemm_kernel(const char* env_value, bool cpu_has_avx2) {
+  const std::string v = env_value ? env_value : "";
+  if (v.empty()) return cpu_has_avx2 ? GemmKernel::avx2 : GemmKernel::portable;
+  if (v == "portable") return GemmKernel::portable;
+  if (v == "avx2") {
+    if (!cpu_has_avx2) throw std::runtime_error("MOE_GEMM_KERNEL=avx2, but this CPU lacks AVX2 or FMA");
+    return GemmKernel::avx2;
+  }
+  throw std::runtime_error("MOE_GEMM_KERNEL must be portable or avx2, got '" + v + "'");
+}
+
+GemmKernel gemm_kernel() {
+  static const GemmKernel k = choose_gemm_kernel(std::getenv("MOE_GEMM_KERNEL"), gemm_cpu_has_avx2());
+  return k;
+}
+
+const char* gemm_kernel_name(GemmKernel k) { return k == GemmKernel::avx2 ? "avx2" : "portable"; }
+
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  gemm(gemm_kernel(), trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
+  const Kernel& kern = kernel_of(kernel);
   if (K <= 0 || alpha == 0.f) {
     scale_rows(C, ldc, 0, M, 0, N, beta);
     return;
   }
   if (M == 1) {  // one row (token-by-token decoding): packing would cost as much as the product
-    gemv_row(trans_a, trans_b, N, K, alpha, A, lda, B, ldb, beta, C);
+    gemv_row(kern, trans_a, trans_b, N, K, alpha, A, lda, B, ldb, beta, C);
     return;
   }
   const int64_t panels = (N + NR - 1) / NR;
@@ -219,11 +353,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
         ap_buf.resize(size_t((MC + MR) * kb));
         float* Ap = ap_buf.data();
         pack_a(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
-          for (int64_t g = 0; g < mb; g += MR)
-            micro_kernel(kb, Ap + g * kb, Bp + p * kb * NR, C + (i0 + g) * ldc + j0, ldc, std::min(MR, mb - g), nr);
-        }
+        kern.tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc);
       }
     }
   }

@@ -10,6 +10,7 @@
 
 #include "moe/data/dataset.hpp"
 #include "moe/generate/generator.hpp"
+#include "moe/kernels/gemm.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/train/trainer.hpp"
@@ -36,6 +37,7 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   BenchResult r;
   r.steps = steps;
   r.threads = omp_get_max_threads();
+  r.gemm_kernel = gemm_kernel_name();
   const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, T);
   Model model(cfg, data.tokenizer().size());

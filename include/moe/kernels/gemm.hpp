@@ -2,18 +2,38 @@
 // op(A) = A (A is [M,K], lda >= K) or Aᵀ when trans_a (A is [K,M], lda >= M); same for B.
 // beta == 0 overwrites C without reading it.
 //
-// gemm packs panels of A and B and runs a 6x16 AVX2/FMA micro-kernel (scalar fallback when
-// built without AVX2). Threads split the rows of C, never the sum over k, so every element is
-// accumulated in the same order for any thread count. Inside an OpenMP parallel region it
-// runs serially. gemm_reference is the plain triple loop with the same signature, for tests.
+// gemm packs panels of A and B and runs a 6x16 micro-kernel. Two kernels exist in every
+// build: "avx2" (AVX2/FMA intrinsics, compiled for those instructions whatever the build's
+// flags) and "portable" (plain C++, the build's flags). One is chosen once, at run time:
+// avx2 when the CPU has AVX2 and FMA, unless MOE_GEMM_KERNEL=portable|avx2 forces one.
+// Threads split the rows (and column panels) of C, never the sum over k, so every element
+// is accumulated in the same order for any thread count. Inside an OpenMP parallel region
+// it runs serially. gemm_reference is the plain triple loop with the same signature, for
+// tests.
 #pragma once
 
 #include <cstdint>
 
 namespace moe {
 
+enum class GemmKernel { portable, avx2 };
+
+// The kernel gemm uses, chosen on the first call. Throws std::runtime_error when
+// MOE_GEMM_KERNEL holds another value than portable or avx2, or avx2 on a CPU without it.
+GemmKernel gemm_kernel();
+const char* gemm_kernel_name(GemmKernel k);
+inline const char* gemm_kernel_name() { return gemm_kernel_name(gemm_kernel()); }
+// Whether this CPU runs the avx2 kernel (AVX2 and FMA).
+bool gemm_cpu_has_avx2();
+// The choice gemm_kernel makes for MOE_GEMM_KERNEL's value (null or empty: not set).
+GemmKernel choose_gemm_kernel(const char* env_value, bool cpu_has_avx2);
+
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// gemm with the given kernel (tests and benchmarks); the caller checks gemm_cpu_has_avx2.
+void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,

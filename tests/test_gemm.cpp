@@ -1,0 +1,151 @@
+// The GEMM kernels chosen at run time: each one (portable and, when the CPU has it, avx2)
+// against the reference loop on every form and edge size, thread-count determinism, and
+// the MOE_GEMM_KERNEL choice.
+#include <catch2/catch.hpp>
+#include <omp.h>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cli_util.hpp"
+#include "gradcheck.hpp"
+#include "moe/kernels/gemm.hpp"
+
+using namespace moe;
+using test::random_vector;
+
+namespace {
+
+// The kernels this CPU can run: the avx2 one is tested wherever it exists, the portable one
+// everywhere.
+std::vector<GemmKernel> runnable_kernels() {
+  std::vector<GemmKernel> ks{GemmKernel::portable};
+  if (gemm_cpu_has_avx2()) ks.push_back(GemmKernel::avx2);
+  return ks;
+}
+
+// Sizes around the blocking: MR = 6 rows, NR = 16 columns, KC = 256 deep, MC = 96 rows per
+// task; M = 1 takes the one-row path.
+constexpr std::array<std::array<int64_t, 3>, 14> kSizes{{{1, 1, 1},
+                                                         {2, 3, 1},
+                                                         {6, 16, 1},
+                                                         {7, 17, 5},
+                                                         {5, 15, 256},
+                                                         {13, 33, 257},
+                                                         {12, 32, 300},
+                                                         {97, 40, 17},
+                                                         {101, 70, 513},
+                                                         {193, 21, 64},
+                                                         {1, 40, 300},
+                                                         {1, 300, 5},
+                                                         {1, 513, 130},
+                                                         {3, 1, 7}}};
+
+}  // namespace
+
+TEST_CASE("gemm kernels match the reference: all transposes, edge sizes, ld > width, alpha and beta",
+          "[gemm]") {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (GemmKernel kern : runnable_kernels())
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (auto [M, N, K] : kSizes)
+          for (float beta : {0.f, 1.f, -0.75f})
+            for (float alpha : {1.f, 0.5f}) {
+              // Leading dimensions wider than the matrices; the gaps hold NaN and must stay
+              // unread (A, B) and untouched (C).
+              const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 7;
+              const int64_t a_rows = ta ? K : M, b_rows = tb ? N : K;
+              auto A = random_vector(a_rows * lda, 1), B = random_vector(b_rows * ldb, 2);
+              auto C0 = random_vector(M * ldc, 3);
+              for (int64_t r = 0; r < a_rows; ++r)
+                for (int64_t c = (ta ? M : K); c < lda; ++c) A[size_t(r * lda + c)] = nan;
+              for (int64_t r = 0; r < b_rows; ++r)
+                for (int64_t c = (tb ? K : N); c < ldb; ++c) B[size_t(r * ldb + c)] = nan;
+              for (int64_t i = 0; i < M; ++i) {
+                for (int64_t j = N; j < ldc; ++j) C0[size_t(i * ldc + j)] = 123.f;
+                if (beta == 0.f)  // beta 0 must not read C
+                  for (int64_t j = 0; j < N; ++j) C0[size_t(i * ldc + j)] = nan;
+              }
+              std::vector<float> C = C0, R = C0;
+              gemm(kern, ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+              gemm_reference(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, R.data(), ldc);
+              double d = 0;
+              bool gaps_kept = true;
+              for (int64_t i = 0; i < M; ++i) {
+                for (int64_t j = 0; j < N; ++j) {
+                  const float c = C[size_t(i * ldc + j)], r = R[size_t(i * ldc + j)];
+                  d = std::max(d, std::isfinite(c) ? double(std::fabs(c - r)) : 1e30);
+                }
+                for (int64_t j = N; j < ldc; ++j) gaps_kept = gaps_kept && C[size_t(i * ldc + j)] == 123.f;
+              }
+              INFO(gemm_kernel_name(kern) << " ta " << ta << " tb " << tb << " M " << M << " N " << N << " K " << K
+                                          << " alpha " << alpha << " beta " << beta << " max diff " << d);
+              REQUIRE(d < 1e-6 * double(K) + 1e-5);
+              REQUIRE(gaps_kept);
+            }
+}
+
+TEST_CASE("gemm kernels: K = 0 or alpha = 0 only scale C by beta", "[gemm]") {
+  for (GemmKernel kern : runnable_kernels())
+    for (auto [K, alpha] : {std::pair<int64_t, float>{0, 1.f}, {9, 0.f}}) {
+      const int64_t M = 7, N = 19;
+      auto A = random_vector(M * 9, 1), B = random_vector(9 * N, 2), C0 = random_vector(M * N, 3);
+      std::vector<float> C = C0;
+      gemm(kern, false, false, M, N, K, alpha, A.data(), 9, B.data(), N, 0.5f, C.data(), N);
+      for (size_t i = 0; i < C.size(); ++i) REQUIRE(C[i] == 0.5f * C0[i]);
+    }
+}
+
+TEST_CASE("gemm kernels give the same bits on 1 and 2 threads, in every form", "[gemm]") {
+  const int saved = omp_get_max_threads();
+  for (GemmKernel kern : runnable_kernels())
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        // Row blocks only, column groups (few rows), and the one-row path.
+        for (auto [M, N, K] : {std::array<int64_t, 3>{300, 200, 600}, {20, 500, 300}, {1, 700, 300}}) {
+          const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+          auto A = random_vector(M * K, 1), B = random_vector(K * N, 2);
+          std::vector<std::vector<float>> out;
+          for (int threads : {1, 2}) {
+            omp_set_num_threads(threads);
+            out.push_back(random_vector(M * N, 3));
+            gemm(kern, ta, tb, M, N, K, 1.f, A.data(), lda, B.data(), ldb, 0.25f, out.back().data(), N);
+          }
+          INFO(gemm_kernel_name(kern) << " ta " << ta << " tb " << tb << " M " << M << " N " << N << " K " << K);
+          REQUIRE(std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)) == 0);
+        }
+  omp_set_num_threads(saved);
+}
+
+TEST_CASE("MOE_GEMM_KERNEL chooses the kernel, avx2 only where the CPU has it", "[gemm]") {
+  CHECK(choose_gemm_kernel(nullptr, true) == GemmKernel::avx2);
+  CHECK(choose_gemm_kernel("", true) == GemmKernel::avx2);
+  CHECK(choose_gemm_kernel(nullptr, false) == GemmKernel::portable);
+  CHECK(choose_gemm_kernel("portable", true) == GemmKernel::portable);
+  CHECK(choose_gemm_kernel("avx2", true) == GemmKernel::avx2);
+  CHECK_THROWS_WITH(choose_gemm_kernel("avx2", false), Catch::Contains("lacks AVX2"));
+  CHECK_THROWS_WITH(choose_gemm_kernel("sse", true), Catch::Contains("portable or avx2") && Catch::Contains("'sse'"));
+  CHECK(std::string(gemm_kernel_name(GemmKernel::avx2)) == "avx2");
+  CHECK(std::string(gemm_kernel_name(GemmKernel::portable)) == "portable");
+
+  // moe bench reports the kernel it runs; a bad value is one clear error.
+  const std::string cd = std::string("cd ") + MOE_SOURCE_DIR + " && ";
+  const std::string args = "bench --config tests/fixtures/tiny_sweep.json --steps 1 --generate 0";
+  moe_test::Run p = moe_test::run_moe(args + " --json", cd + "MOE_GEMM_KERNEL=portable");
+  INFO(p.out);
+  REQUIRE(p.code == 0);
+  CHECK_THAT(p.out, Catch::Contains("\"gemm_kernel\":\"portable\""));
+  moe_test::Run d = moe_test::run_moe(args, cd + "env -u MOE_GEMM_KERNEL");
+  INFO(d.out);
+  REQUIRE(d.code == 0);
+  CHECK_THAT(d.out, Catch::Contains(std::string("gemm kernel ") + (gemm_cpu_has_avx2() ? "avx2" : "portable")));
+  moe_test::Run bad = moe_test::run_moe(args, cd + "MOE_GEMM_KERNEL=fast");
+  CHECK(bad.code == 1);
+  CHECK_THAT(bad.out, Catch::Contains("MOE_GEMM_KERNEL must be portable or avx2, got 'fast'"));
+}
