@@ -16,6 +16,9 @@ namespace moe::dist {
 namespace {
 
 bool g_initialised = false;
+#ifdef MOE_HAVE_MPI
+std::vector<MPI_Request> g_pending;  // started by iallreduce_sum
+#endif
 int g_rank = 0, g_size = 1;
 
 #ifndef MOE_HAVE_MPI
@@ -109,6 +112,29 @@ void allreduce_sum(float* x, int64_t n) { allreduce_sum_t(x, n, MPI_FLOAT); }
 void allreduce_sum(double* x, int64_t n) { allreduce_sum_t(x, n, MPI_DOUBLE); }
 void allreduce_sum(int64_t* x, int64_t n) { allreduce_sum_t(x, n, MPI_INT64_T); }
 
+void iallreduce_sum(float* x, int64_t n) {
+  if (g_size == 1) return;
+  for (int64_t i = 0; i < n; i += kMaxCount) {
+    g_pending.emplace_back();
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, x + i, int(std::min(kMaxCount, n - i)), MPI_FLOAT, MPI_SUM,
+                             MPI_COMM_WORLD, &g_pending.back()),
+              "MPI_Iallreduce");
+  }
+}
+
+void progress() {
+  if (g_pending.empty()) return;
+  int done = 0;
+  check_mpi(MPI_Testall(int(g_pending.size()), g_pending.data(), &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+  if (done) g_pending.clear();
+}
+
+void wait_all() {
+  if (g_pending.empty()) return;
+  check_mpi(MPI_Waitall(int(g_pending.size()), g_pending.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+  g_pending.clear();
+}
+
 void allgather(const int64_t* in, int64_t* out, int64_t n) {
   if (g_size == 1) {
     std::copy(in, in + n, out);
@@ -149,6 +175,9 @@ void broadcast(float* x, int64_t n, int root) {
 void allreduce_sum(float*, int64_t) {}
 void allreduce_sum(double*, int64_t) {}
 void allreduce_sum(int64_t*, int64_t) {}
+void iallreduce_sum(float*, int64_t) {}
+void progress() {}
+void wait_all() {}
 void allgather(const int64_t* in, int64_t* out, int64_t n) { std::copy(in, in + n, out); }
 void alltoallv_rows(const float* send, const int64_t* send_rows, float* recv, const int64_t*, int64_t width) {
   std::copy(send, send + send_rows[0] * width, recv);

@@ -434,11 +434,18 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   for (int64_t i = 0; i < B * T; ++i) pos[i] = int32_t(i % T);
   Tensor x = add(g, embedding(g, idx, params_.get(tok_emb_), {B, T, C_}),
                  embedding(g, pos, params_.get(pos_emb_), {B, T, C_}));  // (B, T, C)
+  // Recorded before the ops that use parameters first.. (registered in forward order), this
+  // runs in the backward pass right after the last of their gradient contributions.
+  const auto mark_ready = [&](int first) {
+    if (GradientsReady* h = opt.grads_ready) g.record([h, first] { h->from(first); });
+  };
   for (int64_t l = 0; l < L_; ++l) {
     const BlockParams& bp = blocks_[size_t(l)];
+    mark_ready(bp.ln1.weight);
     x = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
     x = add(g, x, moe_ffn(g, bp, apply_norm(g, bp.ln2, x), l, opt, targets ? &router_losses : nullptr));
   }
+  mark_ready(ln_f_.weight);
   Output out;
   out.logits = apply_linear(g, lm_head_, apply_norm(g, ln_f_, x));  // (B, T, V)
   if (!targets) return out;

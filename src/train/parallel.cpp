@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "moe/dist/comm.hpp"
 
@@ -14,7 +16,10 @@ constexpr int64_t kBucketFloats = int64_t(1) << 22;
 }  // namespace
 
 ParallelTraining::ParallelTraining(Model& model, bool expert_parallel)
-    : rank_(dist::rank()), ranks_(dist::size()), expert_parallel_(expert_parallel && dist::size() > 1) {
+    : params_(&model.params()), rank_(dist::rank()), ranks_(dist::size()), expert_parallel_(expert_parallel && dist::size() > 1) {
+  const char* overlap = std::getenv("MOE_OVERLAP_ALLREDUCE");
+  overlap_ = !(overlap && std::string(overlap) == "0");
+  unsummed_end_ = params_->numel();
   model.set_parallel(rank_, ranks_, expert_parallel_);
   // Consecutive parameters with the same owner form one range; a range runs to the next
   // parameter's offset, so the alignment padding goes with it.
@@ -33,15 +38,32 @@ ParallelTraining::ParallelTraining(Model& model, bool expert_parallel)
     if (r.owner < 0 || r.owner == rank_) updated_.push_back(r.floats);
 }
 
+void ParallelTraining::start_sums(int64_t begin, int64_t end) {
+  float* g = params_->grad();
+  for (const Range& r : ranges_) {
+    if (r.owner >= 0) continue;
+    const int64_t lo = std::max(begin, r.floats.begin), hi = std::min(end, r.floats.end);
+    for (int64_t i = lo; i < hi; i += kBucketFloats) dist::iallreduce_sum(g + i, std::min(kBucketFloats, hi - i));
+  }
+}
+
+void ParallelTraining::from(int first_param) {
+  const int64_t begin = params_->info(first_param).offset;
+  if (begin >= unsummed_end_) return;
+  start_sums(begin, unsummed_end_);
+  unsummed_end_ = begin;
+  dist::progress();  // MPI moves data only inside MPI calls
+}
+
 void ParallelTraining::reduce_gradients(ParamStore& params) {
   if (ranks_ == 1) return;
   const auto t0 = std::chrono::steady_clock::now();
+  start_sums(0, unsummed_end_);
+  unsummed_end_ = params.numel();
+  dist::wait_all();
   float* g = params.grad();
   const float inv = 1.f / float(ranks_);
   for (const Range& r : ranges_) {
-    if (r.owner < 0)
-      for (int64_t i = r.floats.begin; i < r.floats.end; i += kBucketFloats)
-        dist::allreduce_sum(g + i, std::min(kBucketFloats, r.floats.end - i));
     if (r.owner < 0 || r.owner == rank_) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = r.floats.begin; i < r.floats.end; ++i) g[i] *= inv;

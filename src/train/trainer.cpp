@@ -213,6 +213,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     fo.noise_rng = &noise_rng;
     fo.stats = &stats;  // accumulates over the logging window
     fo.distributed = R > 1;
+    fo.grads_ready = par.overlap();
     Model::Output o = model.forward(g, xb.data(), yb.data(), B, T, fo);
     double loss = o.loss.data[0];
     if (R > 1) {  // the global batch's loss, so that every rank takes the same decisions

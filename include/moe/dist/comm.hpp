@@ -30,6 +30,11 @@ int size();  // 1 without MPI
 void allreduce_sum(float* x, int64_t n);
 void allreduce_sum(double* x, int64_t n);
 void allreduce_sum(int64_t* x, int64_t n);
+// Starts the same sum without waiting (MPI_Iallreduce): x must stay untouched until
+// wait_all(). progress() lets pending sums advance (MPI_Testall); wait_all() finishes them.
+void iallreduce_sum(float* x, int64_t n);
+void progress();
+void wait_all();
 // out[r * n + i] = rank r's in[i]: out holds size() * n values.
 void allgather(const int64_t* in, int64_t* out, int64_t n);
 // Rows of `width` floats: send_rows[r] consecutive rows of `send` go to rank r (in rank

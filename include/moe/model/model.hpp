@@ -65,6 +65,17 @@ struct KVCache {
   std::vector<float> k, v;      // [L, T, C] each, T = block_size
 };
 
+// Told during the backward pass when gradients are final, so that communicating them can
+// overlap the rest of the backward pass: from(first) means the gradients of parameter ids
+// first, first + 1, ... (to the last) are complete.
+class GradientsReady {
+ public:
+  virtual void from(int first_param) = 0;
+
+ protected:
+  ~GradientsReady() = default;
+};
+
 struct ForwardOptions {
   bool training = false;         // dropout on; router noise on when router.noisy
   Rng* dropout_rng = nullptr;    // required when training with dropout > 0
@@ -79,6 +90,8 @@ struct ForwardOptions {
   // of the global batch, and with expert parallelism the routed rows travel to the rank
   // that owns their expert. Collective: every rank runs the same forwards.
   bool distributed = false;
+  // When set, the forward records a call to it at the start of each block and of the head.
+  GradientsReady* grads_ready = nullptr;
 };
 
 class Model {

@@ -2,8 +2,10 @@
 // the backward pass and the optimizer so that every rank ends each step with the same model.
 //
 // Data parallelism: each rank computes the gradients of its share of the batch; they are
-// summed over ranks (MPI_Allreduce, in buckets) and divided by the number of ranks, so the
-// update is that of one process with the whole batch. Expert parallelism: each routed expert
+// summed over ranks and divided by the number of ranks, so the update is that of one process
+// with the whole batch. The sums start during the backward pass, a bucket per transformer
+// block as soon as its gradients are final (MPI_Iallreduce; MOE_OVERLAP_ALLREDUCE=0 sums
+// everything after the backward pass instead). Expert parallelism: each routed expert
 // belongs to one rank (Model::set_parallel), which alone computes it, holds its gradient and
 // updates it; everything else is data parallel. Each rank still allocates every expert; the
 // owner's values are sent to all ranks before an evaluation or a checkpoint.
@@ -17,7 +19,7 @@
 
 namespace moe {
 
-class ParallelTraining {
+class ParallelTraining final : public GradientsReady {
  public:
   // Reads the rank and the number of ranks from dist::; calls model.set_parallel.
   ParallelTraining(Model& model, bool expert_parallel);
@@ -25,6 +27,11 @@ class ParallelTraining {
   int rank() const { return rank_; }
   int ranks() const { return ranks_; }
   bool expert_parallel() const { return expert_parallel_; }
+
+  // For ForwardOptions::grads_ready in training forwards: null with one process or when
+  // the overlap is off.
+  GradientsReady* overlap() { return ranks_ > 1 && overlap_ ? this : nullptr; }
+  void from(int first_param) override;  // starts the sums of those gradients
 
   // After backward: the gradients of the global batch's mean loss, the same on every rank
   // (for experts it owns, on their owner; other experts' gradients are zero and stay so).
@@ -37,7 +44,7 @@ class ParallelTraining {
   void share_experts(ParamStore& params, AdamW* adamw) const;
   // Σ over ranks, in place (for the loss and the stop flag).
   void sum(double* x, int64_t n) const;
-  // Seconds spent in reduce_gradients so far.
+  // Seconds spent in reduce_gradients (waiting for the sums) so far.
   double reduce_seconds() const { return reduce_seconds_; }
 
  private:
@@ -45,7 +52,11 @@ class ParallelTraining {
     FloatRange floats;
     int owner;  // -1: replicated on every rank
   };
+  void start_sums(int64_t begin, int64_t end);  // of the replicated gradients in [begin, end)
   std::vector<Range> ranges_;
+  ParamStore* params_;
+  int64_t unsummed_end_ = 0;  // gradients [0, unsummed_end_) have no sum started this step
+  bool overlap_ = true;
   std::vector<FloatRange> updated_;  // replicated ranges and the ones this rank owns
   int rank_ = 0, ranks_ = 1;
   bool expert_parallel_ = false;
