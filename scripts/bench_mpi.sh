@@ -2,7 +2,8 @@
 # 1 -> 2 processes on one machine: `moe train` steps of a config with one thread per process,
 # as one process, as 2 data-parallel ranks and as 2 expert-parallel ranks, plus one process
 # with 2 OpenMP threads for comparison. Prints the median step time, the tokens per second of
-# the global batch, the speed-up over one process and the time in the gradient all-reduce.
+# the global batch, the speed-up over one process and the time rank 0 waits for the gradient
+# sums after its backward pass (with and without overlapping them with the backward pass).
 #   bash scripts/bench_mpi.sh [CONFIG] [STEPS]      (default configs/makemoe.json, 30 steps)
 # Needs moe built with MPI (bash scripts/setup.sh --mpi; bash scripts/build.sh).
 set -euo pipefail
@@ -34,13 +35,15 @@ json.dump(c, open(out, "w"))
 EOF
 }
 
-# run NAME RANKS BATCH_PER_RANK THREADS [FLAGS]: prints one table row.
+# run NAME RANKS BATCH_PER_RANK THREADS [FLAGS [OVERLAP]]: prints one table row. OVERLAP 0
+# sums the gradients after the backward pass instead of during it.
 run() {
-  local name=$1 ranks=$2 b=$3 threads=$4 flags=${5:-}
+  local name=$1 ranks=$2 b=$3 threads=$4 flags=${5:-} overlap=${6:-1}
   derive "$work/$name.json" "$b" "$threads"
   local cmd=("$moe" train --config "$work/$name.json" --out "$work/$name" --overwrite $flags)
   if [ "$ranks" -gt 1 ]; then
-    cmd=(mpirun -np "$ranks" --oversubscribe --bind-to none -x OMP_NUM_THREADS="$threads" "${cmd[@]}")
+    cmd=(mpirun -np "$ranks" --oversubscribe --bind-to none -x OMP_NUM_THREADS="$threads"
+         -x MOE_OVERLAP_ALLREDUCE="$overlap" "${cmd[@]}")
   fi
   OMP_NUM_THREADS=$threads "${cmd[@]}" > "$work/$name.log" 2>&1 || { cat "$work/$name.log" >&2; exit 1; }
   local ms reduce
@@ -58,11 +61,12 @@ EOF
 }
 
 echo "config $(basename "$config"), $steps steps, moe $(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
-echo "| run | processes x threads | global batch | median step ms | tokens/s | vs 1 process | all-reduce ms/step |"
+echo "| run | processes x threads | global batch | median step ms | tokens/s | vs 1 process | all-reduce wait ms/step |"
 echo "|---|---|---|---|---|---|---|"
 half=$((batch / 2))
 run one_process 1 "$batch" 1
 run data_parallel 2 "$half" 1
+run data_parallel_no_overlap 2 "$half" 1 "" 0
 run expert_parallel 2 "$half" 1 --expert-parallel
 run data_parallel_2x_batch 2 "$batch" 1
 run openmp_2_threads 1 "$batch" 2

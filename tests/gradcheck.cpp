@@ -45,13 +45,13 @@ GradCheckReport gradcheck(const std::vector<std::vector<float>>& inputs,
   Graph g;
   std::vector<Tensor> ts;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    check(shapes[i].numel() == int64_t(inputs[i].size()), "gradcheck", "input size/shape mismatch");
+    MOE_CHECK(shapes[i].numel() == int64_t(inputs[i].size()), "gradcheck", "input size/shape mismatch");
     Tensor t = g.new_tensor(shapes[i], true);
     std::memcpy(t.data, inputs[i].data(), sizeof(float) * inputs[i].size());
     ts.push_back(t);
   }
   Probe p = fn(g, ts);
-  check(p.out.requires_grad(), "gradcheck", "op output does not track a gradient");
+  MOE_CHECK(p.out.requires_grad(), "gradcheck", "op output does not track a gradient");
   std::vector<float> R = random_vector(p.out.numel(), opt.seed, -1.f, 1.f);
   g.backward_from(p.out, R.data());
   const std::vector<int32_t> base_discrete = p.discrete;

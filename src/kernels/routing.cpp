@@ -75,7 +75,7 @@ void group_by_expert(const int32_t* index, int64_t N, int64_t K, int64_t E, int3
 int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, const float* gates, int64_t E,
                        int64_t capacity) {
   int64_t dropped = 0, out = 0;
-  std::vector<int32_t> order, keep_token, keep_pos;
+  thread_local std::vector<int32_t> order, keep_token, keep_pos;  // reused: no allocation per step
   for (int64_t e = 0; e < E; ++e) {
     const int32_t begin = offsets[e], end = offsets[e + 1], n = end - begin;
     offsets[e] = int32_t(out);
@@ -86,8 +86,11 @@ int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, cons
     // The `capacity` largest gates, ties to the earlier slot; then back to row order.
     order.resize(size_t(n));
     std::iota(order.begin(), order.end(), begin);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int32_t a, int32_t b) { return gates[gate_pos[a]] > gates[gate_pos[b]]; });
+    // Ties broken by slot: the order stable_sort would give, without its temporary buffer.
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      const float ga = gates[gate_pos[a]], gb = gates[gate_pos[b]];
+      return ga > gb || (ga == gb && a < b);
+    });
     order.resize(size_t(capacity));
     std::sort(order.begin(), order.end());
     keep_token.clear();

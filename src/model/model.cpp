@@ -45,7 +45,7 @@ nlohmann::json RoutingStats::health() const {
 
 Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) {
   validate(cfg_);
-  check(V_ > 0, "Model", "vocabulary is empty");
+  MOE_CHECK(V_ > 0, "Model", "vocabulary is empty");
   C_ = cfg.model.n_embed;
   H_ = cfg.model.n_head;
   D_ = C_ / H_;
@@ -212,21 +212,23 @@ namespace {
 
 // Router health of one forward from the clean logits [N, E] and the slots per expert: adds the
 // entropy and logsumexp² of every token and the Switch aux value E · Σ_i f_i P_i.
-void record_router_health(RoutingStats& st, int64_t layer, const float* clean, int64_t N, int64_t E,
+void record_router_health(Graph& g, RoutingStats& st, int64_t layer, const float* clean, int64_t N, int64_t E,
                           const int32_t* offsets, int64_t dropped) {
   const size_t l = size_t(layer);
-  std::vector<double> P(static_cast<size_t>(E), 0.0), p(static_cast<size_t>(E));
+  auto* P = static_cast<double*>(g.arena().alloc_bytes(sizeof(double) * size_t(2 * E)));
+  double* p = P + E;
+  std::fill(P, P + E, 0.0);
   double entropy = 0, z = 0;
   for (int64_t n = 0; n < N; ++n) {
     const float* r = clean + n * E;
     const double mx = *std::max_element(r, r + E);
     double sum = 0;
-    for (int64_t e = 0; e < E; ++e) sum += (p[size_t(e)] = std::exp(double(r[e]) - mx));
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(double(r[e]) - mx));
     const double lse = mx + std::log(sum);
     z += lse * lse;
     for (int64_t e = 0; e < E; ++e) {
-      const double q = p[size_t(e)] / sum;
-      P[size_t(e)] += q / double(N);
+      const double q = p[e] / sum;
+      P[e] += q / double(N);
       if (q > 0) entropy -= q * std::log(q);
     }
   }
@@ -235,7 +237,7 @@ void record_router_health(RoutingStats& st, int64_t layer, const float* clean, i
   for (int64_t e = 0; e < E; ++e) {
     const int64_t c = offsets[e + 1] - offsets[e];
     st.tokens_per_expert[l][size_t(e)] += c;
-    aux += double(c) / double(slots) * P[size_t(e)];
+    aux += double(c) / double(slots) * P[e];
   }
   st.assigned[l] += slots;
   st.dropped[l] += dropped;
@@ -260,10 +262,10 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
     Tensor noise = g.new_tensor({N, E_}, false);  // (N, E) standard normal
     if (opt.fixed_noise) {
       const auto& fixed = (*opt.fixed_noise)[size_t(layer)];
-      check(int64_t(fixed.size()) == N * E_, "Model", "fixed router noise has the wrong size");
+      MOE_CHECK(int64_t(fixed.size()) == N * E_, "Model", "fixed router noise has the wrong size");
       std::memcpy(noise.data, fixed.data(), sizeof(float) * size_t(N * E_));
     } else {
-      check(opt.noise_rng != nullptr, "Model", "router noise needs a noise generator");
+      MOE_CHECK(opt.noise_rng != nullptr, "Model", "router noise needs a noise generator");
       opt.noise_rng->fill_normal(noise.data, N * E_);
     }
     Tensor noise_scale = softplus(g, apply_linear(g, bp.noise, xf));
@@ -296,7 +298,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
     const auto capacity = int64_t(std::ceil(rc.capacity_factor * double(K_ * N) / double(E_)));
     dropped = apply_capacity(offsets, token, gate_pos, top.weights.data, E_, capacity);
   }
-  if (opt.stats) record_router_health(*opt.stats, layer, clean.data, N, E_, chosen_offsets, dropped);
+  if (opt.stats) record_router_health(g, *opt.stats, layer, clean.data, N, E_, chosen_offsets, dropped);
 
   // Slots per expert, chosen (before any capacity drops) and kept: counts[r][e] and
   // counts[r][E + e] for process r, every process of a distributed forward, else this one.
@@ -403,7 +405,7 @@ Tensor Model::remote_experts(Graph& g, const BlockParams& bp, const Tensor& xf, 
 }
 
 void Model::set_parallel(int rank, int ranks, bool expert_parallel) {
-  check(ranks >= 1 && rank >= 0 && rank < ranks, "Model", "rank " + std::to_string(rank) + " of " + std::to_string(ranks));
+  MOE_CHECK(ranks >= 1 && rank >= 0 && rank < ranks, "Model", "rank " + std::to_string(rank) + " of " + std::to_string(ranks));
   if (expert_parallel && E_ % ranks != 0)
     throw std::runtime_error("expert parallelism over " + std::to_string(ranks) + " processes needs router.num_experts (" +
                              std::to_string(E_) + ") to be a multiple of " + std::to_string(ranks));
@@ -424,12 +426,14 @@ std::vector<int> Model::param_expert() const {
 
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,
                              int64_t T, const ForwardOptions& opt) {
-  check(T >= 1 && T <= T_max_, "Model::forward",
+  MOE_CHECK(T >= 1 && T <= T_max_, "Model::forward",
         "sequence length " + std::to_string(T) + " must be in [1, block_size=" + std::to_string(T_max_) + "]");
-  check(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
+  MOE_CHECK(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
         "training with dropout needs a dropout generator");
   if (opt.stats && opt.stats->empty()) opt.stats->reset(L_, E_);
-  RouterLosses router_losses;
+  RouterLosses& router_losses = router_losses_;
+  router_losses.aux.clear();
+  router_losses.z.clear();
   int32_t* pos = g.arena().alloc_ints(B * T);
   for (int64_t i = 0; i < B * T; ++i) pos[i] = int32_t(i % T);
   Tensor x = add(g, embedding(g, idx, params_.get(tok_emb_), {B, T, C_}),
@@ -503,7 +507,7 @@ Tensor Model::attention_cached(Graph& g, const BlockParams& bp, const Tensor& x,
 
 const float* Model::decode(Graph& g, KVCache& cache, const int32_t* tokens, int64_t n,
                            const ForwardOptions& opt) {
-  check(n >= 1 && cache.len + n <= T_max_, "Model::decode",
+  MOE_CHECK(n >= 1 && cache.len + n <= T_max_, "Model::decode",
         "cache holds " + std::to_string(cache.len) + " positions; " + std::to_string(n) +
             " more exceed block_size " + std::to_string(T_max_));
   NoGradGuard no_grad(g);

@@ -8,12 +8,12 @@
 namespace moe {
 
 Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng) {
-  check(qkv.ndim() == 3 && qkv.size(2) % 3 == 0, "causal_attention",
+  MOE_CHECK(qkv.ndim() == 3 && qkv.size(2) % 3 == 0, "causal_attention",
         "qkv must be [B, T, 3C], got " + qkv.shape.str());
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  check(H >= 1 && C % H == 0, "causal_attention",
+  MOE_CHECK(H >= 1 && C % H == 0, "causal_attention",
         "C=" + std::to_string(C) + " must be divisible by H=" + std::to_string(H));
-  check(p >= 0.f && p < 1.f, "causal_attention", "dropout probability must be in [0, 1), got " + std::to_string(p));
+  MOE_CHECK(p >= 0.f && p < 1.f, "causal_attention", "dropout probability must be in [0, 1), got " + std::to_string(p));
   const int64_t D = C / H, C3 = 3 * C, TT = T * T;
   Tensor y = g.output({B, T, C}, qkv);
   // Attention weights before dropout, kept for the backward; masked entries are 0.

@@ -11,12 +11,12 @@
 namespace moe {
 
 Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
-  check(w.ndim() == 2, "linear", "weight must be [out, in], got " + w.shape.str());
-  check(x.ndim() >= 1 && x.cols() == w.size(1), "linear",
+  MOE_CHECK(w.ndim() == 2, "linear", "weight must be [out, in], got " + w.shape.str());
+  MOE_CHECK(x.ndim() >= 1 && x.cols() == w.size(1), "linear",
         "input " + x.shape.str() + " does not match weight " + w.shape.str() + " (last dim must be " +
             std::to_string(w.size(1)) + ")");
   const bool has_bias = b.data != nullptr;
-  if (has_bias) check(b.ndim() == 1 && b.size(0) == w.size(0), "linear", "bias " + b.shape.str() + " must be [" + std::to_string(w.size(0)) + "]");
+  if (has_bias) MOE_CHECK(b.ndim() == 1 && b.size(0) == w.size(0), "linear", "bias " + b.shape.str() + " must be [" + std::to_string(w.size(0)) + "]");
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
   Shape os = x.shape;
   os.dims[size_t(os.ndim - 1)] = O;
@@ -37,16 +37,16 @@ Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
 }
 
 Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
-  check(a.ndim() >= 2 && a.ndim() == b.ndim(), "bmm", "operands " + a.shape.str() + " and " + b.shape.str() + " need the same rank >= 2");
+  MOE_CHECK(a.ndim() >= 2 && a.ndim() == b.ndim(), "bmm", "operands " + a.shape.str() + " and " + b.shape.str() + " need the same rank >= 2");
   int64_t batch = 1;
   for (int i = 0; i < a.ndim() - 2; ++i) {
-    check(a.size(i) == b.size(i), "bmm", "batch dimensions differ: " + a.shape.str() + " vs " + b.shape.str());
+    MOE_CHECK(a.size(i) == b.size(i), "bmm", "batch dimensions differ: " + a.shape.str() + " vs " + b.shape.str());
     batch *= a.size(i);
   }
   const int64_t ar = a.size(-2), ac = a.size(-1), br = b.size(-2), bc = b.size(-1);
   const int64_t M = trans_a ? ac : ar, K = trans_a ? ar : ac;
   const int64_t Kb = trans_b ? bc : br, N = trans_b ? br : bc;
-  check(K == Kb, "bmm", "inner dimensions differ: " + a.shape.str() + (trans_a ? "ᵀ" : "") + " · " + b.shape.str() + (trans_b ? "ᵀ" : ""));
+  MOE_CHECK(K == Kb, "bmm", "inner dimensions differ: " + a.shape.str() + (trans_a ? "ᵀ" : "") + " · " + b.shape.str() + (trans_b ? "ᵀ" : ""));
   Shape os = a.shape;
   os.dims[size_t(os.ndim - 2)] = M;
   os.dims[size_t(os.ndim - 1)] = N;
@@ -97,7 +97,7 @@ Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
 }
 
 Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {
-  check(bias.ndim() == 1 && bias.size(0) == x.cols(), "add_bias", "bias " + bias.shape.str() + " does not match " + x.shape.str());
+  MOE_CHECK(bias.ndim() == 1 && bias.size(0) == x.cols(), "add_bias", "bias " + bias.shape.str() + " does not match " + x.shape.str());
   Tensor y = g.output(x.shape, x, bias);
   const int64_t N = x.rows(), C = x.cols();
   for (int64_t n = 0; n < N; ++n)
@@ -142,12 +142,12 @@ Tensor scale(Graph& g, const Tensor& x, float s) {
 }
 
 Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape& out_shape) {
-  check(table.ndim() == 2, "embedding", "table must be [V, C], got " + table.shape.str());
+  MOE_CHECK(table.ndim() == 2, "embedding", "table must be [V, C], got " + table.shape.str());
   const int64_t V = table.size(0), C = table.size(1);
-  check(out_shape.ndim >= 1 && out_shape[-1] == C, "embedding", "output shape " + out_shape.str() + " must end in C=" + std::to_string(C));
+  MOE_CHECK(out_shape.ndim >= 1 && out_shape[-1] == C, "embedding", "output shape " + out_shape.str() + " must end in C=" + std::to_string(C));
   const int64_t N = out_shape.numel() / C;
   for (int64_t n = 0; n < N; ++n)
-    check(ids[n] >= 0 && ids[n] < V, "embedding", "id " + std::to_string(ids[n]) + " at position " + std::to_string(n) + " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    MOE_CHECK(ids[n] >= 0 && ids[n] < V, "embedding", "id " + std::to_string(ids[n]) + " at position " + std::to_string(n) + " is outside the vocabulary [0, " + std::to_string(V) + ")");
   Tensor y = g.output(out_shape, table);
   for (int64_t n = 0; n < N; ++n) std::memcpy(y.data + n * C, table.data + int64_t(ids[n]) * C, sizeof(float) * size_t(C));
   if (y.requires_grad()) {
@@ -167,7 +167,7 @@ Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape&
 
 Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps) {
   const int64_t C = x.cols(), N = x.rows();
-  check(w.ndim() == 1 && w.size(0) == C && b.shape == w.shape, "layernorm",
+  MOE_CHECK(w.ndim() == 1 && w.size(0) == C && b.shape == w.shape, "layernorm",
         "weight " + w.shape.str() + " and bias " + b.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());
   Tensor y = g.output(x.shape, x, w, b);
   float* mean = g.arena().alloc_floats(N);

@@ -8,11 +8,11 @@
 namespace moe {
 
 Tensor exchange_rows(Graph& g, const Tensor& x, const int64_t* send_rows, const int64_t* recv_rows) {
-  check(x.ndim() == 2, "exchange_rows", "input must be [n, C], got " + x.shape.str());
+  MOE_CHECK(x.ndim() == 2, "exchange_rows", "input must be [n, C], got " + x.shape.str());
   const int64_t R = dist::size(), C = x.size(1);
   const int64_t n_send = std::accumulate(send_rows, send_rows + R, int64_t(0));
   const int64_t n_recv = std::accumulate(recv_rows, recv_rows + R, int64_t(0));
-  check(n_send == x.size(0), "exchange_rows",
+  MOE_CHECK(n_send == x.size(0), "exchange_rows",
         "sends " + std::to_string(n_send) + " rows but the input has " + std::to_string(x.size(0)));
   Tensor y = g.output({n_recv, C}, x);
   dist::alltoallv_rows(x.data, send_rows, y.data, recv_rows, C);

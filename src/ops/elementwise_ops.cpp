@@ -64,7 +64,7 @@ float* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {
 }
 
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng) {
-  check(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
+  MOE_CHECK(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
   const float* mask = dropout_mask(g, n, p, rng);
@@ -92,7 +92,7 @@ Tensor sum(Graph& g, const Tensor& x) {
 }
 
 Tensor mean(Graph& g, const Tensor& x) {
-  check(x.numel() > 0, "mean", "empty tensor");
+  MOE_CHECK(x.numel() > 0, "mean", "empty tensor");
   return scale(g, sum(g, x), 1.f / float(x.numel()));
 }
 

@@ -12,8 +12,8 @@ namespace moe {
 namespace {
 
 void check_topk(const char* op, const Tensor& scores, int64_t K) {
-  check(scores.ndim() == 2, op, "scores must be [N, E], got " + scores.shape.str());
-  check(K >= 1 && K <= scores.size(1), op,
+  MOE_CHECK(scores.ndim() == 2, op, "scores must be [N, E], got " + scores.shape.str());
+  MOE_CHECK(K >= 1 && K <= scores.size(1), op,
         "K=" + std::to_string(K) + " must be in [1, E=" + std::to_string(scores.size(1)) + "]");
 }
 
@@ -43,10 +43,10 @@ int32_t* topk_indices(Graph& g, const Tensor& scores, int64_t K, const float* se
 }
 
 Tensor gather_cols(Graph& g, const Tensor& x, const int32_t* index, int64_t K) {
-  check(x.ndim() == 2, "gather_cols", "input must be [N, E], got " + x.shape.str());
+  MOE_CHECK(x.ndim() == 2, "gather_cols", "input must be [N, E], got " + x.shape.str());
   const int64_t N = x.size(0), E = x.size(1);
   for (int64_t i = 0; i < N * K; ++i)
-    check(index[i] >= 0 && index[i] < E, "gather_cols", "column " + std::to_string(index[i]) + " outside [0, " + std::to_string(E) + ")");
+    MOE_CHECK(index[i] >= 0 && index[i] < E, "gather_cols", "column " + std::to_string(index[i]) + " outside [0, " + std::to_string(E) + ")");
   Tensor y = g.output({N, K}, x);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) y.data[n * K + k] = x.data[n * E + index[n * K + k]];
@@ -59,7 +59,7 @@ Tensor gather_cols(Graph& g, const Tensor& x, const int32_t* index, int64_t K) {
 }
 
 Tensor normalize_rows(Graph& g, const Tensor& x) {
-  check(x.ndim() == 2, "normalize_rows", "input must be [N, K], got " + x.shape.str());
+  MOE_CHECK(x.ndim() == 2, "normalize_rows", "input must be [N, K], got " + x.shape.str());
   const int64_t N = x.size(0), K = x.size(1);
   Tensor y = g.output({N, K}, x);
   for (int64_t n = 0; n < N; ++n) {
@@ -80,7 +80,7 @@ Tensor normalize_rows(Graph& g, const Tensor& x) {
 }
 
 Tensor logsumexp(Graph& g, const Tensor& x) {
-  check(x.ndim() == 2, "logsumexp", "input must be [N, E], got " + x.shape.str());
+  MOE_CHECK(x.ndim() == 2, "logsumexp", "input must be [N, E], got " + x.shape.str());
   const int64_t N = x.size(0), E = x.size(1);
   Tensor y = g.output({N}, x);
   for (int64_t n = 0; n < N; ++n) {
@@ -100,10 +100,10 @@ Tensor logsumexp(Graph& g, const Tensor& x) {
 }
 
 Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
-  check(x.ndim() == 2, "gather_rows", "input must be [N, C], got " + x.shape.str());
+  MOE_CHECK(x.ndim() == 2, "gather_rows", "input must be [N, C], got " + x.shape.str());
   const int64_t N = x.size(0), C = x.size(1);
   for (int64_t i = 0; i < n; ++i)
-    check(rows[i] >= 0 && rows[i] < N, "gather_rows", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
+    MOE_CHECK(rows[i] >= 0 && rows[i] < N, "gather_rows", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
   Tensor y = g.output({n, C}, x);
 #pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) std::memcpy(y.data + i * C, x.data + int64_t(rows[i]) * C, sizeof(float) * size_t(C));
@@ -124,12 +124,12 @@ Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
 
 void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* rows, const Tensor& gates,
                         const int32_t* gate_pos, int64_t n) {
-  check(acc.ndim() == 2 && h.ndim() == 2 && h.size(0) == n && h.size(1) == acc.size(1), "index_add_weighted",
+  MOE_CHECK(acc.ndim() == 2 && h.ndim() == 2 && h.size(0) == n && h.size(1) == acc.size(1), "index_add_weighted",
         "acc " + acc.shape.str() + " and h " + h.shape.str() + " must be [N, C] and [n=" + std::to_string(n) + ", C]");
   const int64_t N = acc.size(0), C = acc.size(1);
   for (int64_t i = 0; i < n; ++i) {
-    check(rows[i] >= 0 && rows[i] < N, "index_add_weighted", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
-    check(gate_pos[i] >= 0 && gate_pos[i] < gates.numel(), "index_add_weighted", "gate position " + std::to_string(gate_pos[i]) + " outside the gates");
+    MOE_CHECK(rows[i] >= 0 && rows[i] < N, "index_add_weighted", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
+    MOE_CHECK(gate_pos[i] >= 0 && gate_pos[i] < gates.numel(), "index_add_weighted", "gate position " + std::to_string(gate_pos[i]) + " outside the gates");
   }
   // A row hit by several slots takes them serially, in slot order; distinct rows in parallel.
   const bool distinct = strictly_increasing(rows, n);
@@ -141,7 +141,7 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
     for (int64_t c = 0; c < C; ++c) d[c] += w * s[c];
   }
   if (g.grad_enabled() && (h.requires_grad() || gates.requires_grad())) {
-    check(acc.requires_grad(), "index_add_weighted", "the accumulator must track a gradient (make it with g.zeros(shape, true))");
+    MOE_CHECK(acc.requires_grad(), "index_add_weighted", "the accumulator must track a gradient (make it with g.zeros(shape, true))");
     const Tensor a = acc;
     g.record([=] {
 #pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
@@ -162,7 +162,7 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
 }
 
 Tensor switch_aux_loss(Graph& g, const Tensor& logits, const int32_t* slots) {
-  check(logits.ndim() == 2, "switch_aux_loss", "logits must be [N, E], got " + logits.shape.str());
+  MOE_CHECK(logits.ndim() == 2, "switch_aux_loss", "logits must be [N, E], got " + logits.shape.str());
   const int64_t N = logits.size(0), E = logits.size(1);
   int64_t total = 0;
   for (int64_t e = 0; e < E; ++e) total += slots[e];

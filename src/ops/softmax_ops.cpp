@@ -9,8 +9,8 @@ namespace moe {
 namespace {
 
 Tensor softmax_impl(Graph& g, const Tensor& x, bool causal, const char* name) {
-  check(x.ndim() >= 1 && x.numel() > 0, name, "empty input " + x.shape.str());
-  if (causal) check(x.ndim() >= 2 && x.size(-1) == x.size(-2), name, "scores must be [..., T, T], got " + x.shape.str());
+  MOE_CHECK(x.ndim() >= 1 && x.numel() > 0, name, "empty input " + x.shape.str());
+  if (causal) MOE_CHECK(x.ndim() >= 2 && x.size(-1) == x.size(-2), name, "scores must be [..., T, T], got " + x.shape.str());
   const int64_t N = x.rows(), C = x.cols();
   Tensor y = g.output(x.shape, x);
   softmax_forward(y.data, x.data, N, C, causal);
@@ -27,9 +27,9 @@ Tensor causal_softmax(Graph& g, const Tensor& x) { return softmax_impl(g, x, tru
 
 Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets) {
   const int64_t N = logits.rows(), V = logits.cols();
-  check(N > 0 && V > 0, "cross_entropy", "empty logits " + logits.shape.str());
+  MOE_CHECK(N > 0 && V > 0, "cross_entropy", "empty logits " + logits.shape.str());
   for (int64_t n = 0; n < N; ++n)
-    check(targets[n] >= 0 && targets[n] < V, "cross_entropy",
+    MOE_CHECK(targets[n] >= 0 && targets[n] < V, "cross_entropy",
           "target " + std::to_string(targets[n]) + " at row " + std::to_string(n) + " is outside [0, " + std::to_string(V) + ")");
   Tensor y = g.output({1}, logits);
   float* probs = g.arena().alloc_floats(N * V);

@@ -28,8 +28,10 @@ void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* on
   float* m = m_.data();
   float* v = v_.data();
   const uint8_t* decay = decay_.data();
-  const std::vector<FloatRange> all{{0, params.numel()}};
-  for (const FloatRange& r : only ? *only : all) {
+  const FloatRange all{0, params.numel()};
+  const FloatRange* ranges = only ? only->data() : &all;
+  for (size_t k = 0, n_ranges = only ? only->size() : 1; k < n_ranges; ++k) {
+    const FloatRange& r = ranges[k];
 #pragma omp parallel for schedule(static)
     for (int64_t i = r.begin; i < r.end; ++i) {
       if (decay[i]) p[i] *= 1.f - lr * wd;
@@ -55,7 +57,9 @@ float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps)
 double sum_of_squares(const float* x, int64_t n) {
   constexpr int64_t kChunk = 1 << 14;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(size_t(chunks), 0.0);
+  thread_local std::vector<double> scratch;  // reused: no allocation per step
+  scratch.assign(size_t(chunks), 0.0);
+  double* partial = scratch.data();  // the calling thread's, shared with the team
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < chunks; ++c) {
     double s = 0;
@@ -63,7 +67,7 @@ double sum_of_squares(const float* x, int64_t n) {
     partial[size_t(c)] = s;
   }
   double total = 0;
-  for (double s : partial) total += s;
+  for (int64_t c = 0; c < chunks; ++c) total += partial[c];
   return total;
 }
 

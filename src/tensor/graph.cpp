@@ -25,14 +25,14 @@ Tensor Graph::constant(const Shape& s, const float* src) {
 }
 
 void Graph::backward(const Tensor& loss) {
-  check(loss.numel() == 1, "backward", "loss must be a scalar, got " + loss.shape.str());
-  check(loss.requires_grad(), "backward", "loss does not track a gradient (no-grad mode, or no parameter in it)");
+  MOE_CHECK(loss.numel() == 1, "backward", "loss must be a scalar, got " + loss.shape.str());
+  MOE_CHECK(loss.requires_grad(), "backward", "loss does not track a gradient (no-grad mode, or no parameter in it)");
   loss.grad[0] += 1.0f;
   for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
 }
 
 void Graph::backward_from(const Tensor& out, const float* dout) {
-  check(out.requires_grad(), "backward_from", "output does not track a gradient");
+  MOE_CHECK(out.requires_grad(), "backward_from", "output does not track a gradient");
   for (int64_t i = 0; i < out.numel(); ++i) out.grad[i] += dout[i];
   for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
 }

@@ -10,8 +10,8 @@ constexpr int64_t kAlignFloats = 16;
 }
 
 int ParamStore::add(const std::string& name, const Shape& shape, bool decay) {
-  check(!finalized_, "ParamStore::add", "store already finalized, cannot add '" + name + "'");
-  check(find(name) < 0, "ParamStore::add", "duplicate parameter name '" + name + "'");
+  MOE_CHECK(!finalized_, "ParamStore::add", "store already finalized, cannot add '" + name + "'");
+  MOE_CHECK(find(name) < 0, "ParamStore::add", "duplicate parameter name '" + name + "'");
   ParamInfo p{name, shape, total_, decay};
   total_ += (shape.numel() + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
   params_.push_back(std::move(p));
@@ -19,15 +19,15 @@ int ParamStore::add(const std::string& name, const Shape& shape, bool decay) {
 }
 
 void ParamStore::finalize() {
-  check(!finalized_, "ParamStore::finalize", "called twice");
+  MOE_CHECK(!finalized_, "ParamStore::finalize", "called twice");
   data_.assign(size_t(total_), 0.0f);
   grad_.assign(size_t(total_), 0.0f);
   finalized_ = true;
 }
 
 Tensor ParamStore::get(int id) const {
-  check(finalized_, "ParamStore::get", "finalize() the store before using parameters");
-  check(id >= 0 && id < count(), "ParamStore::get", "no parameter with id " + std::to_string(id));
+  MOE_CHECK(finalized_, "ParamStore::get", "finalize() the store before using parameters");
+  MOE_CHECK(id >= 0 && id < count(), "ParamStore::get", "no parameter with id " + std::to_string(id));
   const ParamInfo& p = params_[size_t(id)];
   Tensor t;
   t.shape = p.shape;

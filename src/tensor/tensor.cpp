@@ -5,9 +5,9 @@
 namespace moe {
 
 Shape::Shape(std::initializer_list<int64_t> d) {
-  check(d.size() <= size_t(kMaxDims), "Shape", "at most 4 dimensions, got " + std::to_string(d.size()));
+  MOE_CHECK(d.size() <= size_t(kMaxDims), "Shape", "at most 4 dimensions, got " + std::to_string(d.size()));
   for (int64_t v : d) {
-    check(v >= 0, "Shape", "negative dimension " + std::to_string(v));
+    MOE_CHECK(v >= 0, "Shape", "negative dimension " + std::to_string(v));
     dims[size_t(ndim++)] = v;
   }
 }
@@ -20,7 +20,7 @@ int64_t Shape::numel() const {
 
 int64_t Shape::operator[](int i) const {
   int j = i < 0 ? ndim + i : i;
-  check(j >= 0 && j < ndim, "Shape", "dimension " + std::to_string(i) + " out of range for " + str());
+  MOE_CHECK(j >= 0 && j < ndim, "Shape", "dimension " + std::to_string(i) + " out of range for " + str());
   return dims[size_t(j)];
 }
 
@@ -40,18 +40,16 @@ bool Shape::operator==(const Shape& o) const {
 }
 
 Tensor Tensor::view(Shape s) const {
-  check(s.numel() == numel(), "view", "cannot view " + shape.str() + " as " + s.str());
+  MOE_CHECK(s.numel() == numel(), "view", "cannot view " + shape.str() + " as " + s.str());
   Tensor t = *this;
   t.shape = s;
   return t;
 }
 
-void check(bool cond, const char* op, const std::string& message) {
-  if (!cond) throw ShapeError(std::string(op) + ": " + message);
-}
+void fail(const char* op, const std::string& message) { throw ShapeError(std::string(op) + ": " + message); }
 
 void check_same_shape(const char* op, const Tensor& a, const Tensor& b) {
-  check(a.shape == b.shape, op, "shapes differ: " + a.shape.str() + " vs " + b.shape.str());
+  MOE_CHECK(a.shape == b.shape, op, "shapes differ: " + a.shape.str() + " vs " + b.shape.str());
 }
 
 }  // namespace moe

@@ -156,6 +156,7 @@ class Model {
   struct RouterLosses {
     std::vector<Tensor> aux, z;  // one scalar per layer
   };
+  RouterLosses router_losses_;  // of the running forward; a member so its storage is reused
   Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
                  const ForwardOptions& opt, RouterLosses* losses);
   Tensor expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt);

@@ -53,8 +53,14 @@ struct ShapeError : std::exception {
   const char* what() const noexcept override { return msg.c_str(); }
 };
 
-// check(cond, op, message): throws ShapeError("op: message") when cond is false.
-void check(bool cond, const char* op, const std::string& message);
+// Throws ShapeError("op: message").
+[[noreturn]] void fail(const char* op, const std::string& message);
+// MOE_CHECK(cond, op, message): throws ShapeError("op: message") when cond is false. The
+// message is built only then: checks sit on hot paths (every op, every routed row).
+#define MOE_CHECK(cond, op, message)       \
+  do {                                     \
+    if (!(cond)) ::moe::fail(op, message); \
+  } while (false)
 // Throws unless a.shape == b.shape, naming the op and both shapes.
 void check_same_shape(const char* op, const Tensor& a, const Tensor& b);
 
