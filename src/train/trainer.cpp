@@ -147,6 +147,8 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     if (!metrics) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
   }
 
+  if (opt.expert_parallel && R == 1 && !opt.quiet)
+    spdlog::warn("--expert-parallel has no effect in one process: start moe with mpirun -np N (N > 1)");
   if (!quiet) {
     if (R > 1)
       spdlog::info("{} over {} processes: batch {} per process, {} in all", par.expert_parallel() ? "expert parallel" : "data parallel",
