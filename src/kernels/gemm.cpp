@@ -207,34 +207,55 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
 
 // The avx512 tile: kMR32 rows of 32 columns, two 16-float registers a row (24 accumulators
 // of the 32 zmm registers). The same sums as the 6x16 kernels: one fma a k step, in order;
-// C += acc by one add per element, masked to the valid columns of an edge tile.
+// C += acc by one add per element, masked to the valid columns of an edge tile. NV = 1
+// computes only the first 16 columns, for an edge panel of at most 16 (lm_head's N = 65
+// ends with a panel of 1 column).
 constexpr int64_t kMR32 = 12, kNR32 = 32;
 
-MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
-                                    int64_t nr) {
+template <int NV>
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* Ap, const float* Bp, float* C,
+                                                           int64_t ldc, int64_t mr, int64_t nr) {
   constexpr int64_t MR = kMR32, NR = kNR32;
-  __m512 acc[MR][2];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 16
-  for (int64_t r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kb; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(Bp + k * NR), b1 = _mm512_loadu_ps(Bp + k * NR + 16);
+    __m512 b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * NR + 16 * v);
     const float* a = Ap + k * MR;
 #pragma GCC unroll 16
     for (int64_t r = 0; r < MR; ++r) {
       const __m512 ar = _mm512_set1_ps(a[r]);
-      acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, b[v], acc[r][v]);
     }
   }
-  const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
-  const __mmask16 m1 = nr <= 16 ? __mmask16(0) : nr >= 32 ? __mmask16(0xFFFF) : __mmask16((1u << (nr - 16)) - 1);
+  __mmask16 m[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    const int64_t w = std::min<int64_t>(16, nr - 16 * v);  // valid columns of register v (> 0)
+    m[v] = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+  }
 #pragma GCC unroll 16
   for (int64_t r = 0; r < MR; ++r) {
     if (r >= mr) break;
-    float* c = C + r * ldc;
-    _mm512_mask_storeu_ps(c, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), acc[r][0]));
-    _mm512_mask_storeu_ps(c + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + 16), acc[r][1]));
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + r * ldc + 16 * v;
+      _mm512_mask_storeu_ps(c, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], c), acc[r][v]));
+    }
   }
+}
+
+MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
+                                    int64_t nr) {
+  if (nr > 16)
+    micro_avx512_body<2>(kb, Ap, Bp, C, ldc, mr, nr);
+  else
+    micro_avx512_body<1>(kb, Ap, Bp, C, ldc, mr, nr);
 }
 #endif
 
