@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-// The avx2 kernel is compiled for AVX2/FMA with a target attribute, whatever the build's
-// flags, and runs only when the CPU has them (gemm_kernel).
+// The avx2 and avx512 kernels are compiled for their instructions with target attributes,
+// whatever the build's flags, and run only when the CPU has them (gemm_kernel).
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define MOE_GEMM_X86 1
@@ -18,7 +18,7 @@
 #define MOE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #endif
 // The loops each kernel compiles for its own instruction set are written once, as bodies
-// forced inline into a portable and an avx2 copy.
+// forced inline into a copy per kernel.
 #define MOE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace moe {
