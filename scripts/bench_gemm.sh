@@ -43,17 +43,18 @@ awk -F, -v core="${core:-?}" -v load="$load_before -> $load_after" '
   function f(v) { return v == "" ? "-" : sprintf("%.1f", v) }
   function pct(a, b) { return (a != "" && b > 0) ? sprintf("%.0f%%", 100 * a / b) : "-" }
   END {
-    printf "%-28s %3s %9s %9s %8s %9s %8s %9s %7s\n", "shape_form_MxNxK", "thr", "ours", "OpenBLAS", "ours/OB",
-           "OB AVX2", "ours/OB2", "portable", "naive"
+    printf "%-28s %3s %8s %8s %9s %8s %9s %8s %8s %7s\n", "shape_form_MxNxK", "thr", "avx2", "avx512", "OpenBLAS",
+           "512/OB", "OB AVX2", "avx2/OB2", "portable", "naive"
     for (i = 0; i < n; ++i) {
       k = order[i]; split(k, q, " ")
-      ours = g[k, "ours_avx2"]; ob = g[k, "openblas"]; ob2 = g[k, "openblas_avx2"]
+      a2 = g[k, "ours_avx2"]; a5 = g[k, "ours_avx512"]; ob = g[k, "openblas"]; ob2 = g[k, "openblas_avx2"]
       naive = (q[2] == 1) ? f(g[q[1] " 1", "naive"]) : ""
-      printf "%-28s %3s %9s %9s %8s %9s %8s %9s %7s\n", q[1], q[2], f(ours), f(ob), pct(ours, ob), f(ob2),
-             pct(ours, ob2), f(g[k, "ours_portable"]), naive
+      printf "%-28s %3s %8s %8s %9s %8s %9s %8s %8s %7s\n", q[1], q[2], f(a2), f(a5), f(ob), pct(a5, ob), f(ob2),
+             pct(a2, ob2), f(g[k, "ours_portable"]), naive
     }
-    print "GFLOP/s (2·M·N·K per call over wall time, best of 3). ours = our avx2 kernel; OpenBLAS = its own"
-    print "choice of kernel (" core " here); OB AVX2 = OpenBLAS with OPENBLAS_CORETYPE=Haswell."
+    print "GFLOP/s (2·M·N·K per call over wall time, best of 3). avx2, avx512, portable = our kernels;"
+    print "OpenBLAS = its own choice of kernel (" core " here); OB AVX2 = OpenBLAS with OPENBLAS_CORETYPE=Haswell."
+    print "512/OB = our avx512 over OpenBLAS; avx2/OB2 = our avx2 over OpenBLAS with its AVX2 kernel."
     print "Load average (1, 5, 15 min) before -> after: " load ". With other processes on the cores, the"
     print "2-thread rows of ours mostly measure OpenMP threads spinning for a core that is taken."
   }' "$csv"

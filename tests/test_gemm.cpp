@@ -1,6 +1,6 @@
-// The GEMM kernels chosen at run time: each one (portable and, when the CPU has it, avx2)
-// against the reference loop on every form and edge size, thread-count determinism, and
-// the MOE_GEMM_KERNEL choice.
+// The GEMM kernels chosen at run time: each one (portable and, when the CPU has them, avx2
+// and avx512) against the reference loop on every form and edge size, thread-count
+// determinism, avx512 == avx2 bit for bit, and the MOE_GEMM_KERNEL choice.
 #include <catch2/catch.hpp>
 #include <omp.h>
 
@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -21,17 +22,23 @@ using test::random_vector;
 
 namespace {
 
-// The kernels this CPU can run: the avx2 one is tested wherever it exists, the portable one
-// everywhere.
+// The kernels this CPU can run: avx2 and avx512 are tested wherever the CPU has them, the
+// portable one everywhere.
 std::vector<GemmKernel> runnable_kernels() {
   std::vector<GemmKernel> ks{GemmKernel::portable};
   if (gemm_cpu_has_avx2()) ks.push_back(GemmKernel::avx2);
+  if (gemm_cpu_has_avx512()) ks.push_back(GemmKernel::avx512);
   return ks;
 }
 
-// Sizes around the blocking: MR = 6 rows, NR = 16 columns, KC = 256 deep, MC = 96 rows per
-// task; M = 1 takes the one-row path.
-constexpr std::array<std::array<int64_t, 3>, 14> kSizes{{{1, 1, 1},
+// Sizes around the blocking: tiles of MR x NR = 6x16 (portable, avx2) or 12x32 (avx512),
+// KC = 256 deep, MC = 96 rows per task; M = 1 takes the one-row path.
+constexpr std::array<std::array<int64_t, 3>, 19> kSizes{{{1, 1, 1},
+                                                         {11, 31, 3},
+                                                         {12, 32, 1},
+                                                         {25, 65, 40},
+                                                         {24, 64, 256},
+                                                         {96, 47, 9},
                                                          {2, 3, 1},
                                                          {6, 16, 1},
                                                          {7, 17, 5},
@@ -123,14 +130,46 @@ TEST_CASE("gemm kernels give the same bits on 1 and 2 threads, in every form", "
   omp_set_num_threads(saved);
 }
 
-TEST_CASE("MOE_GEMM_KERNEL chooses the kernel, avx2 only where the CPU has it", "[gemm]") {
+TEST_CASE("gemm avx512 gives the same bits as avx2 on random shapes, forms, alpha and beta", "[gemm]") {
+  if (!gemm_cpu_has_avx512()) {
+    WARN("this CPU lacks AVX-512: avx512 == avx2 not checked");
+    return;
+  }
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int64_t> small(1, 80), deep(1, 700);
+  for (int trial = 0; trial < 200; ++trial) {
+    const bool ta = trial & 1, tb = trial & 2;
+    // Every tenth call one row (the one-row loops), else up to 80 x 80, up to 700 deep.
+    const int64_t M = trial % 10 == 0 ? 1 : small(rng), N = small(rng), K = deep(rng);
+    const float alpha = trial % 3 == 0 ? 1.f : 0.37f, beta = trial % 4 == 0 ? 0.f : (trial % 4 == 1 ? 1.f : -0.6f);
+    const int64_t lda = (ta ? M : K) + trial % 3, ldb = (tb ? K : N) + trial % 5, ldc = N + trial % 2;
+    auto A = random_vector((ta ? K : M) * lda, uint64_t(trial) + 1);
+    auto B = random_vector((tb ? N : K) * ldb, uint64_t(trial) + 1000);
+    auto C2 = random_vector(M * ldc, uint64_t(trial) + 2000), C5 = C2;
+    gemm(GemmKernel::avx2, ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C2.data(), ldc);
+    gemm(GemmKernel::avx512, ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C5.data(), ldc);
+    INFO("ta " << ta << " tb " << tb << " M " << M << " N " << N << " K " << K << " alpha " << alpha << " beta "
+               << beta);
+    REQUIRE(std::memcmp(C2.data(), C5.data(), C2.size() * sizeof(float)) == 0);
+  }
+}
+
+TEST_CASE("MOE_GEMM_KERNEL chooses the kernel, avx2 and avx512 only where the CPU has them", "[gemm]") {
   CHECK(choose_gemm_kernel(nullptr, true) == GemmKernel::avx2);
   CHECK(choose_gemm_kernel("", true) == GemmKernel::avx2);
+  CHECK(choose_gemm_kernel(nullptr, true, true) == GemmKernel::avx512);
+  CHECK(choose_gemm_kernel("", true, true) == GemmKernel::avx512);
   CHECK(choose_gemm_kernel(nullptr, false) == GemmKernel::portable);
   CHECK(choose_gemm_kernel("portable", true) == GemmKernel::portable);
+  CHECK(choose_gemm_kernel("portable", true, true) == GemmKernel::portable);
   CHECK(choose_gemm_kernel("avx2", true) == GemmKernel::avx2);
+  CHECK(choose_gemm_kernel("avx2", true, true) == GemmKernel::avx2);
+  CHECK(choose_gemm_kernel("avx512", true, true) == GemmKernel::avx512);
   CHECK_THROWS_WITH(choose_gemm_kernel("avx2", false), Catch::Contains("lacks AVX2"));
-  CHECK_THROWS_WITH(choose_gemm_kernel("sse", true), Catch::Contains("portable or avx2") && Catch::Contains("'sse'"));
+  CHECK_THROWS_WITH(choose_gemm_kernel("avx512", true, false), Catch::Contains("lacks AVX-512"));
+  CHECK_THROWS_WITH(choose_gemm_kernel("sse", true),
+                    Catch::Contains("portable, avx2 or avx512") && Catch::Contains("'sse'"));
+  CHECK(std::string(gemm_kernel_name(GemmKernel::avx512)) == "avx512");
   CHECK(std::string(gemm_kernel_name(GemmKernel::avx2)) == "avx2");
   CHECK(std::string(gemm_kernel_name(GemmKernel::portable)) == "portable");
 
@@ -144,8 +183,19 @@ TEST_CASE("MOE_GEMM_KERNEL chooses the kernel, avx2 only where the CPU has it", 
   moe_test::Run d = moe_test::run_moe(args, cd + "env -u MOE_GEMM_KERNEL");
   INFO(d.out);
   REQUIRE(d.code == 0);
-  CHECK_THAT(d.out, Catch::Contains(std::string("gemm kernel ") + (gemm_cpu_has_avx2() ? "avx2" : "portable")));
+  const char* widest = gemm_cpu_has_avx512() ? "avx512" : gemm_cpu_has_avx2() ? "avx2" : "portable";
+  CHECK_THAT(d.out, Catch::Contains(std::string("gemm kernel ") + widest));
+  if (gemm_cpu_has_avx512()) {
+    moe_test::Run f = moe_test::run_moe(args + " --json", cd + "MOE_GEMM_KERNEL=avx2");
+    INFO(f.out);
+    REQUIRE(f.code == 0);
+    CHECK_THAT(f.out, Catch::Contains("\"gemm_kernel\":\"avx2\""));
+  } else {
+    moe_test::Run f = moe_test::run_moe(args, cd + "MOE_GEMM_KERNEL=avx512");
+    CHECK(f.code == 1);
+    CHECK_THAT(f.out, Catch::Contains("lacks AVX-512"));
+  }
   moe_test::Run bad = moe_test::run_moe(args, cd + "MOE_GEMM_KERNEL=fast");
   CHECK(bad.code == 1);
-  CHECK_THAT(bad.out, Catch::Contains("MOE_GEMM_KERNEL must be portable or avx2, got 'fast'"));
+  CHECK_THAT(bad.out, Catch::Contains("MOE_GEMM_KERNEL must be portable, avx2 or avx512, got 'fast'"));
 }

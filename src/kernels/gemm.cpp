@@ -9,31 +9,35 @@
 #include <string>
 #include <vector>
 
-// The avx2 kernel is compiled for AVX2/FMA with a target attribute, whatever the build's
-// flags, and runs only when the CPU has them (gemm_kernel).
+// The avx2 and avx512 kernels are compiled for their instructions with target attributes,
+// whatever the build's flags, and run only when the CPU has them (gemm_kernel).
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define MOE_GEMM_X86 1
 #define MOE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define MOE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #endif
 // The loops each kernel compiles for its own instruction set are written once, as bodies
-// forced inline into a portable and an avx2 copy.
+// forced inline into a copy per kernel.
 #define MOE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace moe {
 
 namespace {
 
-constexpr int64_t MR = 6;    // rows of the micro-tile
-constexpr int64_t NR = 16;   // columns of the micro-tile (two AVX registers)
+// The micro-tile is MR x NR: 6x16 (portable, avx2: two 8-float registers a row) or 12x32
+// (avx512: two 16-float registers a row). Every kernel sums each C element over k the same
+// way (one fma a step, in order, from 0 within each KC block, then added to C), so the tile
+// shape does not change the bits.
 constexpr int64_t KC = 256;  // depth of a packed block
-constexpr int64_t MC = 96;   // rows of A packed per task
+constexpr int64_t MC = 96;   // rows of A packed per task (a multiple of every MR)
 
 inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
   return trans ? X[c * ld + r] : X[r * ld + c];
 }
 
 // Panel p of Bp: kb rows of NR floats for columns p*NR.. (zero padded past N).
+template <int64_t NR>
 void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb, int64_t N, int64_t p,
                   float* dst) {
   const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
@@ -72,6 +76,7 @@ void scale_rows(float* C, int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64
 }
 
 // Ap: for each group of MR rows, kb columns of MR floats (scaled by alpha, zero padded).
+template <int64_t MR>
 void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, int64_t k0, int64_t kb,
             float alpha, float* Ap) {
   for (int64_t g = 0; g < mb; g += MR) {
@@ -121,9 +126,13 @@ MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float a
   for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
 }
 
-// acc[MR][NR] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part. GCC/Clang
+// The 6x16 tile of the portable and avx2 kernels.
+constexpr int64_t kMR16 = 6, kNR16 = 16;
+
+// acc[6][16] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part. GCC/Clang
 // vector types of 8 floats: the compiler maps them to whatever vectors the build targets.
 void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr) {
+  constexpr int64_t MR = kMR16, NR = kNR16;
   typedef float v8 __attribute__((vector_size(32)));
   v8 acc[MR][2] = {};
   for (int64_t k = 0; k < kb; ++k) {
@@ -143,6 +152,7 @@ void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int6
 #ifdef MOE_GEMM_X86
 MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
                                 int64_t nr) {
+  constexpr int64_t MR = kMR16, NR = kNR16;
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
@@ -194,64 +204,175 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
   for (int64_t r = 0; r < mr; ++r)
     for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c];
 }
+
+// The avx512 tile: kMR32 rows of 32 columns, two 16-float registers a row (24 accumulators
+// of the 32 zmm registers). The same sums as the 6x16 kernels: one fma a k step, in order;
+// C += acc by one add per element, masked to the valid columns of an edge tile. NV = 1
+// computes only the first 16 columns, for an edge panel of at most 16 (lm_head's N = 65
+// ends with a panel of 1 column).
+constexpr int64_t kMR32 = 12, kNR32 = 32;
+
+template <int NV>
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* Ap, const float* Bp, float* C,
+                                                           int64_t ldc, int64_t mr, int64_t nr) {
+  constexpr int64_t MR = kMR32, NR = kNR32;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kb; ++k) {
+    __m512 b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * NR + 16 * v);
+    const float* a = Ap + k * MR;
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < MR; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, b[v], acc[r][v]);
+    }
+  }
+  __mmask16 m[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    const int64_t w = std::min<int64_t>(16, nr - 16 * v);  // valid columns of register v (> 0)
+    m[v] = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+  }
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < MR; ++r) {
+    if (r >= mr) break;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + r * ldc + 16 * v;
+      _mm512_mask_storeu_ps(c, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], c), acc[r][v]));
+    }
+  }
+}
+
+MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
+                                    int64_t nr) {
+  if (nr > 16)
+    micro_avx512_body<2>(kb, Ap, Bp, C, ldc, mr, nr);
+  else
+    micro_avx512_body<1>(kb, Ap, Bp, C, ldc, mr, nr);
+}
 #endif
+
+using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
 
 // The products of one task: the packed rows Ap (mb of them) times the packed column panels
 // [p0, p1) of Bp, added to C (whose row 0 is the task's first row).
-template <void (*Micro)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t)>
+template <int64_t MR, int64_t NR, MicroFn Micro>
 MOE_ALWAYS_INLINE void tile_body(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1,
                                  int64_t N, float* C, int64_t ldc) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
-    for (int64_t g = 0; g < mb; g += MR) Micro(kb, Ap + g * kb, Bp + p * kb * NR, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr);
+    for (int64_t g = 0; g < mb; g += MR)
+      Micro(kb, Ap + g * kb, Bp + p * kb * NR, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr);
   }
 }
 
-// What differs between the kernels.
+using TileFn = void (*)(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1, int64_t N,
+                        float* C, int64_t ldc);
+using GemvFn = void (*)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
+                        float beta, float* C);
+using PackedFn = void (*)(TileFn tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                          int64_t ldc);
+
+// What differs between the kernels: the packed product for its tile shape (packing and
+// task split, plain code), its tile loop and the one-row loops, compiled for its instructions.
 struct Kernel {
-  void (*tile)(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1, int64_t N, float* C,
-               int64_t ldc);
-  void (*gemv_dot)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
-                   float beta, float* C);
-  void (*gemv_axpy)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
-                    float beta, float* C);
+  PackedFn packed;
+  TileFn tile;
+  GemvFn gemv_dot, gemv_axpy;
 };
 
-__attribute__((flatten)) void tile_portable(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1, int64_t N,
-                   float* C, int64_t ldc) {
-  tile_body<micro_portable>(kb, Ap, mb, Bp, p0, p1, N, C, ldc);
-}
-void gemv_dot_portable(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
-                       float beta, float* C) {
-  gemv_dot_body(j0, j1, K, alpha, a, B, ldb, beta, C);
-}
-void gemv_axpy_portable(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
-                        float beta, float* C) {
-  gemv_axpy_body(j0, j1, K, alpha, a, B, ldb, beta, C);
-}
-constexpr Kernel kPortable{tile_portable, gemv_dot_portable, gemv_axpy_portable};
+// Every kernel's tile loop, and the one-row loops of portable and avx2: the same bodies,
+// compiled for the target given by the attributes ATTR.
+#define MOE_GEMM_TILE_FN(NAME, ATTR, MR, NR, MICRO)                                                          \
+  ATTR __attribute__((flatten)) void tile_##NAME(int64_t kb, const float* Ap, int64_t mb, const float* Bp, \
+                                                 int64_t p0, int64_t p1, int64_t N, float* C, int64_t ldc) { \
+    tile_body<MR, NR, MICRO>(kb, Ap, mb, Bp, p0, p1, N, C, ldc);                                             \
+  }
+#define MOE_GEMM_GEMV_FNS(NAME, ATTR)                                                                         \
+  ATTR void gemv_dot_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,  \
+                            int64_t ldb, float beta, float* C) {                                             \
+    gemv_dot_body(j0, j1, K, alpha, a, B, ldb, beta, C);                                                     \
+  }                                                                                                          \
+  ATTR void gemv_axpy_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, \
+                             int64_t ldb, float beta, float* C) {                                            \
+    gemv_axpy_body(j0, j1, K, alpha, a, B, ldb, beta, C);                                                    \
+  }
 
+MOE_GEMM_TILE_FN(portable, , kMR16, kNR16, micro_portable)
+MOE_GEMM_GEMV_FNS(portable, )
 #ifdef MOE_GEMM_X86
-MOE_TARGET_AVX2 __attribute__((flatten)) void tile_avx2(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1,
-                               int64_t N, float* C, int64_t ldc) {
-  tile_body<micro_avx2>(kb, Ap, mb, Bp, p0, p1, N, C, ldc);
+MOE_GEMM_TILE_FN(avx2, MOE_TARGET_AVX2, kMR16, kNR16, micro_avx2)
+MOE_GEMM_GEMV_FNS(avx2, MOE_TARGET_AVX2)
+MOE_GEMM_TILE_FN(avx512, MOE_TARGET_AVX512, kMR32, kNR32, micro_avx512)
+#endif
+
+// The packed product with an MR x NR tile: blocks of KC along k; in each, the B panels are
+// packed by the team, then each task packs its rows of A and runs the tile loop.
+template <int64_t MR, int64_t NR>
+void gemm_packed(TileFn tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  static_assert(MC % MR == 0, "a task's rows are whole tiles, but for the last task");
+  const int64_t panels = (N + NR - 1) / NR;
+  thread_local std::vector<float> bp_store;  // the caller's; the team packs into it and reads it
+  const bool nested = omp_in_parallel();
+  const bool parallel = !nested && M * N * K >= 32768 && (M > MR || panels > 1);
+  // Tasks: blocks of MC rows, and when those are too few to keep every thread busy, groups
+  // of column panels too. Each C element belongs to one task and sums over k in the same
+  // order, so the bits do not depend on the thread count.
+  const int64_t row_tasks = (M + MC - 1) / MC;
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t col_groups = std::min(panels, std::max<int64_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
+  const int64_t panels_per_group = (panels + col_groups - 1) / col_groups;
+  const int64_t tasks = row_tasks * col_groups;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kb = std::min(KC, K - k0);
+    bp_store.resize(size_t(panels * kb * NR));
+    float* Bp = bp_store.data();
+#pragma omp parallel if (parallel)
+    {
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < panels; ++p) pack_b_panel<NR>(trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) {
+        thread_local std::vector<float> ap_buf;
+        const int64_t i0 = (t / col_groups) * MC, mb = std::min(MC, M - i0);
+        const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
+        if (p0 >= p1) continue;
+        // The task's own part of C takes beta before its first accumulation.
+        if (k0 == 0) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
+        ap_buf.resize(size_t((MC + MR) * kb));
+        float* Ap = ap_buf.data();
+        pack_a<MR>(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
+        tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc);
+      }
+    }
+  }
 }
-MOE_TARGET_AVX2 void gemv_dot_avx2(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,
-                                   int64_t ldb, float beta, float* C) {
-  gemv_dot_body(j0, j1, K, alpha, a, B, ldb, beta, C);
-}
-MOE_TARGET_AVX2 void gemv_axpy_avx2(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,
-                                    int64_t ldb, float beta, float* C) {
-  gemv_axpy_body(j0, j1, K, alpha, a, B, ldb, beta, C);
-}
-constexpr Kernel kAvx2{tile_avx2, gemv_dot_avx2, gemv_axpy_avx2};
+
+constexpr Kernel kPortable{gemm_packed<kMR16, kNR16>, tile_portable, gemv_dot_portable, gemv_axpy_portable};
+#ifdef MOE_GEMM_X86
+constexpr Kernel kAvx2{gemm_packed<kMR16, kNR16>, tile_avx2, gemv_dot_avx2, gemv_axpy_avx2};
+// avx512 runs the avx2 one-row loops: compiled for AVX-512, the compiler vectorises the dot
+// products 16 wide instead of 8 (products by vmulps summed in order, the remainder by fma),
+// which moves where the fma part starts and so changes the bits. One row is not where the
+// time goes; the same bits as avx2 are worth more.
+constexpr Kernel kAvx512{gemm_packed<kMR32, kNR32>, tile_avx512, gemv_dot_avx2, gemv_axpy_avx2};
 #endif
 
 const Kernel& kernel_of(GemmKernel k) {
 #ifdef MOE_GEMM_X86
   if (k == GemmKernel::avx2) return kAvx2;
+  if (k == GemmKernel::avx512) return kAvx512;
 #else
-  if (k == GemmKernel::avx2) throw std::logic_error("gemm: the avx2 kernel exists on x86 only");
+  if (k != GemmKernel::portable) throw std::logic_error("gemm: the avx2 and avx512 kernels exist on x86 only");
 #endif
   return kPortable;
 }
@@ -287,23 +408,46 @@ bool gemm_cpu_has_avx2() {
 #endif
 }
 
-GemmKernel choose_gemm_kernel(const char* env_value, bool cpu_has_avx2) {
+bool gemm_cpu_has_avx512() {
+#ifdef MOE_GEMM_X86
+  __builtin_cpu_init();
+  return gemm_cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+GemmKernel choose_gemm_kernel(const char* env_value, bool cpu_has_avx2, bool cpu_has_avx512) {
   const std::string v = env_value ? env_value : "";
-  if (v.empty()) return cpu_has_avx2 ? GemmKernel::avx2 : GemmKernel::portable;
+  if (v.empty())
+    return cpu_has_avx512 ? GemmKernel::avx512 : cpu_has_avx2 ? GemmKernel::avx2 : GemmKernel::portable;
   if (v == "portable") return GemmKernel::portable;
   if (v == "avx2") {
     if (!cpu_has_avx2) throw std::runtime_error("MOE_GEMM_KERNEL=avx2, but this CPU lacks AVX2 or FMA");
     return GemmKernel::avx2;
   }
-  throw std::runtime_error("MOE_GEMM_KERNEL must be portable or avx2, got '" + v + "'");
+  if (v == "avx512") {
+    if (!cpu_has_avx512)
+      throw std::runtime_error("MOE_GEMM_KERNEL=avx512, but this CPU lacks AVX-512 (F, VL, BW, DQ)");
+    return GemmKernel::avx512;
+  }
+  throw std::runtime_error("MOE_GEMM_KERNEL must be portable, avx2 or avx512, got '" + v + "'");
 }
 
 GemmKernel gemm_kernel() {
-  static const GemmKernel k = choose_gemm_kernel(std::getenv("MOE_GEMM_KERNEL"), gemm_cpu_has_avx2());
+  static const GemmKernel k =
+      choose_gemm_kernel(std::getenv("MOE_GEMM_KERNEL"), gemm_cpu_has_avx2(), gemm_cpu_has_avx512());
   return k;
 }
 
-const char* gemm_kernel_name(GemmKernel k) { return k == GemmKernel::avx2 ? "avx2" : "portable"; }
+const char* gemm_kernel_name(GemmKernel k) {
+  switch (k) {
+    case GemmKernel::avx2: return "avx2";
+    case GemmKernel::avx512: return "avx512";
+    default: return "portable";
+  }
+}
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
@@ -322,41 +466,7 @@ void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, i
     gemv_row(kern, trans_a, trans_b, N, K, alpha, A, lda, B, ldb, beta, C);
     return;
   }
-  const int64_t panels = (N + NR - 1) / NR;
-  thread_local std::vector<float> bp_store;  // the caller's; the team packs into it and reads it
-  const bool nested = omp_in_parallel();
-  const bool parallel = !nested && M * N * K >= 32768 && (M > MR || panels > 1);
-  // Tasks: blocks of MC rows, and when those are too few to keep every thread busy, groups
-  // of column panels too. Each C element belongs to one task and sums over k in the same
-  // order, so the bits do not depend on the thread count.
-  const int64_t row_tasks = (M + MC - 1) / MC;
-  const int64_t threads = parallel ? omp_get_max_threads() : 1;
-  const int64_t col_groups = std::min(panels, std::max<int64_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
-  const int64_t panels_per_group = (panels + col_groups - 1) / col_groups;
-  const int64_t tasks = row_tasks * col_groups;
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kb = std::min(KC, K - k0);
-    bp_store.resize(size_t(panels * kb * NR));
-    float* Bp = bp_store.data();
-#pragma omp parallel if (parallel)
-    {
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < panels; ++p) pack_b_panel(trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < tasks; ++t) {
-        thread_local std::vector<float> ap_buf;
-        const int64_t i0 = (t / col_groups) * MC, mb = std::min(MC, M - i0);
-        const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
-        if (p0 >= p1) continue;
-        // The task's own part of C takes beta before its first accumulation.
-        if (k0 == 0) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
-        ap_buf.resize(size_t((MC + MR) * kb));
-        float* Ap = ap_buf.data();
-        pack_a(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
-        kern.tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc);
-      }
-    }
-  }
+  kern.packed(kern.tile, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,

@@ -108,8 +108,9 @@ int main(int argc, char** argv) {
                               std::to_string(s.N) + "x" + std::to_string(s.K);
     for (int threads : {1, 2}) {
       const std::string t = "/threads:" + std::to_string(threads);
-      for (moe::GemmKernel k : {moe::GemmKernel::avx2, moe::GemmKernel::portable}) {
+      for (moe::GemmKernel k : {moe::GemmKernel::avx512, moe::GemmKernel::avx2, moe::GemmKernel::portable}) {
         if (k == moe::GemmKernel::avx2 && !moe::gemm_cpu_has_avx2()) continue;
+        if (k == moe::GemmKernel::avx512 && !moe::gemm_cpu_has_avx512()) continue;
         benchmark::RegisterBenchmark((shape + "/ours_" + moe::gemm_kernel_name(k) + t).c_str(), ours, s, k, threads)
             ->UseRealTime();
       }

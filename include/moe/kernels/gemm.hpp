@@ -2,10 +2,13 @@
 // op(A) = A (A is [M,K], lda >= K) or Aᵀ when trans_a (A is [K,M], lda >= M); same for B.
 // beta == 0 overwrites C without reading it.
 //
-// gemm packs panels of A and B and runs a 6x16 micro-kernel. Two kernels exist in every
-// build: "avx2" (AVX2/FMA intrinsics, compiled for those instructions whatever the build's
-// flags) and "portable" (plain C++, the build's flags). One is chosen once, at run time:
-// avx2 when the CPU has AVX2 and FMA, unless MOE_GEMM_KERNEL=portable|avx2 forces one.
+// gemm packs panels of A and B and runs a micro-kernel. Three kernels exist in every x86
+// build: "avx512" (a 12x32 tile, AVX-512 intrinsics), "avx2" (6x16, AVX2/FMA intrinsics),
+// each compiled for its instructions whatever the build's flags, and "portable" (6x16,
+// plain C++, the build's flags; the only one elsewhere). One is chosen once, at run time:
+// the widest the CPU has (avx512 needs AVX-512 F/VL/BW/DQ, avx2 needs AVX2 and FMA), unless
+// MOE_GEMM_KERNEL=portable|avx2|avx512 forces one. avx512 and avx2 give the same bits: each
+// C element is summed over k by one fma a step, in the same order and k blocks.
 // Threads split the rows (and column panels) of C, never the sum over k, so every element
 // is accumulated in the same order for any thread count. Inside an OpenMP parallel region
 // it runs serially. gemm_reference is the plain triple loop with the same signature, for
@@ -16,22 +19,26 @@
 
 namespace moe {
 
-enum class GemmKernel { portable, avx2 };
+enum class GemmKernel { portable, avx2, avx512 };
 
 // The kernel gemm uses, chosen on the first call. Throws std::runtime_error when
-// MOE_GEMM_KERNEL holds another value than portable or avx2, or avx2 on a CPU without it.
+// MOE_GEMM_KERNEL holds another value than portable, avx2 or avx512, or names a kernel this
+// CPU cannot run.
 GemmKernel gemm_kernel();
 const char* gemm_kernel_name(GemmKernel k);
 inline const char* gemm_kernel_name() { return gemm_kernel_name(gemm_kernel()); }
 // Whether this CPU runs the avx2 kernel (AVX2 and FMA).
 bool gemm_cpu_has_avx2();
+// Whether this CPU runs the avx512 kernel (AVX-512 F, VL, BW and DQ, and the avx2 kernel).
+bool gemm_cpu_has_avx512();
 // The choice gemm_kernel makes for MOE_GEMM_KERNEL's value (null or empty: not set).
-GemmKernel choose_gemm_kernel(const char* env_value, bool cpu_has_avx2);
+GemmKernel choose_gemm_kernel(const char* env_value, bool cpu_has_avx2, bool cpu_has_avx512 = false);
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
-// gemm with the given kernel (tests and benchmarks); the caller checks gemm_cpu_has_avx2.
+// gemm with the given kernel (tests and benchmarks); the caller checks gemm_cpu_has_avx2 /
+// gemm_cpu_has_avx512.
 void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
