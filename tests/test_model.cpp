@@ -345,3 +345,36 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   REQUIRE(same_checkpoint_weights(dir / "one" / "last.safetensors", dir / "two" / "last.safetensors"));
   fs::remove_all(dir);
 }
+
+TEST_CASE("Generated tokens are those of the graph-built decoder (recorded), every MoE option", "[model][generate]") {
+  // Token ids recorded from Model::decode as it was when it built an autograd graph per token.
+  // Sampling at temperature 1 with router noise at evaluation, and a context_keep that
+  // re-encodes the context several times, so the prefill and the one-token path both count.
+  auto run = [](Config cfg, bool skew_bias) {
+    cfg.router.noise_at_eval = true;
+    cfg.router.capacity_at_eval = true;
+    Model model(cfg, 13);
+    Rng init(3, 1);
+    model.init(init);
+    if (skew_bias)  // nonzero aux-loss-free balancing biases, so the selection uses them
+      for (const Model::Buffer& b : model.buffers())
+        for (int64_t e = 0; e < b.size; ++e) model.buffer_data()[b.offset + e] = 0.3f * float(e % 3) - 0.2f;
+    GenerateOptions go;
+    go.seed = 11;
+    go.context_keep = 3;
+    Generator gen(model, go);
+    std::vector<int32_t> out;
+    gen.generate({1, 2, 3, 4, 5}, 40, [&](int32_t id) { out.push_back(id); });
+    return out;
+  };
+  Config gelu = tiny_config();
+  gelu.model.expert_ffn = "gelu";
+  gelu.model.attn_scale = "embed";
+  using Ids = std::vector<int32_t>;
+  CHECK(run(tiny_config(), false) == Ids{12, 4, 11, 5, 5, 3, 2, 5, 5, 4, 12, 12, 4, 5, 5, 4, 5, 5, 4, 2,
+                                          4, 4, 10, 11, 0, 11, 4, 12, 4, 12, 4, 12, 12, 4, 6, 7, 4, 8, 4, 4});
+  CHECK(run(gelu, false) == Ids{12, 4, 11, 5, 5, 3, 2, 2, 5, 5, 5, 12, 4, 2, 9, 4, 4, 6, 1, 12,
+                                4, 4, 4, 10, 8, 5, 5, 5, 5, 12, 4, 9, 2, 5, 11, 1, 12, 3, 12, 4});
+  CHECK(run(all_features_config(), true) == Ids{2, 4, 2, 11, 6, 10, 11, 4, 4, 2, 3, 1, 4, 5, 4, 0, 2, 2, 0, 5,
+                                                2, 2, 3, 2, 10, 0, 4, 10, 3, 4, 0, 5, 9, 3, 7, 10, 7, 4, 5, 2});
+}
