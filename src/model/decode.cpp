@@ -48,6 +48,7 @@ KVCache Model::new_cache() const {
   w.gates.resize(T * K);
   for (auto* b : {&w.index, &w.token, &w.gate_pos}) b->resize(T * K);
   w.offsets.resize(E + 1);
+  w.active.resize(E);
   // Expert rows: the routed slots (T*K), or every position for a shared expert (T <= T*K).
   for (auto* b : {&w.rows, &w.expert_out}) b->resize(T * K * C);
   for (auto* b : {&w.hidden, &w.hidden3}) b->resize(T * K * F);
@@ -178,12 +179,17 @@ void Model::decode_moe(const BlockParams& bp, int64_t layer, KVCache::Work& w, i
   if (rc.capacity_factor > 0 && rc.capacity_at_eval)
     apply_capacity(offsets, token, gate_pos, gates, E_, int64_t(std::ceil(rc.capacity_factor * double(K_ * n) / double(E_))));
 
-  // Each routed slot s owns row s of rows, hidden and expert_out.
+  // Each routed slot s owns row s of rows, hidden and expert_out, so the chosen experts run on
+  // separate threads (one team per layer; their products run serially inside it).
+  int32_t* active = w.active.data();
+  int64_t n_active = 0;
+  for (int64_t e = 0; e < E_; ++e)
+    if (offsets[e + 1] > offsets[e]) active[n_active++] = int32_t(e);
   float* rows = w.rows.data();
   float* ye = w.expert_out.data();
-  for (int64_t e = 0; e < E_; ++e) {
-    const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
-    if (count == 0) continue;
+#pragma omp parallel for schedule(dynamic, 1) if (n_active > 1)
+  for (int64_t a = 0; a < n_active; ++a) {
+    const int64_t e = active[a], begin = offsets[e], count = offsets[e + 1] - begin;
     for (int64_t s = begin; s < begin + count; ++s)
       std::memcpy(rows + s * C_, x + int64_t(token[s]) * C_, sizeof(float) * size_t(C_));
     decode_expert(w, bp.experts[size_t(e)], rows + begin * C_, count, w.hidden.data() + begin * F_,

@@ -70,6 +70,7 @@ struct KVCache {
     std::vector<float> mean, rstd, scores;          // [n], [n], [T]
     std::vector<float> clean, noise, logits, probs, gates;  // router: [n, E] (gates [n, K])
     std::vector<int32_t> index, offsets, token, gate_pos;   // top-k ids [n, K], groups per expert
+    std::vector<int32_t> active;                            // the experts with slots [<= E]
     std::vector<float> rows, hidden, hidden3, expert_out;   // expert inputs [n*K, C], [n*K, F] x2, [n*K, C]
     std::vector<float> out;                                 // logits of the last position [V]
     // Every Linear weight transposed to [in, out], copied by new_cache(): one-row products then
