@@ -154,7 +154,8 @@ TEST_CASE("Model matches the PyTorch twin: logits, loss, gradients, 5 AdamW step
 }
 
 TEST_CASE("KV-cache decoding equals full-context recomputation", "[model][generate]") {
-  Config cfg = tiny_config();
+  // makeMoE's options, and every other MoE option (SwiGLU, shared expert, softmax_topk).
+  Config cfg = GENERATE(tiny_config(), all_features_config());
   Model model(cfg, 13);
   Rng init(1, 1);
   model.init(init);
@@ -178,6 +179,9 @@ TEST_CASE("KV-cache decoding equals full-context recomputation", "[model][genera
     REQUIRE(d < 1e-5);
   }
   REQUIRE_THROWS_WITH(model.decode(cache, seq.data(), 1, fo), Catch::Contains("block_size"));
+  KVCache fresh = model.new_cache();
+  const int32_t bad = 13;
+  REQUIRE_THROWS_WITH(model.decode(fresh, &bad, 1, fo), Catch::Contains("outside the vocabulary"));
 }
 
 TEST_CASE("Generation is deterministic by seed, exact window mode matches recomputation", "[model][generate]") {
@@ -361,9 +365,13 @@ TEST_CASE("Generated tokens are those of the graph-built decoder (recorded), eve
     GenerateOptions go;
     go.seed = 11;
     go.context_keep = 3;
-    Generator gen(model, go);
-    std::vector<int32_t> out;
-    gen.generate({1, 2, 3, 4, 5}, 40, [&](int32_t id) { out.push_back(id); });
+    std::vector<int32_t> out, one_thread;
+    Generator(model, go).generate({1, 2, 3, 4, 5}, 40, [&](int32_t id) { out.push_back(id); });
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    Generator(model, go).generate({1, 2, 3, 4, 5}, 40, [&](int32_t id) { one_thread.push_back(id); });
+    omp_set_num_threads(saved);
+    CHECK(one_thread == out);
     return out;
   };
   Config gelu = tiny_config();

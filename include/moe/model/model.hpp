@@ -119,9 +119,10 @@ class Model {
   // (prefill when n > 1) and returns the logits of the last one [V], in the cache's buffers
   // (valid until its next decode). Evaluation mode; the router noise, when router.noisy and
   // noise_at_eval, comes from opt.noise_rng (the other options are Model::forward's only).
-  // Runs the kernels directly on the cache's buffers, without an autograd graph, and gives the
-  // bits Model::forward gives for the same positions up to the summation order of one-row
-  // products. cache.len + n must be <= block_size; the cache must come from new_cache().
+  // Runs the kernels of Model::forward's ops directly on the cache's buffers, without an
+  // autograd graph, in the same order (the logits can differ from Model::forward's in the last
+  // bits only where a one-row product sums in one pass what the GEMM sums in blocks).
+  // cache.len + n must be <= block_size; the cache must come from new_cache().
   const float* decode(KVCache& cache, const int32_t* tokens, int64_t n, const ForwardOptions& opt);
   KVCache new_cache() const;
 
