@@ -154,31 +154,34 @@ TEST_CASE("Model matches the PyTorch twin: logits, loss, gradients, 5 AdamW step
 }
 
 TEST_CASE("KV-cache decoding equals full-context recomputation", "[model][generate]") {
-  Config cfg = tiny_config();
+  // makeMoE's options, and every other MoE option (SwiGLU, shared expert, softmax_topk).
+  Config cfg = GENERATE(tiny_config(), all_features_config());
   Model model(cfg, 13);
   Rng init(1, 1);
   model.init(init);
   const int64_t T = cfg.model.block_size;
   std::vector<int32_t> seq = {1, 5, 2, 12, 0, 7, 7, 3};
-  Graph g_full, g_inc;
+  Graph g_full;
   KVCache cache = model.new_cache();
   ForwardOptions fo;
   // Prefill 3 tokens, then one at a time; compare with a full forward each time.
   for (int64_t len = 3; len <= T; ++len) {
     const float* inc = nullptr;
     if (len == 3)
-      inc = model.decode(g_inc, cache, seq.data(), 3, fo);
+      inc = model.decode(cache, seq.data(), 3, fo);
     else
-      inc = model.decode(g_inc, cache, &seq[size_t(len - 1)], 1, fo);
+      inc = model.decode(cache, &seq[size_t(len - 1)], 1, fo);
     g_full.clear();
     NoGradGuard ng(g_full);
     Model::Output full = model.forward(g_full, seq.data(), nullptr, 1, len, fo);
     const double d = max_abs_diff(inc, full.logits.data + (len - 1) * 13, 13);
     INFO("length " << len << " max abs diff " << d);
     REQUIRE(d < 1e-5);
-    g_inc.clear();
   }
-  REQUIRE_THROWS_WITH(model.decode(g_inc, cache, seq.data(), 1, fo), Catch::Contains("block_size"));
+  REQUIRE_THROWS_WITH(model.decode(cache, seq.data(), 1, fo), Catch::Contains("block_size"));
+  KVCache fresh = model.new_cache();
+  const int32_t bad = 13;
+  REQUIRE_THROWS_WITH(model.decode(fresh, &bad, 1, fo), Catch::Contains("outside the vocabulary"));
 }
 
 TEST_CASE("Generation is deterministic by seed, exact window mode matches recomputation", "[model][generate]") {
@@ -344,4 +347,41 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   REQUIRE(one.last_train_loss == two.last_train_loss);
   REQUIRE(same_checkpoint_weights(dir / "one" / "last.safetensors", dir / "two" / "last.safetensors"));
   fs::remove_all(dir);
+}
+
+TEST_CASE("Generated tokens are those of the graph-built decoder (recorded), every MoE option", "[model][generate]") {
+  // Token ids recorded from Model::decode as it was when it built an autograd graph per token.
+  // Sampling at temperature 1 with router noise at evaluation, and a context_keep that
+  // re-encodes the context several times, so the prefill and the one-token path both count.
+  auto run = [](Config cfg, bool skew_bias) {
+    cfg.router.noise_at_eval = true;
+    cfg.router.capacity_at_eval = true;
+    Model model(cfg, 13);
+    Rng init(3, 1);
+    model.init(init);
+    if (skew_bias)  // nonzero aux-loss-free balancing biases, so the selection uses them
+      for (const Model::Buffer& b : model.buffers())
+        for (int64_t e = 0; e < b.size; ++e) model.buffer_data()[b.offset + e] = 0.3f * float(e % 3) - 0.2f;
+    GenerateOptions go;
+    go.seed = 11;
+    go.context_keep = 3;
+    std::vector<int32_t> out, one_thread;
+    Generator(model, go).generate({1, 2, 3, 4, 5}, 40, [&](int32_t id) { out.push_back(id); });
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    Generator(model, go).generate({1, 2, 3, 4, 5}, 40, [&](int32_t id) { one_thread.push_back(id); });
+    omp_set_num_threads(saved);
+    CHECK(one_thread == out);
+    return out;
+  };
+  Config gelu = tiny_config();
+  gelu.model.expert_ffn = "gelu";
+  gelu.model.attn_scale = "embed";
+  using Ids = std::vector<int32_t>;
+  CHECK(run(tiny_config(), false) == Ids{12, 4, 11, 5, 5, 3, 2, 5, 5, 4, 12, 12, 4, 5, 5, 4, 5, 5, 4, 2,
+                                          4, 4, 10, 11, 0, 11, 4, 12, 4, 12, 4, 12, 12, 4, 6, 7, 4, 8, 4, 4});
+  CHECK(run(gelu, false) == Ids{12, 4, 11, 5, 5, 3, 2, 2, 5, 5, 5, 12, 4, 2, 9, 4, 4, 6, 1, 12,
+                                4, 4, 4, 10, 8, 5, 5, 5, 5, 12, 4, 9, 2, 5, 11, 1, 12, 3, 12, 4});
+  CHECK(run(all_features_config(), true) == Ids{2, 4, 2, 11, 6, 10, 11, 4, 4, 2, 3, 1, 4, 5, 4, 0, 2, 2, 0, 5,
+                                                2, 2, 3, 2, 10, 0, 4, 10, 3, 4, 0, 5, 9, 3, 7, 10, 7, 4, 5, 2});
 }

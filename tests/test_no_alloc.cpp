@@ -19,6 +19,9 @@ namespace {
 std::atomic<int64_t> g_news{0};
 }  // namespace
 
+// The replacements below pair malloc with free, which GCC cannot see through.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+
 void* operator new(std::size_t n) {
   g_news.fetch_add(1, std::memory_order_relaxed);
   if (void* p = std::malloc(n ? n : 1)) return p;

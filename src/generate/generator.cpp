@@ -29,8 +29,7 @@ void Generator::generate(const std::vector<int32_t>& prompt, int64_t max_new,
   std::vector<float> logits(static_cast<size_t>(V));
   std::vector<std::pair<float, int32_t>> scratch;
   auto feed = [&](const int32_t* ids, int64_t n) {
-    graph_.clear();
-    const float* l = model_.decode(graph_, cache, ids, n, fo);
+    const float* l = model_.decode(cache, ids, n, fo);
     std::copy(l, l + V, logits.begin());
   };
   feed(ctx.data(), int64_t(ctx.size()));

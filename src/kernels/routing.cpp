@@ -103,4 +103,16 @@ int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, cons
   return dropped;
 }
 
+void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const float* gates,
+                          const int32_t* gate_pos, int64_t n, int64_t C) {
+  const bool distinct = strictly_increasing(rows, n);
+#pragma omp parallel for schedule(static) if (distinct && n * C > kParallelMinWork)
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = gates[gate_pos[i]];
+    float* d = acc + int64_t(rows[i]) * C;
+    const float* s = h + i * C;
+    for (int64_t c = 0; c < C; ++c) d[c] += w * s[c];
+  }
+}
+
 }  // namespace moe

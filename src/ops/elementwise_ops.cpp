@@ -1,6 +1,7 @@
 // Elementwise ops: relu, gelu, silu, softplus, dropout, and the reductions sum and mean.
 #include <cmath>
 
+#include "moe/kernels/activations.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
 
@@ -23,25 +24,22 @@ Tensor unary(Graph& g, const Tensor& x, F f, DF df) {
   return y;
 }
 
-constexpr float kInvSqrt2 = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-
 }  // namespace
 
 Tensor relu(Graph& g, const Tensor& x) {
-  return unary(g, x, [](float v) { return v > 0.f ? v : 0.f; },
+  return unary(g, x, [](float v) { return act::relu(v); },
                [](float v, float) { return v > 0.f ? 1.f : 0.f; });
 }
 
 Tensor gelu(Graph& g, const Tensor& x) {
-  return unary(g, x, [](float v) { return 0.5f * v * (1.f + std::erf(v * kInvSqrt2)); },
+  return unary(g, x, [](float v) { return act::gelu(v); },
                [](float v, float) {
-                 return 0.5f * (1.f + std::erf(v * kInvSqrt2)) + v * kInvSqrt2Pi * std::exp(-0.5f * v * v);
+                 return 0.5f * (1.f + std::erf(v * act::kInvSqrt2)) + v * act::kInvSqrt2Pi * std::exp(-0.5f * v * v);
                });
 }
 
 Tensor silu(Graph& g, const Tensor& x) {
-  return unary(g, x, [](float v) { return v / (1.f + std::exp(-v)); },
+  return unary(g, x, [](float v) { return act::silu(v); },
                [](float v, float) {
                  const float s = 1.f / (1.f + std::exp(-v));
                  return s * (1.f + v * (1.f - s));
@@ -49,8 +47,7 @@ Tensor silu(Graph& g, const Tensor& x) {
 }
 
 Tensor softplus(Graph& g, const Tensor& x) {
-  // torch.nn.functional.softplus with beta 1, threshold 20: linear above the threshold.
-  return unary(g, x, [](float v) { return v > 20.f ? v : std::log1p(std::exp(v)); },
+  return unary(g, x, [](float v) { return act::softplus(v); },
                [](float v, float) { return v > 20.f ? 1.f : 1.f / (1.f + std::exp(-v)); });
 }
 

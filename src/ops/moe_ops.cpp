@@ -131,15 +131,7 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
     MOE_CHECK(rows[i] >= 0 && rows[i] < N, "index_add_weighted", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
     MOE_CHECK(gate_pos[i] >= 0 && gate_pos[i] < gates.numel(), "index_add_weighted", "gate position " + std::to_string(gate_pos[i]) + " outside the gates");
   }
-  // A row hit by several slots takes them serially, in slot order; distinct rows in parallel.
-  const bool distinct = strictly_increasing(rows, n);
-#pragma omp parallel for schedule(static) if (distinct && n * C > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) {
-    const float w = gates.data[gate_pos[i]];
-    float* d = acc.data + int64_t(rows[i]) * C;
-    const float* s = h.data + i * C;
-    for (int64_t c = 0; c < C; ++c) d[c] += w * s[c];
-  }
+  scatter_add_weighted(acc.data, h.data, rows, gates.data, gate_pos, n, C);
   if (g.grad_enabled() && (h.requires_grad() || gates.requires_grad())) {
     MOE_CHECK(acc.requires_grad(), "index_add_weighted", "the accumulator must track a gradient (make it with g.zeros(shape, true))");
     const Tensor a = acc;

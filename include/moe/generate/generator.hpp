@@ -35,7 +35,6 @@ class Generator {
   Model& model_;
   GenerateOptions opt_;
   Rng rng_;
-  Graph graph_;
 };
 
 }  // namespace moe

@@ -27,4 +27,9 @@ void group_by_expert(const int32_t* index, int64_t N, int64_t K, int64_t E, int3
 int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, const float* gates, int64_t E,
                        int64_t capacity);
 
+// acc[rows[i]] += gates[gate_pos[i]] · h[i] for i < n: h [n, C], acc [N, C]. A row hit by
+// several slots takes them in slot order (distinct rows go in parallel).
+void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const float* gates,
+                          const int32_t* gate_pos, int64_t n, int64_t C);
+
 }  // namespace moe

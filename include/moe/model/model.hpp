@@ -59,10 +59,26 @@ struct RoutingStats {
   nlohmann::json health() const;
 };
 
-// Key/value cache for incremental generation of one sequence.
+// Key/value cache for incremental generation of one sequence, with the buffers Model::decode
+// works in (sized by Model::new_cache for block_size positions, so decoding allocates nothing).
 struct KVCache {
   int64_t len = 0;              // positions filled
   std::vector<float> k, v;      // [L, T, C] each, T = block_size
+  struct Work {
+    std::vector<float> x, normed, qkv, heads, sub;  // [n, C] residual stream, its norm, [n, 3C],
+                                                    // attention by head, a sublayer's output [n, C]
+    std::vector<float> mean, rstd, scores;          // [n], [n], [T]
+    std::vector<float> clean, noise, logits, probs, gates;  // router: [n, E] (gates [n, K])
+    std::vector<int32_t> index, offsets, token, gate_pos;   // top-k ids [n, K], groups per expert
+    std::vector<int32_t> active;                            // the experts with slots [<= E]
+    std::vector<float> rows, hidden, hidden3, expert_out;   // expert inputs [n*K, C], [n*K, F] x2, [n*K, C]
+    std::vector<float> out;                                 // logits of the last position [V]
+    // Every Linear weight transposed to [in, out], copied by new_cache(): one-row products then
+    // run along contiguous outputs, each still summed over the inputs in order. A cache made
+    // before the parameters change decodes with the old weights.
+    std::vector<float> weights_t;
+    std::vector<int64_t> weight_t_offset;  // per parameter id: offset in weights_t, or -1
+  } work;
 };
 
 // Told during the backward pass when gradients are final, so that communicating them can
@@ -117,11 +133,15 @@ class Model {
   Output forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B, int64_t T,
                  const ForwardOptions& opt);
 
-  // Incremental decoding: appends `n` tokens at positions cache.len.. (prefill when n > 1)
-  // and returns the logits of the last one [V] (valid until g is cleared). No-grad.
-  // cache.len + n must be <= block_size.
-  const float* decode(Graph& g, KVCache& cache, const int32_t* tokens, int64_t n,
-                      const ForwardOptions& opt);
+  // Incremental decoding (src/model/decode.cpp): appends `n` tokens at positions cache.len..
+  // (prefill when n > 1) and returns the logits of the last one [V], in the cache's buffers
+  // (valid until its next decode). Evaluation mode; the router noise, when router.noisy and
+  // noise_at_eval, comes from opt.noise_rng (the other options are Model::forward's only).
+  // Runs the kernels of Model::forward's ops directly on the cache's buffers, without an
+  // autograd graph, in the same order (the logits can differ from Model::forward's in the last
+  // bits only where a one-row product sums in one pass what the GEMM sums in blocks).
+  // cache.len + n must be <= block_size; the cache must come from new_cache().
+  const float* decode(KVCache& cache, const int32_t* tokens, int64_t n, const ForwardOptions& opt);
   KVCache new_cache() const;
 
   // State that is not a parameter but is saved in checkpoints: the aux-loss-free balancing
@@ -151,8 +171,12 @@ class Model {
 
  private:
   Tensor attention(Graph& g, const BlockParams& bp, const Tensor& x, const ForwardOptions& opt);
-  Tensor attention_cached(Graph& g, const BlockParams& bp, const Tensor& x, int64_t n,
-                          KVCache& cache, int64_t layer);
+  // Decoding steps on cache.work: attention and MoE read `normed` and write `sub` ([n, C]).
+  void decode_attention(const BlockParams& bp, int64_t layer, KVCache& cache, int64_t n) const;
+  void decode_moe(const BlockParams& bp, int64_t layer, KVCache::Work& w, int64_t n, const ForwardOptions& opt) const;
+  void decode_expert(const KVCache::Work& w, const ExpertParams& ep, const float* x, int64_t n, float* hidden,
+                     float* hidden3, float* y) const;
+  void decode_linear(const KVCache::Work& w, const LinearParams& lp, const float* x, int64_t n, float* y) const;
   struct RouterLosses {
     std::vector<Tensor> aux, z;  // one scalar per layer
   };

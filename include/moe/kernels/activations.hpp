@@ -1,0 +1,18 @@
+// Scalar activation functions, shared by the autograd ops (src/ops/elementwise_ops.cpp) and
+// the graph-free decoder (src/model/decode.cpp), so both compute the same bits.
+#pragma once
+
+#include <cmath>
+
+namespace moe::act {
+
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+inline float relu(float v) { return v > 0.f ? v : 0.f; }
+inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * kInvSqrt2)); }  // exact erf form
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+// torch.nn.functional.softplus with beta 1, threshold 20: linear above the threshold.
+inline float softplus(float v) { return v > 20.f ? v : std::log1p(std::exp(v)); }
+
+}  // namespace moe::act
