@@ -311,3 +311,41 @@ TEST_CASE("fused causal attention equals the composed ops, and its gradients che
     return Probe{causal_attention(g, in[0], H, 0.4f, 0.25f, true, rng), {}};
   });
 }
+
+TEST_CASE("linear_act equals linear then the activation, bit for bit, and its gradients check", "[ops][linear_act]") {
+  const std::pair<Activation, Tensor (*)(Graph&, const Tensor&)> acts[] = {
+      {Activation::kRelu, relu}, {Activation::kGelu, gelu}, {Activation::kSilu, silu}};
+  for (const auto& [kind, separate] : acts)
+    for (bool bias : {true, false}) {
+      INFO("activation " << int(kind) << (bias ? " with bias" : " without bias"));
+      const int64_t N = 37, I = 19, O = 23;  // odd sizes: GEMM edges
+      const auto x = random_vector(N * I, 1), w = random_vector(O * I, 2), b = random_vector(O, 3);
+      const auto dy = random_vector(N * O, 4);
+      std::vector<float> out[2], grad_x[2], grad_w[2], grad_b[2];
+      for (int fused = 0; fused < 2; ++fused) {
+        Graph g;
+        Tensor tx = g.new_tensor({N, I}, true), tw = g.new_tensor({O, I}, true), tb;
+        std::copy(x.begin(), x.end(), tx.data);
+        std::copy(w.begin(), w.end(), tw.data);
+        if (bias) {
+          tb = g.new_tensor({O}, true);
+          std::copy(b.begin(), b.end(), tb.data);
+        }
+        Tensor y = fused ? linear_act(g, tx, tw, tb, kind) : separate(g, linear(g, tx, tw, tb));
+        out[fused].assign(y.data, y.data + y.numel());
+        g.backward_from(y, dy.data());
+        grad_x[fused].assign(tx.grad, tx.grad + tx.numel());
+        grad_w[fused].assign(tw.grad, tw.grad + tw.numel());
+        if (bias) grad_b[fused].assign(tb.grad, tb.grad + tb.numel());
+      }
+      CHECK(out[0] == out[1]);
+      CHECK(grad_x[0] == grad_x[1]);
+      CHECK(grad_w[0] == grad_w[1]);
+      CHECK(grad_b[0] == grad_b[1]);
+      REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(3 * 5, 5, -2, 2), random_vector(4 * 5, 6),
+                                                         random_vector(4, 7)}),
+                        (std::vector<Shape>{{3, 5}, {4, 5}, {4}}), [=](Graph& g, const std::vector<Tensor>& in) {
+                          return Probe{linear_act(g, in[0], in[1], bias ? in[2] : none(), kind), {}};
+                        });
+    }
+}

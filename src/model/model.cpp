@@ -198,11 +198,11 @@ Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const 
 
 Tensor Model::expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt) {
   const std::string& kind = cfg_.model.expert_ffn;
-  Tensor h = apply_linear(g, ep.fc1, x);  // (n, F)
-  if (kind == "swiglu")
-    h = mul(g, silu(g, h), apply_linear(g, ep.fc3, x));
-  else
-    h = kind == "gelu" ? gelu(g, h) : relu(g, h);
+  const Activation a = kind == "swiglu" ? Activation::kSilu : kind == "gelu" ? Activation::kGelu : Activation::kRelu;
+  Tensor b1;
+  if (ep.fc1.bias >= 0) b1 = params_.get(ep.fc1.bias);
+  Tensor h = linear_act(g, x, params_.get(ep.fc1.weight), b1, a);  // (n, F): act(fc1(x))
+  if (kind == "swiglu") h = mul(g, h, apply_linear(g, ep.fc3, x));
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
   return dropout(g, apply_linear(g, ep.fc2, h), p, opt.training, drop);  // (n, C)

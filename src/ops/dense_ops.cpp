@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "moe/kernels/activations.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
 #include "moe/ops/ops.hpp"
@@ -10,27 +11,82 @@
 
 namespace moe {
 
-Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
-  MOE_CHECK(w.ndim() == 2, "linear", "weight must be [out, in], got " + w.shape.str());
-  MOE_CHECK(x.ndim() >= 1 && x.cols() == w.size(1), "linear",
-        "input " + x.shape.str() + " does not match weight " + w.shape.str() + " (last dim must be " +
-            std::to_string(w.size(1)) + ")");
-  const bool has_bias = b.data != nullptr;
-  if (has_bias) MOE_CHECK(b.ndim() == 1 && b.size(0) == w.size(0), "linear", "bias " + b.shape.str() + " must be [" + std::to_string(w.size(0)) + "]");
-  const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
+namespace {
+
+// Checks linear's operands; returns the output shape [..., out].
+Shape linear_shape(const char* op, const Tensor& x, const Tensor& w, const Tensor& b) {
+  MOE_CHECK(w.ndim() == 2, op, "weight must be [out, in], got " + w.shape.str());
+  MOE_CHECK(x.ndim() >= 1 && x.cols() == w.size(1), op,
+            "input " + x.shape.str() + " does not match weight " + w.shape.str() + " (last dim must be " +
+                std::to_string(w.size(1)) + ")");
+  if (b.data)
+    MOE_CHECK(b.ndim() == 1 && b.size(0) == w.size(0), op, "bias " + b.shape.str() + " must be [" + std::to_string(w.size(0)) + "]");
   Shape os = x.shape;
-  os.dims[size_t(os.ndim - 1)] = O;
-  Tensor y = has_bias ? g.output(os, x, w, b) : g.output(os, x, w);
-  if (has_bias) {
+  os.dims[size_t(os.ndim - 1)] = w.size(0);
+  return os;
+}
+
+// y = x·Wᵀ + b: y [N, O] starts as the bias rows, then the GEMM adds to it.
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y) {
+  const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
+  if (b.data) {
 #pragma omp parallel for schedule(static) if (N * O > kParallelMinWork)
-    for (int64_t n = 0; n < N; ++n) std::memcpy(y.data + n * O, b.data, sizeof(float) * size_t(O));
+    for (int64_t n = 0; n < N; ++n) std::memcpy(y + n * O, b.data, sizeof(float) * size_t(O));
   }
-  gemm(false, true, N, O, I, 1.f, x.data, I, w.data, I, has_bias ? 1.f : 0.f, y.data, O);  // (N, O)
+  gemm(false, true, N, O, I, 1.f, x.data, I, w.data, I, b.data ? 1.f : 0.f, y, O);  // (N, O)
+}
+
+// dx += dy·W, dW += dyᵀ·x, db += Σ_rows dy, for the inputs that track a gradient.
+void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy) {
+  const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
+  if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, 1.f, x.grad, I);
+  if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
+  if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
+}
+
+// f(a) for the activation, with its derivative; one instantiation per activation.
+template <class Fn>
+void with_activation(Activation kind, Fn&& fn) {
+  switch (kind) {
+    case Activation::kRelu: return fn([](float v) { return act::relu(v); }, [](float v) { return act::relu_grad(v); });
+    case Activation::kGelu: return fn([](float v) { return act::gelu(v); }, [](float v) { return act::gelu_grad(v); });
+    case Activation::kSilu: return fn([](float v) { return act::silu(v); }, [](float v) { return act::silu_grad(v); });
+  }
+}
+
+}  // namespace
+
+Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
+  const Shape os = linear_shape("linear", x, w, b);
+  Tensor y = b.data ? g.output(os, x, w, b) : g.output(os, x, w);
+  linear_forward(x, w, b, y.data);
+  if (y.requires_grad()) g.record([=] { linear_backward(x, w, b, y.grad); });
+  return y;
+}
+
+Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind) {
+  const Shape os = linear_shape("linear_act", x, w, b);
+  Tensor y = b.data ? g.output(os, x, w, b) : g.output(os, x, w);
+  const int64_t n = y.numel();
+  // The pre-activation, kept for the backward pass unless the derivative can be read off the
+  // output (relu: y > 0 exactly where pre > 0) or there is no backward pass.
+  const bool keep_pre = y.requires_grad() && kind != Activation::kRelu;
+  float* pre = keep_pre ? g.arena().alloc_floats(n) : y.data;
+  linear_forward(x, w, b, pre);
+  with_activation(kind, [&](auto f, auto) {
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+    for (int64_t i = 0; i < n; ++i) y.data[i] = f(pre[i]);
+  });
   if (y.requires_grad()) {
+    const float* at = keep_pre ? pre : y.data;
     g.record([=] {
-      if (x.grad) gemm(false, false, N, I, O, 1.f, y.grad, O, w.data, I, 1.f, x.grad, I);  // dx = dy·W
-      if (w.grad) gemm(true, false, O, I, N, 1.f, y.grad, O, x.data, I, 1.f, w.grad, I);   // dW = dyᵀ·x
-      if (has_bias && b.grad) bias_backward(b.grad, y.grad, N, O);
+      // d pre = dy · f'(pre), in y.grad itself: nothing reads y's gradient after this op.
+      float* d = y.grad;
+      with_activation(kind, [&](auto, auto df) {
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+        for (int64_t i = 0; i < n; ++i) d[i] *= df(at[i]);
+      });
+      linear_backward(x, w, b, d);
     });
   }
   return y;

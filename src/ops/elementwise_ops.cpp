@@ -27,28 +27,20 @@ Tensor unary(Graph& g, const Tensor& x, F f, DF df) {
 }  // namespace
 
 Tensor relu(Graph& g, const Tensor& x) {
-  return unary(g, x, [](float v) { return act::relu(v); },
-               [](float v, float) { return v > 0.f ? 1.f : 0.f; });
+  return unary(g, x, [](float v) { return act::relu(v); }, [](float v, float) { return act::relu_grad(v); });
 }
 
 Tensor gelu(Graph& g, const Tensor& x) {
-  return unary(g, x, [](float v) { return act::gelu(v); },
-               [](float v, float) {
-                 return 0.5f * (1.f + std::erf(v * act::kInvSqrt2)) + v * act::kInvSqrt2Pi * std::exp(-0.5f * v * v);
-               });
+  return unary(g, x, [](float v) { return act::gelu(v); }, [](float v, float) { return act::gelu_grad(v); });
 }
 
 Tensor silu(Graph& g, const Tensor& x) {
-  return unary(g, x, [](float v) { return act::silu(v); },
-               [](float v, float) {
-                 const float s = 1.f / (1.f + std::exp(-v));
-                 return s * (1.f + v * (1.f - s));
-               });
+  return unary(g, x, [](float v) { return act::silu(v); }, [](float v, float) { return act::silu_grad(v); });
 }
 
 Tensor softplus(Graph& g, const Tensor& x) {
   return unary(g, x, [](float v) { return act::softplus(v); },
-               [](float v, float) { return v > 20.f ? 1.f : 1.f / (1.f + std::exp(-v)); });
+               [](float v, float) { return act::softplus_grad(v); });
 }
 
 float* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {

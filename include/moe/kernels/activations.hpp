@@ -15,4 +15,15 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // torch.nn.functional.softplus with beta 1, threshold 20: linear above the threshold.
 inline float softplus(float v) { return v > 20.f ? v : std::log1p(std::exp(v)); }
 
+// Their derivatives at v.
+inline float relu_grad(float v) { return v > 0.f ? 1.f : 0.f; }
+inline float gelu_grad(float v) {
+  return 0.5f * (1.f + std::erf(v * kInvSqrt2)) + v * kInvSqrt2Pi * std::exp(-0.5f * v * v);
+}
+inline float silu_grad(float v) {
+  const float s = 1.f / (1.f + std::exp(-v));
+  return s * (1.f + v * (1.f - s));
+}
+inline float softplus_grad(float v) { return v > 20.f ? 1.f : 1.f / (1.f + std::exp(-v)); }
+
 }  // namespace moe::act

@@ -20,6 +20,12 @@ namespace moe {
 // y = x·Wᵀ + b. x [..., in], w [out, in] (as torch.nn.Linear), b [out] or b.data == nullptr
 // for no bias. y [..., out].
 Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b);
+// act(x·Wᵀ + b) in one op: the GEMM, then bias and activation in one pass over the output;
+// the backward turns dy into d(pre-activation) in place and runs linear's three products.
+// The same values as linear followed by relu/gelu/silu, with one tensor and two passes
+// fewer.
+enum class Activation { kRelu, kGelu, kSilu };
+Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind);
 // Batched matmul over the leading dimensions (all but the last two, equal for a and b):
 // y = op(a)·op(b) with op = transpose when the flag is set. a [..., M, K] (or [..., K, M]
 // when trans_a), b [..., K, N] (or [..., N, K] when trans_b); y [..., M, N].
