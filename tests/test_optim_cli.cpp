@@ -93,6 +93,11 @@ TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
   REQUIRE(b.code == 0);
   CHECK_THAT(b.out, Catch::Contains("\"step_ms_median\"") && Catch::Contains("\"generate_chars_per_s\"") &&
                         Catch::Contains("\"peak_rss_mb\""));
+  // moe bounds OpenMP's spinning at barriers unless the user chose a policy.
+  CHECK_THAT(b.out, Catch::Contains("\"openmp_wait\":\"GOMP_SPINCOUNT=10000\""));
+  Run b2 = moe_test::run_moe("bench --config " + (dir / "c.json").string() + " --steps 1 --generate 0 --json",
+                             "OMP_WAIT_POLICY=passive");
+  CHECK_THAT(b2.out, Catch::Contains("\"openmp_wait\":\"OMP_WAIT_POLICY=passive\""));
 
   Run missing = run("eval --checkpoint " + (dir / "nope.safetensors").string());
   CHECK(missing.code != 0);

@@ -2,7 +2,10 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <cerrno>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -30,6 +33,13 @@ std::string read_file(const std::string& path) {
   std::ostringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+// How OpenMP threads wait at barriers (see bound_openmp_spinning, before main).
+std::string openmp_wait() {
+  for (const char* name : {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"})
+    if (const char* v = std::getenv(name)) return std::string(name) + "=" + v;
+  return "libgomp's default";
 }
 
 // A model and its tokenizer, from a checkpoint.
@@ -146,13 +156,14 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
                    {"gflop_per_step", r.flops_per_step / 1e9},
                    {"gflop_per_s", r.gflops_per_s},
                    {"generate_chars_per_s", r.generate_chars_per_s},
-                   {"peak_rss_mb", r.peak_rss_mb}};
+                   {"peak_rss_mb", r.peak_rss_mb},
+                   {"openmp_wait", openmp_wait()}};
   if (as_json) {
     std::cout << j.dump() << "\n";
     return 0;
   }
-  std::printf("%s, %d thread(s), %lld timed steps, gemm kernel %s\n", config_path.c_str(), r.threads,
-              (long long)r.steps, r.gemm_kernel);
+  std::printf("%s, %d thread(s), %lld timed steps, gemm kernel %s, OpenMP waits %s\n", config_path.c_str(),
+              r.threads, (long long)r.steps, r.gemm_kernel, openmp_wait().c_str());
   std::printf("training step  median %.1f ms (min %.1f, max %.1f) | %.0f tokens/s\n", r.step_ms_median,
               r.step_ms_min, r.step_ms_max, r.tokens_per_s);
   std::printf("model FLOPs    %.2f GFLOP per step (forward %.2f) | %.1f GFLOP/s achieved\n", r.flops_per_step / 1e9,
@@ -271,7 +282,21 @@ int run(int argc, char** argv) {
   return 0;
 }
 
+// libgomp lets a thread that waits at a barrier spin 300,000 times before it sleeps. When
+// another process holds one of the cores, the waiting thread burns its time slice while the
+// thread it waits for cannot run: on 2 cores with one busy process, a makemoe.json step took
+// 2865 ms instead of 108 ms. A bound of 10,000 costs nothing on a free machine (108.4 ms) and
+// gives 506 ms there (1000: 217 ms busy, 146 ms free). libgomp reads GOMP_SPINCOUNT only when
+// it starts, so moe sets it and starts itself again, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT
+// is already set (set one of them to keep your own, e.g. under valgrind).
+static void bound_openmp_spinning(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+  setenv("GOMP_SPINCOUNT", "10000", 1);
+  execv("/proc/self/exe", argv);  // returns only on failure (no /proc): keep the default then
+}
+
 int main(int argc, char** argv) {
+  bound_openmp_spinning(argv);
   try {
     moe::dist::init(&argc, &argv);  // MPI, when started by mpirun
   } catch (const std::exception& e) {
