@@ -4,8 +4,13 @@
 
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "moe/data/dataset.hpp"
+#include "moe/model/model.hpp"
 #include "moe/tensor/rng.hpp"
+#include "moe/tensor/streams.hpp"
+#include "moe/train/evaluate.hpp"
 
 using namespace moe;
 
@@ -59,5 +64,51 @@ TEST_CASE("BatchSampler shards draw the rows of one larger batch", "[data][paral
     REQUIRE(y == wy);
     CHECK(a.state().counter == whole.state().counter);
     CHECK(b.state().counter == whole.state().counter);
+  }
+}
+
+TEST_CASE("estimate_loss split between processes adds up to the whole estimate, as before", "[parallel]") {
+  nlohmann::json j = {
+      {"data", {{"path", std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt"}}},
+      {"model", {{"block_size", 8}, {"n_embed", 16}, {"n_head", 2}, {"n_layer", 2}}},
+      {"router", {{"num_experts", 4}, {"top_k", 2}, {"noisy", true}, {"noise_at_eval", true}}},
+      {"training", {{"batch_size", 4}, {"seed", 5}}},
+      {"logging", {{"eval_iters", 7}}}};
+  const Config cfg = config_from_json(j, "estimate_config");
+  Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, cfg.model.block_size);
+  Model model(cfg, int64_t(data.tokenizer().vocab().size()));
+  Rng init(5, kStreamInit);
+  model.init(init);
+  Graph g;
+  // The estimate as it was computed before the split: one sampler and one noise generator
+  // per call, drawn in order.
+  const int64_t B = 4, T = 8;
+  std::vector<int32_t> x(size_t(B * T)), y(size_t(B * T));
+  Rng noise(5, kStreamEvalNoise);
+  ForwardOptions fo;
+  fo.noise_rng = &noise;
+  double reference[2];
+  for (int split = 0; split < 2; ++split) {
+    BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(5, kStreamEvalData));
+    double total = 0;
+    for (int i = 0; i < 7; ++i) {
+      sampler.next(x.data(), y.data());
+      g.clear();
+      NoGradGuard no_grad(g);
+      total += model.forward(g, x.data(), y.data(), B, T, fo).loss.data[0];
+    }
+    reference[split] = total / 7;
+  }
+  const EvalEstimate whole = estimate_loss(model, data, cfg, g);
+  CHECK(whole.train_loss == reference[0]);
+  CHECK(whole.val_loss == reference[1]);
+  for (int parts : {2, 3}) {
+    double train = 0, val = 0;
+    for (int p = 0; p < parts; ++p) {
+      const EvalEstimate e = estimate_loss(model, data, cfg, g, p, parts);
+      train += e.train_loss, val += e.val_loss;
+    }
+    CHECK(train == Approx(reference[0]).epsilon(1e-12));
+    CHECK(val == Approx(reference[1]).epsilon(1e-12));
   }
 }

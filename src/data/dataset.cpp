@@ -65,6 +65,12 @@ void BatchSampler::set_shard(int64_t index, int64_t count) {
   shard_index_ = index, shard_count_ = count;
 }
 
+void BatchSampler::skip() {
+  RngState s = rng_.state();
+  s.counter += uint64_t(shard_count_ * B_);
+  rng_.set_state(s);
+}
+
 void BatchSampler::next(int32_t* x, int32_t* y) {
   const uint64_t range = uint64_t(ids_->size()) - uint64_t(T_);  // offsets in [0, len - T)
   // Row g of the shared batch (shard_count_ * B rows) starts at counter base + g.

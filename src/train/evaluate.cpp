@@ -5,17 +5,26 @@
 
 namespace moe {
 
-EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g) {
+EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part, int parts) {
   const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
   std::vector<int32_t> x(static_cast<size_t>(B * T)), y(size_t(B * T));
   EvalEstimate est;
   Rng noise_rng(cfg.training.seed, kStreamEvalNoise);  // only drawn with router.noise_at_eval
+  // A forward draws B·T·E noise numbers per layer when the router is noisy at evaluation.
+  const bool noisy = cfg.router.noisy && cfg.router.noise_at_eval;
+  const uint64_t noise_per_batch =
+      noisy ? uint64_t(cfg.model.n_layer * B * T * cfg.router.num_experts) : 0;
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
   for (int split = 0; split < 2; ++split) {
     BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(cfg.training.seed, kStreamEvalData));
     double total = 0;
     for (int64_t i = 0; i < cfg.logging.eval_iters; ++i) {
+      if (i % parts != part) {
+        sampler.skip();
+        continue;
+      }
+      noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise, uint64_t(split * cfg.logging.eval_iters + i) * noise_per_batch});
       sampler.next(x.data(), y.data());
       g.clear();
       NoGradGuard no_grad(g);

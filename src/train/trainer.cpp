@@ -188,7 +188,13 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   for (int64_t step = state.step; step < max_steps; ++step) {
     if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
       par.share_experts(model.params(), nullptr);
-      EvalEstimate est = estimate_loss(model, data, cfg, g);  // the same on every rank
+      // Each rank runs its share of the batches; the sums make the estimate on every rank.
+      EvalEstimate est = estimate_loss(model, data, cfg, g, par.rank(), par.ranks());
+      if (R > 1) {
+        double both[2] = {est.train_loss, est.val_loss};
+        par.sum(both, 2);
+        est.train_loss = both[0], est.val_loss = both[1];
+      }
       res.last_val_loss = est.val_loss;
       metrics << nlohmann::json{{"step", step}, {"train_loss", est.train_loss}, {"val_loss", est.val_loss}}.dump()
               << "\n" << std::flush;

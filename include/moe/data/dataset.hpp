@@ -40,6 +40,8 @@ class BatchSampler {
   // Data parallelism: this process takes rows [index·B, index·B + B) of a batch of count·B
   // rows, so `count` processes together draw exactly one process's batch of count·B.
   void set_shard(int64_t index, int64_t count);
+  // Moves past one batch without drawing it (another process draws it).
+  void skip();
   const RngState& state() const { return rng_.state(); }
   void set_state(const RngState& s) { rng_.set_state(s); }
 

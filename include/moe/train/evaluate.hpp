@@ -18,7 +18,11 @@ struct EvalEstimate {
 };
 
 // Mean loss over cfg.logging.eval_iters random batches of each split, no dropout, no grad.
-EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g);
+// Split between processes: part p of `parts` runs batches p, p + parts, ... and returns their
+// losses' sum / eval_iters, so the parts' results add up to the whole estimate. Batch i is
+// the same (its rows and its router noise) whichever part runs it.
+EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part = 0,
+                           int parts = 1);
 
 struct SplitEvaluation {
   double loss = 0;             // mean cross-entropy per predicted token (nats)
