@@ -3,7 +3,11 @@
 // that two ranks fit on any machine.
 #include <catch2/catch.hpp>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -33,12 +37,13 @@ std::string config_json(int64_t batch, int64_t steps, int64_t experts = 4) {
     "logging": {"log_interval": 1, "eval_interval": 1000, "eval_iters": 2, "checkpoint_interval": 10}})";
 }
 
-// `moe args` on `ranks` processes (plain `moe` for 1). Root may run mpirun in containers.
-Run moe_on(int ranks, const std::string& args) {
+// `moe args` on `ranks` processes (plain `moe` for 1), one thread each unless one_thread is
+// false (then moe chooses). Root may run mpirun in containers.
+Run moe_on(int ranks, const std::string& args, bool one_thread = true) {
   if (ranks == 1) return run_moe(args);
   return run_shell("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 mpirun -np " +
-                   std::to_string(ranks) + " --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 " +
-                   std::string(MOE_BINARY) + " " + args);
+                   std::to_string(ranks) + " --oversubscribe --bind-to none " +
+                   (one_thread ? "-x OMP_NUM_THREADS=1 " : "") + std::string(MOE_BINARY) + " " + args);
 }
 
 // The training loss of every step in a run's metrics.jsonl, by step.
@@ -83,7 +88,7 @@ TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert
   const Run dp = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "dp"));
   INFO(dp.out);
   REQUIRE(dp.code == 0);
-  CHECK_THAT(dp.out, Catch::Contains("data parallel over 2 processes: batch 4 per process, 8 in all"));
+  CHECK_THAT(dp.out, Catch::Contains("data parallel over 2 processes") && Catch::Contains("batch 4 per process, 8 in all"));
   const Run ep = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "ep") + " --expert-parallel");
   INFO(ep.out);
   REQUIRE(ep.code == 0);
@@ -122,6 +127,19 @@ TEST_CASE("resume with a different number of ranks continues the same run", "[mp
   INFO(b.out);
   REQUIRE(b.code == 0);
   check_same_losses(straight, losses(d / "b/metrics.jsonl"), 20);
+}
+
+TEST_CASE("ranks on one machine share its cores unless told otherwise", "[mpi]") {
+  TempDir d("mpi_threads");
+  std::string cfg = config_json(4, 2);
+  cfg.replace(cfg.find("\"threads\": 1"), 12, "\"threads\": 0");  // moe's choice
+  write_file(d / "c.json", cfg);
+  unsetenv("OMP_NUM_THREADS");
+  const Run r = moe_on(2, "train --config " + (d / "c.json") + " --out " + (d / "run"), false);
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  const int each = std::max(1, omp_get_num_procs() / 2);
+  CHECK_THAT(r.out, Catch::Contains("(2 on this machine, " + std::to_string(each) + " thread(s) each)"));
 }
 
 TEST_CASE("errors under mpirun end every rank with one message", "[mpi][errors]") {

@@ -19,7 +19,7 @@ bool g_initialised = false;
 #ifdef MOE_HAVE_MPI
 std::vector<MPI_Request> g_pending;  // started by iallreduce_sum
 #endif
-int g_rank = 0, g_size = 1;
+int g_rank = 0, g_size = 1, g_local_size = 1;
 
 #ifndef MOE_HAVE_MPI
 int env_int(const char* name, int fallback) {
@@ -78,6 +78,11 @@ void init(int* argc, char*** argv) {
   g_initialised = true;
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+  MPI_Comm node;  // the processes that share this machine's memory
+  check_mpi(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_rank, MPI_INFO_NULL, &node),
+            "MPI_Comm_split_type");
+  MPI_Comm_size(node, &g_local_size);
+  MPI_Comm_free(&node);
 #else
   (void)argc;
   (void)argv;
@@ -95,6 +100,7 @@ void finalize() {
   g_initialised = false;
   g_rank = 0;
   g_size = 1;
+  g_local_size = 1;
 }
 
 void abort_all(int code) {
@@ -106,6 +112,7 @@ void abort_all(int code) {
 
 int rank() { return g_rank; }
 int size() { return g_size; }
+int local_size() { return g_local_size; }
 
 #ifdef MOE_HAVE_MPI
 void allreduce_sum(float* x, int64_t n) { allreduce_sum_t(x, n, MPI_FLOAT); }

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -15,6 +16,7 @@
 #include <stdexcept>
 
 #include "moe/data/dataset.hpp"
+#include "moe/dist/comm.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/train/checkpoint.hpp"
@@ -109,6 +111,11 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   const int64_t R = par.ranks();
   const bool lead = par.rank() == 0;  // writes the logs, metrics and checkpoints
   const bool quiet = opt.quiet || !lead;
+  // Several processes on one machine share its cores: unless told otherwise (training.threads
+  // or OMP_NUM_THREADS), each takes its share, since more threads than cores make every
+  // OpenMP barrier wait for a thread that is not running.
+  if (cfg.training.threads == 0 && dist::local_size() > 1 && !std::getenv("OMP_NUM_THREADS"))
+    omp_set_num_threads(std::max(1, omp_get_num_procs() / dist::local_size()));
   TrainResult res;
   res.ranks = par.ranks();
   res.parameters = model.params().parameter_count();
@@ -151,8 +158,9 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     spdlog::warn("--expert-parallel has no effect in one process: start moe with mpirun -np N (N > 1)");
   if (!quiet) {
     if (R > 1)
-      spdlog::info("{} over {} processes: batch {} per process, {} in all", par.expert_parallel() ? "expert parallel" : "data parallel",
-                   R, B, R * B);
+      spdlog::info("{} over {} processes ({} on this machine, {} thread(s) each): batch {} per process, {} in all",
+                   par.expert_parallel() ? "expert parallel" : "data parallel", R, dist::local_size(),
+                   omp_get_max_threads(), B, R * B);
     spdlog::info("config:\n{}", config_to_json(cfg).dump(2));
     spdlog::info("model: {} parameters ({} active per token), vocabulary {}, {} train / {} val tokens",
                  model.params().parameter_count(), model.active_param_count(), model.vocab_size(),

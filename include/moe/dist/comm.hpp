@@ -25,6 +25,8 @@ void finalize();
 
 int rank();  // 0 without MPI
 int size();  // 1 without MPI
+// Processes of this run on this machine, this one included (1 without MPI).
+int local_size();
 
 // In place, over all ranks: x[i] = Σ_ranks x[i]. The result is the same on every rank.
 void allreduce_sum(float* x, int64_t n);
