@@ -14,8 +14,8 @@
 #include <sstream>
 
 #include "moe/data/dataset.hpp"
-#include "moe/dist/comm.hpp"
 #include "moe/data/tokenizer.hpp"
+#include "moe/dist/comm.hpp"
 #include "moe/generate/generator.hpp"
 #include "moe/io/config.hpp"
 #include "moe/train/bench.hpp"

@@ -21,6 +21,11 @@ std::vector<MPI_Request> g_pending;  // started by iallreduce_sum
 #endif
 int g_rank = 0, g_size = 1, g_local_size = 1;
 
+bool launched_by_mpirun() {
+  // Open MPI sets OMPI_COMM_WORLD_SIZE, MPICH and others PMI_SIZE, PMIx launchers PMIX_RANK.
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
+}
+
 #ifndef MOE_HAVE_MPI
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -40,14 +45,6 @@ void check_mpi(int rc, const char* what) {
 // MPI counts are ints: large buffers go in pieces.
 constexpr int64_t kMaxCount = int64_t(1) << 30;
 
-template <class T>
-void allreduce_sum_t(T* x, int64_t n, MPI_Datatype type) {
-  if (g_size == 1) return;
-  for (int64_t i = 0; i < n; i += kMaxCount)
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, x + i, int(std::min(kMaxCount, n - i)), type, MPI_SUM, MPI_COMM_WORLD),
-              "MPI_Allreduce");
-}
-
 int as_count(int64_t n, const char* what) {
   if (n < 0 || n > INT_MAX) throw std::runtime_error(std::string(what) + ": " + std::to_string(n) + " values exceed MPI's int counts");
   return int(n);
@@ -55,19 +52,6 @@ int as_count(int64_t n, const char* what) {
 #endif
 
 }  // namespace
-
-bool built_with_mpi() {
-#ifdef MOE_HAVE_MPI
-  return true;
-#else
-  return false;
-#endif
-}
-
-bool launched_by_mpirun() {
-  // Open MPI sets OMPI_COMM_WORLD_SIZE, MPICH and others PMI_SIZE, PMIx launchers PMIX_RANK.
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
-}
 
 void init(int* argc, char*** argv) {
   if (!launched_by_mpirun() || g_initialised) return;
@@ -115,9 +99,12 @@ int size() { return g_size; }
 int local_size() { return g_local_size; }
 
 #ifdef MOE_HAVE_MPI
-void allreduce_sum(float* x, int64_t n) { allreduce_sum_t(x, n, MPI_FLOAT); }
-void allreduce_sum(double* x, int64_t n) { allreduce_sum_t(x, n, MPI_DOUBLE); }
-void allreduce_sum(int64_t* x, int64_t n) { allreduce_sum_t(x, n, MPI_INT64_T); }
+void allreduce_sum(double* x, int64_t n) {
+  if (g_size == 1) return;
+  for (int64_t i = 0; i < n; i += kMaxCount)
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, x + i, int(std::min(kMaxCount, n - i)), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD),
+              "MPI_Allreduce");
+}
 
 void iallreduce_sum(float* x, int64_t n) {
   if (g_size == 1) return;
@@ -154,7 +141,9 @@ void allgather(const int64_t* in, int64_t* out, int64_t n) {
 void alltoallv_rows(const float* send, const int64_t* send_rows, float* recv, const int64_t* recv_rows,
                     int64_t width) {
   const size_t R = size_t(g_size);
-  std::vector<int> sc(R), sd(R), rc(R), rd(R);
+  thread_local std::vector<int> counts;  // reused: no allocation per exchange
+  counts.assign(4 * R, 0);
+  int *sc = counts.data(), *sd = sc + R, *rc = sd + R, *rd = rc + R;
   int64_t s = 0, r = 0;
   for (size_t i = 0; i < R; ++i) {
     sc[i] = as_count(send_rows[i] * width, "alltoallv");
@@ -168,7 +157,7 @@ void alltoallv_rows(const float* send, const int64_t* send_rows, float* recv, co
     std::copy(send, send + s, recv);
     return;
   }
-  check_mpi(MPI_Alltoallv(send, sc.data(), sd.data(), MPI_FLOAT, recv, rc.data(), rd.data(), MPI_FLOAT,
+  check_mpi(MPI_Alltoallv(send, sc, sd, MPI_FLOAT, recv, rc, rd, MPI_FLOAT,
                           MPI_COMM_WORLD),
             "MPI_Alltoallv");
 }
@@ -179,9 +168,7 @@ void broadcast(float* x, int64_t n, int root) {
     check_mpi(MPI_Bcast(x + i, int(std::min(kMaxCount, n - i)), MPI_FLOAT, root, MPI_COMM_WORLD), "MPI_Bcast");
 }
 #else
-void allreduce_sum(float*, int64_t) {}
 void allreduce_sum(double*, int64_t) {}
-void allreduce_sum(int64_t*, int64_t) {}
 void iallreduce_sum(float*, int64_t) {}
 void progress() {}
 void wait_all() {}

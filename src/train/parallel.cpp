@@ -55,13 +55,13 @@ void ParallelTraining::from(int first_param) {
   dist::progress();  // MPI moves data only inside MPI calls
 }
 
-void ParallelTraining::reduce_gradients(ParamStore& params) {
+void ParallelTraining::reduce_gradients() {
   if (ranks_ == 1) return;
   const auto t0 = std::chrono::steady_clock::now();
   start_sums(0, unsummed_end_);
-  unsummed_end_ = params.numel();
+  unsummed_end_ = params_->numel();
   dist::wait_all();
-  float* g = params.grad();
+  float* g = params_->grad();
   const float inv = 1.f / float(ranks_);
   for (const Range& r : ranges_) {
     if (r.owner < 0 || r.owner == rank_) {
@@ -72,27 +72,27 @@ void ParallelTraining::reduce_gradients(ParamStore& params) {
   reduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-double ParallelTraining::clip_grad_norm(ParamStore& params, double max_norm) const {
-  if (!expert_parallel_) return moe::clip_grad_norm(params, max_norm);
+double ParallelTraining::clip_grad_norm(double max_norm) const {
+  if (!expert_parallel_) return moe::clip_grad_norm(*params_, max_norm);
   // Replicated gradients are equal on every rank; each expert's lives on its owner only.
   double replicated = 0, owned = 0;
   for (const Range& r : ranges_) {
-    const double s = sum_of_squares(params.grad() + r.floats.begin, r.floats.end - r.floats.begin);
+    const double s = sum_of_squares(params_->grad() + r.floats.begin, r.floats.end - r.floats.begin);
     if (r.owner < 0) replicated += s;
     else if (r.owner == rank_) owned += s;
   }
   dist::allreduce_sum(&owned, 1);
   const double norm = std::sqrt(replicated + owned);
-  clip_to_norm(params, norm, max_norm);
+  clip_to_norm(*params_, norm, max_norm);
   return norm;
 }
 
-void ParallelTraining::share_experts(ParamStore& params, AdamW* adamw) const {
+void ParallelTraining::share_experts(AdamW* adamw) const {
   if (!expert_parallel_) return;
   for (const Range& r : ranges_) {
     if (r.owner < 0) continue;
     const int64_t n = r.floats.end - r.floats.begin;
-    dist::broadcast(params.data() + r.floats.begin, n, r.owner);
+    dist::broadcast(params_->data() + r.floats.begin, n, r.owner);
     if (adamw) {
       dist::broadcast(adamw->m().data() + r.floats.begin, n, r.owner);
       dist::broadcast(adamw->v().data() + r.floats.begin, n, r.owner);

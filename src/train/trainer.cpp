@@ -169,7 +169,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   }
 
   auto save = [&](const fs::path& path) {
-    par.share_experts(model.params(), &adamw);  // collective: every rank saves at the same steps
+    par.share_experts(&adamw);  // collective: every rank saves at the same steps
     if (!lead) return;
     state.data_rng = sampler.state();
     state.dropout_rng = dropout_rng.state();
@@ -195,7 +195,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   const auto t_loop = clock::now();
   for (int64_t step = state.step; step < max_steps; ++step) {
     if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
-      par.share_experts(model.params(), nullptr);
+      par.share_experts(nullptr);
       // Each rank runs its share of the batches; the sums make the estimate on every rank.
       EvalEstimate est = estimate_loss(model, data, cfg, g, par.rank(), par.ranks());
       if (R > 1) {
@@ -241,8 +241,8 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
                                std::to_string(step) + "; the last good checkpoint is kept in " + out.string() +
                                " (try a lower optimizer.lr or optimizer.grad_clip)");
     g.backward(o.objective);
-    par.reduce_gradients(model.params());
-    const double grad_norm = par.clip_grad_norm(model.params(), cfg.optimizer.grad_clip);
+    par.reduce_gradients();
+    const double grad_norm = par.clip_grad_norm(cfg.optimizer.grad_clip);
     const float lr = learning_rate(cfg.optimizer, step, max_steps);
     adamw.step(model.params(), lr, par.update_ranges());
     model.update_balance_bias();  // no-op unless router.bias_update_rate > 0

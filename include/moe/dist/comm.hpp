@@ -10,11 +10,8 @@
 
 namespace moe::dist {
 
-// Whether this binary was built with MPI.
-bool built_with_mpi();
-// Started by mpirun (its environment variables are set), whether or not built with MPI.
-bool launched_by_mpirun();
-// MPI_Init when built with MPI and launched by mpirun; otherwise nothing. Throws when
+// MPI_Init when built with MPI and started by mpirun (its environment variables are set);
+// otherwise nothing. Throws when
 // launched by mpirun with more than one process but built without MPI.
 void init(int* argc, char*** argv);
 // MPI_Finalize after init (idempotent).
@@ -29,10 +26,8 @@ int size();  // 1 without MPI
 int local_size();
 
 // In place, over all ranks: x[i] = Σ_ranks x[i]. The result is the same on every rank.
-void allreduce_sum(float* x, int64_t n);
 void allreduce_sum(double* x, int64_t n);
-void allreduce_sum(int64_t* x, int64_t n);
-// Starts the same sum without waiting (MPI_Iallreduce): x must stay untouched until
+// Starts the same sum over floats without waiting (MPI_Iallreduce): x must stay untouched until
 // wait_all(). progress() lets pending sums advance (MPI_Testall); wait_all() finishes them.
 void iallreduce_sum(float* x, int64_t n);
 void progress();

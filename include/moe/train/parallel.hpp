@@ -21,7 +21,8 @@ namespace moe {
 
 class ParallelTraining final : public GradientsReady {
  public:
-  // Reads the rank and the number of ranks from dist::; calls model.set_parallel.
+  // Reads the rank and the number of ranks from dist::; calls model.set_parallel. Works on
+  // the model's parameters (and their gradients) from then on: the model must outlive it.
   ParallelTraining(Model& model, bool expert_parallel);
 
   int rank() const { return rank_; }
@@ -35,13 +36,13 @@ class ParallelTraining final : public GradientsReady {
 
   // After backward: the gradients of the global batch's mean loss, the same on every rank
   // (for experts it owns, on their owner; other experts' gradients are zero and stay so).
-  void reduce_gradients(ParamStore& params);
+  void reduce_gradients();
   // The global gradient norm (before clipping); clips when max_norm > 0.
-  double clip_grad_norm(ParamStore& params, double max_norm) const;
+  double clip_grad_norm(double max_norm) const;
   // The ranges this rank's optimizer updates: null (everything) without expert parallelism.
   const std::vector<FloatRange>* update_ranges() const { return expert_parallel_ ? &updated_ : nullptr; }
   // Every rank receives each expert's parameters (and, with adamw, its moments) from its owner.
-  void share_experts(ParamStore& params, AdamW* adamw) const;
+  void share_experts(AdamW* adamw) const;
   // Σ over ranks, in place (for the loss and the stop flag).
   void sum(double* x, int64_t n) const;
   // Seconds spent in reduce_gradients (waiting for the sums) so far.
