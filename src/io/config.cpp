@@ -21,6 +21,10 @@ float Config::attention_scale() const {
   return float(1.0 / std::sqrt(double(model.attn_scale == "embed" ? model.n_embed : head_size())));
 }
 
+int64_t Config::expert_capacity(int64_t rows) const {
+  return int64_t(std::ceil(router.capacity_factor * double(router.top_k * rows) / double(router.num_experts)));
+}
+
 namespace {
 
 // One config field: where it lives, how to read, write and check it.

@@ -56,6 +56,19 @@ void topk_softmax_backward(float* dlogits, const float* dweights, const float* w
   }
 }
 
+void gather_cols_forward(float* y, const float* x, const int32_t* index, int64_t N, int64_t E, int64_t K) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) y[n * K + k] = x[n * E + index[n * K + k]];
+}
+
+void normalize_rows_forward(float* y, const float* x, int64_t N, int64_t K) {
+  for (int64_t n = 0; n < N; ++n) {
+    float s = 0;
+    for (int64_t k = 0; k < K; ++k) s += x[n * K + k];
+    for (int64_t k = 0; k < K; ++k) y[n * K + k] = x[n * K + k] / s;
+  }
+}
+
 void group_by_expert(const int32_t* index, int64_t N, int64_t K, int64_t E, int32_t* offsets, int32_t* token,
                      int32_t* gate_pos) {
   for (int64_t e = 0; e <= E; ++e) offsets[e] = 0;

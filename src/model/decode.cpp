@@ -84,16 +84,14 @@ void Model::decode_linear(const KVCache::Work& w, const LinearParams& lp, const 
 // As expert_forward() in evaluation: fc2(act(fc1 x)), or fc2(silu(fc1 x) ⊙ fc3 x) for SwiGLU.
 void Model::decode_expert(const KVCache::Work& w, const ExpertParams& ep, const float* x, int64_t n,
                           float* hidden, float* hidden3, float* y) const {
-  const std::string& kind = cfg_.model.expert_ffn;
   const int64_t m = n * F_;
   decode_linear(w, ep.fc1, x, n, hidden);
-  if (kind == "swiglu") {
+  act::dispatch(expert_activation(), [&](auto f, auto) {
+    for (int64_t i = 0; i < m; ++i) hidden[i] = f(hidden[i]);
+  });
+  if (cfg_.model.expert_ffn == "swiglu") {  // silu(fc1 x) ⊙ fc3 x, as mul() computes it
     decode_linear(w, ep.fc3, x, n, hidden3);
-    for (int64_t i = 0; i < m; ++i) hidden[i] = act::silu(hidden[i]) * hidden3[i];
-  } else if (kind == "gelu") {
-    for (int64_t i = 0; i < m; ++i) hidden[i] = act::gelu(hidden[i]);
-  } else {
-    for (int64_t i = 0; i < m; ++i) hidden[i] = act::relu(hidden[i]);
+    for (int64_t i = 0; i < m; ++i) hidden[i] = hidden[i] * hidden3[i];
   }
   decode_linear(w, ep.fc2, hidden, n, y);
 }
@@ -163,21 +161,15 @@ void Model::decode_moe(const BlockParams& bp, int64_t layer, KVCache::Work& w, i
     float* probs = w.probs.data();
     softmax_forward(probs, logits, n, E_, false);
     topk_select(index, probs, bias, n, E_, K_);
-    for (int64_t r = 0; r < n; ++r) {
-      float* g = gates + r * K_;
-      for (int64_t k = 0; k < K_; ++k) g[k] = probs[r * E_ + index[r * K_ + k]];
-      if (!rc.renormalize) continue;
-      float sum = 0;
-      for (int64_t k = 0; k < K_; ++k) sum += g[k];
-      for (int64_t k = 0; k < K_; ++k) g[k] = g[k] / sum;
-    }
+    gather_cols_forward(gates, probs, index, n, E_, K_);
+    if (rc.renormalize) normalize_rows_forward(gates, gates, n, K_);
   }
   int32_t* offsets = w.offsets.data();
   int32_t* token = w.token.data();
   int32_t* gate_pos = w.gate_pos.data();
   group_by_expert(index, n, K_, E_, offsets, token, gate_pos);
   if (rc.capacity_factor > 0 && rc.capacity_at_eval)
-    apply_capacity(offsets, token, gate_pos, gates, E_, int64_t(std::ceil(rc.capacity_factor * double(K_ * n) / double(E_))));
+    apply_capacity(offsets, token, gate_pos, gates, E_, cfg_.expert_capacity(n));
 
   // Each routed slot s owns row s of rows, hidden and expert_out, so the chosen experts run on
   // separate threads (one team per layer; their products run serially inside it).

@@ -196,13 +196,16 @@ Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const 
   return dropout(g, apply_linear(g, bp.proj, y), p, opt.training, drop);
 }
 
-Tensor Model::expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt) {
+Activation Model::expert_activation() const {
   const std::string& kind = cfg_.model.expert_ffn;
-  const Activation a = kind == "swiglu" ? Activation::kSilu : kind == "gelu" ? Activation::kGelu : Activation::kRelu;
+  return kind == "swiglu" ? Activation::kSilu : kind == "gelu" ? Activation::kGelu : Activation::kRelu;
+}
+
+Tensor Model::expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt) {
   Tensor b1;
   if (ep.fc1.bias >= 0) b1 = params_.get(ep.fc1.bias);
-  Tensor h = linear_act(g, x, params_.get(ep.fc1.weight), b1, a);  // (n, F): act(fc1(x))
-  if (kind == "swiglu") h = mul(g, h, apply_linear(g, ep.fc3, x));
+  Tensor h = linear_act(g, x, params_.get(ep.fc1.weight), b1, expert_activation());  // (n, F): act(fc1(x))
+  if (cfg_.model.expert_ffn == "swiglu") h = mul(g, h, apply_linear(g, ep.fc3, x));
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
   return dropout(g, apply_linear(g, ep.fc2, h), p, opt.training, drop);  // (n, C)
@@ -294,10 +297,8 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
   int32_t* chosen_offsets = g.arena().alloc_ints(E_ + 1);
   std::copy(offsets, offsets + E_ + 1, chosen_offsets);
   int64_t dropped = 0;
-  if (rc.capacity_factor > 0 && (opt.training || rc.capacity_at_eval)) {
-    const auto capacity = int64_t(std::ceil(rc.capacity_factor * double(K_ * N) / double(E_)));
-    dropped = apply_capacity(offsets, token, gate_pos, top.weights.data, E_, capacity);
-  }
+  if (rc.capacity_factor > 0 && (opt.training || rc.capacity_at_eval))
+    dropped = apply_capacity(offsets, token, gate_pos, top.weights.data, E_, cfg_.expert_capacity(N));
   if (opt.stats) record_router_health(g, *opt.stats, layer, clean.data, N, E_, chosen_offsets, dropped);
 
   // Slots per expert, chosen (before any capacity drops) and kept: counts[r][e] and

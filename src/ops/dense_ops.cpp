@@ -44,16 +44,6 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const fl
   if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
 }
 
-// f(a) for the activation, with its derivative; one instantiation per activation.
-template <class Fn>
-void with_activation(Activation kind, Fn&& fn) {
-  switch (kind) {
-    case Activation::kRelu: return fn([](float v) { return act::relu(v); }, [](float v) { return act::relu_grad(v); });
-    case Activation::kGelu: return fn([](float v) { return act::gelu(v); }, [](float v) { return act::gelu_grad(v); });
-    case Activation::kSilu: return fn([](float v) { return act::silu(v); }, [](float v) { return act::silu_grad(v); });
-  }
-}
-
 }  // namespace
 
 Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
@@ -73,7 +63,7 @@ Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, A
   const bool keep_pre = y.requires_grad() && kind != Activation::kRelu;
   float* pre = keep_pre ? g.arena().alloc_floats(n) : y.data;
   linear_forward(x, w, b, pre);
-  with_activation(kind, [&](auto f, auto) {
+  act::dispatch(kind, [&](auto f, auto) {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
     for (int64_t i = 0; i < n; ++i) y.data[i] = f(pre[i]);
   });
@@ -82,7 +72,7 @@ Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, A
     g.record([=] {
       // d pre = dy · f'(pre), in y.grad itself: nothing reads y's gradient after this op.
       float* d = y.grad;
-      with_activation(kind, [&](auto, auto df) {
+      act::dispatch(kind, [&](auto, auto df) {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
         for (int64_t i = 0; i < n; ++i) d[i] *= df(at[i]);
       });

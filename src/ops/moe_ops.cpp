@@ -48,8 +48,7 @@ Tensor gather_cols(Graph& g, const Tensor& x, const int32_t* index, int64_t K) {
   for (int64_t i = 0; i < N * K; ++i)
     MOE_CHECK(index[i] >= 0 && index[i] < E, "gather_cols", "column " + std::to_string(index[i]) + " outside [0, " + std::to_string(E) + ")");
   Tensor y = g.output({N, K}, x);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) y.data[n * K + k] = x.data[n * E + index[n * K + k]];
+  gather_cols_forward(y.data, x.data, index, N, E, K);
   if (y.requires_grad())
     g.record([=] {
       for (int64_t n = 0; n < N; ++n)
@@ -62,11 +61,7 @@ Tensor normalize_rows(Graph& g, const Tensor& x) {
   MOE_CHECK(x.ndim() == 2, "normalize_rows", "input must be [N, K], got " + x.shape.str());
   const int64_t N = x.size(0), K = x.size(1);
   Tensor y = g.output({N, K}, x);
-  for (int64_t n = 0; n < N; ++n) {
-    float s = 0;
-    for (int64_t k = 0; k < K; ++k) s += x.data[n * K + k];
-    for (int64_t k = 0; k < K; ++k) y.data[n * K + k] = x.data[n * K + k] / s;
-  }
+  normalize_rows_forward(y.data, x.data, N, K);
   if (y.requires_grad())
     g.record([=] {
       // y = x / s: dx_j = (dy_j - Σ_k dy_k y_k) / s.

@@ -87,6 +87,9 @@ struct Config {
   int64_t head_size() const { return model.n_embed / model.n_head; }
   int64_t expert_hidden_size() const { return model.expert_hidden > 0 ? model.expert_hidden : 4 * model.n_embed; }
   float attention_scale() const;
+  // Slots each expert keeps when `rows` tokens are routed (router.capacity_factor > 0):
+  // ceil(capacity_factor · top_k · rows / num_experts).
+  int64_t expert_capacity(int64_t rows) const;
 };
 
 // Every config problem: the message names the source, the dotted field, the value and what

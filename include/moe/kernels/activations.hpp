@@ -1,10 +1,15 @@
-// Scalar activation functions, shared by the autograd ops (src/ops/elementwise_ops.cpp) and
-// the graph-free decoder (src/model/decode.cpp), so both compute the same bits.
+// Scalar activation functions, shared by the autograd ops (src/ops/elementwise_ops.cpp,
+// linear_act) and the graph-free decoder (src/model/decode.cpp), so both compute the same bits.
 #pragma once
 
 #include <cmath>
 
-namespace moe::act {
+namespace moe {
+
+// The activations that can follow a linear layer in one pass (linear_act, the decoder).
+enum class Activation { kRelu, kGelu, kSilu };
+
+namespace act {
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
@@ -26,4 +31,16 @@ inline float silu_grad(float v) {
 }
 inline float softplus_grad(float v) { return v > 20.f ? 1.f : 1.f / (1.f + std::exp(-v)); }
 
-}  // namespace moe::act
+// fn(f, df) with the activation `kind` and its derivative as callables: one instantiation of
+// fn per activation, so the loops inside it are compiled for each.
+template <class Fn>
+void dispatch(Activation kind, Fn&& fn) {
+  switch (kind) {
+    case Activation::kRelu: return fn([](float v) { return relu(v); }, [](float v) { return relu_grad(v); });
+    case Activation::kGelu: return fn([](float v) { return gelu(v); }, [](float v) { return gelu_grad(v); });
+    case Activation::kSilu: return fn([](float v) { return silu(v); }, [](float v) { return silu_grad(v); });
+  }
+}
+
+}  // namespace act
+}  // namespace moe

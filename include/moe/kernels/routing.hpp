@@ -14,6 +14,11 @@ void topk_softmax_forward(float* weights, const int32_t* index, const float* log
 void topk_softmax_backward(float* dlogits, const float* dweights, const float* weights, const int32_t* index,
                            int64_t N, int64_t E, int64_t K);
 
+// y [N, K] = per row n, x[n, index[n, k]]: x [N, E].
+void gather_cols_forward(float* y, const float* x, const int32_t* index, int64_t N, int64_t E, int64_t K);
+// y [N, K] = each row of x [N, K] divided by its sum (y may be x).
+void normalize_rows_forward(float* y, const float* x, int64_t N, int64_t K);
+
 // From top-k ids (N*K) build per-expert lists with a counting sort: offsets[E+1], and for
 // slot s in [offsets[e], offsets[e+1]): token[s] (row of x) and gate_pos[s] (= n*K + k, the
 // flat position in the [N, K] weights). Tokens appear in increasing row order per expert.

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moe/io/config.hpp"
+#include "moe/kernels/activations.hpp"
 #include "moe/tensor/graph.hpp"
 #include "moe/tensor/params.hpp"
 #include "moe/tensor/rng.hpp"
@@ -184,6 +185,8 @@ class Model {
   Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
                  const ForwardOptions& opt, RouterLosses* losses);
   Tensor expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt);
+  // fc1's activation for model.expert_ffn: relu, gelu, or silu (SwiGLU's gate).
+  Activation expert_activation() const;
   Tensor remote_experts(Graph& g, const BlockParams& bp, const Tensor& xf, const int32_t* offsets,
                         const int32_t* token, const int64_t* counts, const ForwardOptions& opt);
   ExpertParams add_expert(const std::string& name);

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "moe/kernels/activations.hpp"
 #include "moe/tensor/graph.hpp"
 #include "moe/tensor/rng.hpp"
 #include "moe/tensor/tensor.hpp"
@@ -24,7 +25,6 @@ Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b);
 // the backward turns dy into d(pre-activation) in place and runs linear's three products.
 // The same values as linear followed by relu/gelu/silu, with one tensor and two passes
 // fewer.
-enum class Activation { kRelu, kGelu, kSilu };
 Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind);
 // Batched matmul over the leading dimensions (all but the last two, equal for a and b):
 // y = op(a)·op(b) with op = transpose when the flag is set. a [..., M, K] (or [..., K, M]
