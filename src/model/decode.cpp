@@ -140,7 +140,7 @@ void Model::decode_moe(const BlockParams& bp, int64_t layer, KVCache::Work& w, i
   float* clean = w.clean.data();
   decode_linear(w, bp.route, x, n, clean);  // (n, E)
   const float* logits = clean;
-  if (rc.noisy && rc.noise_at_eval) {  // clean + noise ⊙ softplus(noise linear), as mul() then add()
+  if (router_noisy(false)) {  // clean + noise ⊙ softplus(noise linear), as mul() then add()
     MOE_CHECK(opt.noise_rng != nullptr, "Model::decode", "router noise needs a noise generator");
     float* noise = w.noise.data();
     opt.noise_rng->fill_normal(noise, n * E_);

@@ -260,7 +260,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
   Tensor xf = x.view({N, C_});                    // (N, C)
   Tensor clean = apply_linear(g, bp.route, xf);   // (N, E)
   Tensor logits = clean;
-  const bool noisy = opt.fixed_noise != nullptr || (rc.noisy && (opt.training || rc.noise_at_eval));
+  const bool noisy = opt.fixed_noise != nullptr || router_noisy(opt.training);
   if (noisy) {
     Tensor noise = g.new_tensor({N, E_}, false);  // (N, E) standard normal
     if (opt.fixed_noise) {
@@ -411,6 +411,10 @@ void Model::set_parallel(int rank, int ranks, bool expert_parallel) {
     throw std::runtime_error("expert parallelism over " + std::to_string(ranks) + " processes needs router.num_experts (" +
                              std::to_string(E_) + ") to be a multiple of " + std::to_string(ranks));
   rank_ = rank, ranks_ = ranks, expert_parallel_ = expert_parallel;
+}
+
+int64_t Model::noise_per_forward(int64_t rows, bool training) const {
+  return router_noisy(training) ? L_ * rows * E_ : 0;
 }
 
 int Model::expert_owner(int64_t e) const { return expert_parallel_ ? int(e / (E_ / ranks_)) : 0; }

@@ -10,10 +10,7 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   std::vector<int32_t> x(static_cast<size_t>(B * T)), y(size_t(B * T));
   EvalEstimate est;
   Rng noise_rng(cfg.training.seed, kStreamEvalNoise);  // only drawn with router.noise_at_eval
-  // A forward draws B·T·E noise numbers per layer when the router is noisy at evaluation.
-  const bool noisy = cfg.router.noisy && cfg.router.noise_at_eval;
-  const uint64_t noise_per_batch =
-      noisy ? uint64_t(cfg.model.n_layer * B * T * cfg.router.num_experts) : 0;
+  const auto noise_per_batch = uint64_t(model.noise_per_forward(B * T, false));
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
   for (int split = 0; split < 2; ++split) {

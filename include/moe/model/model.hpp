@@ -164,6 +164,10 @@ class Model {
   // a multiple of ranks): only that rank computes it, in distributed forwards.
   void set_parallel(int rank, int ranks, bool expert_parallel);
   bool expert_parallel() const { return expert_parallel_; }
+  // Router noise numbers one forward over `rows` tokens draws from ForwardOptions::noise_rng
+  // (E per token and layer when the router is noisy, else none), for placing a batch's noise
+  // by the batch's index.
+  int64_t noise_per_forward(int64_t rows, bool training) const;
   // The rank that computes expert e (0 without expert parallelism).
   int expert_owner(int64_t e) const;
   // Per parameter id: the routed expert it belongs to, or -1 (everything else, including
@@ -185,6 +189,8 @@ class Model {
   Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
                  const ForwardOptions& opt, RouterLosses* losses);
   Tensor expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt);
+  // Whether the router adds noise: router.noisy, in training or with router.noise_at_eval.
+  bool router_noisy(bool training) const { return cfg_.router.noisy && (training || cfg_.router.noise_at_eval); }
   // fc1's activation for model.expert_ffn: relu, gelu, or silu (SwiGLU's gate).
   Activation expert_activation() const;
   Tensor remote_experts(Graph& g, const BlockParams& bp, const Tensor& xf, const int32_t* offsets,
