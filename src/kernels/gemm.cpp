@@ -36,10 +36,61 @@ inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
   return trans ? X[c * ld + r] : X[r * ld + c];
 }
 
+// dst[c * ldd + r] = alpha · src[r * lds + c] for r < rows, c < cols: the packers' gathers
+// (each value is moved, or multiplied by alpha, alone, so every kernel packs the same bits).
+using TransposeFn = void (*)(const float* src, int64_t lds, int64_t rows, int64_t cols, float alpha, float* dst,
+                             int64_t ldd);
+
+void transpose_portable(const float* src, int64_t lds, int64_t rows, int64_t cols, float alpha, float* dst,
+                        int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = alpha * src[r * lds + c];
+}
+
+#ifdef MOE_GEMM_X86
+// The same in 8x8 blocks transposed in AVX registers; a block of fewer than 8 rows loads
+// zeros for the missing ones and stores only the valid lanes, the last columns go one by one.
+MOE_TARGET_AVX2 void transpose_avx2(const float* src, int64_t lds, int64_t rows, int64_t cols, float alpha,
+                                    float* dst, int64_t ldd) {
+  const int64_t c8 = cols / 8 * 8;
+  const __m256 scale = _mm256_set1_ps(alpha);
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    const int64_t n = std::min<int64_t>(8, rows - r0);
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+      __m256 x[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        x[i] = i < n ? _mm256_loadu_ps(src + (r0 + i) * lds + c0) : _mm256_setzero_ps();
+        if (alpha != 1.f) x[i] = _mm256_mul_ps(scale, x[i]);
+      }
+      const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
+      const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      const __m256 y[8] = {_mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+                           _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+                           _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+                           _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+      float* d = dst + c0 * ldd + r0;
+      if (n == 8)
+        for (int64_t c = 0; c < 8; ++c) _mm256_storeu_ps(d + c * ldd, y[c]);
+      else
+        for (int64_t c = 0; c < 8; ++c) _mm256_maskstore_ps(d + c * ldd, lanes, y[c]);
+    }
+    for (int64_t r = r0; r < r0 + n; ++r)
+      for (int64_t c = c8; c < cols; ++c) dst[c * ldd + r] = alpha * src[r * lds + c];
+  }
+}
+#endif
+
 // Panel p of Bp: kb rows of NR floats for columns p*NR.. (zero padded past N).
 template <int64_t NR>
-void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb, int64_t N, int64_t p,
-                  float* dst) {
+void pack_b_panel(TransposeFn transpose, bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb,
+                  int64_t N, int64_t p, float* dst) {
   const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
   if (!trans_b) {
     for (int64_t k = 0; k < kb; ++k) {
@@ -55,10 +106,7 @@ void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t
     return;
   }
   // Bᵀ stored: column j of the panel is contiguous in B; read it along k.
-  for (int64_t j = 0; j < nr; ++j) {
-    const float* src = B + (j0 + j) * ldb + k0;
-    for (int64_t k = 0; k < kb; ++k) dst[k * NR + j] = src[k];
-  }
+  transpose(B + j0 * ldb + k0, ldb, nr, kb, 1.f, dst, NR);
   for (int64_t j = nr; j < NR; ++j)
     for (int64_t k = 0; k < kb; ++k) dst[k * NR + j] = 0.f;
 }
@@ -77,8 +125,8 @@ void scale_rows(float* C, int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64
 
 // Ap: for each group of MR rows, kb columns of MR floats (scaled by alpha, zero padded).
 template <int64_t MR>
-void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, int64_t k0, int64_t kb,
-            float alpha, float* Ap) {
+void pack_a(TransposeFn transpose, bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, int64_t k0,
+            int64_t kb, float alpha, float* Ap) {
   for (int64_t g = 0; g < mb; g += MR) {
     float* dst = Ap + g * kb;
     const int64_t mr = std::min(MR, mb - g);
@@ -89,10 +137,7 @@ void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mb, i
         for (int64_t r = mr; r < MR; ++r) dst[k * MR + r] = 0.f;
       }
     } else {  // each row is contiguous along k
-      for (int64_t r = 0; r < mr; ++r) {
-        const float* src = A + (i0 + g + r) * lda + k0;
-        for (int64_t k = 0; k < kb; ++k) dst[k * MR + r] = alpha * src[k];
-      }
+      transpose(A + (i0 + g) * lda + k0, lda, mr, kb, alpha, dst, MR);
       for (int64_t r = mr; r < MR; ++r)
         for (int64_t k = 0; k < kb; ++k) dst[k * MR + r] = 0.f;
     }
@@ -277,15 +322,17 @@ using TileFn = void (*)(int64_t kb, const float* Ap, int64_t mb, const float* Bp
                         float* C, int64_t ldc);
 using GemvFn = void (*)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
                         float beta, float* C);
-using PackedFn = void (*)(TileFn tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                          int64_t ldc);
+using PackedFn = void (*)(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N,
+                          int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                          float* C, int64_t ldc);
 
 // What differs between the kernels: the packed product for its tile shape (packing and
-// task split, plain code), its tile loop and the one-row loops, compiled for its instructions.
+// task split, plain code), and, compiled for its instructions, its tile loop, the transposes
+// the packers gather with and the one-row loops.
 struct Kernel {
   PackedFn packed;
   TileFn tile;
+  TransposeFn transpose;
   GemvFn gemv_dot, gemv_axpy;
 };
 
@@ -317,8 +364,9 @@ MOE_GEMM_TILE_FN(avx512, MOE_TARGET_AVX512, kMR32, kNR32, micro_avx512)
 // The packed product with an MR x NR tile: blocks of KC along k; in each, the B panels are
 // packed by the team, then each task packs its rows of A and runs the tile loop.
 template <int64_t MR, int64_t NR>
-void gemm_packed(TileFn tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                 float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                 int64_t ldc) {
   static_assert(MC % MR == 0, "a task's rows are whole tiles, but for the last task");
   const int64_t panels = (N + NR - 1) / NR;
   thread_local std::vector<float> bp_store;  // the caller's; the team packs into it and reads it
@@ -339,7 +387,7 @@ void gemm_packed(TileFn tile, bool trans_a, bool trans_b, int64_t M, int64_t N, 
 #pragma omp parallel if (parallel)
     {
 #pragma omp for schedule(static)
-      for (int64_t p = 0; p < panels; ++p) pack_b_panel<NR>(trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
+      for (int64_t p = 0; p < panels; ++p) pack_b_panel<NR>(transpose, trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tasks; ++t) {
         thread_local std::vector<float> ap_buf;
@@ -350,21 +398,22 @@ void gemm_packed(TileFn tile, bool trans_a, bool trans_b, int64_t M, int64_t N, 
         if (k0 == 0) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
         ap_buf.resize(size_t((MC + MR) * kb));
         float* Ap = ap_buf.data();
-        pack_a<MR>(trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
+        pack_a<MR>(transpose, trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
         tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc);
       }
     }
   }
 }
 
-constexpr Kernel kPortable{gemm_packed<kMR16, kNR16>, tile_portable, gemv_dot_portable, gemv_axpy_portable};
+constexpr Kernel kPortable{gemm_packed<kMR16, kNR16>, tile_portable, transpose_portable, gemv_dot_portable,
+                           gemv_axpy_portable};
 #ifdef MOE_GEMM_X86
-constexpr Kernel kAvx2{gemm_packed<kMR16, kNR16>, tile_avx2, gemv_dot_avx2, gemv_axpy_avx2};
+constexpr Kernel kAvx2{gemm_packed<kMR16, kNR16>, tile_avx2, transpose_avx2, gemv_dot_avx2, gemv_axpy_avx2};
 // avx512 runs the avx2 one-row loops: compiled for AVX-512, the compiler vectorises the dot
 // products 16 wide instead of 8 (products by vmulps summed in order, the remainder by fma),
 // which moves where the fma part starts and so changes the bits. One row is not where the
-// time goes; the same bits as avx2 are worth more.
-constexpr Kernel kAvx512{gemm_packed<kMR32, kNR32>, tile_avx512, gemv_dot_avx2, gemv_axpy_avx2};
+// time goes; the same bits as avx2 are worth more. The 8x8 transposes of avx2 serve too.
+constexpr Kernel kAvx512{gemm_packed<kMR32, kNR32>, tile_avx512, transpose_avx2, gemv_dot_avx2, gemv_axpy_avx2};
 #endif
 
 const Kernel& kernel_of(GemmKernel k) {
@@ -466,7 +515,7 @@ void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, i
     gemv_row(kern, trans_a, trans_b, N, K, alpha, A, lda, B, ldb, beta, C);
     return;
   }
-  kern.packed(kern.tile, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
