@@ -34,7 +34,7 @@ void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* on
     const FloatRange& r = ranges[k];
 #pragma omp parallel for schedule(static)
     for (int64_t i = r.begin; i < r.end; ++i) {
-      if (decay[i]) p[i] *= 1.f - lr * wd;
+      p[i] *= 1.f - float(decay[i]) * (lr * wd);  // no branch, so it vectorises; × 1 where no decay
       m[i] = b1 * m[i] + (1.f - b1) * g[i];
       v[i] = b2 * v[i] + (1.f - b2) * g[i] * g[i];
       const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;

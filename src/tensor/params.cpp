@@ -48,6 +48,11 @@ int64_t ParamStore::parameter_count() const {
   return n;
 }
 
-void ParamStore::zero_grad() { std::fill(grad_.begin(), grad_.end(), 0.0f); }
+void ParamStore::zero_grad() {
+  float* g = grad_.data();
+  const int64_t n = total_;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) g[i] = 0.f;
+}
 
 }  // namespace moe
