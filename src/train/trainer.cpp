@@ -111,12 +111,14 @@ StepResult TrainStep::run(int64_t step) {
   model_.params().zero_grad();
   sampler_.next(x_.data(), y_.data());
   Model::Output o = model_.forward(g_, x_.data(), y_.data(), cfg_.training.batch_size, cfg_.model.block_size, fo_);
+  // The global batch's loss, so that every rank takes the same decisions, and whether any rank
+  // has seen a signal, in one all-reduce: a second one per step for the flag alone costs a
+  // round trip between the processes.
+  double sums[2] = {o.loss.data[0], g_stop_signal.load() != 0 ? 1.0 : 0.0};
+  if (R > 1) par_.sum(sums, 2);
   StepResult res;
-  res.loss = o.loss.data[0];
-  if (R > 1) {  // the global batch's loss, so that every rank takes the same decisions
-    par_.sum(&res.loss, 1);
-    res.loss /= double(R);
-  }
+  res.loss = sums[0] / double(R);
+  res.stop = sums[1] > 0;
   if (!std::isfinite(res.loss))
     throw std::runtime_error("training diverged: loss is " + std::to_string(res.loss) + " at step " +
                              std::to_string(step) + "; the last good checkpoint is kept in " +
@@ -301,7 +303,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       save(step_file);
       if (lead) link_atomically(step_file, out / "last.safetensors");  // last.safetensors: always the newest
     }
-    if (stop_requested()) {
+    if (sr.stop) {
       res.interrupted = true;
       break;
     }

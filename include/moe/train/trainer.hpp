@@ -54,6 +54,9 @@ struct StepResult {
   double loss = 0;       // cross-entropy of the global batch (all ranks' rows)
   double grad_norm = 0;  // global gradient norm before clipping
   float lr = 0;
+  // Some rank had seen a stop signal (g_stop_signal) when its forward pass ended: every rank
+  // gets the same answer, so all stop after this step. A later signal shows in the next step.
+  bool stop = false;
 };
 
 // One training step: the next batch, forward, backward, the gradients summed over the ranks,
