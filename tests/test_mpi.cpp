@@ -15,6 +15,7 @@
 
 #include "cli_util.hpp"
 #include "io_test_util.hpp"
+#include "moe/train/checkpoint.hpp"
 
 #ifdef MOE_HAVE_MPI
 
@@ -127,6 +128,36 @@ TEST_CASE("resume with a different number of ranks continues the same run", "[mp
   INFO(b.out);
   REQUIRE(b.code == 0);
   check_same_losses(straight, losses(d / "b/metrics.jsonl"), 20);
+}
+
+TEST_CASE("a signal to one rank stops every rank after the same step, with the last checkpoint", "[mpi][reliability]") {
+  TempDir d("mpi_signal");
+  std::string cfg = config_json(4, 1000000);
+  // Only best.safetensors (step 0) and last.safetensors: the latter exists only if rank 0 stopped.
+  cfg.replace(cfg.find("\"checkpoint_interval\": 10"), 25, "\"checkpoint_interval\": 0");
+  write_file(d / "c.json", cfg);
+  // SIGINT to rank 1 alone, found by the rank mpirun puts in its environment. Rank 0 learns of
+  // it from the step's all-reduce; without that it would wait for rank 1 in the next step
+  // until the timeout, and never write last.safetensors.
+  const std::string run = d / "run";
+  const Run r = run_shell(
+      "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 60 mpirun -np 2 --oversubscribe "
+      "--bind-to none -x OMP_NUM_THREADS=1 " + std::string(MOE_BINARY) + " train --config " + (d / "c.json") +
+      " --out " + run + R"( > /dev/null 2>&1 & mp=$!; sleep 2;
+      for p in /proc/[0-9]*; do
+        grep -qsaF -- ')" + run + R"(' $p/cmdline && tr '\0' '\n' < $p/environ 2>/dev/null |
+          grep -qx OMPI_COMM_WORLD_RANK=1 && kill -INT ${p#/proc/}
+      done
+      wait $mp; echo exit=$?)");
+  INFO(r.out);
+  CHECK_THAT(r.out, Catch::Contains("exit="));
+  CHECK_THAT(r.out, !Catch::Contains("exit=124"));  // not the timeout: no rank was left waiting
+  moe::CheckpointHeader h;
+  REQUIRE_NOTHROW(h = moe::read_checkpoint_header(d / "run/last.safetensors"));
+  CHECK(h.state.step > 0);
+  CHECK(h.state.step < 1000000);
+  // Rank 0 logged every step up to the one both stopped after.
+  CHECK(int64_t(losses(d / "run/metrics.jsonl").size()) == h.state.step);
 }
 
 TEST_CASE("ranks on one machine share its cores unless told otherwise", "[mpi]") {

@@ -1,7 +1,7 @@
-// A training step allocates nothing once the buffers have grown to their size: activations
-// and gradients come from the Graph's arena, kernels reuse their scratch. Counted by
-// replacing the global operator new for this test binary (malloc itself, which OpenMP's
-// runtime uses, is not counted).
+// A training step (TrainStep, the one moe train runs) allocates nothing once the buffers have
+// grown to their size: activations and gradients come from the Graph's arena, kernels reuse
+// their scratch. Counted by replacing the global operator new for this test binary (malloc
+// itself, which OpenMP's runtime uses, is not counted).
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -14,6 +14,8 @@
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/tensor/streams.hpp"
+#include "moe/train/parallel.hpp"
+#include "moe/train/trainer.hpp"
 
 namespace {
 std::atomic<int64_t> g_news{0};
@@ -74,26 +76,12 @@ TEST_CASE("a training step allocates nothing after the first few", "[alloc]") {
   model.init(init);
   AdamW adamw(cfg.optimizer, model.params());
   BatchSampler sampler(data.train(), B, T, Rng(3, kStreamData));
-  std::vector<int32_t> x(size_t(B * T)), y(size_t(B * T));
+  ParallelTraining par(model, false);
   Graph g;
   RoutingStats stats;
-  auto step = [&] {
-    g.clear();
-    model.params().zero_grad();
-    sampler.next(x.data(), y.data());
-    ForwardOptions fo;
-    fo.training = true;
-    fo.dropout_rng = &dropout;
-    fo.noise_rng = &noise;
-    fo.stats = &stats;
-    Model::Output o = model.forward(g, x.data(), y.data(), B, T, fo);
-    g.backward(o.objective);
-    clip_grad_norm(model.params(), cfg.optimizer.grad_clip);
-    adamw.step(model.params(), 1e-2f);
-    model.update_balance_bias();
-  };
-  for (int i = 0; i < 20; ++i) step();  // buffers grow to the largest routing seen
+  TrainStep step(cfg, model, adamw, par, sampler, dropout, noise, g, &stats);
+  for (int i = 0; i < 20; ++i) step.run(i);  // buffers grow to the largest routing seen
   const int64_t before = g_news.load();
-  for (int i = 0; i < 20; ++i) step();
+  for (int i = 20; i < 40; ++i) step.run(i);
   CHECK(g_news.load() - before == 0);
 }

@@ -13,6 +13,7 @@
 #include "moe/kernels/gemm.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
+#include "moe/train/parallel.hpp"
 #include "moe/train/trainer.hpp"
 
 namespace moe {
@@ -45,24 +46,18 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   model.init(init);
   AdamW adamw(cfg.optimizer, model.params());
   BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, kStreamData));
-  std::vector<int32_t> x(static_cast<size_t>(B * T)), y(static_cast<size_t>(B * T));
+  ParallelTraining par(model, false);  // one process: only moe train runs under mpirun
   Graph g;
-  ForwardOptions fo;
-  fo.training = true;
-  fo.dropout_rng = &drop;
-  fo.noise_rng = &noise;
+  RoutingStats stats;  // gathered as moe train gathers them, so that the same work is timed
+  TrainStep train_step(cfg, model, adamw, par, sampler, drop, noise, g, &stats);
   std::vector<double> step_ms, fwd_ms;
   const int64_t warmup = 3;
   for (int64_t i = 0; i < warmup + steps; ++i) {
-    sampler.next(x.data(), y.data());
     const auto t0 = clock::now();
-    g.clear();
-    model.params().zero_grad();
-    Model::Output o = model.forward(g, x.data(), y.data(), B, T, fo);
-    g.backward(o.objective);
-    adamw.step(model.params(), float(cfg.optimizer.lr));
+    train_step.run(i);
     if (i >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
   }
+  std::vector<int32_t> x(static_cast<size_t>(B * T)), y(static_cast<size_t>(B * T));
   ForwardOptions eval;
   eval.noise_rng = &noise;
   for (int64_t i = 0; i < warmup + steps; ++i) {

@@ -87,6 +87,51 @@ void install_stop_signal_handlers() {
   std::signal(SIGTERM, on_stop_signal);
 }
 
+TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTraining& par, BatchSampler& sampler,
+                     Rng& dropout_rng, Rng& noise_rng, Graph& g, RoutingStats* stats)
+    : cfg_(cfg),
+      model_(model),
+      adamw_(adamw),
+      par_(par),
+      sampler_(sampler),
+      g_(g),
+      x_(size_t(cfg.training.batch_size * cfg.model.block_size)),
+      y_(x_.size()) {
+  fo_.training = true;
+  fo_.dropout_rng = &dropout_rng;
+  fo_.noise_rng = &noise_rng;
+  fo_.stats = stats;
+  fo_.distributed = par.ranks() > 1;
+  fo_.grads_ready = par.overlap();
+}
+
+StepResult TrainStep::run(int64_t step) {
+  const int64_t R = par_.ranks();
+  g_.clear();
+  model_.params().zero_grad();
+  sampler_.next(x_.data(), y_.data());
+  Model::Output o = model_.forward(g_, x_.data(), y_.data(), cfg_.training.batch_size, cfg_.model.block_size, fo_);
+  // The global batch's loss, so that every rank takes the same decisions, and whether any rank
+  // has seen a signal, in one all-reduce: a second one per step for the flag alone costs a
+  // round trip between the processes.
+  double sums[2] = {o.loss.data[0], g_stop_signal.load() != 0 ? 1.0 : 0.0};
+  if (R > 1) par_.sum(sums, 2);
+  StepResult res;
+  res.loss = sums[0] / double(R);
+  res.stop = sums[1] > 0;
+  if (!std::isfinite(res.loss))
+    throw std::runtime_error("training diverged: loss is " + std::to_string(res.loss) + " at step " +
+                             std::to_string(step) + "; the last good checkpoint is kept in " +
+                             cfg_.logging.out_dir + " (try a lower optimizer.lr or optimizer.grad_clip)");
+  g_.backward(o.objective);
+  par_.reduce_gradients();
+  res.grad_norm = par_.clip_grad_norm(cfg_.optimizer.grad_clip);
+  res.lr = learning_rate(cfg_.optimizer, step, cfg_.training.max_steps);
+  adamw_.step(model_.params(), res.lr, par_.update_ranges());
+  model_.update_balance_bias();  // no-op unless router.bias_update_rate > 0
+  return res;
+}
+
 TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
@@ -186,11 +231,11 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
 
   res.last_val_loss = std::numeric_limits<double>::quiet_NaN();
   Graph g;
-  std::vector<int32_t> xb(static_cast<size_t>(B * T)), yb(size_t(B * T));
+  RoutingStats stats;  // over the logging window
+  TrainStep train_step(cfg, model, adamw, par, sampler, dropout_rng, noise_rng, g, &stats);
   std::vector<double> step_ms;
   const int64_t max_steps = cfg.training.max_steps;
   double window_tokens = 0, window_seconds = 0;
-  RoutingStats stats;
   const int64_t first_step = state.step;
   const auto t_loop = clock::now();
   for (int64_t step = state.step; step < max_steps; ++step) {
@@ -220,37 +265,12 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     }
 
     const auto t0 = clock::now();
-    g.clear();
-    model.params().zero_grad();
-    sampler.next(xb.data(), yb.data());
-    ForwardOptions fo;
-    fo.training = true;
-    fo.dropout_rng = &dropout_rng;
-    fo.noise_rng = &noise_rng;
-    fo.stats = &stats;  // accumulates over the logging window
-    fo.distributed = R > 1;
-    fo.grads_ready = par.overlap();
-    Model::Output o = model.forward(g, xb.data(), yb.data(), B, T, fo);
-    double loss = o.loss.data[0];
-    if (R > 1) {  // the global batch's loss, so that every rank takes the same decisions
-      par.sum(&loss, 1);
-      loss /= double(R);
-    }
-    if (!std::isfinite(loss))
-      throw std::runtime_error("training diverged: loss is " + std::to_string(loss) + " at step " +
-                               std::to_string(step) + "; the last good checkpoint is kept in " + out.string() +
-                               " (try a lower optimizer.lr or optimizer.grad_clip)");
-    g.backward(o.objective);
-    par.reduce_gradients();
-    const double grad_norm = par.clip_grad_norm(cfg.optimizer.grad_clip);
-    const float lr = learning_rate(cfg.optimizer, step, max_steps);
-    adamw.step(model.params(), lr, par.update_ranges());
-    model.update_balance_bias();  // no-op unless router.bias_update_rate > 0
+    const StepResult sr = train_step.run(step);
     const double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
     step_ms.push_back(ms);
     window_tokens += double(R * B * T);
     window_seconds += ms / 1000.0;
-    res.last_train_loss = loss;
+    res.last_train_loss = sr.loss;
     state.step = step + 1;
 
     const bool log_now = (step + 1) % cfg.logging.log_interval == 0 || step + 1 == max_steps;
@@ -259,7 +279,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       // Wall clock so far (evaluations and checkpoints included) per step done in this run.
       const double elapsed = std::chrono::duration<double>(clock::now() - t_loop).count();
       const double eta = elapsed / double(step + 1 - first_step) * double(max_steps - step - 1);
-      nlohmann::json j{{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
+      nlohmann::json j{{"step", step + 1}, {"loss", sr.loss}, {"lr", sr.lr}, {"grad_norm", sr.grad_norm},
                        {"tokens_per_s", tok_s}};
       j["tokens_per_expert"] = stats.tokens_per_expert;
       const nlohmann::json health = stats.health();
@@ -272,7 +292,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       metrics << j.dump() << "\n" << std::flush;
       if (!quiet)
         spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | max load {:+.0f}%{} | {:.0f} tok/s | ETA {}",
-                     step + 1, max_steps, loss, lr, grad_norm, 100 * worst_violation,
+                     step + 1, max_steps, sr.loss, sr.lr, sr.grad_norm, 100 * worst_violation,
                      cfg.router.capacity_factor > 0 ? fmt::format(" | dropped {:.1f}%", 100 * dropped) : "",
                      tok_s, format_duration(eta));
       window_tokens = window_seconds = 0;
@@ -283,7 +303,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       save(step_file);
       if (lead) link_atomically(step_file, out / "last.safetensors");  // last.safetensors: always the newest
     }
-    if (stop_requested()) {
+    if (sr.stop) {
       res.interrupted = true;
       break;
     }

@@ -8,7 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "moe/data/dataset.hpp"
 #include "moe/io/config.hpp"
+#include "moe/model/model.hpp"
+#include "moe/optim/adamw.hpp"
+#include "moe/train/parallel.hpp"
 
 namespace moe {
 
@@ -45,6 +49,39 @@ extern std::atomic<int> g_stop_signal;
 void install_stop_signal_handlers();
 
 TrainResult train(const Config& cfg, const TrainOptions& opt);
+
+struct StepResult {
+  double loss = 0;       // cross-entropy of the global batch (all ranks' rows)
+  double grad_norm = 0;  // global gradient norm before clipping
+  float lr = 0;
+  // Some rank had seen a stop signal (g_stop_signal) when its forward pass ended: every rank
+  // gets the same answer, so all stop after this step. A later signal shows in the next step.
+  bool stop = false;
+};
+
+// One training step: the next batch, forward, backward, the gradients summed over the ranks,
+// clipping, AdamW and the balancing bias. moe train runs it, moe bench times it and the
+// allocation test counts it, so all three see the same step. Collective under MPI.
+class TrainStep {
+ public:
+  // Keeps references to all of these: they must outlive it. stats, when set, accumulates the
+  // router's figures of every step.
+  TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTraining& par, BatchSampler& sampler,
+            Rng& dropout_rng, Rng& noise_rng, Graph& g, RoutingStats* stats);
+  // Runs step `step` (0-based; it sets the learning rate). Throws, before touching the weights,
+  // when the loss is not finite, naming the step and the run directory cfg.logging.out_dir.
+  StepResult run(int64_t step);
+
+ private:
+  const Config& cfg_;
+  Model& model_;
+  AdamW& adamw_;
+  ParallelTraining& par_;
+  BatchSampler& sampler_;
+  Graph& g_;
+  ForwardOptions fo_;
+  std::vector<int32_t> x_, y_;  // (B, T) inputs and targets
+};
 
 // The element at index size/2 of the sorted values (0 when empty): for step timings.
 double median(std::vector<double> v);
