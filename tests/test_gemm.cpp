@@ -32,7 +32,7 @@ std::vector<GemmKernel> runnable_kernels() {
 }
 
 // Sizes around the blocking: tiles of MR x NR = 6x16 (portable, avx2) or 12x32 (avx512),
-// KC = 256 deep, MC = 96 rows per task; M = 1 takes the one-row path.
+// KC = 256 deep, MC = 96 rows per task.
 constexpr std::array<std::array<int64_t, 3>, 19> kSizes{{{1, 1, 1},
                                                          {11, 31, 3},
                                                          {12, 32, 1},
@@ -139,7 +139,7 @@ TEST_CASE("gemm avx512 gives the same bits as avx2 on random shapes, forms, alph
   std::uniform_int_distribution<int64_t> small(1, 80), deep(1, 700);
   for (int trial = 0; trial < 200; ++trial) {
     const bool ta = trial & 1, tb = trial & 2;
-    // Every tenth call one row (the one-row loops), else up to 80 x 80, up to 700 deep.
+    // Every tenth call one row, else up to 80 x 80, up to 700 deep.
     const int64_t M = trial % 10 == 0 ? 1 : small(rng), N = small(rng), K = deep(rng);
     const float alpha = trial % 3 == 0 ? 1.f : 0.37f, beta = trial % 4 == 0 ? 0.f : (trial % 4 == 1 ? 1.f : -0.6f);
     const int64_t lda = (ta ? M : K) + trial % 3, ldb = (tb ? K : N) + trial % 5, ldc = N + trial % 2;
@@ -152,6 +152,49 @@ TEST_CASE("gemm avx512 gives the same bits as avx2 on random shapes, forms, alph
                << beta);
     REQUIRE(std::memcmp(C2.data(), C5.data(), C2.size() * sizeof(float)) == 0);
   }
+}
+
+TEST_CASE("gemm computes each row of C as it computes that row alone, in every form and kernel", "[gemm]") {
+  // What lets evaluation batch several forwards into one: a row's bits do not depend on M.
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int64_t> rows(2, 40), small(1, 70), deep(1, 600);
+  for (GemmKernel kern : runnable_kernels())
+    for (int trial = 0; trial < 40; ++trial) {
+      const bool ta = trial & 1, tb = trial & 2;
+      const int64_t M = rows(rng), N = small(rng), K = trial % 5 == 0 ? 300 + deep(rng) : deep(rng);
+      const float alpha = trial % 3 == 0 ? 1.f : 0.37f, beta = trial % 4 == 0 ? 0.f : (trial % 4 == 1 ? 1.f : -0.6f);
+      const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+      auto A = random_vector((ta ? K : M) * lda, uint64_t(trial) + 1);
+      auto B = random_vector((tb ? N : K) * ldb, uint64_t(trial) + 1000);
+      auto C = random_vector(M * N, uint64_t(trial) + 2000), C0 = C;
+      gemm(kern, ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), N);
+      for (int64_t i : {int64_t(0), M / 2, M - 1}) {
+        std::vector<float> row(C0.begin() + i * N, C0.begin() + (i + 1) * N);
+        // Row i of op(A) alone: for Aᵀ stored, column i of A with stride lda.
+        gemm(kern, ta, tb, 1, N, K, alpha, ta ? A.data() + i : A.data() + i * lda, lda, B.data(), ldb, beta,
+             row.data(), N);
+        INFO("kernel " << gemm_kernel_name(kern) << " ta " << ta << " tb " << tb << " M " << M << " N " << N
+                       << " K " << K << " row " << i);
+        REQUIRE(std::memcmp(row.data(), C.data() + i * N, sizeof(float) * size_t(N)) == 0);
+      }
+    }
+}
+
+TEST_CASE("gemv matches the reference on one row, B stored either way", "[gemm]") {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int64_t> small(1, 300), deep(1, 600);
+  for (GemmKernel kern : runnable_kernels())
+    for (int trial = 0; trial < 30; ++trial) {
+      const bool tb = trial & 1;
+      const int64_t N = small(rng), K = deep(rng), ldb = (tb ? K : N) + trial % 3;
+      const float alpha = trial % 3 == 0 ? 1.f : 0.37f, beta = trial % 4 == 0 ? 0.f : (trial % 4 == 1 ? 1.f : -0.6f);
+      auto a = random_vector(K, uint64_t(trial) + 1);
+      auto B = random_vector((tb ? N : K) * ldb, uint64_t(trial) + 1000);
+      auto c = random_vector(N, uint64_t(trial) + 2000), ref = c;
+      gemv(kern, tb, N, K, alpha, a.data(), B.data(), ldb, beta, c.data());
+      gemm_reference(false, tb, 1, N, K, alpha, a.data(), K, B.data(), ldb, beta, ref.data(), N);
+      for (int64_t j = 0; j < N; ++j) REQUIRE(c[size_t(j)] == Approx(ref[size_t(j)]).margin(1e-4));
+    }
 }
 
 TEST_CASE("MOE_GEMM_KERNEL chooses the kernel, avx2 and avx512 only where the CPU has them", "[gemm]") {

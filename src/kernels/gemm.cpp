@@ -426,17 +426,12 @@ const Kernel& kernel_of(GemmKernel k) {
   return kPortable;
 }
 
-// C[0, :] = alpha · a · op(B) + beta · C[0, :] for a single row a (K values, stride lda when
-// trans_a). Sums over k in order; parallel over columns only.
-void gemv_row(const Kernel& kern, bool trans_a, bool trans_b, int64_t N, int64_t K, float alpha, const float* A,
-              int64_t lda, const float* B, int64_t ldb, float beta, float* C) {
-  thread_local std::vector<float> a_buf;
-  const float* a = A;
-  if (trans_a) {
-    a_buf.resize(size_t(K));
-    for (int64_t k = 0; k < K; ++k) a_buf[size_t(k)] = A[k * lda];
-    a = a_buf.data();
-  }
+}  // namespace
+
+void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B,
+          int64_t ldb, float beta, float* C) {
+  if (N <= 0) return;
+  const Kernel& kern = kernel_of(kernel);
   const bool parallel = !omp_in_parallel() && N * K >= 65536;
   // Column chunks: dot products (B stored [N, K]) or accumulated rows of B (B stored [K, N]).
   const int64_t cols = trans_b ? 32 : kAxpyCols;
@@ -446,7 +441,10 @@ void gemv_row(const Kernel& kern, bool trans_a, bool trans_b, int64_t N, int64_t
   for (int64_t ch = 0; ch < chunks; ++ch) fn(ch * cols, std::min(N, (ch + 1) * cols), K, alpha, a, B, ldb, beta, C);
 }
 
-}  // namespace
+void gemv(bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B, int64_t ldb, float beta,
+          float* C) {
+  gemv(gemm_kernel(), trans_b, N, K, alpha, a, B, ldb, beta, C);
+}
 
 bool gemm_cpu_has_avx2() {
 #ifdef MOE_GEMM_X86
@@ -509,10 +507,6 @@ void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, i
   const Kernel& kern = kernel_of(kernel);
   if (K <= 0 || alpha == 0.f) {
     scale_rows(C, ldc, 0, M, 0, N, beta);
-    return;
-  }
-  if (M == 1) {  // one row (token-by-token decoding): packing would cost as much as the product
-    gemv_row(kern, trans_a, trans_b, N, K, alpha, A, lda, B, ldb, beta, C);
     return;
   }
   kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -70,7 +70,8 @@ KVCache Model::new_cache() const {
 }
 
 // y [n, out] = x [n, in] · Wᵀ + b, as linear() computes it: bias rows first, then the GEMM
-// (on Wᵀ stored: the same products summed in the same order).
+// (on Wᵀ stored: the same products summed in the same order). One row, the usual case, takes
+// the one-row loops: no packing, sums in order but not in gemm's k blocks.
 void Model::decode_linear(const KVCache::Work& w, const LinearParams& lp, const float* x, int64_t n, float* y) const {
   const bool has_bias = lp.bias >= 0;
   if (has_bias) {
@@ -78,7 +79,10 @@ void Model::decode_linear(const KVCache::Work& w, const LinearParams& lp, const 
     for (int64_t i = 0; i < n; ++i) std::memcpy(y + i * lp.out, b, sizeof(float) * size_t(lp.out));
   }
   const float* wt = w.weights_t.data() + w.weight_t_offset[size_t(lp.weight)];  // [in, out]
-  gemm(false, false, n, lp.out, lp.in, 1.f, x, lp.in, wt, lp.out, has_bias ? 1.f : 0.f, y, lp.out);
+  if (n == 1)
+    gemv(false, lp.out, lp.in, 1.f, x, wt, lp.out, has_bias ? 1.f : 0.f, y);
+  else
+    gemm(false, false, n, lp.out, lp.in, 1.f, x, lp.in, wt, lp.out, has_bias ? 1.f : 0.f, y, lp.out);
 }
 
 // As expert_forward() in evaluation: fc2(act(fc1 x)), or fc2(silu(fc1 x) ⊙ fc3 x) for SwiGLU.

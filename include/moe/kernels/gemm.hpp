@@ -10,8 +10,8 @@
 // MOE_GEMM_KERNEL=portable|avx2|avx512 forces one. avx512 and avx2 give the same bits: each
 // C element is summed over k by one fma a step, in the same order and k blocks.
 // Threads split the rows (and column panels) of C, never the sum over k, so every element
-// is accumulated in the same order for any thread count. Inside an OpenMP parallel region
-// it runs serially. gemm_reference is the plain triple loop with the same signature, for
+// is accumulated in the same order for any thread count, and each row of C the same way
+// whatever M is. Inside an OpenMP parallel region it runs serially. gemm_reference is the plain triple loop with the same signature, for
 // tests.
 #pragma once
 
@@ -41,6 +41,15 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 // gemm_cpu_has_avx512.
 void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// One row, without packing (token-by-token decoding, where packing would cost as much as the
+// product): c[0, N] = alpha · a[0, K] · op(B) + beta · c, beta == 0 not reading c. Each
+// element is summed over k in order, but not in gemm's k blocks and not always by fma, so its
+// bits can differ from the same row computed by gemm.
+void gemv(bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B, int64_t ldb, float beta,
+          float* c);
+void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B,
+          int64_t ldb, float beta, float* c);
 
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
