@@ -87,6 +87,29 @@ TEST_CASE("the aux and z losses enter the objective as coefficient x layer mean"
   CHECK(o.objective.data[0] - o.loss.data[0] == Approx(0.5 * aux + 0.25 * z).epsilon(1e-5));
 }
 
+TEST_CASE("a forward without gradients gives the same loss, objective and logits in one block's memory", "[moe]") {
+  Config cfg = small_config();
+  cfg.model.n_layer = 6;
+  cfg.router.aux_loss_coef = 0.5;
+  cfg.router.z_loss_coef = 0.25;
+  Model m(cfg, 11);
+  Rng init(1, 1);
+  m.init(init);
+  const auto x = batch(4 * 8, 11, 1), y = batch(4 * 8, 11, 2);
+  Graph with_grad, no_grad;
+  const Model::Output a = m.forward(with_grad, x.data(), y.data(), 4, 8, ForwardOptions{});
+  NoGradGuard guard(no_grad);
+  const Model::Output b = m.forward(no_grad, x.data(), y.data(), 4, 8, ForwardOptions{});
+  CHECK(a.loss.data[0] == b.loss.data[0]);
+  CHECK(a.objective.data[0] == b.objective.data[0]);
+  CHECK(a.objective.data[0] != a.loss.data[0]);
+  REQUIRE(a.logits.numel() == b.logits.numel());
+  CHECK(std::equal(a.logits.data, a.logits.data + a.logits.numel(), b.logits.data));
+  for (int64_t i = 0; i < 4 * 8; ++i) CHECK(b.token_losses[i] == a.token_losses[i]);
+  // Six blocks' activations (and their gradients) against about one block's.
+  CHECK(no_grad.arena().bytes_used() * 3 < with_grad.arena().bytes_used());
+}
+
 TEST_CASE("capacity drops exactly the lowest-probability overflow assignments", "[moe][capacity]") {
   // 6 tokens, K = 1, E = 2: expert 0 chosen by tokens 0..4, expert 1 by token 5.
   const int32_t index[6] = {0, 0, 0, 0, 0, 1};

@@ -67,22 +67,19 @@ TEST_CASE("BatchSampler shards draw the rows of one larger batch", "[data][paral
   }
 }
 
-TEST_CASE("estimate_loss split between processes adds up to the whole estimate, as before", "[parallel]") {
-  nlohmann::json j = {
-      {"data", {{"path", std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt"}}},
-      {"model", {{"block_size", 8}, {"n_embed", 16}, {"n_head", 2}, {"n_layer", 2}}},
-      {"router", {{"num_experts", 4}, {"top_k", 2}, {"noisy", true}, {"noise_at_eval", true}}},
-      {"training", {{"batch_size", 4}, {"seed", 5}}},
-      {"logging", {{"eval_iters", 7}}}};
+namespace {
+
+// The estimate as it was computed before the split and the batching: one sampler and one noise
+// generator per call, one forward per batch, drawn in order. Then estimate_loss with every
+// batching and split must give it.
+void check_estimate(const nlohmann::json& j) {
   const Config cfg = config_from_json(j, "estimate_config");
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, cfg.model.block_size);
   Model model(cfg, int64_t(data.tokenizer().vocab().size()));
   Rng init(5, kStreamInit);
   model.init(init);
   Graph g;
-  // The estimate as it was computed before the split: one sampler and one noise generator
-  // per call, drawn in order.
-  const int64_t B = 4, T = 8;
+  const int64_t B = cfg.training.batch_size, T = cfg.model.block_size, iters = cfg.logging.eval_iters;
   std::vector<int32_t> x(size_t(B * T)), y(size_t(B * T));
   Rng noise(5, kStreamEvalNoise);
   ForwardOptions fo;
@@ -91,24 +88,50 @@ TEST_CASE("estimate_loss split between processes adds up to the whole estimate, 
   for (int split = 0; split < 2; ++split) {
     BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(5, kStreamEvalData));
     double total = 0;
-    for (int i = 0; i < 7; ++i) {
+    for (int64_t i = 0; i < iters; ++i) {
       sampler.next(x.data(), y.data());
       g.clear();
       NoGradGuard no_grad(g);
       total += model.forward(g, x.data(), y.data(), B, T, fo).loss.data[0];
     }
-    reference[split] = total / 7;
+    reference[split] = total / double(iters);
   }
-  const EvalEstimate whole = estimate_loss(model, data, cfg, g);
-  CHECK(whole.train_loss == reference[0]);
-  CHECK(whole.val_loss == reference[1]);
-  for (int parts : {2, 3}) {
-    double train = 0, val = 0;
-    for (int p = 0; p < parts; ++p) {
-      const EvalEstimate e = estimate_loss(model, data, cfg, g, p, parts);
-      train += e.train_loss, val += e.val_loss;
+  for (int64_t group : {0, 1, 2, 3, 100}) {
+    INFO("batches per forward " << group);
+    const EvalEstimate whole = estimate_loss(model, data, cfg, g, 0, 1, group);
+    CHECK(whole.train_loss == reference[0]);
+    CHECK(whole.val_loss == reference[1]);
+    for (int parts : {2, 3}) {
+      double train = 0, val = 0;
+      for (int p = 0; p < parts; ++p) {
+        const EvalEstimate e = estimate_loss(model, data, cfg, g, p, parts, group);
+        train += e.train_loss, val += e.val_loss;
+      }
+      CHECK(train == Approx(reference[0]).epsilon(1e-12));
+      CHECK(val == Approx(reference[1]).epsilon(1e-12));
     }
-    CHECK(train == Approx(reference[0]).epsilon(1e-12));
-    CHECK(val == Approx(reference[1]).epsilon(1e-12));
   }
+}
+
+}  // namespace
+
+TEST_CASE("estimate_loss split between processes and batched into fewer forwards gives the estimate as before",
+          "[parallel]") {
+  const std::string small = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt";
+  check_estimate({{"data", {{"path", small}}},
+                  {"model", {{"block_size", 8}, {"n_embed", 16}, {"n_head", 2}, {"n_layer", 2}}},
+                  {"router", {{"num_experts", 4}, {"top_k", 2}, {"noisy", true}, {"noise_at_eval", true}}},
+                  {"training", {{"batch_size", 4}, {"seed", 5}}},
+                  {"logging", {{"eval_iters", 7}}}});
+  // 16 tokens a batch over 16 experts: many get one token (a one-row product), others none.
+  // Expert hidden width 600 > gemm's k block (256); shared expert, SwiGLU, softmax gating.
+  check_estimate({{"data", {{"path", small}}},
+                  {"model",
+                   {{"block_size", 8}, {"n_embed", 16}, {"n_head", 2}, {"n_layer", 2}, {"expert_hidden", 600},
+                    {"shared_experts", 1}, {"expert_ffn", "swiglu"}}},
+                  {"router",
+                   {{"num_experts", 16}, {"top_k", 1}, {"noisy", true}, {"noise_at_eval", true},
+                    {"gating", "softmax_topk"}}},
+                  {"training", {{"batch_size", 2}, {"seed", 5}}},
+                  {"logging", {{"eval_iters", 9}}}});
 }

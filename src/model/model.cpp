@@ -448,17 +448,38 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   const auto mark_ready = [&](int first) {
     if (GradientsReady* h = opt.grads_ready) g.record([h, first] { h->from(first); });
   };
+  // Without gradients, nothing a block allocates is needed after it but its output: that goes
+  // back into x, the router losses' scalars into `kept`, and the arena back to where it was
+  // before the block. A forward then holds one block's activations, whatever the depth.
+  const bool rewind = !g.grad_enabled();
+  float* kept = rewind ? g.arena().alloc_floats(2 * L_) : nullptr;
+  size_t kept_aux = 0, kept_z = 0;
+  const auto keep = [&](std::vector<Tensor>& losses, size_t& done) {
+    for (; done < losses.size(); ++done) {
+      *kept = losses[done].data[0];
+      losses[done].data = kept++;
+    }
+  };
   for (int64_t l = 0; l < L_; ++l) {
     const BlockParams& bp = blocks_[size_t(l)];
     mark_ready(bp.ln1.weight);
-    x = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
-    x = add(g, x, moe_ffn(g, bp, apply_norm(g, bp.ln2, x), l, opt, targets ? &router_losses : nullptr));
+    const Arena::Mark before = g.arena().mark();
+    Tensor y = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
+    y = add(g, y, moe_ffn(g, bp, apply_norm(g, bp.ln2, y), l, opt, targets ? &router_losses : nullptr));
+    if (!rewind) {
+      x = y;
+      continue;
+    }
+    std::memcpy(x.data, y.data, sizeof(float) * size_t(x.numel()));
+    keep(router_losses.aux, kept_aux);
+    keep(router_losses.z, kept_z);
+    g.arena().rewind(before);
   }
   mark_ready(ln_f_.weight);
   Output out;
   out.logits = apply_linear(g, lm_head_, apply_norm(g, ln_f_, x));  // (B, T, V)
   if (!targets) return out;
-  out.loss = cross_entropy(g, out.logits, targets);
+  out.loss = cross_entropy(g, out.logits, targets, &out.token_losses);
   out.objective = out.loss;
   // Each balancing loss is averaged over the layers, then weighted by its coefficient.
   const auto add_term = [&](const std::vector<Tensor>& terms, double coef) {

@@ -25,7 +25,13 @@ Tensor softmax(Graph& g, const Tensor& x) { return softmax_impl(g, x, false, "so
 
 Tensor causal_softmax(Graph& g, const Tensor& x) { return softmax_impl(g, x, true, "causal_softmax"); }
 
-Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets) {
+float mean_loss(const float* row_losses, int64_t n) {
+  double total = 0;  // in row order: the same for any thread count
+  for (int64_t i = 0; i < n; ++i) total += row_losses[i];
+  return float(total / double(n));
+}
+
+Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets, const float** row_losses) {
   const int64_t N = logits.rows(), V = logits.cols();
   MOE_CHECK(N > 0 && V > 0, "cross_entropy", "empty logits " + logits.shape.str());
   for (int64_t n = 0; n < N; ++n)
@@ -35,9 +41,8 @@ Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets) {
   float* probs = g.arena().alloc_floats(N * V);
   float* losses = g.arena().alloc_floats(N);
   cross_entropy_forward(losses, probs, logits.data, targets, N, V);
-  double total = 0;  // in row order: the same for any thread count
-  for (int64_t n = 0; n < N; ++n) total += losses[n];
-  y.data[0] = float(total / double(N));
+  y.data[0] = mean_loss(losses, N);
+  if (row_losses) *row_losses = losses;
   if (y.requires_grad()) {
     int32_t* saved = g.arena().alloc_ints(N);
     std::memcpy(saved, targets, sizeof(int32_t) * size_t(N));

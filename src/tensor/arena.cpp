@@ -36,6 +36,11 @@ void Arena::reset() {
   current_ = 0;
 }
 
+void Arena::rewind(const Mark& m) {
+  for (size_t i = m.chunk; i < chunks_.size(); ++i) chunks_[i].used = i == m.chunk ? m.used : 0;
+  current_ = m.chunk;
+}
+
 size_t Arena::bytes_reserved() const {
   size_t n = 0;
   for (const Chunk& c : chunks_) n += c.size;

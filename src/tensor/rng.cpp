@@ -150,39 +150,57 @@ void Rng::set_shard(uint64_t index, uint64_t count) {
 
 void Rng::set_next_window(uint64_t offset, uint64_t total) { window_offset_ = offset, window_total_ = total; }
 
+void Rng::set_segments(uint64_t count, uint64_t stride) {
+  if (count == 0) throw std::invalid_argument("Rng: 0 segments");
+  segments_ = count, segment_stride_ = stride;
+}
+
+template <class FillAt>
+void Rng::fill_segments(float* out, int64_t n, FillAt fill_at) {
+  if (uint64_t(n) % segments_ != 0)
+    throw std::logic_error("Rng: a fill of " + std::to_string(n) + " numbers cannot be split into " +
+                           std::to_string(segments_) + " segments");
+  const int64_t m = n / int64_t(segments_);
+  const uint64_t first = take_fill(m);
+  for (uint64_t j = 0; j < segments_; ++j) fill_at(out + int64_t(j) * m, m, first + j * segment_stride_);
+}
+
 void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
-  RngState s = s_;
-  s.counter = take_fill(n);
-  int64_t done = 0;
+  const RngState s = s_;
+  fill_segments(out, n, [&](float* o, int64_t m, uint64_t first) {
+    int64_t done = 0;
 #if defined(__AVX2__)
-  // Eight counters at a time; the same numbers as the scalar loop below.
-  const int64_t blocks = n / 8;
-  const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f), vlo = _mm256_set1_ps(lo), vrange = _mm256_set1_ps(hi - lo);
-  const RoundKeys keys(s.seed);
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m256i w = philox8_word0(keys, s.stream, s.counter + uint64_t(b * 8));
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale);
-    _mm256_storeu_ps(out + b * 8, _mm256_add_ps(vlo, _mm256_mul_ps(vrange, u)));
-  }
-  done = blocks * 8;
+    // Eight counters at a time; the same numbers as the scalar loop below.
+    const int64_t blocks = m / 8;
+    const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f), vlo = _mm256_set1_ps(lo),
+                 vrange = _mm256_set1_ps(hi - lo);
+    const RoundKeys keys(s.seed);
+#pragma omp parallel for schedule(static) if (m > kParallelMinWork)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m256i w = philox8_word0(keys, s.stream, first + uint64_t(b * 8));
+      const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale);
+      _mm256_storeu_ps(o + b * 8, _mm256_add_ps(vlo, _mm256_mul_ps(vrange, u)));
+    }
+    done = blocks * 8;
 #endif
-  for (int64_t i = done; i < n; ++i) {
-    uint32_t w[4];
-    philox(s.seed, s.stream, s.counter + uint64_t(i), w);
-    out[i] = lo + (hi - lo) * to_unit(w[0]);
-  }
+    for (int64_t i = done; i < m; ++i) {
+      uint32_t w[4];
+      philox(s.seed, s.stream, first + uint64_t(i), w);
+      o[i] = lo + (hi - lo) * to_unit(w[0]);
+    }
+  });
 }
 
 void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
-  RngState s = s_;
-  s.counter = take_fill(n);
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t w[4];
-    philox(s.seed, s.stream, s.counter + uint64_t(i), w);
-    out[i] = mean + stddev * block_normal(w);
-  }
+  const RngState s = s_;
+  fill_segments(out, n, [&](float* o, int64_t m, uint64_t first) {
+#pragma omp parallel for schedule(static) if (m > kParallelMinWork)
+    for (int64_t i = 0; i < m; ++i) {
+      uint32_t w[4];
+      philox(s.seed, s.stream, first + uint64_t(i), w);
+      o[i] = mean + stddev * block_normal(w);
+    }
+  });
 }
 
 }  // namespace moe

@@ -1,33 +1,54 @@
 #include "moe/tensor/streams.hpp"
 #include "moe/train/evaluate.hpp"
+#include "moe/ops/ops.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace moe {
 
-EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part, int parts) {
-  const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
-  std::vector<int32_t> x(static_cast<size_t>(B * T)), y(size_t(B * T));
+int64_t eval_group(const Config& cfg) {
+  if (cfg.router.capacity_factor > 0 && cfg.router.capacity_at_eval) return 1;
+  constexpr int64_t kRows = 2048;
+  return std::max<int64_t>(1, kRows / (cfg.training.batch_size * cfg.model.block_size));
+}
+
+EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part, int parts,
+                           int64_t group) {
+  const int64_t B = cfg.training.batch_size, T = cfg.model.block_size, BT = B * T, iters = cfg.logging.eval_iters;
+  if (group <= 0) group = eval_group(cfg);
+  std::vector<int32_t> x(static_cast<size_t>(group * BT)), y(size_t(group * BT));
   EvalEstimate est;
   Rng noise_rng(cfg.training.seed, kStreamEvalNoise);  // only drawn with router.noise_at_eval
-  const auto noise_per_batch = uint64_t(model.noise_per_forward(B * T, false));
+  const auto noise_per_batch = uint64_t(model.noise_per_forward(BT, false));
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
   for (int split = 0; split < 2; ++split) {
     BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(cfg.training.seed, kStreamEvalData));
     double total = 0;
-    for (int64_t i = 0; i < cfg.logging.eval_iters; ++i) {
+    int64_t first = 0, n = 0;  // the batches in x and y: first, first + parts, ... (n of them)
+    const auto run = [&] {
+      // Batch i's noise starts at (split·iters + i)·noise_per_batch, as if it ran alone.
+      noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise,
+                           uint64_t(split * iters + first) * noise_per_batch});
+      noise_rng.set_segments(uint64_t(n), uint64_t(parts) * noise_per_batch);
+      g.clear();
+      NoGradGuard no_grad(g);
+      const Model::Output o = model.forward(g, x.data(), y.data(), n * B, T, fo);
+      for (int64_t j = 0; j < n; ++j) total += mean_loss(o.token_losses + j * BT, BT);
+      n = 0;
+    };
+    for (int64_t i = 0; i < iters; ++i) {
       if (i % parts != part) {
         sampler.skip();
         continue;
       }
-      noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise, uint64_t(split * cfg.logging.eval_iters + i) * noise_per_batch});
-      sampler.next(x.data(), y.data());
-      g.clear();
-      NoGradGuard no_grad(g);
-      total += model.forward(g, x.data(), y.data(), B, T, fo).loss.data[0];
+      if (n == 0) first = i;
+      sampler.next(x.data() + n * BT, y.data() + n * BT);
+      if (++n == group) run();
     }
-    (split == 0 ? est.train_loss : est.val_loss) = total / double(cfg.logging.eval_iters);
+    if (n > 0) run();
+    (split == 0 ? est.train_loss : est.val_loss) = total / double(iters);
   }
   g.clear();
   return est;

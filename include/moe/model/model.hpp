@@ -129,6 +129,7 @@ class Model {
   struct Output {
     Tensor logits;
     Tensor loss;       // mean cross-entropy: what is reported
+    const float* token_losses = nullptr;  // [B*T] each position's cross-entropy (graph arena)
     Tensor objective;  // loss + the router's balancing losses: what training minimises
   };
   Output forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B, int64_t T,

@@ -83,8 +83,11 @@ Tensor softmax(Graph& g, const Tensor& x);
 // over the last dimension, so masked outputs are exactly 0.
 Tensor causal_softmax(Graph& g, const Tensor& x);
 // Mean over the N rows of -log softmax(logits)[target]. logits [..., V] with N rows,
-// targets N ints in [0, V). Output shape {1}.
-Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets);
+// targets N ints in [0, V). Output shape {1}. row_losses, if given, receives the N rows'
+// losses (in the graph's arena, valid until it is cleared).
+Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets, const float** row_losses = nullptr);
+// The mean cross_entropy reports for n rows' losses: summed in double, in row order.
+float mean_loss(const float* row_losses, int64_t n);
 
 // ---- sparse MoE routing (src/ops/moe_ops.cpp) ----
 struct TopK {

@@ -25,6 +25,12 @@ class Arena {
 
   // Forget all allocations; keep the chunks for reuse.
   void reset();
+  // A point in the allocations, and forgetting every allocation made after it.
+  struct Mark {
+    size_t chunk = 0, used = 0;
+  };
+  Mark mark() const { return {current_, current_ < chunks_.size() ? chunks_[current_].used : 0}; }
+  void rewind(const Mark& m);
   size_t bytes_reserved() const;  // total size of the chunks held
   size_t bytes_used() const;      // bytes handed out since the last reset
 

@@ -43,6 +43,12 @@ class Rng {
   // The next fill only: numbers counter + offset + i of a shared fill of `total` numbers (for
   // row blocks whose size differs between processes, like the tokens routed to an expert).
   void set_next_window(uint64_t offset, uint64_t total);
+  // Batched forwards: until reset by set_segments(1, 0), every fill of n numbers is `count`
+  // fills of n / count numbers, the j-th from counter + j·stride, and the counter advances by
+  // n / count. Forwards of `count` batches made one thus draw what each would have drawn
+  // alone, when the batches' draws start `stride` numbers apart. Throws if count does not
+  // divide n.
+  void set_segments(uint64_t count, uint64_t stride);
   // Advances the counter past n numbers that another process draws.
   void skip(uint64_t n) { s_.counter += n; }
 
@@ -54,6 +60,9 @@ class Rng {
   RngState s_;
   uint64_t shard_index_ = 0, shard_count_ = 1;  // not saved: set by whoever runs the processes
   uint64_t window_offset_ = 0, window_total_ = 0;
+  uint64_t segments_ = 1, segment_stride_ = 0;
+  template <class FillAt>
+  void fill_segments(float* out, int64_t n, FillAt fill_at);
 };
 
 }  // namespace moe
