@@ -346,6 +346,19 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   omp_set_num_threads(saved);
   REQUIRE(one.last_train_loss == two.last_train_loss);
   REQUIRE(same_checkpoint_weights(dir / "one" / "last.safetensors", dir / "two" / "last.safetensors"));
+  // The logged figures too (router health, gradient norm), all but the speed.
+  const auto metrics = [&](const char* run) {
+    std::ifstream f(dir / run / "metrics.jsonl");
+    std::vector<nlohmann::json> lines;
+    for (std::string line; std::getline(f, line);) {
+      lines.push_back(nlohmann::json::parse(line));
+      lines.back().erase("tokens_per_s");
+    }
+    return lines;
+  };
+  const auto m1 = metrics("one"), m2 = metrics("two");
+  REQUIRE(m1.size() >= 2);
+  CHECK(m1 == m2);
   fs::remove_all(dir);
 }
 

@@ -218,22 +218,38 @@ namespace {
 void record_router_health(Graph& g, RoutingStats& st, int64_t layer, const float* clean, int64_t N, int64_t E,
                           const int32_t* offsets, int64_t dropped) {
   const size_t l = size_t(layer);
-  auto* P = static_cast<double*>(g.arena().alloc_bytes(sizeof(double) * size_t(2 * E)));
-  double* p = P + E;
-  std::fill(P, P + E, 0.0);
-  double entropy = 0, z = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    const float* r = clean + n * E;
-    const double mx = *std::max_element(r, r + E);
-    double sum = 0;
-    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(double(r[e]) - mx));
-    const double lse = mx + std::log(sum);
-    z += lse * lse;
-    for (int64_t e = 0; e < E; ++e) {
-      const double q = p[e] / sum;
-      P[e] += q / double(N);
-      if (q > 0) entropy -= q * std::log(q);
+  // Chunks of tokens, in parallel (an exp and a log per token and expert), each with its own
+  // sums {entropy, z, P[0..E)} and scratch p[E], added up in chunk order: the same figures for
+  // any thread count.
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (N + kChunk - 1) / kChunk, width = 2 + 2 * E;
+  auto* part = static_cast<double*>(g.arena().alloc_bytes(sizeof(double) * size_t(chunks * width + E)));
+#pragma omp parallel for schedule(static) if (N * E >= 2048)
+  for (int64_t c = 0; c < chunks; ++c) {
+    double* sums = part + c * width;  // entropy, z, P[E]
+    double *P = sums + 2, *p = P + E;
+    std::fill(sums, sums + 2 + E, 0.0);
+    for (int64_t n = c * kChunk; n < std::min(N, (c + 1) * kChunk); ++n) {
+      const float* r = clean + n * E;
+      const double mx = *std::max_element(r, r + E);
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(double(r[e]) - mx));
+      const double lse = mx + std::log(sum);
+      sums[1] += lse * lse;
+      for (int64_t e = 0; e < E; ++e) {
+        const double q = p[e] / sum;
+        P[e] += q / double(N);
+        if (q > 0) sums[0] -= q * std::log(q);
+      }
     }
+  }
+  double entropy = 0, z = 0;
+  double* P = part + chunks * width;  // Σ over tokens of each expert's probability / N
+  std::fill(P, P + E, 0.0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const double* sums = part + c * width;
+    entropy += sums[0], z += sums[1];
+    for (int64_t e = 0; e < E; ++e) P[e] += sums[2 + e];
   }
   const int64_t slots = offsets[E];
   double aux = 0;

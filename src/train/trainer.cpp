@@ -105,7 +105,7 @@ TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTrai
   fo_.grads_ready = par.overlap();
 }
 
-StepResult TrainStep::run(int64_t step) {
+StepResult TrainStep::run(int64_t step, bool grad_norm) {
   const int64_t R = par_.ranks();
   g_.clear();
   model_.params().zero_grad();
@@ -125,7 +125,8 @@ StepResult TrainStep::run(int64_t step) {
                              cfg_.logging.out_dir + " (try a lower optimizer.lr or optimizer.grad_clip)");
   g_.backward(o.objective);
   par_.reduce_gradients();
-  res.grad_norm = par_.clip_grad_norm(cfg_.optimizer.grad_clip);
+  res.grad_norm = grad_norm || cfg_.optimizer.grad_clip > 0 ? par_.clip_grad_norm(cfg_.optimizer.grad_clip)
+                                                             : std::numeric_limits<double>::quiet_NaN();
   res.lr = learning_rate(cfg_.optimizer, step, cfg_.training.max_steps);
   adamw_.step(model_.params(), res.lr, par_.update_ranges());
   model_.update_balance_bias();  // no-op unless router.bias_update_rate > 0
@@ -264,8 +265,9 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       }
     }
 
+    const bool log_now = (step + 1) % cfg.logging.log_interval == 0 || step + 1 == max_steps;
     const auto t0 = clock::now();
-    const StepResult sr = train_step.run(step);
+    const StepResult sr = train_step.run(step, log_now);
     const double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
     step_ms.push_back(ms);
     window_tokens += double(R * B * T);
@@ -273,7 +275,6 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     res.last_train_loss = sr.loss;
     state.step = step + 1;
 
-    const bool log_now = (step + 1) % cfg.logging.log_interval == 0 || step + 1 == max_steps;
     if (log_now) {
       const double tok_s = window_tokens / std::max(1e-9, window_seconds);
       // Wall clock so far (evaluations and checkpoints included) per step done in this run.

@@ -52,7 +52,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt);
 
 struct StepResult {
   double loss = 0;       // cross-entropy of the global batch (all ranks' rows)
-  double grad_norm = 0;  // global gradient norm before clipping
+  double grad_norm = 0;  // global gradient norm before clipping; NaN when not asked for
   float lr = 0;
   // Some rank had seen a stop signal (g_stop_signal) when its forward pass ended: every rank
   // gets the same answer, so all stop after this step. A later signal shows in the next step.
@@ -70,7 +70,9 @@ class TrainStep {
             Rng& dropout_rng, Rng& noise_rng, Graph& g, RoutingStats* stats);
   // Runs step `step` (0-based; it sets the learning rate). Throws, before touching the weights,
   // when the loss is not finite, naming the step and the run directory cfg.logging.out_dir.
-  StepResult run(int64_t step);
+  // The gradient norm takes a pass over every gradient: without clipping it is computed only
+  // when grad_norm is asked for (the steps that are logged). Every rank must ask alike.
+  StepResult run(int64_t step, bool grad_norm);
 
  private:
   const Config& cfg_;
