@@ -372,11 +372,17 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
   thread_local std::vector<float> bp_store;  // the caller's; the team packs into it and reads it
   const bool nested = omp_in_parallel();
   const bool parallel = !nested && M * N * K >= 32768 && (M > MR || panels > 1);
-  // Tasks: blocks of MC rows, and when those are too few to keep every thread busy, groups
-  // of column panels too. Each C element belongs to one task and sums over k in the same
-  // order, so the bits do not depend on the thread count.
-  const int64_t row_tasks = (M + MC - 1) / MC;
+  // Tasks: blocks of at most MC rows, and when those are too few to keep every thread busy,
+  // groups of column panels too. The row blocks share the tiles evenly and are as many as a
+  // multiple of the threads, so that the static schedule gives each thread the same work
+  // (96 + 32 rows for M = 128 gave one thread three times the other's). Each C element
+  // belongs to one task and sums over k in the same order, so the bits do not depend on the
+  // thread count or the split.
   const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t tiles = (M + MR - 1) / MR;
+  int64_t row_tasks = (M + MC - 1) / MC;
+  row_tasks = std::min(tiles, (row_tasks + threads - 1) / threads * threads);
+  const auto row_start = [&](int64_t rb) { return std::min(M, rb * tiles / row_tasks * MR); };
   const int64_t col_groups = std::min(panels, std::max<int64_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
   const int64_t panels_per_group = (panels + col_groups - 1) / col_groups;
   const int64_t tasks = row_tasks * col_groups;
@@ -391,7 +397,7 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tasks; ++t) {
         thread_local std::vector<float> ap_buf;
-        const int64_t i0 = (t / col_groups) * MC, mb = std::min(MC, M - i0);
+        const int64_t i0 = row_start(t / col_groups), mb = row_start(t / col_groups + 1) - i0;
         const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
         if (p0 >= p1) continue;
         // The task's own part of C takes beta before its first accumulation.
