@@ -37,7 +37,7 @@ TEST_CASE("Arena reuses its memory after reset", "[core]") {
   REQUIRE(a.bytes_reserved() == reserved);
 }
 
-TEST_CASE("Graph records only in grad mode and accumulates gradients", "[core]") {
+TEST_CASE("Graph records only in grad mode and starts its tensors' gradients from zero at each backward", "[core]") {
   Graph g;
   Tensor x = g.zeros({3}, true);
   int runs = 0;
@@ -57,9 +57,12 @@ TEST_CASE("Graph records only in grad mode and accumulates gradients", "[core]")
   REQUIRE(g.tape_size() == 1);
   float seed[3] = {1, 2, 3};
   g.backward_from(y, seed);
-  g.backward_from(y, seed);  // the second pass adds again: 2 + 2*(1+2)... accumulates
+  REQUIRE(x.grad[0] == 2 * 1);
+  x.grad[1] = 100;  // left over: the next backward zeroes it first
+  g.backward_from(y, seed);
   REQUIRE(runs == 2);
-  REQUIRE(x.grad[0] == Approx(2 * 1 + 2 * 2));
+  REQUIRE(x.grad[0] == 2 * 1);
+  REQUIRE(x.grad[1] == 2 * 2);
   {
     NoGradGuard ng(g);
     Tensor z = record_double(x);

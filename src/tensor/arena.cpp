@@ -31,6 +31,18 @@ float* Arena::alloc_zeroed_floats(int64_t n) {
   return p;
 }
 
+void Arena::zero_used() {
+  constexpr size_t kBlock = size_t(1) << 16;  // bytes a task zeroes
+  for (size_t i = 0; i <= current_ && i < chunks_.size(); ++i) {
+    std::byte* mem = chunks_[i].mem.get();
+    const size_t used = chunks_[i].used;
+    const auto blocks = int64_t((used + kBlock - 1) / kBlock);
+#pragma omp parallel for schedule(static) if (blocks > 4)
+    for (int64_t b = 0; b < blocks; ++b)
+      std::memset(mem + size_t(b) * kBlock, 0, std::min(kBlock, used - size_t(b) * kBlock));
+  }
+}
+
 void Arena::reset() {
   for (Chunk& c : chunks_) c.used = 0;
   current_ = 0;

@@ -8,7 +8,7 @@ Tensor Graph::new_tensor(const Shape& s, bool requires_grad) {
   Tensor t;
   t.shape = s;
   t.data = arena_.alloc_floats(s.numel());
-  if (requires_grad) t.grad = arena_.alloc_zeroed_floats(s.numel());
+  if (requires_grad) t.grad = grad_arena_.alloc_floats(s.numel());  // zeroed by backward
   return t;
 }
 
@@ -27,12 +27,14 @@ Tensor Graph::constant(const Shape& s, const float* src) {
 void Graph::backward(const Tensor& loss) {
   MOE_CHECK(loss.numel() == 1, "backward", "loss must be a scalar, got " + loss.shape.str());
   MOE_CHECK(loss.requires_grad(), "backward", "loss does not track a gradient (no-grad mode, or no parameter in it)");
+  grad_arena_.zero_used();
   loss.grad[0] += 1.0f;
   for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
 }
 
 void Graph::backward_from(const Tensor& out, const float* dout) {
   MOE_CHECK(out.requires_grad(), "backward_from", "output does not track a gradient");
+  grad_arena_.zero_used();
   for (int64_t i = 0; i < out.numel(); ++i) out.grad[i] += dout[i];
   for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
 }
@@ -40,6 +42,7 @@ void Graph::backward_from(const Tensor& out, const float* dout) {
 void Graph::clear() {
   tape_.clear();
   arena_.reset();
+  grad_arena_.reset();
 }
 
 }  // namespace moe

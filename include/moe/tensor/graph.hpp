@@ -34,7 +34,8 @@ class Graph {
   bool grad_enabled() const { return grad_enabled_; }
   void set_grad_enabled(bool on) { grad_enabled_ = on; }
 
-  // A fresh tensor in the arena: data uninitialised, grad zeroed when requires_grad.
+  // A fresh tensor in the arena: data uninitialised, grad (when requires_grad) zero from the
+  // start of backward on.
   Tensor new_tensor(const Shape& s, bool requires_grad);
   Tensor zeros(const Shape& s, bool requires_grad);
   // An op's output: tracks a gradient iff grad mode is on and any input tracks one.
@@ -57,10 +58,12 @@ class Graph {
     tape_.push_back(Node{[](void* p) { (*static_cast<Fn*>(p))(); }, fn});
   }
 
-  // Seeds d(loss)/d(loss) = 1 and runs the tape in reverse. loss must be a scalar tracking a
-  // gradient. The tape is kept (call clear() to start the next step).
+  // Zeroes every tensor's gradient (all at once, in parallel: they live together in their own
+  // arena), seeds d(loss)/d(loss) = 1 and runs the tape in reverse. loss must be a scalar
+  // tracking a gradient. The tape is kept (call clear() to start the next step). Parameter
+  // gradients, in the ParamStore, accumulate.
   void backward(const Tensor& loss);
-  // Adds dout (out.numel() floats) into out.grad, then runs the tape in reverse. For tests
+  // Zeroes the gradients, sets out.grad to dout (out.numel() floats), then runs the tape in reverse. For tests
   // and for composing a fused op's gradient against its reference.
   void backward_from(const Tensor& out, const float* dout);
 
@@ -75,7 +78,8 @@ class Graph {
     void (*run)(void*);
     void* closure;
   };
-  Arena arena_;
+  Arena arena_;       // tensors' data, closures, scratch
+  Arena grad_arena_;  // tensors' gradients
   std::vector<Node> tape_;
   bool grad_enabled_ = true;
 };
