@@ -438,9 +438,12 @@ void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, co
           int64_t ldb, float beta, float* C) {
   if (N <= 0) return;
   const Kernel& kern = kernel_of(kernel);
-  const bool parallel = !omp_in_parallel() && N * K >= 65536;
-  // Column chunks: dot products (B stored [N, K]) or accumulated rows of B (B stored [K, N]).
-  const int64_t cols = trans_b ? 32 : kAxpyCols;
+  const bool parallel = !omp_in_parallel() && N * K >= 32768;
+  // Column chunks: dot products (B stored [N, K]) or accumulated rows of B (B stored [K, N]),
+  // the latter as even between the threads as 16-column steps allow (qkv's 384 columns went
+  // 256 + 128).
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t cols = trans_b ? 32 : std::min(kAxpyCols, ((N + threads - 1) / threads + 15) / 16 * 16);
   const auto fn = trans_b ? kern.gemv_dot : kern.gemv_axpy;
   const int64_t chunks = (N + cols - 1) / cols;
 #pragma omp parallel for schedule(static) if (parallel)
