@@ -349,3 +349,105 @@ TEST_CASE("linear_act equals linear then the activation, bit for bit, and its gr
                         });
     }
 }
+
+TEST_CASE("grouped_linear gives each group's rows the bits linear_act or linear gives them, gradients too",
+          "[ops][grouped]") {
+  // Four experts over 37 rows, one of them with none and one with a single row; odd sizes.
+  const int32_t offsets[5] = {0, 9, 9, 29, 37};
+  const int64_t G = 4, S = 37, I = 19, O = 23;
+  const Activation silu_act = Activation::kSilu;
+  for (const Activation* act : {&silu_act, static_cast<const Activation*>(nullptr)})
+    for (bool bias : {true, false}) {
+      INFO((act ? "silu" : "no activation") << (bias ? ", bias" : ", no bias"));
+      const auto x = random_vector(S * I, 1), dy = random_vector(S * O, 4);
+      std::vector<float> out[2], grad_x[2], grad_w[2], grad_b[2];
+      for (int grouped = 0; grouped < 2; ++grouped) {
+        Graph g;
+        Tensor tx = g.new_tensor({S, I}, true);
+        std::copy(x.begin(), x.end(), tx.data);
+        std::vector<Tensor> w(G), b(G);
+        for (int64_t e = 0; e < G; ++e) {
+          w[size_t(e)] = g.new_tensor({O, I}, true);
+          const auto we = random_vector(O * I, uint64_t(10 + e));
+          std::copy(we.begin(), we.end(), w[size_t(e)].data);
+          if (bias) {
+            b[size_t(e)] = g.new_tensor({O}, true);
+            const auto be = random_vector(O, uint64_t(20 + e));
+            std::copy(be.begin(), be.end(), b[size_t(e)].data);
+          }
+        }
+        Tensor y;
+        if (grouped) {
+          y = grouped_linear(g, tx, offsets, G, w.data(), b.data(), act);
+        } else {  // each group alone, its rows gathered, the outputs put back in row order
+          y = g.zeros({S, O}, true);
+          for (int64_t e = 0; e < G; ++e) {
+            const int64_t n = offsets[e + 1] - offsets[e];
+            if (n == 0) continue;
+            std::vector<int32_t> rows(static_cast<size_t>(n));
+            for (int64_t i = 0; i < n; ++i) rows[size_t(i)] = int32_t(offsets[e] + i);
+            int32_t* kept = g.arena().alloc_ints(n);
+            std::copy(rows.begin(), rows.end(), kept);
+            Tensor xe = gather_rows(g, tx, kept, n);
+            Tensor ye = act ? linear_act(g, xe, w[size_t(e)], b[size_t(e)], *act) : linear(g, xe, w[size_t(e)], b[size_t(e)]);
+            Tensor ones = g.new_tensor({n}, false);
+            std::fill(ones.data, ones.data + n, 1.f);
+            int32_t* pos = g.arena().alloc_ints(n);
+            for (int64_t i = 0; i < n; ++i) pos[i] = int32_t(i);
+            index_add_weighted(g, y, ye, kept, ones, pos, n);
+          }
+        }
+        out[grouped].assign(y.data, y.data + y.numel());
+        g.backward_from(y, dy.data());
+        grad_x[grouped].assign(tx.grad, tx.grad + tx.numel());
+        grad_w[grouped].clear();
+        grad_b[grouped].clear();
+        for (int64_t e = 0; e < G; ++e) {
+          grad_w[grouped].insert(grad_w[grouped].end(), w[size_t(e)].grad, w[size_t(e)].grad + O * I);
+          if (bias) grad_b[grouped].insert(grad_b[grouped].end(), b[size_t(e)].grad, b[size_t(e)].grad + O);
+        }
+      }
+      CHECK(out[0] == out[1]);
+      CHECK(grad_x[0] == grad_x[1]);
+      CHECK(grad_w[0] == grad_w[1]);
+      CHECK(grad_b[0] == grad_b[1]);
+    }
+}
+
+TEST_CASE("gather_row_groups is the groups' gather_rows, its backward adding the last group first", "[ops][grouped]") {
+  // Three groups that share rows (a token routed to several experts), gradients already in x.
+  const int32_t rows[9] = {0, 2, 5, 1, 2, 3, 0, 5, 6};
+  const int32_t offsets[4] = {0, 3, 6, 9};
+  const int64_t N = 7, C = 21;
+  const auto x = random_vector(N * C, 1), dy = random_vector(9 * C, 2), dz = random_vector(N * C, 3);
+  std::vector<float> out[2], grad_x[2];
+  for (int grouped = 0; grouped < 2; ++grouped) {
+    Graph g;
+    Tensor tx = g.new_tensor({N, C}, true);
+    std::copy(x.begin(), x.end(), tx.data);
+    // z = 3x, recorded last, puts a gradient in x before the gathers' backward adds to it.
+    Tensor y = g.zeros({9, C}, true);
+    Tensor parts[3];
+    if (grouped) {
+      y = gather_row_groups(g, tx, rows, offsets, 3);
+    } else {
+      for (int e = 0; e < 3; ++e) parts[e] = gather_rows(g, tx, rows + offsets[e], offsets[e + 1] - offsets[e]);
+      // Stitch the parts into y by a recorded copy, so that dy reaches them.
+      g.record([=] {
+        for (int e = 0; e < 3; ++e)
+          for (int64_t i = 0; i < (offsets[e + 1] - offsets[e]) * C; ++i) parts[e].grad[i] += y.grad[offsets[e] * C + i];
+      });
+      for (int e = 0; e < 3; ++e) std::copy(parts[e].data, parts[e].data + parts[e].numel(), y.data + offsets[e] * C);
+    }
+    Tensor z = scale(g, tx, 3.f);
+    const float* dzp = dz.data();
+    g.record([=] {
+      for (int64_t i = 0; i < N * C; ++i) z.grad[i] += dzp[i];
+    });
+    out[grouped].assign(y.data, y.data + y.numel());
+    g.backward_from(y, dy.data());
+    grad_x[grouped].assign(tx.grad, tx.grad + tx.numel());
+  }
+  CHECK(out[0] == out[1]);
+  CHECK(grad_x[0] == grad_x[1]);
+}

@@ -347,6 +347,32 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
   if (dist && expert_parallel_) {
     Tensor ys = remote_experts(g, bp, xf, offsets, token, counts, opt);  // (slots kept, C)
     index_add_weighted(g, acc, ys, token, top.weights, gate_pos, offsets[E_]);
+  } else if (!dist) {
+    // Every expert at once: grouped ops run the experts on separate threads, each product on
+    // one, in place of some hundred small parallel products a layer. The same numbers as the
+    // loop below: one dropout draw over the slots in expert order is the experts' draws one
+    // after the other, and the gather and the weighted sum add in the loop's order.
+    const int64_t S = offsets[E_];
+    if (S > 0) {
+      expert_tensors_.resize(size_t(6 * E_));
+      Tensor* t = expert_tensors_.data();  // w1, b1, w2, b2, w3, b3: E each
+      for (int64_t e = 0; e < E_; ++e) {
+        const ExpertParams& ep = bp.experts[size_t(e)];
+        const LinearParams* lps[3] = {&ep.fc1, &ep.fc2, &ep.fc3};
+        for (int j = 0; j < 3; ++j) {
+          t[(2 * j) * E_ + e] = lps[j]->weight >= 0 ? params_.get(lps[j]->weight) : Tensor{};
+          t[(2 * j + 1) * E_ + e] = lps[j]->bias >= 0 ? params_.get(lps[j]->bias) : Tensor{};
+        }
+      }
+      const Activation act = expert_activation();
+      Tensor xs = gather_row_groups(g, xf, token, offsets, E_);  // (S, C) in expert order
+      Tensor h = grouped_linear(g, xs, offsets, E_, t, t + E_, &act);
+      if (cfg_.model.expert_ffn == "swiglu") h = mul(g, h, grouped_linear(g, xs, offsets, E_, t + 4 * E_, t + 5 * E_));
+      const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
+      Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
+      Tensor ys = dropout(g, grouped_linear(g, h, offsets, E_, t + 2 * E_, t + 3 * E_), p, opt.training, drop);
+      index_add_weighted(g, acc, ys, token, top.weights, gate_pos, S);
+    }
   } else {
     const bool drawn = opt.training && cfg_.model.dropout > 0 && opt.dropout_rng;
     for (int64_t e = 0; e < E_; ++e) {

@@ -1,6 +1,7 @@
 // Dense algebra ops: linear, bmm, add, add_bias, mul, scale, embedding, layernorm.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "moe/kernels/activations.hpp"
@@ -77,6 +78,71 @@ Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, A
         for (int64_t i = 0; i < n; ++i) d[i] *= df(at[i]);
       });
       linear_backward(x, w, b, d);
+    });
+  }
+  return y;
+}
+
+Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
+                      const Activation* act) {
+  MOE_CHECK(G >= 1 && x.ndim() == 2 && offsets[0] == 0 && offsets[G] == x.rows(), "grouped_linear",
+            "offsets must split the " + std::to_string(x.rows()) + " rows of " + x.shape.str() + " into groups");
+  for (int64_t e = 0; e < G; ++e) {
+    MOE_CHECK(offsets[e + 1] >= offsets[e], "grouped_linear", "offsets must not decrease");
+    linear_shape("grouped_linear", x, w[e], b[e]);
+    MOE_CHECK(w[e].shape == w[0].shape, "grouped_linear", "the experts' weights differ in shape");
+  }
+  const int64_t S = x.rows(), O = w[0].size(0), I = w[0].size(1);
+  Tensor y = b[0].data ? g.output({S, O}, x, w[0], b[0]) : g.output({S, O}, x, w[0]);
+  const bool keep_pre = y.requires_grad() && act && *act != Activation::kRelu;  // as linear_act
+  float* pre = keep_pre ? g.arena().alloc_floats(S * O) : y.data;
+  // Copies for the backward, and the groups largest first (dynamic schedule: balanced threads).
+  auto* off = g.arena().alloc_ints(G + 1);
+  std::copy(offsets, offsets + G + 1, off);
+  auto* ws = static_cast<Tensor*>(g.arena().alloc_bytes(sizeof(Tensor) * size_t(2 * G)));
+  Tensor* bs = ws + G;
+  std::copy(w, w + G, ws);
+  std::copy(b, b + G, bs);
+  auto* order = g.arena().alloc_ints(G);
+  for (int64_t e = 0; e < G; ++e) {  // insertion sort, stable: std::stable_sort allocates
+    int64_t j = e;
+    for (; j > 0 && off[order[j - 1] + 1] - off[order[j - 1]] < off[e + 1] - off[e]; --j) order[j] = order[j - 1];
+    order[j] = int32_t(e);
+  }
+  // Rows [off[e], off[e+1]) of t, as a tensor of its own.
+  const auto rows_of = [off](const Tensor& t, int64_t e, int64_t width) {
+    Tensor r;
+    r.shape = Shape({off[e + 1] - off[e], width});
+    r.data = t.data + off[e] * width;
+    r.grad = t.grad ? t.grad + off[e] * width : nullptr;
+    return r;
+  };
+  const Activation kind = act ? *act : Activation::kRelu;
+  const bool has_act = act != nullptr;
+#pragma omp parallel for schedule(dynamic, 1) if (G > 1)
+  for (int64_t i = 0; i < G; ++i) {
+    const int64_t e = order[i], n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O);
+    if (has_act)
+      act::dispatch(kind, [&](auto f, auto) {
+        for (int64_t j = off[e] * O; j < off[e + 1] * O; ++j) y.data[j] = f(pre[j]);
+      });
+  }
+  if (y.requires_grad()) {
+    const float* at = keep_pre ? pre : y.data;
+    g.record([=] {
+#pragma omp parallel for schedule(dynamic, 1) if (G > 1)
+      for (int64_t i = 0; i < G; ++i) {
+        const int64_t e = order[i], n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        float* d = y.grad + off[e] * O;  // d pre = dy · f'(pre), in place as in linear_act
+        if (has_act)
+          act::dispatch(kind, [&](auto, auto df) {
+            for (int64_t j = 0; j < n * O; ++j) d[j] *= df(at[off[e] * O + j]);
+          });
+        linear_backward(rows_of(x, e, I), ws[e], bs[e], d);
+      }
     });
   }
   return y;

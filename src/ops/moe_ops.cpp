@@ -117,6 +117,38 @@ Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
   return y;
 }
 
+Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G) {
+  MOE_CHECK(x.ndim() == 2 && G >= 1 && offsets[0] == 0, "gather_row_groups",
+            "input must be [N, C] and offsets start at 0, got " + x.shape.str());
+  const int64_t N = x.size(0), C = x.size(1), n = offsets[G];
+  for (int64_t i = 0; i < n; ++i)
+    MOE_CHECK(rows[i] >= 0 && rows[i] < N, "gather_row_groups", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
+  Tensor y = g.output({n, C}, x);
+#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
+  for (int64_t i = 0; i < n; ++i) std::memcpy(y.data + i * C, x.data + int64_t(rows[i]) * C, sizeof(float) * size_t(C));
+  if (y.requires_grad()) {
+    auto* off = g.arena().alloc_ints(G + 1);
+    std::copy(offsets, offsets + G + 1, off);
+    g.record([=] {
+      // The last group first, as separate gathers' backward passes run; each thread adds into
+      // its own columns, so every element is summed in that order for any thread count.
+      constexpr int64_t kCols = 16;
+      const int64_t chunks = (C + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t c0 = ch * kCols, c1 = std::min(C, c0 + kCols);
+        for (int64_t e = G; e-- > 0;)
+          for (int64_t i = off[e]; i < off[e + 1]; ++i) {
+            float* d = x.grad + int64_t(rows[i]) * C;
+            const float* src = y.grad + i * C;
+            for (int64_t c = c0; c < c1; ++c) d[c] += src[c];
+          }
+      }
+    });
+  }
+  return y;
+}
+
 void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* rows, const Tensor& gates,
                         const int32_t* gate_pos, int64_t n) {
   MOE_CHECK(acc.ndim() == 2 && h.ndim() == 2 && h.size(0) == n && h.size(1) == acc.size(1), "index_add_weighted",

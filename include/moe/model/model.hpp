@@ -223,6 +223,7 @@ class Model {
   int rank_ = 0, ranks_ = 1;
   bool expert_parallel_ = false;
   Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn
+  std::vector<Tensor> expert_tensors_;  // [6E]: one layer's expert weights and biases for grouped_linear
 };
 
 }  // namespace moe

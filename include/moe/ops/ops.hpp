@@ -26,6 +26,13 @@ Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b);
 // The same values as linear followed by relu/gelu/silu, with one tensor and two passes
 // fewer.
 Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind);
+// The linears of G experts in one op: rows offsets[e]..offsets[e+1] of x [S, in] go through
+// w[e] [out, in] and b[e] (b[e].data null: no bias), then `act` when given (as linear_act),
+// into the same rows of y [S, out]. The experts run on separate threads, largest first, each
+// product on one thread: every row gets the bits linear or linear_act gives it. offsets, w
+// and b are copied.
+Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
+                      const Activation* act = nullptr);
 // Batched matmul over the leading dimensions (all but the last two, equal for a and b):
 // y = op(a)·op(b) with op = transpose when the flag is set. a [..., M, K] (or [..., K, M]
 // when trans_a), b [..., K, N] (or [..., N, K] when trans_b); y [..., M, N].
@@ -117,6 +124,10 @@ Tensor router_z_loss(Graph& g, const Tensor& logits);
 // y[i] = x[rows[i]] for i < n: x [N, C] -> y [n, C]. rows arena- or caller-owned, must
 // outlive backward.
 Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n);
+// gather_rows over G groups of distinct rows, group e at rows[offsets[e]..offsets[e+1]):
+// what G separate gather_rows give, the backward included (it adds the groups' gradients in
+// reverse group order, as the separate ops' backward passes would). offsets is copied.
+Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G);
 // In place: acc[rows[i]] += gates_flat[gate_pos[i]] · h[i] for i < n, where h [n, C],
 // acc [N, C] and gates any tensor read as flat. Gradients flow into h and gates; acc's
 // gradient passes through unchanged (it is an accumulator made by g.zeros()). Rows may
