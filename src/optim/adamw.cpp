@@ -16,30 +16,37 @@ AdamW::AdamW(const OptimizerConfig& cfg, const ParamStore& params)
   }
 }
 
-void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* only) {
+namespace {
+
+template <bool ZeroGrads>
+void update(float* p, float* g, float* m, float* v, const uint8_t* decay, int64_t begin, int64_t end, float lr, float wd,
+            float b1, float b2, float eps, float bc2_sqrt, float step_size) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = begin; i < end; ++i) {
+    p[i] *= 1.f - float(decay[i]) * (lr * wd);  // no branch, so it vectorises; × 1 where no decay
+    m[i] = b1 * m[i] + (1.f - b1) * g[i];
+    v[i] = b2 * v[i] + (1.f - b2) * g[i] * g[i];
+    const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
+    p[i] += -step_size * (m[i] / denom);  // torch's addcdiv_ order
+    if (ZeroGrads) g[i] = 0.f;
+  }
+}
+
+}  // namespace
+
+void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* only, bool zero_grads) {
   ++t_;
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
   const float wd = float(cfg_.weight_decay);
   const float bc1 = 1.f - float(std::pow(double(b1), double(t_)));
   const float bc2_sqrt = float(std::sqrt(1.0 - std::pow(double(b2), double(t_))));
   const float step_size = lr / bc1;
-  float* p = params.data();
-  const float* g = params.grad();
-  float* m = m_.data();
-  float* v = v_.data();
-  const uint8_t* decay = decay_.data();
   const FloatRange all{0, params.numel()};
   const FloatRange* ranges = only ? only->data() : &all;
   for (size_t k = 0, n_ranges = only ? only->size() : 1; k < n_ranges; ++k) {
     const FloatRange& r = ranges[k];
-#pragma omp parallel for schedule(static)
-    for (int64_t i = r.begin; i < r.end; ++i) {
-      p[i] *= 1.f - float(decay[i]) * (lr * wd);  // no branch, so it vectorises; × 1 where no decay
-      m[i] = b1 * m[i] + (1.f - b1) * g[i];
-      v[i] = b2 * v[i] + (1.f - b2) * g[i] * g[i];
-      const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
-      p[i] += -step_size * (m[i] / denom);  // torch's addcdiv_ order
-    }
+    (zero_grads ? update<true> : update<false>)(params.data(), params.grad(), m_.data(), v_.data(), decay_.data(),
+                                                r.begin, r.end, lr, wd, b1, b2, eps, bc2_sqrt, step_size);
   }
 }
 

@@ -108,7 +108,8 @@ TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTrai
 StepResult TrainStep::run(int64_t step, bool grad_norm) {
   const int64_t R = par_.ranks();
   g_.clear();
-  model_.params().zero_grad();
+  if (!grads_zero_) model_.params().zero_grad();
+  grads_zero_ = false;
   sampler_.next(x_.data(), y_.data());
   Model::Output o = model_.forward(g_, x_.data(), y_.data(), cfg_.training.batch_size, cfg_.model.block_size, fo_);
   // The global batch's loss, so that every rank takes the same decisions, and whether any rank
@@ -128,7 +129,8 @@ StepResult TrainStep::run(int64_t step, bool grad_norm) {
   res.grad_norm = grad_norm || cfg_.optimizer.grad_clip > 0 ? par_.clip_grad_norm(cfg_.optimizer.grad_clip)
                                                              : std::numeric_limits<double>::quiet_NaN();
   res.lr = learning_rate(cfg_.optimizer, step, cfg_.training.max_steps);
-  adamw_.step(model_.params(), res.lr, par_.update_ranges());
+  adamw_.step(model_.params(), res.lr, par_.update_ranges(), true);
+  grads_zero_ = par_.update_ranges() == nullptr;  // expert parallelism leaves other experts' ranges
   model_.update_balance_bias();  // no-op unless router.bias_update_rate > 0
   return res;
 }

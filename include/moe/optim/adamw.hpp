@@ -22,7 +22,9 @@ class AdamW {
   AdamW(const OptimizerConfig& cfg, const ParamStore& params);
   // One update with learning rate lr; increments the step count. With `only`, just those
   // ranges change (expert parallelism: the experts another process owns are left alone).
-  void step(ParamStore& params, float lr, const std::vector<FloatRange>* only = nullptr);
+  // zero_grads: each gradient it reads is set to 0 in the same pass, which saves the next
+  // step a pass over all of them (ParamStore::zero_grad) when no range was left out.
+  void step(ParamStore& params, float lr, const std::vector<FloatRange>* only = nullptr, bool zero_grads = false);
   int64_t steps() const { return t_; }
   // Moments, same layout as the parameter block (for checkpoints).
   std::vector<float>& m() { return m_; }

@@ -83,6 +83,7 @@ class TrainStep {
   Graph& g_;
   ForwardOptions fo_;
   std::vector<int32_t> x_, y_;  // (B, T) inputs and targets
+  bool grads_zero_ = false;     // the last step's AdamW left every gradient at 0
 };
 
 // The element at index size/2 of the sorted values (0 when empty): for step timings.
