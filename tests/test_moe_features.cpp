@@ -66,13 +66,20 @@ TEST_CASE("gradient checks: router losses and gating ops", "[moe][gradcheck]") {
   }
 }
 
-TEST_CASE("the aux and z losses enter the objective as coefficient x layer mean", "[moe]") {
+// small_config with n_layer layers, the aux loss (0.5) and the z-loss (0.25), initialised.
+static Model balanced_model(int64_t n_layer) {
   Config cfg = small_config();
+  cfg.model.n_layer = n_layer;
   cfg.router.aux_loss_coef = 0.5;
   cfg.router.z_loss_coef = 0.25;
   Model m(cfg, 11);
   Rng init(1, 1);
   m.init(init);
+  return m;
+}
+
+TEST_CASE("the aux and z losses enter the objective as coefficient x layer mean", "[moe]") {
+  Model m = balanced_model(2);
   const auto x = batch(2 * 8, 11, 1), y = batch(2 * 8, 11, 2);
   Graph g;
   RoutingStats st;
@@ -88,13 +95,7 @@ TEST_CASE("the aux and z losses enter the objective as coefficient x layer mean"
 }
 
 TEST_CASE("a forward without gradients gives the same loss, objective and logits in one block's memory", "[moe]") {
-  Config cfg = small_config();
-  cfg.model.n_layer = 6;
-  cfg.router.aux_loss_coef = 0.5;
-  cfg.router.z_loss_coef = 0.25;
-  Model m(cfg, 11);
-  Rng init(1, 1);
-  m.init(init);
+  Model m = balanced_model(6);
   const auto x = batch(4 * 8, 11, 1), y = batch(4 * 8, 11, 2);
   Graph with_grad, no_grad;
   const Model::Output a = m.forward(with_grad, x.data(), y.data(), 4, 8, ForwardOptions{});

@@ -94,35 +94,12 @@ Tensor logsumexp(Graph& g, const Tensor& x) {
   return y;
 }
 
-Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
-  MOE_CHECK(x.ndim() == 2, "gather_rows", "input must be [N, C], got " + x.shape.str());
-  const int64_t N = x.size(0), C = x.size(1);
-  for (int64_t i = 0; i < n; ++i)
-    MOE_CHECK(rows[i] >= 0 && rows[i] < N, "gather_rows", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
-  Tensor y = g.output({n, C}, x);
-#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) std::memcpy(y.data + i * C, x.data + int64_t(rows[i]) * C, sizeof(float) * size_t(C));
-  if (y.requires_grad()) {
-    // Rows that repeat are summed serially, in index order; distinct rows in parallel.
-    const bool distinct = strictly_increasing(rows, n);
-    g.record([=] {
-#pragma omp parallel for schedule(static) if (distinct && n * C > kParallelMinWork)
-      for (int64_t i = 0; i < n; ++i) {
-        float* d = x.grad + int64_t(rows[i]) * C;
-        const float* s = y.grad + i * C;
-        for (int64_t c = 0; c < C; ++c) d[c] += s[c];
-      }
-    });
-  }
-  return y;
-}
-
 Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G) {
-  MOE_CHECK(x.ndim() == 2 && G >= 1 && offsets[0] == 0, "gather_row_groups",
+  MOE_CHECK(x.ndim() == 2 && G >= 1 && offsets[0] == 0, "gather_rows",
             "input must be [N, C] and offsets start at 0, got " + x.shape.str());
   const int64_t N = x.size(0), C = x.size(1), n = offsets[G];
   for (int64_t i = 0; i < n; ++i)
-    MOE_CHECK(rows[i] >= 0 && rows[i] < N, "gather_row_groups", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
+    MOE_CHECK(rows[i] >= 0 && rows[i] < N, "gather_rows", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
   Tensor y = g.output({n, C}, x);
 #pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) std::memcpy(y.data + i * C, x.data + int64_t(rows[i]) * C, sizeof(float) * size_t(C));
@@ -147,6 +124,11 @@ Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const i
     });
   }
   return y;
+}
+
+Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
+  const int32_t one_group[2] = {0, int32_t(n)};
+  return gather_row_groups(g, x, rows, one_group, 1);
 }
 
 void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* rows, const Tensor& gates,

@@ -124,9 +124,10 @@ Tensor router_z_loss(Graph& g, const Tensor& logits);
 // y[i] = x[rows[i]] for i < n: x [N, C] -> y [n, C]. rows arena- or caller-owned, must
 // outlive backward.
 Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n);
-// gather_rows over G groups of distinct rows, group e at rows[offsets[e]..offsets[e+1]):
-// what G separate gather_rows give, the backward included (it adds the groups' gradients in
-// reverse group order, as the separate ops' backward passes would). offsets is copied.
+// gather_rows over G groups, group e at rows[offsets[e]..offsets[e+1]): what G separate
+// gather_rows give, the backward included (it adds the groups' gradients in reverse group
+// order, as the separate ops' backward passes would; rows in a group in index order). The
+// backward splits the columns between the threads. offsets is copied.
 Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G);
 // In place: acc[rows[i]] += gates_flat[gate_pos[i]] · h[i] for i < n, where h [n, C],
 // acc [N, C] and gates any tensor read as flat. Gradients flow into h and gates; acc's
