@@ -118,13 +118,19 @@ int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, cons
 
 void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const float* gates,
                           const int32_t* gate_pos, int64_t n, int64_t C) {
-  const bool distinct = strictly_increasing(rows, n);
-#pragma omp parallel for schedule(static) if (distinct && n * C > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) {
-    const float w = gates[gate_pos[i]];
-    float* d = acc + int64_t(rows[i]) * C;
-    const float* s = h + i * C;
-    for (int64_t c = 0; c < C; ++c) d[c] += w * s[c];
+  // Each thread adds into its own columns, every row in index order: rows that repeat (a token
+  // routed to several experts) are summed in the same order for any thread count.
+  constexpr int64_t kCols = 16;
+  const int64_t chunks = (C + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t c0 = ch * kCols, c1 = std::min(C, c0 + kCols);
+    for (int64_t i = 0; i < n; ++i) {
+      const float w = gates[gate_pos[i]];
+      float* d = acc + int64_t(rows[i]) * C;
+      const float* s = h + i * C;
+      for (int64_t c = c0; c < c1; ++c) d[c] += w * s[c];
+    }
   }
 }
 
