@@ -293,7 +293,8 @@ def bench(args):
 def train_run(args):
     cfg, train, val, model, opt = setup(args)
     B, T = cfg["training"]["batch_size"], cfg["model"]["block_size"]
-    steps, every, iters = cfg["training"]["max_steps"], cfg["logging"]["eval_interval"], cfg["logging"]["eval_iters"]
+    steps = args.steps if args.steps is not None else cfg["training"]["max_steps"]
+    every, iters = cfg["logging"]["eval_interval"], cfg["logging"]["eval_iters"]
     noise_at_eval = cfg["router"]["noise_at_eval"]
     print(f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
     start, times = time.perf_counter(), []
@@ -327,7 +328,8 @@ def main():
         p = sub.add_parser(name)
         p.add_argument("--config", default=None)
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--steps", type=int, default=20 if name == "bench" else None,
+                       help="timed steps" if name == "bench" else "training steps (default: the config's max_steps)")
     args = ap.parse_args()
     {"fixtures": fixtures, "bench": bench, "train": train_run}[args.mode](args)
 
