@@ -47,42 +47,6 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const fl
 
 }  // namespace
 
-Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
-  const Shape os = linear_shape("linear", x, w, b);
-  Tensor y = b.data ? g.output(os, x, w, b) : g.output(os, x, w);
-  linear_forward(x, w, b, y.data);
-  if (y.requires_grad()) g.record([=] { linear_backward(x, w, b, y.grad); });
-  return y;
-}
-
-Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind) {
-  const Shape os = linear_shape("linear_act", x, w, b);
-  Tensor y = b.data ? g.output(os, x, w, b) : g.output(os, x, w);
-  const int64_t n = y.numel();
-  // The pre-activation, kept for the backward pass unless the derivative can be read off the
-  // output (relu: y > 0 exactly where pre > 0) or there is no backward pass.
-  const bool keep_pre = y.requires_grad() && kind != Activation::kRelu;
-  float* pre = keep_pre ? g.arena().alloc_floats(n) : y.data;
-  linear_forward(x, w, b, pre);
-  act::dispatch(kind, [&](auto f, auto) {
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-    for (int64_t i = 0; i < n; ++i) y.data[i] = f(pre[i]);
-  });
-  if (y.requires_grad()) {
-    const float* at = keep_pre ? pre : y.data;
-    g.record([=] {
-      // d pre = dy · f'(pre), in y.grad itself: nothing reads y's gradient after this op.
-      float* d = y.grad;
-      act::dispatch(kind, [&](auto, auto df) {
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-        for (int64_t i = 0; i < n; ++i) d[i] *= df(at[i]);
-      });
-      linear_backward(x, w, b, d);
-    });
-  }
-  return y;
-}
-
 Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
                       const Activation* act) {
   MOE_CHECK(G >= 1 && x.ndim() == 2 && offsets[0] == 0 && offsets[G] == x.rows(), "grouped_linear",
@@ -94,7 +58,9 @@ Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t
   }
   const int64_t S = x.rows(), O = w[0].size(0), I = w[0].size(1);
   Tensor y = b[0].data ? g.output({S, O}, x, w[0], b[0]) : g.output({S, O}, x, w[0]);
-  const bool keep_pre = y.requires_grad() && act && *act != Activation::kRelu;  // as linear_act
+  // The pre-activation, kept for the backward pass unless the derivative can be read off the
+  // output (relu: y > 0 exactly where pre > 0), or there is no activation or backward pass.
+  const bool keep_pre = y.requires_grad() && act && *act != Activation::kRelu;
   float* pre = keep_pre ? g.arena().alloc_floats(S * O) : y.data;
   // Copies for the backward, and the groups largest first (dynamic schedule: balanced threads).
   auto* off = g.arena().alloc_ints(G + 1);
@@ -117,35 +83,68 @@ Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t
     r.grad = t.grad ? t.grad + off[e] * width : nullptr;
     return r;
   };
+  // Every group, on separate threads when there are several; one group (linear, linear_act)
+  // keeps the team for its product and activation.
+  const auto for_groups = [order, G](auto&& body) {
+    if (G == 1) {
+      body(int64_t(0));
+      return;
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < G; ++i) body(int64_t(order[i]));
+  };
   const Activation kind = act ? *act : Activation::kRelu;
   const bool has_act = act != nullptr;
-#pragma omp parallel for schedule(dynamic, 1) if (G > 1)
-  for (int64_t i = 0; i < G; ++i) {
-    const int64_t e = order[i], n = off[e + 1] - off[e];
-    if (n == 0) continue;
+  for_groups([&](int64_t e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) return;
     linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O);
     if (has_act)
       act::dispatch(kind, [&](auto f, auto) {
-        for (int64_t j = off[e] * O; j < off[e + 1] * O; ++j) y.data[j] = f(pre[j]);
+        const int64_t begin = off[e] * O, end = off[e + 1] * O;
+#pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
+        for (int64_t j = begin; j < end; ++j) y.data[j] = f(pre[j]);
       });
-  }
+  });
   if (y.requires_grad()) {
     const float* at = keep_pre ? pre : y.data;
     g.record([=] {
-#pragma omp parallel for schedule(dynamic, 1) if (G > 1)
-      for (int64_t i = 0; i < G; ++i) {
-        const int64_t e = order[i], n = off[e + 1] - off[e];
-        if (n == 0) continue;
-        float* d = y.grad + off[e] * O;  // d pre = dy · f'(pre), in place as in linear_act
+      for_groups([&](int64_t e) {
+        const int64_t n = off[e + 1] - off[e];
+        if (n == 0) return;
+        // d pre = dy · f'(pre), in y.grad itself: nothing reads y's gradient after this op.
+        float* d = y.grad + off[e] * O;
+        const float* a = at + off[e] * O;
         if (has_act)
           act::dispatch(kind, [&](auto, auto df) {
-            for (int64_t j = 0; j < n * O; ++j) d[j] *= df(at[off[e] * O + j]);
+#pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
+            for (int64_t j = 0; j < n * O; ++j) d[j] *= df(a[j]);
           });
         linear_backward(rows_of(x, e, I), ws[e], bs[e], d);
-      }
+      });
     });
   }
   return y;
+}
+
+namespace {
+
+// linear and linear_act: grouped_linear with one group, on x seen as [rows, in].
+Tensor one_group_linear(Graph& g, const char* op, const Tensor& x, const Tensor& w, const Tensor& b,
+                        const Activation* act) {
+  const Shape os = linear_shape(op, x, w, b);
+  const int32_t rows[2] = {0, int32_t(x.rows())};
+  return grouped_linear(g, x.view({x.rows(), x.cols()}), rows, 1, &w, &b, act).view(os);
+}
+
+}  // namespace
+
+Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
+  return one_group_linear(g, "linear", x, w, b, nullptr);
+}
+
+Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind) {
+  return one_group_linear(g, "linear_act", x, w, b, &kind);
 }
 
 Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {

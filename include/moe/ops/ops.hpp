@@ -19,7 +19,7 @@ namespace moe {
 // ---- dense algebra (src/ops/dense_ops.cpp) ----
 
 // y = x·Wᵀ + b. x [..., in], w [out, in] (as torch.nn.Linear), b [out] or b.data == nullptr
-// for no bias. y [..., out].
+// for no bias. y [..., out]. linear and linear_act are grouped_linear with one group.
 Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b);
 // act(x·Wᵀ + b) in one op: the GEMM, then bias and activation in one pass over the output;
 // the backward turns dy into d(pre-activation) in place and runs linear's three products.
@@ -28,9 +28,9 @@ Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b);
 Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind);
 // The linears of G experts in one op: rows offsets[e]..offsets[e+1] of x [S, in] go through
 // w[e] [out, in] and b[e] (b[e].data null: no bias), then `act` when given (as linear_act),
-// into the same rows of y [S, out]. The experts run on separate threads, largest first, each
-// product on one thread: every row gets the bits linear or linear_act gives it. offsets, w
-// and b are copied.
+// into the same rows of y [S, out]. Several experts run on separate threads, largest first,
+// each product on one thread: gemm gives a row the same bits whatever the thread count, so
+// every row gets the bits it gets alone. offsets, w and b are copied.
 Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
                       const Activation* act = nullptr);
 // Batched matmul over the leading dimensions (all but the last two, equal for a and b):
