@@ -25,12 +25,6 @@ void* Arena::alloc_bytes(size_t bytes, size_t align) {
   return alloc_bytes(bytes, align);
 }
 
-float* Arena::alloc_zeroed_floats(int64_t n) {
-  float* p = alloc_floats(n);
-  std::memset(p, 0, sizeof(float) * size_t(n));
-  return p;
-}
-
 void Arena::zero_used() {
   constexpr size_t kBlock = size_t(1) << 16;  // bytes a task zeroes
   for (size_t i = 0; i <= current_ && i < chunks_.size(); ++i) {

@@ -20,7 +20,6 @@ class Arena {
   // Uninitialised, aligned to `align` (a power of two, at most 64).
   void* alloc_bytes(size_t bytes, size_t align = 64);
   float* alloc_floats(int64_t n) { return static_cast<float*>(alloc_bytes(sizeof(float) * size_t(n))); }
-  float* alloc_zeroed_floats(int64_t n);
   // Zeroes every byte handed out since the last reset, in parallel.
   void zero_used();
   int32_t* alloc_ints(int64_t n) { return static_cast<int32_t*>(alloc_bytes(sizeof(int32_t) * size_t(n))); }
