@@ -4,13 +4,17 @@
 // itself, which OpenMP's runtime uses, is not counted).
 #include <catch2/catch.hpp>
 
+#include <omp.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <new>
+#include <thread>
 #include <nlohmann/json.hpp>
 #include <vector>
 
 #include "moe/data/dataset.hpp"
+#include "moe/kernels/gemm.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/tensor/streams.hpp"
@@ -84,4 +88,43 @@ TEST_CASE("a training step allocates nothing after the first few", "[alloc]") {
   const int64_t before = g_news.load();
   for (int i = 20; i < 40; ++i) step.run(i, i % 2 == 0);
   CHECK(g_news.load() - before == 0);
+}
+
+// grouped_linear's experts go to threads by timing (a dynamic schedule), so a thread's first
+// product of a shape can come at any step. gemm_reserve_thread, which each of those threads
+// calls first, must cover every product up to its width: here in the threads of a fresh
+// team (a new std::thread gets its own OpenMP workers, with empty scratch), for every
+// kernel, form and depth, run serially in the region as grouped_linear runs them.
+TEST_CASE("gemm_reserve_thread covers any product up to its width", "[alloc][gemm]") {
+  std::vector<GemmKernel> kernels{GemmKernel::portable};
+  if (gemm_cpu_has_avx2()) kernels.push_back(GemmKernel::avx2);
+  if (gemm_cpu_has_avx512()) kernels.push_back(GemmKernel::avx512);
+  constexpr int64_t kWidth = 70, kRows = 97, kMaxDepth = 600;
+  const std::vector<float> a(kMaxDepth * kRows, 0.5f), b(kMaxDepth * kWidth, 0.25f);
+  std::vector<float> c(2 * kRows * kWidth);
+  int64_t before = 0, reserved = -1, products = -1;
+  std::thread([&] {
+    before = g_news.load();
+#pragma omp parallel num_threads(2)
+    {
+      gemm_reserve_thread(kWidth);
+#pragma omp barrier
+#pragma omp master
+      reserved = g_news.load() - before;
+#pragma omp barrier
+      float* ct = c.data() + omp_get_thread_num() * kRows * kWidth;
+      for (const GemmKernel k : kernels)
+        for (const int64_t n : {int64_t{1}, int64_t{17}, int64_t{33}, kWidth})
+          for (const int64_t depth : {int64_t{3}, int64_t{256}, kMaxDepth})
+            for (const bool ta : {false, true})
+              for (const bool tb : {false, true})
+                gemm(k, ta, tb, kRows, n, depth, 1.f, a.data(), ta ? kRows : depth, b.data(), tb ? depth : n, 0.f,
+                     ct, n);
+#pragma omp barrier
+#pragma omp master
+      products = g_news.load() - before - reserved;
+    }
+  }).join();
+  CHECK(reserved > 0);
+  CHECK(products == 0);
 }

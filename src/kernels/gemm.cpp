@@ -31,6 +31,7 @@ namespace {
 // shape does not change the bits.
 constexpr int64_t KC = 256;  // depth of a packed block
 constexpr int64_t MC = 96;   // rows of A packed per task (a multiple of every MR)
+constexpr int64_t kMaxMR = 12, kMaxNR = 32;  // the largest tile of any kernel
 
 inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
   return trans ? X[c * ld + r] : X[r * ld + c];
@@ -173,6 +174,7 @@ MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float a
 
 // The 6x16 tile of the portable and avx2 kernels.
 constexpr int64_t kMR16 = 6, kNR16 = 16;
+static_assert(kMR16 <= kMaxMR && kNR16 <= kMaxNR, "gemm_reserve_thread reserves for the largest tile");
 
 // acc[6][16] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part. GCC/Clang
 // vector types of 8 floats: the compiler maps them to whatever vectors the build targets.
@@ -256,6 +258,7 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
 // computes only the first 16 columns, for an edge panel of at most 16 (lm_head's N = 65
 // ends with a panel of 1 column).
 constexpr int64_t kMR32 = 12, kNR32 = 32;
+static_assert(kMR32 <= kMaxMR && kNR32 <= kMaxNR, "gemm_reserve_thread reserves for the largest tile");
 
 template <int NV>
 MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* Ap, const float* Bp, float* C,
@@ -361,6 +364,19 @@ MOE_GEMM_GEMV_FNS(avx2, MOE_TARGET_AVX2)
 MOE_GEMM_TILE_FN(avx512, MOE_TARGET_AVX512, kMR32, kNR32, micro_avx512)
 #endif
 
+// A thread's packing scratch: the rows of A of its task, and the B panels of the products it
+// runs alone or whose team it leads. Only grown, so that a thread's first products decide its
+// allocations; gemm_reserve_thread grows it ahead for threads that draw products by timing.
+struct PackScratch {
+  std::vector<float> a, b;
+};
+thread_local PackScratch t_scratch;
+
+float* grown(std::vector<float>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
+  return v.data();
+}
+
 // The packed product with an MR x NR tile: blocks of KC along k; in each, the B panels are
 // packed by the team, then each task packs its rows of A and runs the tile loop.
 template <int64_t MR, int64_t NR>
@@ -369,7 +385,6 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
                  int64_t ldc) {
   static_assert(MC % MR == 0, "a task's rows are whole tiles, but for the last task");
   const int64_t panels = (N + NR - 1) / NR;
-  thread_local std::vector<float> bp_store;  // the caller's; the team packs into it and reads it
   const bool nested = omp_in_parallel();
   const bool parallel = !nested && M * N * K >= 32768 && (M > MR || panels > 1);
   // Tasks: blocks of at most MC rows, and when those are too few to keep every thread busy,
@@ -386,24 +401,22 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
   const int64_t col_groups = std::min(panels, std::max<int64_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
   const int64_t panels_per_group = (panels + col_groups - 1) / col_groups;
   const int64_t tasks = row_tasks * col_groups;
+  // The caller's B panels, which its team packs and reads, sized for the deepest k block.
+  float* const Bp = grown(t_scratch.b, panels * NR * std::min(KC, K));
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kb = std::min(KC, K - k0);
-    bp_store.resize(size_t(panels * kb * NR));
-    float* Bp = bp_store.data();
 #pragma omp parallel if (parallel)
     {
 #pragma omp for schedule(static)
       for (int64_t p = 0; p < panels; ++p) pack_b_panel<NR>(transpose, trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tasks; ++t) {
-        thread_local std::vector<float> ap_buf;
         const int64_t i0 = row_start(t / col_groups), mb = row_start(t / col_groups + 1) - i0;
         const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
         if (p0 >= p1) continue;
         // The task's own part of C takes beta before its first accumulation.
         if (k0 == 0) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
-        ap_buf.resize(size_t((MC + MR) * kb));
-        float* Ap = ap_buf.data();
+        float* Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
         pack_a<MR>(transpose, trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
         tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc);
       }
@@ -433,6 +446,11 @@ const Kernel& kernel_of(GemmKernel k) {
 }
 
 }  // namespace
+
+void gemm_reserve_thread(int64_t max_n) {
+  grown(t_scratch.a, (MC + kMaxMR) * KC);
+  grown(t_scratch.b, (max_n + kMaxNR - 1) / kMaxNR * kMaxNR * KC);
+}
 
 void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B,
           int64_t ldb, float beta, float* C) {

@@ -183,13 +183,17 @@ void Model::decode_moe(const BlockParams& bp, int64_t layer, KVCache::Work& w, i
     if (offsets[e + 1] > offsets[e]) active[n_active++] = int32_t(e);
   float* rows = w.rows.data();
   float* ye = w.expert_out.data();
-#pragma omp parallel for schedule(dynamic, 1) if (n_active > 1)
-  for (int64_t a = 0; a < n_active; ++a) {
-    const int64_t e = active[a], begin = offsets[e], count = offsets[e + 1] - begin;
-    for (int64_t s = begin; s < begin + count; ++s)
-      std::memcpy(rows + s * C_, x + int64_t(token[s]) * C_, sizeof(float) * size_t(C_));
-    decode_expert(w, bp.experts[size_t(e)], rows + begin * C_, count, w.hidden.data() + begin * F_,
-                  w.hidden3.data() + begin * F_, ye + begin * C_);
+#pragma omp parallel if (n_active > 1)
+  {
+    gemm_reserve_thread(std::max(C_, F_));  // whichever expert this thread draws
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t a = 0; a < n_active; ++a) {
+      const int64_t e = active[a], begin = offsets[e], count = offsets[e + 1] - begin;
+      for (int64_t s = begin; s < begin + count; ++s)
+        std::memcpy(rows + s * C_, x + int64_t(token[s]) * C_, sizeof(float) * size_t(C_));
+      decode_expert(w, bp.experts[size_t(e)], rows + begin * C_, count, w.hidden.data() + begin * F_,
+                    w.hidden3.data() + begin * F_, ye + begin * C_);
+    }
   }
   float* acc = w.sub.data();
   std::fill(acc, acc + n * C_, 0.f);

@@ -85,13 +85,18 @@ Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t
   };
   // Every group, on separate threads when there are several; one group (linear, linear_act)
   // keeps the team for its product and activation.
-  const auto for_groups = [order, G](auto&& body) {
+  const int64_t widest = std::max(I, O);
+  const auto for_groups = [order, G, widest](auto&& body) {
     if (G == 1) {
       body(int64_t(0));
       return;
     }
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < G; ++i) body(int64_t(order[i]));
+#pragma omp parallel
+    {
+      gemm_reserve_thread(widest);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < G; ++i) body(int64_t(order[i]));
+    }
   };
   const Activation kind = act ? *act : Activation::kRelu;
   const bool has_act = act != nullptr;

@@ -42,6 +42,12 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// Grows the calling thread's packing scratch to what any product with at most max_n columns
+// needs. Each thread of a parallel region whose threads take products by timing (a dynamic
+// schedule over experts) calls it first, so that what a step allocates does not depend on
+// which thread drew which product.
+void gemm_reserve_thread(int64_t max_n);
+
 // One row, without packing (token-by-token decoding, where packing would cost as much as the
 // product): c[0, N] = alpha · a[0, K] · op(B) + beta · c, beta == 0 not reading c. Each
 // element is summed over k in order, but not in gemm's k blocks and not always by fma, so its
