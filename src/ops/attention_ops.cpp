@@ -1,4 +1,6 @@
 // Fused causal multi-head attention: one parallel loop over (batch, head) forward and backward.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -6,6 +8,39 @@
 #include "moe/tensor/parallel.hpp"
 
 namespace moe {
+
+namespace {
+
+// 8 lanes (one AVX register with the build's x86-64-v3 flags; GCC splits it elsewhere).
+typedef float v8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+// dst[d * ld + s] = src[s * lds + d] for s < rows, d < D: the keys or values of one
+// (batch, head) with positions along the lanes.
+void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t D, float* dst, int64_t ld) {
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + s] = src[s * lds + d];
+}
+
+// out[s] = Σ_d a[d] · xt[d][s] for s in [0, n), eight positions at a time: each product
+// rounded, then added in order of d, never fused into an fma (fp-contract off here). That is
+// what GCC made of the scalar loop `dot += a[d] * x[d]` for D a multiple of 4 with the
+// x86-64-v3 flags (products in vmulps, an in-order sum), and what every build computes when
+// there is no FMA. xt holds n rounded up to 8 columns; out as many.
+__attribute__((optimize("fp-contract=off")))
+void dots(const float* a, const float* xt, int64_t ld, int64_t D, int64_t n, float* out) {
+  for (int64_t s0 = 0; s0 < n; s0 += kLanes) {
+    v8 acc = {};
+    for (int64_t d = 0; d < D; ++d) {
+      v8 x;
+      __builtin_memcpy(&x, xt + d * ld + s0, sizeof x);
+      acc += a[d] * x;
+    }
+    __builtin_memcpy(out + s0, &acc, sizeof acc);
+  }
+}
+
+}  // namespace
 
 Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng) {
   MOE_CHECK(qkv.ndim() == 3 && qkv.size(2) % 3 == 0, "causal_attention",
@@ -20,6 +55,10 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   float* probs = g.arena().alloc_floats(B * H * TT);
   // 0 or 1/(1-p) per weight, exactly as dropout() on the [B, H, T, T] weights would draw it.
   const float* mask = training && p > 0.f ? dropout_mask(g, B * H * TT, p, rng) : nullptr;
+  // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
+  // one row of dot products, T rounded up to the lanes.
+  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + Tp;
+  float* work = g.arena().alloc_floats(omp_get_max_threads() * slot);
 
 #pragma omp parallel for schedule(static) if (B * H * TT * D > kParallelMinWork)
   for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -27,15 +66,17 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     const float* base = qkv.data + b * T * C3 + h * D;  // q at +0, k at +C, v at +2C per row
     float* P = probs + bh * TT;
     const float* M = mask ? mask + bh * TT : nullptr;
+    float* kt = work + omp_get_thread_num() * slot;
+    float* dot = kt + D * Tp;
+    std::fill(kt, kt + D * Tp, 0.f);
+    transpose_rows(base + C, C3, T, D, kt, Tp);
     for (int64_t t = 0; t < T; ++t) {
       const float* q = base + t * C3;
       float* row = P + t * T;
+      dots(q, kt, Tp, D, t + 1, dot);
       float mx = -INFINITY;
       for (int64_t s = 0; s <= t; ++s) {
-        const float* k = base + s * C3 + C;
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-        row[s] = dot * scale;
+        row[s] = dot[s] * scale;
         mx = std::max(mx, row[s]);
       }
       float z = 0.f;
@@ -54,7 +95,6 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   }
 
   if (y.requires_grad()) {
-    float* scratch = g.arena().alloc_floats(B * H * T);  // dP of one row per (batch, head)
     g.record([=] {
 #pragma omp parallel for schedule(static) if (B * H * TT * D > kParallelMinWork)
       for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -63,18 +103,20 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         float* gbase = qkv.grad + b * T * C3 + h * D;
         const float* P = probs + bh * TT;
         const float* M = mask ? mask + bh * TT : nullptr;
+        float* vt = work + omp_get_thread_num() * slot;
+        float* dp = vt + D * Tp;
+        std::fill(vt, vt + D * Tp, 0.f);
+        transpose_rows(base + 2 * C, C3, T, D, vt, Tp);
         for (int64_t t = 0; t < T; ++t) {
           const float* dy = y.grad + (b * T + t) * C + h * D;
           const float* row = P + t * T;
           // dP[s] = dy · v[s] (through the dropout mask); dv[s] += P'[t, s] dy.
-          float* dp = scratch + bh * T;
+          dots(dy, vt, Tp, D, t + 1, dp);
           float dot_pdp = 0.f;
           for (int64_t s = 0; s <= t; ++s) {
-            const float* v = base + s * C3 + 2 * C;
             float* dv = gbase + s * C3 + 2 * C;
             const float m = M ? M[t * T + s] : 1.f;
-            float d_pd = 0.f;
-            for (int64_t d = 0; d < D; ++d) d_pd += dy[d] * v[d];
+            const float d_pd = dp[s];
             const float w = row[s] * m;
             for (int64_t d = 0; d < D; ++d) dv[d] += w * dy[d];
             dp[s] = d_pd * m;
