@@ -1,6 +1,7 @@
 // Data-parallel random draws: processes that each take their share of a batch draw exactly
 // what one process with the whole batch draws (the basis of tests/test_mpi.cpp).
 #include <catch2/catch.hpp>
+#include <omp.h>
 
 #include <vector>
 
@@ -71,7 +72,7 @@ namespace {
 
 // The estimate as it was computed before the split and the batching: one sampler and one noise
 // generator per call, one forward per batch, drawn in order. Then estimate_loss with every
-// batching and split must give it.
+// batching, split and thread count must give it.
 void check_estimate(const nlohmann::json& j) {
   const Config cfg = config_from_json(j, "estimate_config");
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, cfg.model.block_size);
@@ -96,11 +97,21 @@ void check_estimate(const nlohmann::json& j) {
     }
     reference[split] = total / double(iters);
   }
+  // Each process's batches are split between its threads too: any thread count, the same bits.
+  const int threads_before = omp_get_max_threads();
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    INFO("threads " << threads);
+    for (int64_t group : {0, 1, 2, 3, 100}) {
+      INFO("batches per forward " << group);
+      const EvalEstimate whole = estimate_loss(model, data, cfg, g, 0, 1, group);
+      CHECK(whole.train_loss == reference[0]);
+      CHECK(whole.val_loss == reference[1]);
+    }
+  }
+  omp_set_num_threads(threads_before);
   for (int64_t group : {0, 1, 2, 3, 100}) {
     INFO("batches per forward " << group);
-    const EvalEstimate whole = estimate_loss(model, data, cfg, g, 0, 1, group);
-    CHECK(whole.train_loss == reference[0]);
-    CHECK(whole.val_loss == reference[1]);
     for (int parts : {2, 3}) {
       double train = 0, val = 0;
       for (int p = 0; p < parts; ++p) {

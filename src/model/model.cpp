@@ -340,8 +340,8 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
   }
 
   // Balancing losses from the clean logits and the router's choices (before any capacity).
-  if (losses && rc.aux_loss_coef > 0) losses->aux.push_back(switch_aux_loss(g, clean, slots));
-  if (losses && rc.z_loss_coef > 0) losses->z.push_back(router_z_loss(g, clean));
+  if (losses && rc.aux_loss_coef > 0) losses->aux.push(switch_aux_loss(g, clean, slots));
+  if (losses && rc.z_loss_coef > 0) losses->z.push(router_z_loss(g, clean));
 
   Tensor acc = g.zeros({N, C_}, g.grad_enabled());  // (N, C)
   if (dist && expert_parallel_) {
@@ -354,8 +354,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
     // after the other, and the gather and the weighted sum add in the loop's order.
     const int64_t S = offsets[E_];
     if (S > 0) {
-      expert_tensors_.resize(size_t(6 * E_));
-      Tensor* t = expert_tensors_.data();  // w1, b1, w2, b2, w3, b3: E each
+      Tensor* t = g.arena().alloc_objects<Tensor>(6 * E_);  // w1, b1, w2, b2, w3, b3: E each
       for (int64_t e = 0; e < E_; ++e) {
         const ExpertParams& ep = bp.experts[size_t(e)];
         const LinearParams* lps[3] = {&ep.fc1, &ep.fc2, &ep.fc3};
@@ -478,9 +477,9 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   MOE_CHECK(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
         "training with dropout needs a dropout generator");
   if (opt.stats && opt.stats->empty()) opt.stats->reset(L_, E_);
-  RouterLosses& router_losses = router_losses_;
-  router_losses.aux.clear();
-  router_losses.z.clear();
+  RouterLosses router_losses;
+  router_losses.aux.items = g.arena().alloc_objects<Tensor>(L_);
+  router_losses.z.items = g.arena().alloc_objects<Tensor>(L_);
   int32_t* pos = g.arena().alloc_ints(B * T);
   for (int64_t i = 0; i < B * T; ++i) pos[i] = int32_t(i % T);
   Tensor x = add(g, embedding(g, idx, params_.get(tok_emb_), {B, T, C_}),
@@ -495,11 +494,11 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   // before the block. A forward then holds one block's activations, whatever the depth.
   const bool rewind = !g.grad_enabled();
   float* kept = rewind ? g.arena().alloc_floats(2 * L_) : nullptr;
-  size_t kept_aux = 0, kept_z = 0;
-  const auto keep = [&](std::vector<Tensor>& losses, size_t& done) {
-    for (; done < losses.size(); ++done) {
-      *kept = losses[done].data[0];
-      losses[done].data = kept++;
+  int64_t kept_aux = 0, kept_z = 0;
+  const auto keep = [&](LossList& losses, int64_t& done) {
+    for (; done < losses.size; ++done) {
+      *kept = losses.items[done].data[0];
+      losses.items[done].data = kept++;
     }
   };
   for (int64_t l = 0; l < L_; ++l) {
@@ -524,8 +523,9 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   out.loss = cross_entropy(g, out.logits, targets, &out.token_losses);
   out.objective = out.loss;
   // Each balancing loss is averaged over the layers, then weighted by its coefficient.
-  const auto add_term = [&](const std::vector<Tensor>& terms, double coef) {
-    for (const Tensor& t : terms) out.objective = add(g, out.objective, scale(g, t, float(coef / double(L_))));
+  const auto add_term = [&](const LossList& terms, double coef) {
+    for (int64_t i = 0; i < terms.size; ++i)
+      out.objective = add(g, out.objective, scale(g, terms.items[i], float(coef / double(L_))));
   };
   add_term(router_losses.aux, cfg_.router.aux_loss_coef);
   add_term(router_losses.z, cfg_.router.z_loss_coef);

@@ -2,8 +2,11 @@
 #include "moe/train/evaluate.hpp"
 #include "moe/ops/ops.hpp"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
+#include <exception>
 
 namespace moe {
 
@@ -13,19 +16,20 @@ int64_t eval_group(const Config& cfg) {
   return std::max<int64_t>(1, kRows / (cfg.training.batch_size * cfg.model.block_size));
 }
 
-EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part, int parts,
-                           int64_t group) {
+namespace {
+
+// Batches i ≡ part (mod parts) of both splits' estimates: each one's mean token loss into
+// losses[split · iters + i], `group` batches per forward.
+void estimate_part(Model& model, const Dataset& data, const Config& cfg, Graph& g, int64_t part, int64_t parts,
+                   int64_t group, double* losses) {
   const int64_t B = cfg.training.batch_size, T = cfg.model.block_size, BT = B * T, iters = cfg.logging.eval_iters;
-  if (group <= 0) group = eval_group(cfg);
   std::vector<int32_t> x(static_cast<size_t>(group * BT)), y(size_t(group * BT));
-  EvalEstimate est;
   Rng noise_rng(cfg.training.seed, kStreamEvalNoise);  // only drawn with router.noise_at_eval
   const auto noise_per_batch = uint64_t(model.noise_per_forward(BT, false));
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
-  for (int split = 0; split < 2; ++split) {
+  for (int64_t split = 0; split < 2; ++split) {
     BatchSampler sampler(split == 0 ? data.train() : data.val(), B, T, Rng(cfg.training.seed, kStreamEvalData));
-    double total = 0;
     int64_t first = 0, n = 0;  // the batches in x and y: first, first + parts, ... (n of them)
     const auto run = [&] {
       // Batch i's noise starts at (split·iters + i)·noise_per_batch, as if it ran alone.
@@ -35,7 +39,7 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
       g.clear();
       NoGradGuard no_grad(g);
       const Model::Output o = model.forward(g, x.data(), y.data(), n * B, T, fo);
-      for (int64_t j = 0; j < n; ++j) total += mean_loss(o.token_losses + j * BT, BT);
+      for (int64_t j = 0; j < n; ++j) losses[split * iters + first + j * parts] = mean_loss(o.token_losses + j * BT, BT);
       n = 0;
     };
     for (int64_t i = 0; i < iters; ++i) {
@@ -48,9 +52,41 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
       if (++n == group) run();
     }
     if (n > 0) run();
-    (split == 0 ? est.train_loss : est.val_loss) = total / double(iters);
   }
   g.clear();
+}
+
+}  // namespace
+
+EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part, int parts,
+                           int64_t group) {
+  const int64_t iters = cfg.logging.eval_iters;
+  // The threads split this process's batches as the processes split them all: thread t runs
+  // part + parts·t of parts·threads, each its own forwards, serially inside. Every batch's
+  // loss has its bits whoever runs it, and they are added in batch order below.
+  const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), (iters + parts - 1) / parts);
+  if (group <= 0) group = std::max<int64_t>(1, eval_group(cfg) / threads);
+  std::vector<double> losses(size_t(2 * iters), 0.0);
+  std::vector<Graph> graphs(size_t(std::max<int64_t>(0, threads - 1)));
+  std::exception_ptr error;
+#pragma omp parallel num_threads(int(threads)) if (threads > 1)
+  {
+    const int64_t t = omp_get_thread_num();
+    try {
+      estimate_part(model, data, cfg, t == 0 ? g : graphs[size_t(t - 1)], part + parts * t, parts * threads, group,
+                    losses.data());
+    } catch (...) {
+#pragma omp critical(moe_estimate_loss)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  EvalEstimate est;
+  for (int64_t split = 0; split < 2; ++split) {
+    double total = 0;
+    for (int64_t i = part; i < iters; i += parts) total += losses[size_t(split * iters + i)];
+    (split == 0 ? est.train_loss : est.val_loss) = total / double(iters);
+  }
   return est;
 }
 

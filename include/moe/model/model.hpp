@@ -183,10 +183,16 @@ class Model {
   void decode_expert(const KVCache::Work& w, const ExpertParams& ep, const float* x, int64_t n, float* hidden,
                      float* hidden3, float* y) const;
   void decode_linear(const KVCache::Work& w, const LinearParams& lp, const float* x, int64_t n, float* y) const;
-  struct RouterLosses {
-    std::vector<Tensor> aux, z;  // one scalar per layer
+  // A forward's balancing losses, one scalar per layer each, in its graph's arena: forward
+  // keeps nothing of a call in the model, so that threads can run forwards at once.
+  struct LossList {
+    Tensor* items = nullptr;
+    int64_t size = 0;
+    void push(const Tensor& t) { items[size++] = t; }
   };
-  RouterLosses router_losses_;  // of the running forward; a member so its storage is reused
+  struct RouterLosses {
+    LossList aux, z;
+  };
   Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
                  const ForwardOptions& opt, RouterLosses* losses);
   Tensor expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt);
@@ -223,7 +229,6 @@ class Model {
   int rank_ = 0, ranks_ = 1;
   bool expert_parallel_ = false;
   Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn
-  std::vector<Tensor> expert_tensors_;  // [6E]: one layer's expert weights and biases for grouped_linear
 };
 
 }  // namespace moe

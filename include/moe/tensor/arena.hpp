@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace moe {
@@ -23,6 +24,15 @@ class Arena {
   // Zeroes every byte handed out since the last reset, in parallel.
   void zero_used();
   int32_t* alloc_ints(int64_t n) { return static_cast<int32_t*>(alloc_bytes(sizeof(int32_t) * size_t(n))); }
+  // n value-initialised objects; their type must need no destructor (the arena only forgets).
+  template <class T>
+  T* alloc_objects(int64_t n) {
+    static_assert(std::is_trivially_destructible_v<T>, "the arena never runs destructors");
+    static_assert(alignof(T) <= 64, "the arena aligns to at most 64 bytes");
+    T* p = static_cast<T*>(alloc_bytes(sizeof(T) * size_t(n)));
+    std::uninitialized_value_construct_n(p, n);
+    return p;
+  }
 
   // Forget all allocations; keep the chunks for reuse.
   void reset();
