@@ -15,6 +15,12 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 
+inline v8 load8(const float* p) {
+  v8 x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return x;
+}
+
 // dst[d * ld + s] = src[s * lds + d] for s < rows, d < D: the keys or values of one
 // (batch, head) with positions along the lanes.
 void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t D, float* dst, int64_t ld) {
@@ -32,9 +38,7 @@ void dots(const float* a, const float* xt, int64_t ld, int64_t D, int64_t n, flo
   for (int64_t s0 = 0; s0 < n; s0 += kLanes) {
     v8 acc = {};
     for (int64_t d = 0; d < D; ++d) {
-      v8 x;
-      __builtin_memcpy(&x, xt + d * ld + s0, sizeof x);
-      acc += a[d] * x;
+      acc += a[d] * load8(xt + d * ld + s0);
     }
     __builtin_memcpy(out + s0, &acc, sizeof acc);
   }
@@ -84,12 +88,30 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
       const float inv = 1.f / z;
       for (int64_t s = 0; s <= t; ++s) row[s] *= inv;
       for (int64_t s = t + 1; s < T; ++s) row[s] = 0.f;
+      // out = Σ_s w[s] v[s], one multiply-add a position in order, 8 columns held in a register.
       float* out = y.data + (b * T + t) * C + h * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-      for (int64_t s = 0; s <= t; ++s) {
-        const float w = M ? row[s] * M[t * T + s] : row[s];
-        const float* v = base + s * C3 + 2 * C;
-        for (int64_t d = 0; d < D; ++d) out[d] += w * v[d];
+      const float* v = base + 2 * C;
+      const auto weight = [&](int64_t s) { return M ? row[s] * M[t * T + s] : row[s]; };
+      int64_t d0 = 0;
+      for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {  // two independent chains
+        v8 acc0 = {}, acc1 = {};
+        for (int64_t s = 0; s <= t; ++s) {
+          const float w = weight(s);
+          acc0 += w * load8(v + s * C3 + d0);
+          acc1 += w * load8(v + s * C3 + d0 + kLanes);
+        }
+        __builtin_memcpy(out + d0, &acc0, sizeof acc0);
+        __builtin_memcpy(out + d0 + kLanes, &acc1, sizeof acc1);
+      }
+      for (; d0 + kLanes <= D; d0 += kLanes) {
+        v8 acc = {};
+        for (int64_t s = 0; s <= t; ++s) acc += weight(s) * load8(v + s * C3 + d0);
+        __builtin_memcpy(out + d0, &acc, sizeof acc);
+      }
+      for (int64_t d = d0; d < D; ++d) {
+        float acc = 0.f;
+        for (int64_t s = 0; s <= t; ++s) acc += weight(s) * v[s * C3 + d];
+        out[d] = acc;
       }
     }
   }
@@ -123,17 +145,32 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
             dot_pdp += row[s] * dp[s];
           }
           // dS = P (dP - Σ P dP); dq[t] += scale Σ_s dS k[s]; dk[s] += scale dS q[t].
+          // dq in registers, 8 columns at a time, each added to in order of s.
           const float* q = base + t * C3;
           float* dq = gbase + t * C3;
+          for (int64_t s = 0; s <= t; ++s) dp[s] = row[s] * (dp[s] - dot_pdp) * scale;  // dS
           for (int64_t s = 0; s <= t; ++s) {
-            const float ds = row[s] * (dp[s] - dot_pdp) * scale;
-            const float* k = base + s * C3 + C;
             float* dk = gbase + s * C3 + C;
-            for (int64_t d = 0; d < D; ++d) {
-              dq[d] += ds * k[d];
-              dk[d] += ds * q[d];
-            }
+            for (int64_t d = 0; d < D; ++d) dk[d] += dp[s] * q[d];
           }
+          const float* k = base + C;
+          int64_t d0 = 0;
+          for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {
+            v8 acc0 = load8(dq + d0), acc1 = load8(dq + d0 + kLanes);
+            for (int64_t s = 0; s <= t; ++s) {
+              acc0 += dp[s] * load8(k + s * C3 + d0);
+              acc1 += dp[s] * load8(k + s * C3 + d0 + kLanes);
+            }
+            __builtin_memcpy(dq + d0, &acc0, sizeof acc0);
+            __builtin_memcpy(dq + d0 + kLanes, &acc1, sizeof acc1);
+          }
+          for (; d0 + kLanes <= D; d0 += kLanes) {
+            v8 acc = load8(dq + d0);
+            for (int64_t s = 0; s <= t; ++s) acc += dp[s] * load8(k + s * C3 + d0);
+            __builtin_memcpy(dq + d0, &acc, sizeof acc);
+          }
+          for (int64_t d = d0; d < D; ++d)
+            for (int64_t s = 0; s <= t; ++s) dq[d] += dp[s] * k[s * C3 + d];
         }
       }
     });
