@@ -146,3 +146,50 @@ TEST_CASE("estimate_loss split between processes and batched into fewer forwards
                   {"training", {{"batch_size", 2}, {"seed", 5}}},
                   {"logging", {{"eval_iters", 9}}}});
 }
+
+// moe eval's pass over a split: as one forward per batch in order, with one noise generator and
+// one set of router statistics through all of them, for any thread count (the threads take a
+// batch each, with the noise where the batches before leave it, and their figures are added in
+// batch order). 13 windows in batches of 4: the last batch is short.
+TEST_CASE("evaluate_split gives the sequential pass's figures for any thread count", "[parallel]") {
+  const std::string small = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt";
+  const Config cfg = config_from_json(
+      {{"data", {{"path", small}}},
+       {"model", {{"block_size", 8}, {"n_embed", 16}, {"n_head", 2}, {"n_layer", 2}}},
+       {"router", {{"num_experts", 4}, {"top_k", 2}, {"noisy", true}, {"noise_at_eval", true}}},
+       {"training", {{"batch_size", 4}, {"seed", 5}}}},
+      "split_config");
+  Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, cfg.model.block_size);
+  Model model(cfg, int64_t(data.tokenizer().vocab().size()));
+  Rng init(5, kStreamInit);
+  model.init(init);
+  const int64_t B = 4, T = cfg.model.block_size;
+  const std::vector<int32_t> ids(data.val().begin(), data.val().begin() + 13 * T + 1);
+  Graph g;
+  const WindowBatcher windows(ids, B, T);
+  REQUIRE(windows.batches() == 4);
+  Rng noise(5, kStreamEvalNoise);
+  ForwardOptions fo;
+  fo.noise_rng = &noise;
+  RoutingStats stats;
+  stats.reset(cfg.model.n_layer, cfg.router.num_experts);
+  fo.stats = &stats;
+  std::vector<int32_t> x(size_t(B * T)), y(size_t(B * T));
+  double total = 0;
+  for (int64_t i = 0; i < windows.batches(); ++i) {
+    const int64_t rows = windows.batch(i, x.data(), y.data());
+    g.clear();
+    NoGradGuard no_grad(g);
+    total += double(model.forward(g, x.data(), y.data(), rows, T, fo).loss.data[0]) * double(rows * T);
+  }
+  const int threads_before = omp_get_max_threads();
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    INFO("threads " << threads);
+    const SplitEvaluation ev = evaluate_split(model, ids, B, g);
+    CHECK(ev.tokens == 13 * T);
+    CHECK(ev.loss == total / double(13 * T));
+    CHECK(ev.routing.health().dump() == stats.health().dump());
+  }
+  omp_set_num_threads(threads_before);
+}

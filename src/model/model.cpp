@@ -36,7 +36,7 @@ nlohmann::json RoutingStats::health() const {
     layers.push_back({{"load", load},
                       {"dropped_frac", per(double(dropped[l]), assigned[l])},
                       {"router_entropy", per(entropy_sum[l], tokens[l])},
-                      {"aux_loss", per(aux_sum[l], forwards[l])},
+                      {"aux_loss", per(double(counts.size()) * aux_sum[l], forwards[l])},
                       {"z_loss", per(z_sum[l], tokens[l])},
                       {"max_violation", total ? double(most) / mean_load - 1 : 0.0}});
   }
@@ -264,7 +264,7 @@ void record_router_health(Graph& g, RoutingStats& st, int64_t layer, const float
   st.forwards[l] += 1;
   st.entropy_sum[l] += entropy;
   st.z_sum[l] += z;
-  st.aux_sum[l] += double(E) * aux;
+  st.aux_sum[l] += aux;  // a plain sum (E applies in health()): adding up parts gives it
 }
 
 }  // namespace

@@ -90,22 +90,73 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   return est;
 }
 
+namespace {
+
+// into += from, figure by figure (what accumulating from's forwards into `into` would give
+// when from holds one forward's figures).
+void add_routing(RoutingStats& into, const RoutingStats& from) {
+  for (size_t l = 0; l < from.tokens.size(); ++l) {
+    for (size_t e = 0; e < from.tokens_per_expert[l].size(); ++e)
+      into.tokens_per_expert[l][e] += from.tokens_per_expert[l][e];
+    into.assigned[l] += from.assigned[l];
+    into.dropped[l] += from.dropped[l];
+    into.tokens[l] += from.tokens[l];
+    into.forwards[l] += from.forwards[l];
+    into.entropy_sum[l] += from.entropy_sum[l];
+    into.z_sum[l] += from.z_sum[l];
+    into.aux_sum[l] += from.aux_sum[l];
+  }
+}
+
+}  // namespace
+
 SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, int64_t batch_size, Graph& g) {
-  const int64_t T = model.config().model.block_size;
+  const Config& cfg = model.config();
+  const int64_t T = cfg.model.block_size;
   const WindowBatcher windows(ids, batch_size, T);  // throws if the split is shorter than T + 1
   SplitEvaluation ev;
-  ev.routing.reset(model.config().model.n_layer, model.config().router.num_experts);
-  Rng noise_rng(model.config().training.seed, kStreamEvalNoise);
-  ForwardOptions fo;
-  fo.noise_rng = &noise_rng;
-  fo.stats = &ev.routing;
-  std::vector<int32_t> x(size_t(batch_size * T)), y(size_t(batch_size * T));
-  double total = 0;  // sum of per-token losses
-  for (int64_t i = 0; i < windows.batches(); ++i) {
-    const int64_t B = windows.batch(i, x.data(), y.data());
-    g.clear();
-    NoGradGuard no_grad(g);
-    total += double(model.forward(g, x.data(), y.data(), B, T, fo).loss.data[0]) * double(B * T);
+  ev.routing.reset(cfg.model.n_layer, cfg.router.num_experts);
+  // Rounds of one batch per thread, each with its own graph, noise generator (batch i's noise
+  // starts where the batches before it leave it) and router statistics; the rounds' losses
+  // and statistics are added in batch order, so every figure has its bits for any thread count.
+  const int64_t batches = windows.batches();
+  const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), batches);
+  const auto noise_per_batch = uint64_t(model.noise_per_forward(batch_size * T, false));
+  std::vector<Graph> graphs(size_t(threads - 1));
+  std::vector<std::vector<int32_t>> xs(size_t(threads), std::vector<int32_t>(size_t(batch_size * T)));
+  std::vector<std::vector<int32_t>> ys = xs;
+  std::vector<RoutingStats> stats(static_cast<size_t>(threads));
+  std::vector<double> sums(static_cast<size_t>(threads));  // Σ of the batch's per-token losses
+  std::exception_ptr error;
+  double total = 0;
+  for (int64_t first = 0; first < batches; first += threads) {
+    const int64_t n = std::min(threads, batches - first);
+#pragma omp parallel num_threads(int(n)) if (n > 1)
+    {
+      const int64_t t = omp_get_thread_num(), i = first + t;
+      Graph& gt = t == 0 ? g : graphs[size_t(t - 1)];
+      try {
+        const int64_t B = windows.batch(i, xs[size_t(t)].data(), ys[size_t(t)].data());
+        Rng noise_rng(cfg.training.seed, kStreamEvalNoise);
+        noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise, uint64_t(i) * noise_per_batch});
+        stats[size_t(t)].reset(cfg.model.n_layer, cfg.router.num_experts);
+        ForwardOptions fo;
+        fo.noise_rng = &noise_rng;
+        fo.stats = &stats[size_t(t)];
+        gt.clear();
+        NoGradGuard no_grad(gt);
+        sums[size_t(t)] = double(model.forward(gt, xs[size_t(t)].data(), ys[size_t(t)].data(), B, T, fo).loss.data[0]) *
+                          double(B * T);
+      } catch (...) {
+#pragma omp critical(moe_evaluate_split)
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    for (int64_t t = 0; t < n; ++t) {
+      total += sums[size_t(t)];
+      add_routing(ev.routing, stats[size_t(t)]);
+    }
   }
   g.clear();
   ev.tokens = windows.tokens();

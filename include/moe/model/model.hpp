@@ -52,7 +52,7 @@ struct RoutingStats {
   std::vector<int64_t> tokens, forwards;   // [layer]
   std::vector<double> entropy_sum;  // [layer]: Σ over tokens of the router entropy (nats)
   std::vector<double> z_sum;        // [layer]: Σ over tokens of logsumexp(router logits)²
-  std::vector<double> aux_sum;      // [layer]: Σ over forwards of E · Σ_i f_i P_i
+  std::vector<double> aux_sum;      // [layer]: Σ over forwards of Σ_i f_i P_i (aux loss / E)
   void reset(int64_t layers, int64_t experts);
   bool empty() const { return tokens_per_expert.empty(); }
   // Per layer: {"load": fraction of slots per expert, "dropped_frac", "router_entropy",
