@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "cli_util.hpp"
@@ -93,6 +94,14 @@ TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
   REQUIRE(b.code == 0);
   CHECK_THAT(b.out, Catch::Contains("\"step_ms_median\"") && Catch::Contains("\"generate_chars_per_s\"") &&
                         Catch::Contains("\"peak_rss_mb\""));
+  {  // the memory breakdown: moments are two copies of the parameters, the arenas hold something
+    const auto mem = nlohmann::json::parse(b.out.substr(b.out.find('{')))["memory_mb"];
+    CHECK(mem["parameters"].get<double>() > 0);
+    CHECK(mem["gradients"].get<double>() == mem["parameters"].get<double>());
+    CHECK(mem["adamw_moments"].get<double>() == 2 * mem["parameters"].get<double>());
+    CHECK(mem["activations"].get<double>() > 0);
+    CHECK(mem["activation_gradients"].get<double>() > 0);
+  }
   // moe bounds OpenMP's spinning at barriers unless the user chose a policy.
   CHECK_THAT(b.out, Catch::Contains("\"openmp_wait\":\"GOMP_SPINCOUNT=10000\""));
   Run b2 = moe_test::run_moe("bench --config " + (dir / "c.json").string() + " --steps 1 --generate 0 --json",

@@ -157,6 +157,12 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
                    {"gflop_per_s", r.gflops_per_s},
                    {"generate_chars_per_s", r.generate_chars_per_s},
                    {"peak_rss_mb", r.peak_rss_mb},
+                   {"memory_mb",
+                    {{"parameters", r.params_mb},
+                     {"gradients", r.grads_mb},
+                     {"adamw_moments", r.moments_mb},
+                     {"activations", r.activations_mb},
+                     {"activation_gradients", r.activation_grads_mb}}},
                    {"openmp_wait", openmp_wait()}};
   if (as_json) {
     std::cout << j.dump() << "\n";
@@ -171,6 +177,9 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
   std::printf("forward only   median %.1f ms\n", r.forward_ms_median);
   std::printf("generation     %.0f characters/s (KV cache)\n", r.generate_chars_per_s);
   std::printf("peak memory    %.1f MB resident\n", r.peak_rss_mb);
+  std::printf("  of which      parameters %.1f, gradients %.1f, AdamW moments %.1f, activations %.1f, "
+              "activation gradients %.1f MB\n",
+              r.params_mb, r.grads_mb, r.moments_mb, r.activations_mb, r.activation_grads_mb);
   return 0;
 }
 

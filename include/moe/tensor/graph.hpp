@@ -71,6 +71,7 @@ class Graph {
   void clear();
 
   Arena& arena() { return arena_; }
+  const Arena& grad_arena() const { return grad_arena_; }
   size_t tape_size() const { return tape_.size(); }
 
  private:
