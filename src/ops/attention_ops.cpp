@@ -58,7 +58,8 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   // Attention weights before dropout, kept for the backward; masked entries are 0.
   float* probs = g.arena().alloc_floats(B * H * TT);
   // 0 or 1/(1-p) per weight, exactly as dropout() on the [B, H, T, T] weights would draw it.
-  const float* mask = training && p > 0.f ? dropout_mask(g, B * H * TT, p, rng) : nullptr;
+  const uint8_t* mask = training && p > 0.f ? dropout_mask(g, B * H * TT, p, rng) : nullptr;
+  const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
   // one row of dot products, T rounded up to the lanes.
   const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + Tp;
@@ -69,7 +70,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     const int64_t b = bh / H, h = bh % H;
     const float* base = qkv.data + b * T * C3 + h * D;  // q at +0, k at +C, v at +2C per row
     float* P = probs + bh * TT;
-    const float* M = mask ? mask + bh * TT : nullptr;
+    const uint8_t* M = mask ? mask + bh * TT : nullptr;
     float* kt = work + omp_get_thread_num() * slot;
     float* dot = kt + D * Tp;
     std::fill(kt, kt + D * Tp, 0.f);
@@ -91,7 +92,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
       // out = Σ_s w[s] v[s], one multiply-add a position in order, 8 columns held in a register.
       float* out = y.data + (b * T + t) * C + h * D;
       const float* v = base + 2 * C;
-      const auto weight = [&](int64_t s) { return M ? row[s] * M[t * T + s] : row[s]; };
+      const auto weight = [&](int64_t s) { return M ? row[s] * dropout_factor(M[t * T + s], keep) : row[s]; };
       int64_t d0 = 0;
       for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {  // two independent chains
         v8 acc0 = {}, acc1 = {};
@@ -124,7 +125,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const float* base = qkv.data + b * T * C3 + h * D;
         float* gbase = qkv.grad + b * T * C3 + h * D;
         const float* P = probs + bh * TT;
-        const float* M = mask ? mask + bh * TT : nullptr;
+        const uint8_t* M = mask ? mask + bh * TT : nullptr;
         float* vt = work + omp_get_thread_num() * slot;
         float* dp = vt + D * Tp;
         std::fill(vt, vt + D * Tp, 0.f);
@@ -137,7 +138,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
           float dot_pdp = 0.f;
           for (int64_t s = 0; s <= t; ++s) {
             float* dv = gbase + s * C3 + 2 * C;
-            const float m = M ? M[t * T + s] : 1.f;
+            const float m = M ? dropout_factor(M[t * T + s], keep) : 1.f;
             const float d_pd = dp[s];
             const float w = row[s] * m;
             for (int64_t d = 0; d < D; ++d) dv[d] += w * dy[d];

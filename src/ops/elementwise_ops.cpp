@@ -43,12 +43,14 @@ Tensor softplus(Graph& g, const Tensor& x) {
                [](float v, float) { return act::softplus_grad(v); });
 }
 
-float* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {
-  float* mask = g.arena().alloc_floats(n);
-  rng.fill_uniform(mask, n);
-  const float keep_scale = 1.f / (1.f - p);
+const uint8_t* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {
+  auto* mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
+  const Arena::Mark scratch = g.arena().mark();
+  float* u = g.arena().alloc_floats(n);
+  rng.fill_uniform(u, n);
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) mask[i] = mask[i] >= p ? keep_scale : 0.f;
+  for (int64_t i = 0; i < n; ++i) mask[i] = u[i] >= p;
+  g.arena().rewind(scratch);
   return mask;
 }
 
@@ -56,14 +58,15 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng) {
   MOE_CHECK(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
-  const float* mask = dropout_mask(g, n, p, rng);
+  const uint8_t* mask = dropout_mask(g, n, p, rng);
+  const float scale = dropout_scale(p);
   Tensor y = g.output(x.shape, x);
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) y.data[i] = x.data[i] * mask[i];
+  for (int64_t i = 0; i < n; ++i) y.data[i] = x.data[i] * dropout_factor(mask[i], scale);
   if (y.requires_grad())
     g.record([=] {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-      for (int64_t i = 0; i < n; ++i) x.grad[i] += y.grad[i] * mask[i];
+      for (int64_t i = 0; i < n; ++i) x.grad[i] += y.grad[i] * dropout_factor(mask[i], scale);
     });
   return y;
 }

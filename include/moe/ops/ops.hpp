@@ -59,9 +59,13 @@ Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's thresho
 // Inverted dropout: zero with probability p, scale the kept by 1/(1-p). Identity when p == 0
 // or when `training` is false. The mask comes from rng (the counter advances by numel).
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng);
-// The mask dropout uses, in the arena: n values, 1/(1-p) where kept and 0 where dropped, from
-// n uniforms of rng. Shared by ops that fuse dropout (causal_attention).
-float* dropout_mask(Graph& g, int64_t n, float p, Rng& rng);
+// The mask dropout uses, in the arena: n bytes, 1 where kept and 0 where dropped, from n
+// uniforms of rng (drawn into scratch the arena takes back). Shared by ops that fuse dropout
+// (causal_attention). An element kept is multiplied by dropout_scale(p), a dropped one by 0.
+const uint8_t* dropout_mask(Graph& g, int64_t n, float p, Rng& rng);
+inline float dropout_scale(float p) { return 1.f / (1.f - p); }
+// The factor of one element: what a float mask would hold.
+inline float dropout_factor(uint8_t kept, float scale) { return kept ? scale : 0.f; }
 // Scalar (shape {1}) sum and mean of all elements.
 Tensor sum(Graph& g, const Tensor& x);
 Tensor mean(Graph& g, const Tensor& x);
