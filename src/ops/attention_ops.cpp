@@ -44,6 +44,28 @@ void dots(const float* a, const float* xt, int64_t ld, int64_t D, int64_t n, flo
   }
 }
 
+// out[d] += Σ_{s<n} c[s] · x[s·ldx + d] for d < D: one multiply-add a position in order of s
+// for each element, 8 columns held in a register (two independent chains where D allows).
+void add_weighted_rows(const float* c, int64_t n, const float* x, int64_t ldx, int64_t D, float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {
+    v8 acc0 = load8(out + d0), acc1 = load8(out + d0 + kLanes);
+    for (int64_t s = 0; s < n; ++s) {
+      acc0 += c[s] * load8(x + s * ldx + d0);
+      acc1 += c[s] * load8(x + s * ldx + d0 + kLanes);
+    }
+    __builtin_memcpy(out + d0, &acc0, sizeof acc0);
+    __builtin_memcpy(out + d0 + kLanes, &acc1, sizeof acc1);
+  }
+  for (; d0 + kLanes <= D; d0 += kLanes) {
+    v8 acc = load8(out + d0);
+    for (int64_t s = 0; s < n; ++s) acc += c[s] * load8(x + s * ldx + d0);
+    __builtin_memcpy(out + d0, &acc, sizeof acc);
+  }
+  for (int64_t d = d0; d < D; ++d)
+    for (int64_t s = 0; s < n; ++s) out[d] += c[s] * x[s * ldx + d];
+}
+
 }  // namespace
 
 Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng) {
@@ -89,31 +111,11 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
       const float inv = 1.f / z;
       for (int64_t s = 0; s <= t; ++s) row[s] *= inv;
       for (int64_t s = t + 1; s < T; ++s) row[s] = 0.f;
-      // out = Σ_s w[s] v[s], one multiply-add a position in order, 8 columns held in a register.
+      // out = Σ_s w[s] v[s], w the weights through the dropout mask (into the scores' row).
+      for (int64_t s = 0; s <= t; ++s) dot[s] = M ? row[s] * dropout_factor(M[t * T + s], keep) : row[s];
       float* out = y.data + (b * T + t) * C + h * D;
-      const float* v = base + 2 * C;
-      const auto weight = [&](int64_t s) { return M ? row[s] * dropout_factor(M[t * T + s], keep) : row[s]; };
-      int64_t d0 = 0;
-      for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {  // two independent chains
-        v8 acc0 = {}, acc1 = {};
-        for (int64_t s = 0; s <= t; ++s) {
-          const float w = weight(s);
-          acc0 += w * load8(v + s * C3 + d0);
-          acc1 += w * load8(v + s * C3 + d0 + kLanes);
-        }
-        __builtin_memcpy(out + d0, &acc0, sizeof acc0);
-        __builtin_memcpy(out + d0 + kLanes, &acc1, sizeof acc1);
-      }
-      for (; d0 + kLanes <= D; d0 += kLanes) {
-        v8 acc = {};
-        for (int64_t s = 0; s <= t; ++s) acc += weight(s) * load8(v + s * C3 + d0);
-        __builtin_memcpy(out + d0, &acc, sizeof acc);
-      }
-      for (int64_t d = d0; d < D; ++d) {
-        float acc = 0.f;
-        for (int64_t s = 0; s <= t; ++s) acc += weight(s) * v[s * C3 + d];
-        out[d] = acc;
-      }
+      std::fill(out, out + D, 0.f);
+      add_weighted_rows(dot, t + 1, base + 2 * C, C3, D, out);
     }
   }
 
@@ -145,33 +147,14 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
             dp[s] = d_pd * m;
             dot_pdp += row[s] * dp[s];
           }
-          // dS = P (dP - Σ P dP); dq[t] += scale Σ_s dS k[s]; dk[s] += scale dS q[t].
-          // dq in registers, 8 columns at a time, each added to in order of s.
+          // dS = P (dP - Σ P dP) scale, into dp; dk[s] += dS q[t]; dq[t] += Σ_s dS k[s].
           const float* q = base + t * C3;
-          float* dq = gbase + t * C3;
           for (int64_t s = 0; s <= t; ++s) dp[s] = row[s] * (dp[s] - dot_pdp) * scale;  // dS
           for (int64_t s = 0; s <= t; ++s) {
             float* dk = gbase + s * C3 + C;
             for (int64_t d = 0; d < D; ++d) dk[d] += dp[s] * q[d];
           }
-          const float* k = base + C;
-          int64_t d0 = 0;
-          for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {
-            v8 acc0 = load8(dq + d0), acc1 = load8(dq + d0 + kLanes);
-            for (int64_t s = 0; s <= t; ++s) {
-              acc0 += dp[s] * load8(k + s * C3 + d0);
-              acc1 += dp[s] * load8(k + s * C3 + d0 + kLanes);
-            }
-            __builtin_memcpy(dq + d0, &acc0, sizeof acc0);
-            __builtin_memcpy(dq + d0 + kLanes, &acc1, sizeof acc1);
-          }
-          for (; d0 + kLanes <= D; d0 += kLanes) {
-            v8 acc = load8(dq + d0);
-            for (int64_t s = 0; s <= t; ++s) acc += dp[s] * load8(k + s * C3 + d0);
-            __builtin_memcpy(dq + d0, &acc, sizeof acc);
-          }
-          for (int64_t d = d0; d < D; ++d)
-            for (int64_t s = 0; s <= t; ++s) dq[d] += dp[s] * k[s * C3 + d];
+          add_weighted_rows(dp, t + 1, base + C, C3, D, gbase + t * C3);
         }
       }
     });
