@@ -23,6 +23,20 @@ void RoutingStats::reset(int64_t layers, int64_t experts) {
   aux_sum.assign(L, 0);
 }
 
+void RoutingStats::add(const RoutingStats& other) {
+  for (size_t l = 0; l < other.tokens.size(); ++l) {
+    for (size_t e = 0; e < other.tokens_per_expert[l].size(); ++e)
+      tokens_per_expert[l][e] += other.tokens_per_expert[l][e];
+    assigned[l] += other.assigned[l];
+    dropped[l] += other.dropped[l];
+    tokens[l] += other.tokens[l];
+    forwards[l] += other.forwards[l];
+    entropy_sum[l] += other.entropy_sum[l];
+    z_sum[l] += other.z_sum[l];
+    aux_sum[l] += other.aux_sum[l];
+  }
+}
+
 nlohmann::json RoutingStats::health() const {
   nlohmann::json layers = nlohmann::json::array();
   for (size_t l = 0; l < tokens_per_expert.size(); ++l) {

@@ -65,7 +65,7 @@ Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t
   // Copies for the backward, and the groups largest first (dynamic schedule: balanced threads).
   auto* off = g.arena().alloc_ints(G + 1);
   std::copy(offsets, offsets + G + 1, off);
-  auto* ws = static_cast<Tensor*>(g.arena().alloc_bytes(sizeof(Tensor) * size_t(2 * G)));
+  Tensor* ws = g.arena().alloc_objects<Tensor>(2 * G);
   Tensor* bs = ws + G;
   std::copy(w, w + G, ws);
   std::copy(b, b + G, bs);

@@ -18,6 +18,25 @@ int64_t eval_group(const Config& cfg) {
 
 namespace {
 
+// body(t, graph) for t < threads on as many OpenMP threads: thread 0 with g, thread t > 0
+// with others[t - 1] (at least threads - 1 of them, kept by the caller so that their memory
+// serves every call). The first exception a thread throws is rethrown after.
+template <class Body>
+void on_threads(int64_t threads, Graph& g, std::vector<Graph>& others, Body&& body) {
+  std::exception_ptr error;
+#pragma omp parallel num_threads(int(threads)) if (threads > 1)
+  {
+    const int64_t t = omp_get_thread_num();
+    try {
+      body(t, t == 0 ? g : others[size_t(t - 1)]);
+    } catch (...) {
+#pragma omp critical(moe_on_threads)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 // Batches i ≡ part (mod parts) of both splits' estimates: each one's mean token loss into
 // losses[split · iters + i], `group` batches per forward.
 void estimate_part(Model& model, const Dataset& data, const Config& cfg, Graph& g, int64_t part, int64_t parts,
@@ -67,20 +86,10 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), (iters + parts - 1) / parts);
   if (group <= 0) group = std::max<int64_t>(1, eval_group(cfg) / threads);
   std::vector<double> losses(size_t(2 * iters), 0.0);
-  std::vector<Graph> graphs(size_t(std::max<int64_t>(0, threads - 1)));
-  std::exception_ptr error;
-#pragma omp parallel num_threads(int(threads)) if (threads > 1)
-  {
-    const int64_t t = omp_get_thread_num();
-    try {
-      estimate_part(model, data, cfg, t == 0 ? g : graphs[size_t(t - 1)], part + parts * t, parts * threads, group,
-                    losses.data());
-    } catch (...) {
-#pragma omp critical(moe_estimate_loss)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  std::vector<Graph> others(size_t(threads - 1));
+  on_threads(threads, g, others, [&](int64_t t, Graph& gt) {
+    estimate_part(model, data, cfg, gt, part + parts * t, parts * threads, group, losses.data());
+  });
   EvalEstimate est;
   for (int64_t split = 0; split < 2; ++split) {
     double total = 0;
@@ -89,26 +98,6 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   }
   return est;
 }
-
-namespace {
-
-// into += from, figure by figure (what accumulating from's forwards into `into` would give
-// when from holds one forward's figures).
-void add_routing(RoutingStats& into, const RoutingStats& from) {
-  for (size_t l = 0; l < from.tokens.size(); ++l) {
-    for (size_t e = 0; e < from.tokens_per_expert[l].size(); ++e)
-      into.tokens_per_expert[l][e] += from.tokens_per_expert[l][e];
-    into.assigned[l] += from.assigned[l];
-    into.dropped[l] += from.dropped[l];
-    into.tokens[l] += from.tokens[l];
-    into.forwards[l] += from.forwards[l];
-    into.entropy_sum[l] += from.entropy_sum[l];
-    into.z_sum[l] += from.z_sum[l];
-    into.aux_sum[l] += from.aux_sum[l];
-  }
-}
-
-}  // namespace
 
 SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, int64_t batch_size, Graph& g) {
   const Config& cfg = model.config();
@@ -122,40 +111,31 @@ SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, in
   const int64_t batches = windows.batches();
   const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), batches);
   const auto noise_per_batch = uint64_t(model.noise_per_forward(batch_size * T, false));
-  std::vector<Graph> graphs(size_t(threads - 1));
   std::vector<std::vector<int32_t>> xs(size_t(threads), std::vector<int32_t>(size_t(batch_size * T)));
   std::vector<std::vector<int32_t>> ys = xs;
   std::vector<RoutingStats> stats(static_cast<size_t>(threads));
   std::vector<double> sums(static_cast<size_t>(threads));  // Σ of the batch's per-token losses
-  std::exception_ptr error;
+  std::vector<Graph> others(size_t(threads - 1));
   double total = 0;
   for (int64_t first = 0; first < batches; first += threads) {
     const int64_t n = std::min(threads, batches - first);
-#pragma omp parallel num_threads(int(n)) if (n > 1)
-    {
-      const int64_t t = omp_get_thread_num(), i = first + t;
-      Graph& gt = t == 0 ? g : graphs[size_t(t - 1)];
-      try {
-        const int64_t B = windows.batch(i, xs[size_t(t)].data(), ys[size_t(t)].data());
-        Rng noise_rng(cfg.training.seed, kStreamEvalNoise);
-        noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise, uint64_t(i) * noise_per_batch});
-        stats[size_t(t)].reset(cfg.model.n_layer, cfg.router.num_experts);
-        ForwardOptions fo;
-        fo.noise_rng = &noise_rng;
-        fo.stats = &stats[size_t(t)];
-        gt.clear();
-        NoGradGuard no_grad(gt);
-        sums[size_t(t)] = double(model.forward(gt, xs[size_t(t)].data(), ys[size_t(t)].data(), B, T, fo).loss.data[0]) *
-                          double(B * T);
-      } catch (...) {
-#pragma omp critical(moe_evaluate_split)
-        if (!error) error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
+    on_threads(n, g, others, [&](int64_t t, Graph& gt) {
+      const int64_t i = first + t;
+      const int64_t B = windows.batch(i, xs[size_t(t)].data(), ys[size_t(t)].data());
+      Rng noise_rng(cfg.training.seed, kStreamEvalNoise);
+      noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise, uint64_t(i) * noise_per_batch});
+      stats[size_t(t)].reset(cfg.model.n_layer, cfg.router.num_experts);
+      ForwardOptions fo;
+      fo.noise_rng = &noise_rng;
+      fo.stats = &stats[size_t(t)];
+      gt.clear();
+      NoGradGuard no_grad(gt);
+      sums[size_t(t)] =
+          double(model.forward(gt, xs[size_t(t)].data(), ys[size_t(t)].data(), B, T, fo).loss.data[0]) * double(B * T);
+    });
     for (int64_t t = 0; t < n; ++t) {
       total += sums[size_t(t)];
-      add_routing(ev.routing, stats[size_t(t)]);
+      ev.routing.add(stats[size_t(t)]);
     }
   }
   g.clear();

@@ -55,6 +55,9 @@ struct RoutingStats {
   std::vector<double> aux_sum;      // [layer]: Σ over forwards of Σ_i f_i P_i (aux loss / E)
   void reset(int64_t layers, int64_t experts);
   bool empty() const { return tokens_per_expert.empty(); }
+  // Adds other's figures to these (same layers and experts): from the forwards of other, what
+  // gathering them here after these would give.
+  void add(const RoutingStats& other);
   // Per layer: {"load": fraction of slots per expert, "dropped_frac", "router_entropy",
   // "aux_loss", "z_loss", "max_violation" (max load / mean load - 1)}.
   nlohmann::json health() const;
