@@ -85,7 +85,10 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
   // one row of dot products, T rounded up to the lanes.
   const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + Tp;
-  float* work = g.arena().alloc_floats(omp_get_max_threads() * slot);
+  // Zeroed once: the transposes fill columns [0, T) and the padding lanes stay 0.
+  const int64_t work_floats = omp_get_max_threads() * slot;
+  float* work = g.arena().alloc_floats(work_floats);
+  std::fill(work, work + work_floats, 0.f);
 
 #pragma omp parallel for schedule(static) if (B * H * TT * D > kParallelMinWork)
   for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -95,7 +98,6 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     const uint8_t* M = mask ? mask + bh * TT : nullptr;
     float* kt = work + omp_get_thread_num() * slot;
     float* dot = kt + D * Tp;
-    std::fill(kt, kt + D * Tp, 0.f);
     transpose_rows(base + C, C3, T, D, kt, Tp);
     for (int64_t t = 0; t < T; ++t) {
       const float* q = base + t * C3;
@@ -130,7 +132,6 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const uint8_t* M = mask ? mask + bh * TT : nullptr;
         float* vt = work + omp_get_thread_num() * slot;
         float* dp = vt + D * Tp;
-        std::fill(vt, vt + D * Tp, 0.f);
         transpose_rows(base + 2 * C, C3, T, D, vt, Tp);
         for (int64_t t = 0; t < T; ++t) {
           const float* dy = y.grad + (b * T + t) * C + h * D;
