@@ -354,8 +354,11 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
   }
 
   // Balancing losses from the clean logits and the router's choices (before any capacity).
-  if (losses && rc.aux_loss_coef > 0) losses->aux.push(switch_aux_loss(g, clean, slots));
-  if (losses && rc.z_loss_coef > 0) losses->z.push(router_z_loss(g, clean));
+  {
+    Graph::KeepGrads added_after_the_blocks(g);
+    if (losses && rc.aux_loss_coef > 0) losses->aux.push(switch_aux_loss(g, clean, slots));
+    if (losses && rc.z_loss_coef > 0) losses->z.push(router_z_loss(g, clean));
+  }
 
   Tensor acc = g.zeros({N, C_}, g.grad_enabled());  // (N, C)
   if (dist && expert_parallel_) {
@@ -519,8 +522,14 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
     const BlockParams& bp = blocks_[size_t(l)];
     mark_ready(bp.ln1.weight);
     const Arena::Mark before = g.arena().mark();
+    g.begin_grad_scope();
     Tensor y = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
-    y = add(g, y, moe_ffn(g, bp, apply_norm(g, bp.ln2, y), l, opt, targets ? &router_losses : nullptr));
+    const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y), l, opt, targets ? &router_losses : nullptr);
+    {
+      Graph::KeepGrads outlives_block(g);
+      y = add(g, y, f);
+    }
+    g.end_grad_scope();
     if (!rewind) {
       x = y;
       continue;

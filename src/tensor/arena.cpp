@@ -25,11 +25,14 @@ void* Arena::alloc_bytes(size_t bytes, size_t align) {
   return alloc_bytes(bytes, align);
 }
 
-void Arena::zero_used() {
+void Arena::zero_used() { zero_to(mark()); }
+
+void Arena::zero_to(const Mark& m) {
   constexpr size_t kBlock = size_t(1) << 16;  // bytes a task zeroes
-  for (size_t i = 0; i <= current_ && i < chunks_.size(); ++i) {
+  for (size_t i = 0; i <= m.chunk && i < chunks_.size(); ++i) {
     std::byte* mem = chunks_[i].mem.get();
-    const size_t used = chunks_[i].used;
+    // Chunks before the mark whole: how far they are used now may differ from then.
+    const size_t used = i == m.chunk ? m.used : chunks_[i].size;
     const auto blocks = int64_t((used + kBlock - 1) / kBlock);
 #pragma omp parallel for schedule(static) if (blocks > 4)
     for (int64_t b = 0; b < blocks; ++b)

@@ -8,7 +8,7 @@ Tensor Graph::new_tensor(const Shape& s, bool requires_grad) {
   Tensor t;
   t.shape = s;
   t.data = arena_.alloc_floats(s.numel());
-  if (requires_grad) t.grad = grad_arena_.alloc_floats(s.numel());  // zeroed by backward
+  if (requires_grad) t.grad = (scope_open_ && !keep_ ? scope_arena_ : grad_arena_).alloc_floats(s.numel());
   return t;
 }
 
@@ -43,6 +43,21 @@ void Graph::clear() {
   tape_.clear();
   arena_.reset();
   grad_arena_.reset();
+  scope_arena_.reset();
+  scope_open_ = false;
+}
+
+void Graph::begin_grad_scope() {
+  if (!grad_enabled_ || !scopes_on_) return;
+  MOE_CHECK(!scope_open_, "Graph::begin_grad_scope", "a gradient scope is already open");
+  scope_arena_.reset();
+  scope_open_ = true;
+}
+
+void Graph::end_grad_scope() {
+  if (!scope_open_) return;
+  scope_open_ = false;
+  record([arena = &scope_arena_, end = scope_arena_.mark()] { arena->zero_to(end); });
 }
 
 }  // namespace moe

@@ -62,7 +62,7 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   r.params_mb = r.grads_mb = param_mb;
   r.moments_mb = double(adamw.m().size() + adamw.v().size()) * sizeof(float) / kMB;
   r.activations_mb = double(g.arena().bytes_reserved()) / kMB;
-  r.activation_grads_mb = double(g.grad_arena().bytes_reserved()) / kMB;
+  r.activation_grads_mb = double(g.grad_arena().bytes_reserved() + g.scope_grad_arena().bytes_reserved()) / kMB;
   std::vector<int32_t> x(static_cast<size_t>(B * T)), y(static_cast<size_t>(B * T));
   ForwardOptions eval;
   eval.noise_rng = &noise;

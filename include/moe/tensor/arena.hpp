@@ -21,8 +21,6 @@ class Arena {
   // Uninitialised, aligned to `align` (a power of two, at most 64).
   void* alloc_bytes(size_t bytes, size_t align = 64);
   float* alloc_floats(int64_t n) { return static_cast<float*>(alloc_bytes(sizeof(float) * size_t(n))); }
-  // Zeroes every byte handed out since the last reset, in parallel.
-  void zero_used();
   int32_t* alloc_ints(int64_t n) { return static_cast<int32_t*>(alloc_bytes(sizeof(int32_t) * size_t(n))); }
   // n value-initialised objects; their type must need no destructor (the arena only forgets).
   template <class T>
@@ -42,6 +40,10 @@ class Arena {
   };
   Mark mark() const { return {current_, current_ < chunks_.size() ? chunks_[current_].used : 0}; }
   void rewind(const Mark& m);
+  // Zeroes, in parallel, every byte handed out since the last reset (zero_used), or every byte
+  // before a mark taken earlier (zero_to: the chunks before its chunk whole).
+  void zero_used();
+  void zero_to(const Mark& m);
   size_t bytes_reserved() const;  // total size of the chunks held
   size_t bytes_used() const;      // bytes handed out since the last reset
 

@@ -11,6 +11,8 @@
 // ints, floats and arena pointers by value, never std::vector or std::string.
 //
 // A training step: g.clear(); build the forward; g.backward(loss); optimizer step.
+// Model::forward puts each block in a gradient scope, so that activation gradients take one
+// block's memory (see begin_grad_scope).
 // Parameter gradients live in the ParamStore and accumulate until zeroed explicitly.
 #pragma once
 
@@ -70,8 +72,32 @@ class Graph {
   // Drops the tape and every arena allocation (keeping the memory).
   void clear();
 
+  // Gradient scopes, for the blocks of a training forward. The gradient of a tensor made
+  // inside a scope is written and read only by the closures recorded inside it, which the
+  // backward pass runs one after the other; so every scope's gradients share one region, and
+  // end_grad_scope() records the closure that zeroes it when the backward pass enters the
+  // scope. A tensor that outlives its scope (the block's output, a loss term added at the
+  // end) is made under a KeepGrads. Not nested; nothing happens in no-grad mode or after
+  // set_grad_scopes(false), which gives every gradient its own memory again (tests).
+  void begin_grad_scope();
+  void end_grad_scope();
+  void set_grad_scopes(bool on) { scopes_on_ = on; }
+  class KeepGrads {
+   public:
+    explicit KeepGrads(Graph& g) : g_(g), old_(g.keep_) { g.keep_ = true; }
+    ~KeepGrads() { g_.keep_ = old_; }
+    KeepGrads(const KeepGrads&) = delete;
+    KeepGrads& operator=(const KeepGrads&) = delete;
+
+   private:
+    Graph& g_;
+    bool old_;
+  };
+
   Arena& arena() { return arena_; }
+  // Gradient memory: of tensors outside any scope, and the region the scopes share.
   const Arena& grad_arena() const { return grad_arena_; }
+  const Arena& scope_grad_arena() const { return scope_arena_; }
   size_t tape_size() const { return tape_.size(); }
 
  private:
@@ -80,7 +106,9 @@ class Graph {
     void* closure;
   };
   Arena arena_;       // tensors' data, closures, scratch
-  Arena grad_arena_;  // tensors' gradients
+  Arena grad_arena_;  // tensors' gradients, zeroed by backward()
+  Arena scope_arena_; // gradients made inside a scope, zeroed by the scope's closure
+  bool scopes_on_ = true, scope_open_ = false, keep_ = false;
   std::vector<Node> tape_;
   bool grad_enabled_ = true;
 };
