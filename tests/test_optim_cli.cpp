@@ -94,10 +94,12 @@ TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
   REQUIRE(b.code == 0);
   CHECK_THAT(b.out, Catch::Contains("\"step_ms_median\"") && Catch::Contains("\"generate_chars_per_s\"") &&
                         Catch::Contains("\"peak_rss_mb\""));
-  {  // the memory breakdown: moments are two copies of the parameters, the arenas hold something
+  {  // the memory breakdown: moments are two copies of the parameters, the arenas hold something;
+    // without clipping AdamW runs group by group, so the gradients are those of the block
     const auto mem = nlohmann::json::parse(b.out.substr(b.out.find('{')))["memory_mb"];
     CHECK(mem["parameters"].get<double>() > 0);
-    CHECK(mem["gradients"].get<double>() == mem["parameters"].get<double>());
+    CHECK(mem["gradients"].get<double>() > 0);
+    CHECK(mem["gradients"].get<double>() < mem["parameters"].get<double>());
     CHECK(mem["adamw_moments"].get<double>() == 2 * mem["parameters"].get<double>());
     CHECK(mem["activations"].get<double>() > 0);
     CHECK(mem["activation_gradients"].get<double>() > 0);

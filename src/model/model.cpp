@@ -477,6 +477,13 @@ int64_t Model::noise_per_forward(int64_t rows, bool training) const {
 
 int Model::expert_owner(int64_t e) const { return expert_parallel_ ? int(e / (E_ / ranks_)) : 0; }
 
+std::vector<int> Model::grad_groups() const {
+  std::vector<int> first{0};
+  for (const BlockParams& b : blocks_) first.push_back(b.ln1.weight);
+  first.push_back(ln_f_.weight);
+  return first;
+}
+
 std::vector<int> Model::param_expert() const {
   std::vector<int> out(size_t(params_.count()), -1);
   for (const BlockParams& b : blocks_)

@@ -19,7 +19,7 @@ AdamW::AdamW(const OptimizerConfig& cfg, const ParamStore& params)
 namespace {
 
 template <bool ZeroGrads>
-void update(float* p, float* g, float* m, float* v, const uint8_t* decay, int64_t begin, int64_t end, float lr, float wd,
+void adamw_update(float* p, float* g, float* m, float* v, const uint8_t* decay, int64_t begin, int64_t end, float lr, float wd,
             float b1, float b2, float eps, float bc2_sqrt, float step_size) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = begin; i < end; ++i) {
@@ -34,20 +34,30 @@ void update(float* p, float* g, float* m, float* v, const uint8_t* decay, int64_
 
 }  // namespace
 
-void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* only, bool zero_grads) {
+void AdamW::begin_step(float lr) {
   ++t_;
+  lr_ = lr;
+  // The powers of the betas as floats, as the update uses them.
+  bc1_ = 1.f - float(std::pow(double(float(cfg_.beta1)), double(t_)));
+  bc2_sqrt_ = float(std::sqrt(1.0 - std::pow(double(float(cfg_.beta2)), double(t_))));
+}
+
+void AdamW::update(ParamStore& params, const FloatRange& r, float* g, bool zero_grads) {
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
-  const float wd = float(cfg_.weight_decay);
-  const float bc1 = 1.f - float(std::pow(double(b1), double(t_)));
-  const float bc2_sqrt = float(std::sqrt(1.0 - std::pow(double(b2), double(t_))));
-  const float step_size = lr / bc1;
+  const float wd = float(cfg_.weight_decay), step_size = lr_ / bc1_;
+  (zero_grads ? adamw_update<true> : adamw_update<false>)(params.data() + r.begin, g, m_.data() + r.begin,
+                                                          v_.data() + r.begin, decay_.data() + r.begin, 0,
+                                                          r.end - r.begin, lr_, wd, b1, b2, eps, bc2_sqrt_, step_size);
+}
+
+void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* only, bool zero_grads) {
+  MOE_CHECK(!params.grads_shared(), "AdamW::step",
+            "the gradients share one region (ParamStore::share_grads): update each group as it completes");
+  begin_step(lr);
   const FloatRange all{0, params.numel()};
   const FloatRange* ranges = only ? only->data() : &all;
-  for (size_t k = 0, n_ranges = only ? only->size() : 1; k < n_ranges; ++k) {
-    const FloatRange& r = ranges[k];
-    (zero_grads ? update<true> : update<false>)(params.data(), params.grad(), m_.data(), v_.data(), decay_.data(),
-                                                r.begin, r.end, lr, wd, b1, b2, eps, bc2_sqrt, step_size);
-  }
+  for (size_t k = 0, n_ranges = only ? only->size() : 1; k < n_ranges; ++k)
+    update(params, ranges[k], params.grad() + ranges[k].begin, zero_grads);
 }
 
 float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps) {
@@ -62,20 +72,21 @@ float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps)
 }
 
 double sum_of_squares(const float* x, int64_t n) {
-  constexpr int64_t kChunk = 1 << 14;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = (n + kSquaresChunk - 1) / kSquaresChunk;
   thread_local std::vector<double> scratch;  // reused: no allocation per step
   scratch.assign(size_t(chunks), 0.0);
   double* partial = scratch.data();  // the calling thread's, shared with the team
 #pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
-    double s = 0;
-    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(x[i]) * x[i];
-    partial[size_t(c)] = s;
-  }
+  for (int64_t c = 0; c < chunks; ++c)
+    partial[size_t(c)] = add_squares(0.0, x + c * kSquaresChunk, std::min(n - c * kSquaresChunk, kSquaresChunk));
   double total = 0;
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];
   return total;
+}
+
+double add_squares(double s, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s += double(x[i]) * x[i];
+  return s;
 }
 
 void clip_to_norm(ParamStore& params, double norm, double max_norm) {
@@ -88,6 +99,7 @@ void clip_to_norm(ParamStore& params, double norm, double max_norm) {
 }
 
 double clip_grad_norm(ParamStore& params, double max_norm) {
+  MOE_CHECK(!params.grads_shared(), "clip_grad_norm", "the gradients share one region (ParamStore::share_grads)");
   const double norm = std::sqrt(sum_of_squares(params.grad(), params.numel()));
   clip_to_norm(params, norm, max_norm);
   return norm;

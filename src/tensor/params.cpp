@@ -32,7 +32,7 @@ Tensor ParamStore::get(int id) const {
   Tensor t;
   t.shape = p.shape;
   t.data = const_cast<float*>(data_.data()) + p.offset;
-  t.grad = const_cast<float*>(grad_.data()) + p.offset;
+  t.grad = const_cast<float*>(grad_.data()) + (grad_offset_.empty() ? p.offset : grad_offset_[size_t(id)]);
   return t;
 }
 
@@ -48,9 +48,25 @@ int64_t ParamStore::parameter_count() const {
   return n;
 }
 
+void ParamStore::share_grads(const std::vector<int>& first_ids) {
+  MOE_CHECK(finalized_, "ParamStore::share_grads", "finalize() the store first");
+  MOE_CHECK(!first_ids.empty() && first_ids[0] == 0, "ParamStore::share_grads", "the first group must start at id 0");
+  std::vector<int64_t> offsets(params_.size());
+  int64_t largest = 0;
+  for (size_t k = 0; k < first_ids.size(); ++k) {
+    const int first = first_ids[k], end = k + 1 < first_ids.size() ? first_ids[k + 1] : count();
+    MOE_CHECK(first < end && end <= count(), "ParamStore::share_grads", "group first ids must ascend below the count");
+    const int64_t base = params_[size_t(first)].offset;
+    for (int id = first; id < end; ++id) offsets[size_t(id)] = params_[size_t(id)].offset - base;
+    largest = std::max(largest, (end < count() ? params_[size_t(end)].offset : total_) - base);
+  }
+  grad_offset_ = std::move(offsets);
+  grad_ = std::vector<float>(size_t(largest), 0.0f);  // the old block's memory goes back
+}
+
 void ParamStore::zero_grad() {
   float* g = grad_.data();
-  const int64_t n = total_;
+  const auto n = int64_t(grad_.size());
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) g[i] = 0.f;
 }

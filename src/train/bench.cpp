@@ -58,8 +58,8 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
     if (i >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
   }
   constexpr double kMB = 1024.0 * 1024.0;
-  const double param_mb = double(model.params().numel()) * sizeof(float) / kMB;
-  r.params_mb = r.grads_mb = param_mb;
+  r.params_mb = double(model.params().numel()) * sizeof(float) / kMB;
+  r.grads_mb = double(model.params().grad_numel()) * sizeof(float) / kMB;
   r.moments_mb = double(adamw.m().size() + adamw.v().size()) * sizeof(float) / kMB;
   r.activations_mb = double(g.arena().bytes_reserved()) / kMB;
   r.activation_grads_mb = double(g.grad_arena().bytes_reserved() + g.scope_grad_arena().bytes_reserved()) / kMB;

@@ -87,6 +87,54 @@ void install_stop_signal_handlers() {
   std::signal(SIGTERM, on_stop_signal);
 }
 
+GroupUpdate::GroupUpdate(AdamW& adamw, ParamStore& params)
+    : adamw_(adamw),
+      params_(params),
+      partial_(size_t((params.numel() + kSquaresChunk - 1) / kSquaresChunk)),
+      carry_(size_t(kSquaresChunk)) {}
+
+void GroupUpdate::begin(float lr, bool norm) {
+  adamw_.begin_step(lr);
+  end_ = params_.numel();
+  norm_ = norm;
+}
+
+void GroupUpdate::from(int first_param) { complete(params_.info(first_param).offset); }
+
+void GroupUpdate::complete(int64_t b) {
+  const int64_t e = end_;
+  if (b >= e) return;
+  float* g = params_.grad();  // g[i - b]: the gradient of float i
+  if (norm_) {
+    // Chunks from the one holding b up: all but perhaps the lowest are complete now.
+    const int64_t K = kSquaresChunk, n = params_.numel(), c_lo = b / K, c_hi = (e - 1) / K;
+    const int64_t first_full = c_lo * K == b ? c_lo : c_lo + 1;
+    double* partial = partial_.data();
+    const float* carry = carry_.data();
+#pragma omp parallel for schedule(static)
+    for (int64_t c = first_full; c <= c_hi; ++c) {
+      const int64_t cs = c * K, ce = std::min(cs + K, n);
+      double s = add_squares(0.0, g + (cs - b), std::min(ce, e) - cs);
+      if (ce > e) s = add_squares(s, carry + (e - cs), ce - e);  // from the groups done before
+      partial[c] = s;
+    }
+    if (first_full > c_lo) {  // the chunk holding b continues below it: keep this group's part
+      const int64_t cs = c_lo * K, hi = std::min(cs + K, e);
+      std::copy(g, g + (hi - b), carry_.begin() + (b - cs));
+    }
+  }
+  adamw_.update(params_, {b, e}, g, true);
+  end_ = b;
+}
+
+double GroupUpdate::finish() {
+  complete(0);
+  if (!norm_) return std::numeric_limits<double>::quiet_NaN();
+  double total = 0;
+  for (double s : partial_) total += s;
+  return std::sqrt(total);
+}
+
 TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTraining& par, BatchSampler& sampler,
                      Rng& dropout_rng, Rng& noise_rng, Graph& g, RoutingStats* stats)
     : cfg_(cfg),
@@ -95,6 +143,7 @@ TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTrai
       par_(par),
       sampler_(sampler),
       g_(g),
+      group_(adamw, model.params()),
       x_(size_t(cfg.training.batch_size * cfg.model.block_size)),
       y_(x_.size()) {
   fo_.training = true;
@@ -103,6 +152,11 @@ TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTrai
   fo_.stats = stats;
   fo_.distributed = par.ranks() > 1;
   fo_.grads_ready = par.overlap();
+  grouped_ = par.ranks() == 1 && !(cfg.optimizer.grad_clip > 0);
+  if (grouped_) {
+    if (!model.params().grads_shared()) model.params().share_grads(model.grad_groups());
+    fo_.grads_ready = &group_;
+  }
 }
 
 StepResult TrainStep::run(int64_t step, bool grad_norm) {
@@ -111,26 +165,33 @@ StepResult TrainStep::run(int64_t step, bool grad_norm) {
   if (!grads_zero_) model_.params().zero_grad();
   grads_zero_ = false;
   sampler_.next(x_.data(), y_.data());
+  StepResult res;
+  res.lr = learning_rate(cfg_.optimizer, step, cfg_.training.max_steps);
   Model::Output o = model_.forward(g_, x_.data(), y_.data(), cfg_.training.batch_size, cfg_.model.block_size, fo_);
   // The global batch's loss, so that every rank takes the same decisions, and whether any rank
   // has seen a signal, in one all-reduce: a second one per step for the flag alone costs a
   // round trip between the processes.
   double sums[2] = {o.loss.data[0], g_stop_signal.load() != 0 ? 1.0 : 0.0};
   if (R > 1) par_.sum(sums, 2);
-  StepResult res;
   res.loss = sums[0] / double(R);
   res.stop = sums[1] > 0;
   if (!std::isfinite(res.loss))
     throw std::runtime_error("training diverged: loss is " + std::to_string(res.loss) + " at step " +
                              std::to_string(step) + "; the last good checkpoint is kept in " +
                              cfg_.logging.out_dir + " (try a lower optimizer.lr or optimizer.grad_clip)");
-  g_.backward(o.objective);
-  par_.reduce_gradients();
-  res.grad_norm = grad_norm || cfg_.optimizer.grad_clip > 0 ? par_.clip_grad_norm(cfg_.optimizer.grad_clip)
-                                                             : std::numeric_limits<double>::quiet_NaN();
-  res.lr = learning_rate(cfg_.optimizer, step, cfg_.training.max_steps);
-  adamw_.step(model_.params(), res.lr, par_.update_ranges(), true);
-  grads_zero_ = par_.update_ranges() == nullptr;  // expert parallelism leaves other experts' ranges
+  if (grouped_) {
+    group_.begin(res.lr, grad_norm);
+    g_.backward(o.objective);
+    res.grad_norm = group_.finish();
+    grads_zero_ = true;
+  } else {
+    g_.backward(o.objective);
+    par_.reduce_gradients();
+    res.grad_norm = grad_norm || cfg_.optimizer.grad_clip > 0 ? par_.clip_grad_norm(cfg_.optimizer.grad_clip)
+                                                               : std::numeric_limits<double>::quiet_NaN();
+    adamw_.step(model_.params(), res.lr, par_.update_ranges(), true);
+    grads_zero_ = par_.update_ranges() == nullptr;  // expert parallelism leaves other experts' ranges
+  }
   model_.update_balance_bias();  // no-op unless router.bias_update_rate > 0
   return res;
 }

@@ -125,6 +125,11 @@ class Model {
   // Parameters that one token actually uses (shared parts + top_k experts per layer).
   int64_t active_param_count() const;
 
+  // The groups of parameters whose gradients complete together in the backward pass, by the
+  // id of each one's first: the embeddings (id 0, complete last), each block, the head. The
+  // forward's GradientsReady calls name these ids but the first.
+  std::vector<int> grad_groups() const;
+
   // Fills every parameter per config.model.init from rng (registration order).
   void init(Rng& rng);
 

@@ -25,6 +25,11 @@ class AdamW {
   // zero_grads: each gradient it reads is set to 0 in the same pass, which saves the next
   // step a pass over all of them (ParamStore::zero_grad) when no range was left out.
   void step(ParamStore& params, float lr, const std::vector<FloatRange>* only = nullptr, bool zero_grads = false);
+  // step() in parts, for updating groups of parameters as the backward pass completes their
+  // gradients: begin_step increments the step count and fixes lr; each update() then changes
+  // the floats of r, reading their gradients from g (r.end - r.begin floats).
+  void begin_step(float lr);
+  void update(ParamStore& params, const FloatRange& r, float* g, bool zero_grads);
   int64_t steps() const { return t_; }
   // Moments, same layout as the parameter block (for checkpoints).
   std::vector<float>& m() { return m_; }
@@ -38,6 +43,7 @@ class AdamW {
   std::vector<float> m_, v_;
   std::vector<uint8_t> decay_;  // per float of the block: weight decay applies
   int64_t t_ = 0;
+  float lr_ = 0, bc1_ = 1, bc2_sqrt_ = 1;  // of the step begun last
 };
 
 // Learning rate at `step` (0-based) for the config's schedule.
@@ -47,8 +53,12 @@ float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps)
 // thread count). When max_norm > 0 and the norm exceeds it, scales the gradients down to it.
 // Returns the norm before clipping.
 double clip_grad_norm(ParamStore& params, double max_norm);
-// Σ x[i]² in double, over fixed chunks summed in order: the same bits for any thread count.
+// Σ x[i]² in double, over chunks of kSquaresChunk floats each summed by add_squares, the
+// chunks' sums then added in order: the same bits for any thread count.
+constexpr int64_t kSquaresChunk = int64_t(1) << 14;
 double sum_of_squares(const float* x, int64_t n);
+// s + x[0]² + x[1]² + ... in double, in order.
+double add_squares(double s, const float* x, int64_t n);
 // When max_norm > 0 and norm exceeds it, scales every gradient by max_norm / (norm + 1e-6).
 void clip_to_norm(ParamStore& params, double norm, double max_norm);
 

@@ -43,13 +43,26 @@ class ParamStore {
 
   float* data() { return data_.data(); }
   const float* data() const { return data_.data(); }
+  // The gradient block: the gradient of the float at offset i of data() is grad()[i], unless
+  // the gradients are shared (below).
   float* grad() { return grad_.data(); }
   const float* grad() const { return grad_.data(); }
   void zero_grad();
 
+  // Gives the gradients of every group one shared region, for a trainer that updates each
+  // group as soon as the backward pass completes its gradients and zeroes them there (the
+  // gradients of one group, then, are all that exist at any time). Groups are runs of
+  // parameters in registration order, group k from id first_ids[k] (the first is 0) to the
+  // next group's. After this, parameter id's gradient is at grad() + offset(id) - offset of
+  // its group's first, the gradients are zero, and grad() holds the largest group.
+  void share_grads(const std::vector<int>& first_ids);
+  bool grads_shared() const { return !grad_offset_.empty(); }
+  int64_t grad_numel() const { return int64_t(grad_.size()); }  // numel(), or the largest group
+
  private:
   std::vector<ParamInfo> params_;
   std::vector<float> data_, grad_;
+  std::vector<int64_t> grad_offset_;  // per id, when shared: its gradient's offset in grad_
   int64_t total_ = 0;
   bool finalized_ = false;
 };

@@ -59,9 +59,36 @@ struct StepResult {
   bool stop = false;
 };
 
+// AdamW applied to each group of parameters (Model::grad_groups) as soon as the backward pass
+// completes its gradients, which all groups hold in one shared region (ParamStore::
+// share_grads): the gradients take one group's memory, and are updated while still in cache.
+// For a step without clipping in one process. The gradient norm, when asked for, has the bits
+// of sum_of_squares over the whole unshared block: each of its chunks is summed once all of
+// its gradients exist, the part from groups updated earlier kept aside until then.
+class GroupUpdate final : public GradientsReady {
+ public:
+  GroupUpdate(AdamW& adamw, ParamStore& params);
+  void begin(float lr, bool norm);  // before the forward
+  void from(int first_param) override;
+  // After the backward: updates the first group; returns the gradient norm, or NaN when begin
+  // was not asked for it. Every gradient is zero again.
+  double finish();
+
+ private:
+  void complete(int64_t begin);  // the floats [begin, end_) have their final gradients
+  AdamW& adamw_;
+  ParamStore& params_;
+  int64_t end_ = 0;  // floats from here on are updated
+  bool norm_ = false;
+  std::vector<double> partial_;  // per chunk of kSquaresChunk floats
+  std::vector<float> carry_;     // gradients of [end_, the end of its chunk)
+};
+
 // One training step: the next batch, forward, backward, the gradients summed over the ranks,
 // clipping, AdamW and the balancing bias. moe train runs it, moe bench times it and the
-// allocation test counts it, so all three see the same step. Collective under MPI.
+// allocation test counts it, so all three see the same step. Collective under MPI. In one
+// process without clipping, AdamW runs group by group in the backward pass (GroupUpdate), and
+// from construction on the model's gradients are shared (ParamStore::share_grads).
 class TrainStep {
  public:
   // Keeps references to all of these: they must outlive it. stats, when set, accumulates the
@@ -82,6 +109,8 @@ class TrainStep {
   BatchSampler& sampler_;
   Graph& g_;
   ForwardOptions fo_;
+  GroupUpdate group_;
+  bool grouped_ = false;  // AdamW runs in the backward pass, through group_
   std::vector<int32_t> x_, y_;  // (B, T) inputs and targets
   bool grads_zero_ = false;     // the last step's AdamW left every gradient at 0
 };
