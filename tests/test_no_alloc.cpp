@@ -58,14 +58,17 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 using namespace moe;
 
 TEST_CASE("a training step allocates nothing after the first few", "[alloc]") {
-  const bool features = GENERATE(false, true);
-  INFO((features ? "every MoE option on" : "makeMoE-like"));
+  // makeMoE-like (AdamW group by group in the backward pass); every MoE option with clipping
+  // (AdamW after it); every option with recomputation.
+  const int mode = GENERATE(0, 1, 2);
+  INFO((mode == 0 ? "makeMoE-like" : mode == 1 ? "every MoE option, clipping" : "every MoE option, recompute"));
+  const bool features = mode > 0;
   nlohmann::json j = {
       {"data", {{"path", std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt"}}},
       {"model", {{"block_size", 16}, {"n_embed", 32}, {"n_head", 4}, {"n_layer", 2}, {"dropout", 0.1}}},
       {"router", {{"num_experts", 4}, {"top_k", 2}}},
-      {"optimizer", {{"lr", 1e-2}, {"grad_clip", 1.0}}},
-      {"training", {{"batch_size", 8}, {"seed", 3}}}};
+      {"optimizer", {{"lr", 1e-2}, {"grad_clip", mode == 1 ? 1.0 : 0.0}}},
+      {"training", {{"batch_size", 8}, {"seed", 3}, {"recompute", mode == 2}}}};
   if (features) {
     j["model"]["expert_ffn"] = "swiglu";
     j["model"]["shared_experts"] = 1;

@@ -140,6 +140,7 @@ const std::vector<Field>& fields() {
       field("training", "max_steps", &Config::training, &TrainingConfig::max_steps, non_negative()),
       field("training", "seed", &Config::training, &TrainingConfig::seed, non_negative()),
       field("training", "threads", &Config::training, &TrainingConfig::threads, non_negative()),
+      field("training", "recompute", &Config::training, &TrainingConfig::recompute),
       field("logging", "log_interval", &Config::logging, &LoggingConfig::log_interval, positive()),
       field("logging", "eval_interval", &Config::logging, &LoggingConfig::eval_interval, positive()),
       field("logging", "eval_iters", &Config::logging, &LoggingConfig::eval_iters, positive()),

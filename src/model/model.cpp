@@ -494,6 +494,64 @@ std::vector<int> Model::param_expert() const {
   return out;
 }
 
+Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses) {
+  const BlockParams& bp = blocks_[size_t(l)];
+  const Tensor y = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
+  const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y), l, opt, losses);
+  Graph::KeepGrads outlives_block(g);
+  return add(g, y, f);
+}
+
+Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt,
+                               RouterLosses* losses) {
+  // The random numbers the block is about to draw, for drawing them again.
+  const Rng no_rng(0, 0);
+  const Rng drop0 = opt.dropout_rng ? *opt.dropout_rng : no_rng, noise0 = opt.noise_rng ? *opt.noise_rng : no_rng;
+  Tensor out = g.new_tensor(x.shape, true);
+  Tensor aux_item, z_item;
+  RouterLosses mine{{&aux_item, 0}, {&z_item, 0}};
+  Graph* sub = opt.recompute;  // idle until the backward pass: it holds this run too
+  sub->clear();
+  {
+    NoGradGuard no_grad(*sub);
+    const Tensor y = block(*sub, l, x, opt, losses ? &mine : nullptr);
+    std::memcpy(out.data, y.data, sizeof(float) * size_t(x.numel()));
+  }
+  // The router losses' scalars, as tensors with gradients here.
+  const auto keep = [&](LossList& from, LossList* to) {
+    if (!from.size) return Tensor{};
+    const float v = from.items[0].data[0];
+    const Tensor t = g.new_tensor(from.items[0].shape, true);
+    t.data[0] = v;
+    to->push(t);
+    return t;
+  };
+  const Tensor aux = losses ? keep(mine.aux, &losses->aux) : Tensor{};
+  const Tensor z = losses ? keep(mine.z, &losses->z) : Tensor{};
+  ForwardOptions again = opt;
+  again.stats = nullptr;  // counted once, in the forward
+  again.chosen = nullptr;
+  again.grads_ready = nullptr;
+  again.recompute = nullptr;
+  const bool with_losses = losses != nullptr;
+  g.record([this, sub, l, x, out, aux, z, again, drop0, noise0, with_losses] {
+    Rng drop = drop0, noise = noise0;
+    ForwardOptions o = again;
+    if (o.dropout_rng) o.dropout_rng = &drop;
+    if (o.noise_rng) o.noise_rng = &noise;
+    sub->clear();
+    const Tensor xs = sub->new_tensor(x.shape, true);
+    std::memcpy(xs.data, x.data, sizeof(float) * size_t(x.numel()));
+    Tensor aux_again, z_again;
+    RouterLosses rl{{&aux_again, 0}, {&z_again, 0}};
+    const Tensor y = block(*sub, l, xs, o, with_losses ? &rl : nullptr);
+    sub->backward_from({{y, out.grad}, {aux_again, aux.grad}, {z_again, z.grad}});
+    if (x.grad)  // its only use: the sum equals the one the block would have made here
+      for (int64_t i = 0; i < x.numel(); ++i) x.grad[i] += xs.grad[i];
+  });
+  return out;
+}
+
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,
                              int64_t T, const ForwardOptions& opt) {
   MOE_CHECK(T >= 1 && T <= T_max_, "Model::forward",
@@ -517,6 +575,8 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   // back into x, the router losses' scalars into `kept`, and the arena back to where it was
   // before the block. A forward then holds one block's activations, whatever the depth.
   const bool rewind = !g.grad_enabled();
+  const bool recompute = g.grad_enabled() && opt.recompute;
+  MOE_CHECK(!recompute || !opt.distributed, "Model::forward", "recomputation runs in one process only");
   float* kept = rewind ? g.arena().alloc_floats(2 * L_) : nullptr;
   int64_t kept_aux = 0, kept_z = 0;
   const auto keep = [&](LossList& losses, int64_t& done) {
@@ -528,14 +588,13 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   for (int64_t l = 0; l < L_; ++l) {
     const BlockParams& bp = blocks_[size_t(l)];
     mark_ready(bp.ln1.weight);
+    if (recompute) {
+      x = recomputed_block(g, l, x, opt, targets ? &router_losses : nullptr);
+      continue;
+    }
     const Arena::Mark before = g.arena().mark();
     g.begin_grad_scope();
-    Tensor y = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
-    const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y), l, opt, targets ? &router_losses : nullptr);
-    {
-      Graph::KeepGrads outlives_block(g);
-      y = add(g, y, f);
-    }
+    const Tensor y = block(g, l, x, opt, targets ? &router_losses : nullptr);
     g.end_grad_scope();
     if (!rewind) {
       x = y;

@@ -6,24 +6,28 @@
 namespace moe {
 
 AdamW::AdamW(const OptimizerConfig& cfg, const ParamStore& params)
-    : cfg_(cfg),
-      m_(size_t(params.numel()), 0.f),
-      v_(size_t(params.numel()), 0.f),
-      decay_(size_t(params.numel()), 0) {
-  for (const ParamInfo& p : params.infos()) {
-    const bool decay = !cfg.exempt_no_decay || p.decay;
-    std::fill(decay_.begin() + p.offset, decay_.begin() + p.offset + p.shape.numel(), uint8_t(decay));
+    : cfg_(cfg), m_(size_t(params.numel()), 0.f), v_(size_t(params.numel()), 0.f) {
+  // Runs of parameters alike in decay; each runs to the next one's offset (padding included).
+  const std::vector<ParamInfo>& infos = params.infos();
+  for (size_t i = 0; i < infos.size(); ++i) {
+    const bool decay = !cfg.exempt_no_decay || infos[i].decay;
+    const int64_t end = i + 1 < infos.size() ? infos[i + 1].offset : params.numel();
+    if (!decay_runs_.empty() && decay_runs_.back().decay == decay)
+      decay_runs_.back().end = end;
+    else
+      decay_runs_.push_back({infos[i].offset, end, decay});
   }
 }
 
 namespace {
 
 template <bool ZeroGrads>
-void adamw_update(float* p, float* g, float* m, float* v, const uint8_t* decay, int64_t begin, int64_t end, float lr, float wd,
-            float b1, float b2, float eps, float bc2_sqrt, float step_size) {
+void adamw_update(float* p, float* g, float* m, float* v, bool decay, int64_t n, float lr, float wd, float b1,
+                  float b2, float eps, float bc2_sqrt, float step_size) {
+  const float shrink = 1.f - float(decay) * (lr * wd);  // 1 where no decay
 #pragma omp parallel for schedule(static)
-  for (int64_t i = begin; i < end; ++i) {
-    p[i] *= 1.f - float(decay[i]) * (lr * wd);  // no branch, so it vectorises; × 1 where no decay
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] *= shrink;
     m[i] = b1 * m[i] + (1.f - b1) * g[i];
     v[i] = b2 * v[i] + (1.f - b2) * g[i] * g[i];
     const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
@@ -45,9 +49,13 @@ void AdamW::begin_step(float lr) {
 void AdamW::update(ParamStore& params, const FloatRange& r, float* g, bool zero_grads) {
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
   const float wd = float(cfg_.weight_decay), step_size = lr_ / bc1_;
-  (zero_grads ? adamw_update<true> : adamw_update<false>)(params.data() + r.begin, g, m_.data() + r.begin,
-                                                          v_.data() + r.begin, decay_.data() + r.begin, 0,
-                                                          r.end - r.begin, lr_, wd, b1, b2, eps, bc2_sqrt_, step_size);
+  for (const DecayRun& run : decay_runs_) {
+    const int64_t lo = std::max(r.begin, run.begin), hi = std::min(r.end, run.end);
+    if (lo >= hi) continue;
+    (zero_grads ? adamw_update<true> : adamw_update<false>)(params.data() + lo, g + (lo - r.begin), m_.data() + lo,
+                                                            v_.data() + lo, run.decay, hi - lo, lr_, wd, b1, b2,
+                                                            eps, bc2_sqrt_, step_size);
+  }
 }
 
 void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* only, bool zero_grads) {

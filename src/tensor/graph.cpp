@@ -34,8 +34,14 @@ void Graph::backward(const Tensor& loss) {
 
 void Graph::backward_from(const Tensor& out, const float* dout) {
   MOE_CHECK(out.requires_grad(), "backward_from", "output does not track a gradient");
+  backward_from({Seed{out, dout}});
+}
+
+void Graph::backward_from(std::initializer_list<Seed> seeds) {
   grad_arena_.zero_used();
-  for (int64_t i = 0; i < out.numel(); ++i) out.grad[i] += dout[i];
+  for (const Seed& s : seeds)
+    if (s.out.requires_grad() && s.grad)
+      for (int64_t i = 0; i < s.out.numel(); ++i) s.out.grad[i] += s.grad[i];
   for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
 }
 

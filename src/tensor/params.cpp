@@ -1,6 +1,7 @@
 #include "moe/tensor/params.hpp"
 
 #include <algorithm>
+#include <new>
 
 namespace moe {
 
@@ -21,7 +22,7 @@ int ParamStore::add(const std::string& name, const Shape& shape, bool decay) {
 void ParamStore::finalize() {
   MOE_CHECK(!finalized_, "ParamStore::finalize", "called twice");
   data_.assign(size_t(total_), 0.0f);
-  grad_.assign(size_t(total_), 0.0f);
+  alloc_grads(total_);
   finalized_ = true;
 }
 
@@ -32,7 +33,7 @@ Tensor ParamStore::get(int id) const {
   Tensor t;
   t.shape = p.shape;
   t.data = const_cast<float*>(data_.data()) + p.offset;
-  t.grad = const_cast<float*>(grad_.data()) + (grad_offset_.empty() ? p.offset : grad_offset_[size_t(id)]);
+  t.grad = grad_.get() + (grad_offset_.empty() ? p.offset : grad_offset_[size_t(id)]);
   return t;
 }
 
@@ -48,6 +49,13 @@ int64_t ParamStore::parameter_count() const {
   return n;
 }
 
+void ParamStore::alloc_grads(int64_t n) {
+  grad_.reset();
+  grad_.reset(static_cast<float*>(std::calloc(size_t(std::max<int64_t>(n, 1)), sizeof(float))));
+  if (!grad_) throw std::bad_alloc();
+  grad_numel_ = n;
+}
+
 void ParamStore::share_grads(const std::vector<int>& first_ids) {
   MOE_CHECK(finalized_, "ParamStore::share_grads", "finalize() the store first");
   MOE_CHECK(!first_ids.empty() && first_ids[0] == 0, "ParamStore::share_grads", "the first group must start at id 0");
@@ -61,12 +69,12 @@ void ParamStore::share_grads(const std::vector<int>& first_ids) {
     largest = std::max(largest, (end < count() ? params_[size_t(end)].offset : total_) - base);
   }
   grad_offset_ = std::move(offsets);
-  grad_ = std::vector<float>(size_t(largest), 0.0f);  // the old block's memory goes back
+  alloc_grads(largest);
 }
 
 void ParamStore::zero_grad() {
-  float* g = grad_.data();
-  const auto n = int64_t(grad_.size());
+  float* g = grad_.get();
+  const int64_t n = grad_numel_;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) g[i] = 0.f;
 }

@@ -61,8 +61,14 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   r.params_mb = double(model.params().numel()) * sizeof(float) / kMB;
   r.grads_mb = double(model.params().grad_numel()) * sizeof(float) / kMB;
   r.moments_mb = double(adamw.m().size() + adamw.v().size()) * sizeof(float) / kMB;
-  r.activations_mb = double(g.arena().bytes_reserved()) / kMB;
-  r.activation_grads_mb = double(g.grad_arena().bytes_reserved() + g.scope_grad_arena().bytes_reserved()) / kMB;
+  size_t activations = 0, activation_grads = 0;
+  const TrainStep& step = train_step;
+  for (const Graph* graph : {static_cast<const Graph*>(&g), &step.recompute_graph()}) {
+    activations += graph->arena().bytes_reserved();
+    activation_grads += graph->grad_arena().bytes_reserved() + graph->scope_grad_arena().bytes_reserved();
+  }
+  r.activations_mb = double(activations) / kMB;
+  r.activation_grads_mb = double(activation_grads) / kMB;
   std::vector<int32_t> x(static_cast<size_t>(B * T)), y(static_cast<size_t>(B * T));
   ForwardOptions eval;
   eval.noise_rng = &noise;

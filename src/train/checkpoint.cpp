@@ -132,12 +132,14 @@ void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* opti
 void check_resume_compatible(const Config& saved, const Config& now, const std::string& path) {
   nlohmann::json a = config_to_json(saved), b = config_to_json(now);
   // What may change on resume: where the run logs, how long it runs, how often it reports,
-  // and the batch per process (to keep the global batch when the number of processes changes).
+  // the batch per process (to keep the global batch when the number of processes changes),
+  // and how (threads, recomputation), which does not change the numbers.
   for (auto* j : {&a, &b}) {
     (*j)["logging"].erase("out_dir");
     (*j)["training"].erase("max_steps");
     (*j)["training"].erase("batch_size");
     (*j)["training"].erase("threads");
+    (*j)["training"].erase("recompute");
     (*j)["logging"].erase("log_interval");
     (*j)["logging"].erase("eval_interval");
     (*j)["logging"].erase("eval_iters");

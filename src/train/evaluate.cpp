@@ -12,23 +12,25 @@ namespace moe {
 
 int64_t eval_group(const Config& cfg) {
   if (cfg.router.capacity_factor > 0 && cfg.router.capacity_at_eval) return 1;
+  if (cfg.training.recompute) return 1;  // asked for little memory: a batch per forward
   constexpr int64_t kRows = 2048;
   return std::max<int64_t>(1, kRows / (cfg.training.batch_size * cfg.model.block_size));
 }
 
 namespace {
 
-// body(t, graph) for t < threads on as many OpenMP threads: thread 0 with g, thread t > 0
-// with others[t - 1] (at least threads - 1 of them, kept by the caller so that their memory
-// serves every call). The first exception a thread throws is rethrown after.
+// body(t, graph) for t < threads on as many OpenMP threads: thread 0 with g, thread 1 with
+// *spare when given, and thread t > 0 otherwise with others[t - 1] (at least threads - 1 of
+// them, kept by the caller so that their memory serves every call). The first exception a
+// thread throws is rethrown after.
 template <class Body>
-void on_threads(int64_t threads, Graph& g, std::vector<Graph>& others, Body&& body) {
+void on_threads(int64_t threads, Graph& g, Graph* spare, std::vector<Graph>& others, Body&& body) {
   std::exception_ptr error;
 #pragma omp parallel num_threads(int(threads)) if (threads > 1)
   {
     const int64_t t = omp_get_thread_num();
     try {
-      body(t, t == 0 ? g : others[size_t(t - 1)]);
+      body(t, t == 0 ? g : t == 1 && spare ? *spare : others[size_t(t - 1)]);
     } catch (...) {
 #pragma omp critical(moe_on_threads)
       if (!error) error = std::current_exception();
@@ -78,7 +80,7 @@ void estimate_part(Model& model, const Dataset& data, const Config& cfg, Graph& 
 }  // namespace
 
 EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part, int parts,
-                           int64_t group) {
+                           int64_t group, Graph* spare) {
   const int64_t iters = cfg.logging.eval_iters;
   // The threads split this process's batches as the processes split them all: thread t runs
   // part + parts·t of parts·threads, each its own forwards, serially inside. Every batch's
@@ -87,7 +89,7 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   if (group <= 0) group = std::max<int64_t>(1, eval_group(cfg) / threads);
   std::vector<double> losses(size_t(2 * iters), 0.0);
   std::vector<Graph> others(size_t(threads - 1));
-  on_threads(threads, g, others, [&](int64_t t, Graph& gt) {
+  on_threads(threads, g, spare, others, [&](int64_t t, Graph& gt) {
     estimate_part(model, data, cfg, gt, part + parts * t, parts * threads, group, losses.data());
   });
   EvalEstimate est;
@@ -119,7 +121,7 @@ SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, in
   double total = 0;
   for (int64_t first = 0; first < batches; first += threads) {
     const int64_t n = std::min(threads, batches - first);
-    on_threads(n, g, others, [&](int64_t t, Graph& gt) {
+    on_threads(n, g, nullptr, others, [&](int64_t t, Graph& gt) {
       const int64_t i = first + t;
       const int64_t B = windows.batch(i, xs[size_t(t)].data(), ys[size_t(t)].data());
       Rng noise_rng(cfg.training.seed, kStreamEvalNoise);

@@ -152,6 +152,11 @@ TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTrai
   fo_.stats = stats;
   fo_.distributed = par.ranks() > 1;
   fo_.grads_ready = par.overlap();
+  if (cfg.training.recompute) {
+    if (par.ranks() > 1)
+      throw std::invalid_argument("training.recompute runs in one process only; set it to false under mpirun");
+    fo_.recompute = &recompute_g_;
+  }
   grouped_ = par.ranks() == 1 && !(cfg.optimizer.grad_clip > 0);
   if (grouped_) {
     if (!model.params().grads_shared()) model.params().share_grads(model.grad_groups());
@@ -306,7 +311,8 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
       par.share_experts(nullptr);
       // Each rank runs its share of the batches; the sums make the estimate on every rank.
-      EvalEstimate est = estimate_loss(model, data, cfg, g, par.rank(), par.ranks());
+      // The step's graphs, idle now: no memory beyond theirs for the first two threads.
+      EvalEstimate est = estimate_loss(model, data, cfg, g, par.rank(), par.ranks(), 0, &train_step.recompute_graph());
       if (R > 1) {
         double both[2] = {est.train_loss, est.val_loss};
         par.sum(both, 2);

@@ -66,6 +66,9 @@ struct TrainingConfig {
   int64_t max_steps = 5000;
   int64_t seed = 1337;
   int64_t threads = 0;  // 0: OpenMP's default
+  // Keep only each block's output in the forward and run the block again in the backward
+  // pass (same numbers, about a third more work): activations of one block in memory.
+  bool recompute = false;
 };
 
 struct LoggingConfig {

@@ -112,6 +112,11 @@ struct ForwardOptions {
   bool distributed = false;
   // When set, the forward records a call to it at the start of each block and of the head.
   GradientsReady* grads_ready = nullptr;
+  // When set (and gradients are on): recomputation. Each block runs without gradients, keeping
+  // only its output; the backward pass runs it again in this graph, from the same input and the
+  // same random numbers, and goes back through it there. The gradients are the same bits;
+  // activations take one block's memory here and in the graph. One process only.
+  Graph* recompute = nullptr;
 };
 
 class Model {
@@ -201,6 +206,11 @@ class Model {
   struct RouterLosses {
     LossList aux, z;
   };
+  // Block l on x: x + attention(ln1 x), then that + moe_ffn(ln2 of it). Its output's gradient
+  // is kept out of any gradient scope.
+  Tensor block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses);
+  // Block l as ForwardOptions::recompute describes.
+  Tensor recomputed_block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses);
   Tensor moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t layer,
                  const ForwardOptions& opt, RouterLosses* losses);
   Tensor expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, const ForwardOptions& opt);

@@ -41,7 +41,11 @@ class AdamW {
  private:
   OptimizerConfig cfg_;
   std::vector<float> m_, v_;
-  std::vector<uint8_t> decay_;  // per float of the block: weight decay applies
+  struct DecayRun {
+    int64_t begin = 0, end = 0;  // floats of the block
+    bool decay = true;           // weight decay applies
+  };
+  std::vector<DecayRun> decay_runs_;
   int64_t t_ = 0;
   float lr_ = 0, bc1_ = 1, bc2_sqrt_ = 1;  // of the step begun last
 };

@@ -16,6 +16,7 @@
 // Parameter gradients live in the ParamStore and accumulate until zeroed explicitly.
 #pragma once
 
+#include <initializer_list>
 #include <new>
 #include <type_traits>
 #include <utility>
@@ -68,6 +69,13 @@ class Graph {
   // Zeroes the gradients, sets out.grad to dout (out.numel() floats), then runs the tape in reverse. For tests
   // and for composing a fused op's gradient against its reference.
   void backward_from(const Tensor& out, const float* dout);
+  // The same for several outputs: each seed's grad (numel floats) is added to its tensor's
+  // gradient. Seeds whose tensor tracks no gradient or whose grad is null are skipped.
+  struct Seed {
+    Tensor out;
+    const float* grad = nullptr;
+  };
+  void backward_from(std::initializer_list<Seed> seeds);
 
   // Drops the tape and every arena allocation (keeping the memory).
   void clear();
@@ -95,6 +103,7 @@ class Graph {
   };
 
   Arena& arena() { return arena_; }
+  const Arena& arena() const { return arena_; }
   // Gradient memory: of tensors outside any scope, and the region the scopes share.
   const Arena& grad_arena() const { return grad_arena_; }
   const Arena& scope_grad_arena() const { return scope_arena_; }

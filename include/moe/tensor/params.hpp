@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -45,8 +47,8 @@ class ParamStore {
   const float* data() const { return data_.data(); }
   // The gradient block: the gradient of the float at offset i of data() is grad()[i], unless
   // the gradients are shared (below).
-  float* grad() { return grad_.data(); }
-  const float* grad() const { return grad_.data(); }
+  float* grad() { return grad_.get(); }
+  const float* grad() const { return grad_.get(); }
   void zero_grad();
 
   // Gives the gradients of every group one shared region, for a trainer that updates each
@@ -57,11 +59,19 @@ class ParamStore {
   // its group's first, the gradients are zero, and grad() holds the largest group.
   void share_grads(const std::vector<int>& first_ids);
   bool grads_shared() const { return !grad_offset_.empty(); }
-  int64_t grad_numel() const { return int64_t(grad_.size()); }  // numel(), or the largest group
+  int64_t grad_numel() const { return grad_numel_; }  // numel(), or the largest group
 
  private:
   std::vector<ParamInfo> params_;
-  std::vector<float> data_, grad_;
+  std::vector<float> data_;
+  // Zero floats from calloc: fresh pages of the system, which take no memory until written.
+  // Where the gradients are shared, most of the first block never is.
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float[], Free> grad_;
+  int64_t grad_numel_ = 0;
+  void alloc_grads(int64_t n);
   std::vector<int64_t> grad_offset_;  // per id, when shared: its gradient's offset in grad_
   int64_t total_ = 0;
   bool finalized_ = false;

@@ -24,8 +24,9 @@ struct EvalEstimate {
 // `group` batches go through one forward (0: eval_group(cfg)); each batch's loss has the same
 // bits whatever the group: gemm computes a row alike whatever the number of rows, every other
 // op works per row or per sequence, and each batch draws its own router noise.
+// The threads run their forwards in g, *spare (when given) and graphs made for the call.
 EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part = 0,
-                           int parts = 1, int64_t group = 0);
+                           int parts = 1, int64_t group = 0, Graph* spare = nullptr);
 // Batches per forward for estimate_loss: a few thousand rows, which keep the GEMMs busier than
 // makeMoE's 16 x 32 do; 1 when a capacity applies at evaluation (it couples a batch's tokens).
 int64_t eval_group(const Config& cfg);

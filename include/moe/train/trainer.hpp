@@ -100,6 +100,10 @@ class TrainStep {
   // The gradient norm takes a pass over every gradient: without clipping it is computed only
   // when grad_norm is asked for (the steps that are logged). Every rank must ask alike.
   StepResult run(int64_t step, bool grad_norm);
+  // Where training.recompute runs the blocks again (empty without it): for memory figures.
+  // Idle between steps: evaluations may use it.
+  const Graph& recompute_graph() const { return recompute_g_; }
+  Graph& recompute_graph() { return recompute_g_; }
 
  private:
   const Config& cfg_;
@@ -110,6 +114,7 @@ class TrainStep {
   Graph& g_;
   ForwardOptions fo_;
   GroupUpdate group_;
+  Graph recompute_g_;
   bool grouped_ = false;  // AdamW runs in the backward pass, through group_
   std::vector<int32_t> x_, y_;  // (B, T) inputs and targets
   bool grads_zero_ = false;     // the last step's AdamW left every gradient at 0
