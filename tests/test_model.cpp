@@ -85,6 +85,31 @@ Config all_features_config() {
   return c;
 }
 
+// One training forward and backward (dropout and router noise on) of all_features_config()
+// with 4 layers on a fixed batch, in g with the options given: the objective and every
+// parameter gradient.
+struct GradRun {
+  float objective = 0;
+  std::vector<float> grads;
+};
+GradRun training_gradients(Graph& g, ForwardOptions fo) {
+  Config cfg = all_features_config();
+  cfg.model.n_layer = 4;
+  const int64_t B = 4, T = 8;
+  std::vector<int32_t> x(size_t(B * T)), y(size_t(B * T));
+  for (int64_t i = 0; i < B * T; ++i) x[size_t(i)] = int32_t(i * 7 % 13), y[size_t(i)] = int32_t(i * 5 % 13);
+  Model model(cfg, 13);
+  Rng init(3, 1), drop(5, 2), noise(5, 3);
+  model.init(init);
+  fo.training = true;
+  fo.dropout_rng = &drop;
+  fo.noise_rng = &noise;
+  const Model::Output o = model.forward(g, x.data(), y.data(), B, T, fo);
+  g.backward(o.objective);
+  const ParamStore& ps = model.params();
+  return {o.objective.data[0], std::vector<float>(ps.grad(), ps.grad() + ps.numel())};
+}
+
 }  // namespace
 
 TEST_CASE("Model matches the PyTorch twin: logits, loss, gradients, 5 AdamW steps", "[model][golden]") {
@@ -400,40 +425,17 @@ TEST_CASE("Generated tokens are those of the graph-built decoder (recorded), eve
 }
 
 TEST_CASE("Gradient scopes: the gradients of a gradient per tensor, in about one block's memory", "[model][scopes]") {
-  // Every MoE option: the aux and z losses are made inside a block and added after the last,
-  // so their gradients must outlive the block's scope.
-  Config cfg = all_features_config();
-  cfg.model.n_layer = 4;
-  const int64_t B = 4, T = 8;
-  std::vector<int32_t> x(size_t(B * T)), y(size_t(B * T));
-  for (int64_t i = 0; i < B * T; ++i) x[size_t(i)] = int32_t(i * 7 % 13), y[size_t(i)] = int32_t(i * 5 % 13);
-  struct Run {
-    float objective = 0;
-    std::vector<float> grads;
-    size_t grad_bytes = 0;
-  };
-  const auto run = [&](bool scopes) {
-    Model model(cfg, 13);
-    Rng init(3, 1), drop(5, 2), noise(5, 3);
-    model.init(init);
-    Graph g;
-    g.set_grad_scopes(scopes);
-    ForwardOptions fo;
-    fo.training = true;
-    fo.dropout_rng = &drop;
-    fo.noise_rng = &noise;
-    const Model::Output o = model.forward(g, x.data(), y.data(), B, T, fo);
-    g.backward(o.objective);
-    const ParamStore& ps = model.params();
-    return Run{o.objective.data[0], std::vector<float>(ps.grad(), ps.grad() + ps.numel()),
-               g.grad_arena().bytes_used() + g.scope_grad_arena().bytes_used()};
-  };
-  const Run scoped = run(true), per_tensor = run(false);
-  CHECK(scoped.objective == per_tensor.objective);
-  REQUIRE(scoped.grads.size() == per_tensor.grads.size());
-  CHECK(std::memcmp(scoped.grads.data(), per_tensor.grads.data(), sizeof(float) * scoped.grads.size()) == 0);
+  // The aux and z losses are made inside a block and added after the last, so their gradients
+  // must outlive the block's scope.
+  Graph scoped, per_tensor;
+  per_tensor.set_grad_scopes(false);
+  const GradRun a = training_gradients(scoped, {}), b = training_gradients(per_tensor, {});
+  CHECK(a.objective == b.objective);
+  REQUIRE(a.grads.size() == b.grads.size());
+  CHECK(std::memcmp(a.grads.data(), b.grads.data(), sizeof(float) * a.grads.size()) == 0);
   // Four blocks' activation gradients against one block's and what outlives the blocks.
-  CHECK(scoped.grad_bytes * 2 < per_tensor.grad_bytes);
+  const auto grad_bytes = [](const Graph& g) { return g.grad_arena().bytes_used() + g.scope_grad_arena().bytes_used(); };
+  CHECK(grad_bytes(scoped) * 2 < grad_bytes(per_tensor));
 }
 
 TEST_CASE("AdamW group by group in the backward pass equals the step after it, norm included", "[model][optim]") {
@@ -485,44 +487,21 @@ TEST_CASE("AdamW group by group in the backward pass equals the step after it, n
 }
 
 TEST_CASE("Recomputation: the same objective and gradients, in about one block's activations", "[model][recompute]") {
-  // Every MoE option, dropout and router noise on: the block's second run must draw the same
-  // numbers, and the router losses' gradients must reach it.
-  Config cfg = all_features_config();
-  cfg.model.n_layer = 4;
-  const int64_t B = 4, T = 8;
-  std::vector<int32_t> x(size_t(B * T)), y(size_t(B * T));
-  for (int64_t i = 0; i < B * T; ++i) x[size_t(i)] = int32_t(i * 7 % 13), y[size_t(i)] = int32_t(i * 5 % 13);
-  struct Run {
-    float objective = 0;
-    std::vector<float> grads;
-    size_t activation_bytes = 0;
-    RoutingStats stats;
-  };
-  const auto run = [&](bool recompute) {
-    Model model(cfg, 13);
-    Rng init(3, 1), drop(5, 2), noise(5, 3);
-    model.init(init);
-    Graph g, again;
-    Run r;
-    ForwardOptions fo;
-    fo.training = true;
-    fo.dropout_rng = &drop;
-    fo.noise_rng = &noise;
-    fo.stats = &r.stats;
-    fo.recompute = recompute ? &again : nullptr;
-    const Model::Output o = model.forward(g, x.data(), y.data(), B, T, fo);
-    g.backward(o.objective);
-    const ParamStore& ps = model.params();
-    r.objective = o.objective.data[0];
-    r.grads.assign(ps.grad(), ps.grad() + ps.numel());
-    r.activation_bytes = g.arena().bytes_used() + again.arena().bytes_used();
-    return r;
-  };
-  const Run re = run(true), plain = run(false);
-  CHECK(re.objective == plain.objective);
-  REQUIRE(re.grads.size() == plain.grads.size());
-  CHECK(std::memcmp(re.grads.data(), plain.grads.data(), sizeof(float) * re.grads.size()) == 0);
+  // The block's second run must draw the same dropout and noise numbers, and the router
+  // losses' gradients must reach it.
+  Graph g, again, plain;
+  RoutingStats re_stats, plain_stats;
+  ForwardOptions fo;
+  fo.stats = &re_stats;
+  fo.recompute = &again;
+  const GradRun re = training_gradients(g, fo);
+  fo.stats = &plain_stats;
+  fo.recompute = nullptr;
+  const GradRun pl = training_gradients(plain, fo);
+  CHECK(re.objective == pl.objective);
+  REQUIRE(re.grads.size() == pl.grads.size());
+  CHECK(std::memcmp(re.grads.data(), pl.grads.data(), sizeof(float) * re.grads.size()) == 0);
   // Router statistics are gathered once, by the first run of each block.
-  CHECK(re.stats.health().dump() == plain.stats.health().dump());
-  CHECK(re.activation_bytes * 2 < plain.activation_bytes);
+  CHECK(re_stats.health().dump() == plain_stats.health().dump());
+  CHECK((g.arena().bytes_used() + again.arena().bytes_used()) * 2 < plain.arena().bytes_used());
 }
