@@ -27,9 +27,8 @@ Tensor Graph::constant(const Shape& s, const float* src) {
 void Graph::backward(const Tensor& loss) {
   MOE_CHECK(loss.numel() == 1, "backward", "loss must be a scalar, got " + loss.shape.str());
   MOE_CHECK(loss.requires_grad(), "backward", "loss does not track a gradient (no-grad mode, or no parameter in it)");
-  grad_arena_.zero_used();
-  loss.grad[0] += 1.0f;
-  for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
+  const float one = 1.0f;
+  backward_from({Seed{loss, &one}});
 }
 
 void Graph::backward_from(const Tensor& out, const float* dout) {

@@ -62,8 +62,7 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   r.grads_mb = double(model.params().grad_numel()) * sizeof(float) / kMB;
   r.moments_mb = double(adamw.m().size() + adamw.v().size()) * sizeof(float) / kMB;
   size_t activations = 0, activation_grads = 0;
-  const TrainStep& step = train_step;
-  for (const Graph* graph : {static_cast<const Graph*>(&g), &step.recompute_graph()}) {
+  for (const Graph* graph : {&g, &train_step.recompute_graph()}) {
     activations += graph->arena().bytes_reserved();
     activation_grads += graph->grad_arena().bytes_reserved() + graph->scope_grad_arena().bytes_reserved();
   }

@@ -28,7 +28,8 @@ struct EvalEstimate {
 EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg, Graph& g, int part = 0,
                            int parts = 1, int64_t group = 0, Graph* spare = nullptr);
 // Batches per forward for estimate_loss: a few thousand rows, which keep the GEMMs busier than
-// makeMoE's 16 x 32 do; 1 when a capacity applies at evaluation (it couples a batch's tokens).
+// makeMoE's 16 x 32 do; 1 when a capacity applies at evaluation (it couples a batch's tokens)
+// or with training.recompute (which asks for little memory).
 int64_t eval_group(const Config& cfg);
 
 struct SplitEvaluation {

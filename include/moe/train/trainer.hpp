@@ -100,8 +100,8 @@ class TrainStep {
   // The gradient norm takes a pass over every gradient: without clipping it is computed only
   // when grad_norm is asked for (the steps that are logged). Every rank must ask alike.
   StepResult run(int64_t step, bool grad_norm);
-  // Where training.recompute runs the blocks again (empty without it): for memory figures.
-  // Idle between steps: evaluations may use it.
+  // Where training.recompute runs the blocks again. Idle between steps, so evaluations run a
+  // thread's forwards in it too (with or without recomputation).
   const Graph& recompute_graph() const { return recompute_g_; }
   Graph& recompute_graph() { return recompute_g_; }
 
