@@ -2,10 +2,12 @@
 #include <catch2/catch.hpp>
 #include <omp.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 
 #include "gradcheck.hpp"
+#include "moe/kernels/expf.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/routing.hpp"
 #include "moe/ops/ops.hpp"
@@ -278,7 +280,11 @@ TEST_CASE("shape errors name the op and the shapes", "[ops]") {
 }
 
 TEST_CASE("fused causal attention equals the composed ops, and its gradients check", "[ops][attention]") {
-  const int64_t B = 2, T = 5, H = 2, C = 6;
+  // T = 19: blocks of eight rows side by side and a rest of three; C / H = 16: two column
+  // chunks of the weighted sums; 3: their one-by-one columns.
+  const auto shape = GENERATE(std::array<int64_t, 4>{2, 5, 2, 6}, std::array<int64_t, 4>{1, 19, 2, 32});
+  const int64_t B = shape[0], T = shape[1], H = shape[2], C = shape[3];
+  INFO("B " << B << " T " << T << " H " << H << " C " << C);
   const auto composed = [&](Graph& g, const Tensor& qkv, float p, Rng& rng) {
     Tensor q = split_heads(g, slice_cols(g, qkv, 0, C), H);
     Tensor k = split_heads(g, slice_cols(g, qkv, C, C), H);
@@ -450,4 +456,26 @@ TEST_CASE("gather_row_groups is the groups' gather_rows, its backward adding the
   }
   CHECK(out[0] == out[1]);
   CHECK(grad_x[0] == grad_x[1]);
+}
+
+TEST_CASE("exp_floats gives exp_float's bits and std::exp's within one ulp", "[ops][exp]") {
+  std::vector<float> x = random_vector(1001, 21, -110.f, 95.f);
+  for (float v : {0.f, -0.f, 1e-30f, -1e-30f, 1e-45f, 88.f, 88.8f, -87.5f, -103.5f, -104.f, -150.f, 89.f})
+    x.push_back(v);
+  for (float v : {INFINITY, -INFINITY, NAN}) x.push_back(v);
+  std::vector<float> y(x.size()), inplace = x;
+  exp_floats(x.data(), y.data(), int64_t(x.size()));
+  exp_floats(inplace.data(), inplace.data(), int64_t(inplace.size()));
+  for (size_t i = 0; i < x.size(); ++i) {
+    INFO("x = " << x[i]);
+    const float one = exp_float(x[i]), libm = std::exp(x[i]);
+    if (std::isnan(libm)) {
+      REQUIRE(std::isnan(y[i]));
+      continue;
+    }
+    REQUIRE(std::memcmp(&one, &y[i], sizeof one) == 0);
+    REQUIRE(std::memcmp(&one, &inplace[i], sizeof one) == 0);
+    // Within one ulp of the C library's expf (on glibc with FMA, the same bits).
+    REQUIRE((y[i] == libm || std::nextafter(y[i], INFINITY) == libm || std::nextafter(y[i], -INFINITY) == libm));
+  }
 }

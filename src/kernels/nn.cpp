@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "moe/kernels/expf.hpp"
 #include "moe/tensor/parallel.hpp"
 
 namespace moe {
@@ -74,7 +75,9 @@ void softmax_forward(float* out, const float* inp, int64_t N, int64_t C, bool ca
     float mx = x[0];
     for (int64_t c = 1; c < len; ++c) mx = std::max(mx, x[c]);
     float z = 0;
-    for (int64_t c = 0; c < len; ++c) z += (y[c] = std::exp(x[c] - mx));
+    for (int64_t c = 0; c < len; ++c) y[c] = x[c] - mx;
+    exp_floats(y, y, len);
+    for (int64_t c = 0; c < len; ++c) z += y[c];
     const float inv = 1.f / z;
     for (int64_t c = 0; c < len; ++c) y[c] *= inv;
     for (int64_t c = len; c < C; ++c) y[c] = 0.f;
@@ -102,7 +105,9 @@ void cross_entropy_forward(float* losses, float* probs, const float* logits, con
     float mx = x[0];
     for (int64_t v = 1; v < V; ++v) mx = std::max(mx, x[v]);
     double z = 0;
-    for (int64_t v = 0; v < V; ++v) z += (p[v] = std::exp(x[v] - mx));
+    for (int64_t v = 0; v < V; ++v) p[v] = x[v] - mx;
+    exp_floats(p, p, V);
+    for (int64_t v = 0; v < V; ++v) z += p[v];
     const float inv = float(1.0 / z);
     for (int64_t v = 0; v < V; ++v) p[v] *= inv;
     losses[n] = float(std::log(z)) + mx - x[targets[n]];

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "moe/kernels/activations.hpp"
+#include "moe/kernels/expf.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
 #include "moe/kernels/routing.hpp"
@@ -127,7 +128,9 @@ void Model::decode_attention(const BlockParams& bp, int64_t layer, KVCache& cach
         mx = std::max(mx, s[j]);
       }
       float z = 0;
-      for (int64_t j = 0; j < len; ++j) z += (s[j] = std::exp(s[j] - mx));
+      for (int64_t j = 0; j < len; ++j) s[j] -= mx;
+      exp_floats(s, s, len);
+      for (int64_t j = 0; j < len; ++j) z += s[j];
       float* out = y + i * C_ + h * D_;
       for (int64_t j = 0; j < len; ++j)
         for (int64_t d = 0; d < D_; ++d) out[d] += s[j] / z * vc[j * C_ + h * D_ + d];

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "moe/kernels/expf.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
 
@@ -28,42 +29,92 @@ void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t D, floa
     for (int64_t d = 0; d < D; ++d) dst[d * ld + s] = src[s * lds + d];
 }
 
-// out[s] = Σ_d a[d] · xt[d][s] for s in [0, n), eight positions at a time: each product
-// rounded, then added in order of d, never fused into an fma (fp-contract off here). That is
-// what GCC made of the scalar loop `dot += a[d] * x[d]` for D a multiple of 4 with the
-// x86-64-v3 flags (products in vmulps, an in-order sum), and what every build computes when
-// there is no FMA. xt holds n rounded up to 8 columns; out as many.
-__attribute__((optimize("fp-contract=off")))
-void dots(const float* a, const float* xt, int64_t ld, int64_t D, int64_t n, float* out) {
+// out[r * ldo + s] = Σ_d a[r * lda + d] · xt[d][s] for r < R and s < n rounded up to 8, eight
+// positions at a time: each product rounded, then added in order of d, never fused into an fma
+// (fp-contract off here). That is what GCC made of the scalar loop `dot += a[d] * x[d]` for D
+// a multiple of 4 with the x86-64-v3 flags (products in vmulps, an in-order sum), and what
+// every build computes when there is no FMA. The R rows run side by side, so their sums do
+// not wait on each other. xt holds n rounded up to 8 columns; each out row as many.
+template <int64_t R>
+__attribute__((optimize("fp-contract=off"))) void dots(const float* a, int64_t lda, const float* xt, int64_t ld,
+                                                        int64_t D, int64_t n, float* out, int64_t ldo) {
   for (int64_t s0 = 0; s0 < n; s0 += kLanes) {
-    v8 acc = {};
+    v8 acc[R] = {};
     for (int64_t d = 0; d < D; ++d) {
-      acc += a[d] * load8(xt + d * ld + s0);
+      const v8 x = load8(xt + d * ld + s0);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < R; ++r) acc[r] += a[r * lda + d] * x;
     }
-    __builtin_memcpy(out + s0, &acc, sizeof acc);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r) __builtin_memcpy(out + r * ldo + s0, &acc[r], sizeof acc[r]);
   }
 }
 
-// out[d] += Σ_{s<n} c[s] · x[s·ldx + d] for d < D: one multiply-add a position in order of s
-// for each element, 8 columns held in a register (two independent chains where D allows).
-void add_weighted_rows(const float* c, int64_t n, const float* x, int64_t ldx, int64_t D, float* out) {
+// The dot products of rows t0 .. t0+R-1 (R <= kRows) with the positions they see, s <= t:
+// eight rows side by side, the rest one by one (the same sums either way).
+constexpr int64_t kRows = 8;
+void dots_block(const float* a, int64_t lda, int64_t t0, int64_t R, const float* xt, int64_t ld, int64_t D,
+                float* out, int64_t ldo) {
+  if (R == kRows) return dots<kRows>(a, lda, xt, ld, D, t0 + R, out, ldo);
+  for (int64_t r = 0; r < R; ++r) dots<1>(a + r * lda, lda, xt, ld, D, t0 + r + 1, out + r * ldo, ldo);
+}
+
+// out[r * ldo + d] += Σ_{s<n} c[r * ldc + s] · x[s·ldx + d] for r < R, d < D: one multiply-add
+// a position in order of s for each element, 8 columns held in a register, the R rows (and
+// two column chunks where D allows) side by side as independent chains.
+template <int64_t R>
+void add_weighted_rows(const float* c, int64_t ldc, int64_t n, const float* x, int64_t ldx, int64_t D, float* out,
+                       int64_t ldo) {
   int64_t d0 = 0;
   for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {
-    v8 acc0 = load8(out + d0), acc1 = load8(out + d0 + kLanes);
+    v8 acc[R][2];
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t h = 0; h < 2; ++h) acc[r][h] = load8(out + r * ldo + d0 + h * kLanes);
     for (int64_t s = 0; s < n; ++s) {
-      acc0 += c[s] * load8(x + s * ldx + d0);
-      acc1 += c[s] * load8(x + s * ldx + d0 + kLanes);
+      const v8 x0 = load8(x + s * ldx + d0), x1 = load8(x + s * ldx + d0 + kLanes);
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < R; ++r) {
+        acc[r][0] += c[r * ldc + s] * x0;
+        acc[r][1] += c[r * ldc + s] * x1;
+      }
     }
-    __builtin_memcpy(out + d0, &acc0, sizeof acc0);
-    __builtin_memcpy(out + d0 + kLanes, &acc1, sizeof acc1);
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t h = 0; h < 2; ++h) __builtin_memcpy(out + r * ldo + d0 + h * kLanes, &acc[r][h], sizeof(v8));
   }
   for (; d0 + kLanes <= D; d0 += kLanes) {
-    v8 acc = load8(out + d0);
-    for (int64_t s = 0; s < n; ++s) acc += c[s] * load8(x + s * ldx + d0);
-    __builtin_memcpy(out + d0, &acc, sizeof acc);
+    v8 acc[R];
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < R; ++r) acc[r] = load8(out + r * ldo + d0);
+    for (int64_t s = 0; s < n; ++s) {
+      const v8 x0 = load8(x + s * ldx + d0);
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < R; ++r) acc[r] += c[r * ldc + s] * x0;
+    }
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < R; ++r) __builtin_memcpy(out + r * ldo + d0, &acc[r], sizeof(v8));
   }
-  for (int64_t d = d0; d < D; ++d)
-    for (int64_t s = 0; s < n; ++s) out[d] += c[s] * x[s * ldx + d];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = d0; d < D; ++d)
+      for (int64_t s = 0; s < n; ++s) out[r * ldo + d] += c[r * ldc + s] * x[s * ldx + d];
+}
+
+// The weighted sums of rows t0 .. t0+R-1, row t over the positions s <= t: in groups of four
+// rows, side by side over the positions all four see, then each row alone over the rest of
+// its own. Each element still adds its terms in order of s.
+void add_weighted_block(const float* c, int64_t ldc, int64_t t0, int64_t R, const float* x, int64_t ldx,
+                        int64_t D, float* out, int64_t ldo) {
+  constexpr int64_t G = 4;
+  int64_t r0 = 0;
+  for (; r0 + G <= R; r0 += G) {
+    const int64_t common = t0 + r0 + 1;
+    add_weighted_rows<G>(c + r0 * ldc, ldc, common, x, ldx, D, out + r0 * ldo, ldo);
+    for (int64_t r = r0 + 1; r < r0 + G; ++r)
+      add_weighted_rows<1>(c + r * ldc + common, ldc, t0 + r + 1 - common, x + common * ldx, ldx, D,
+                           out + r * ldo, ldo);
+  }
+  for (int64_t r = r0; r < R; ++r) add_weighted_rows<1>(c + r * ldc, ldc, t0 + r + 1, x, ldx, D, out + r * ldo, ldo);
 }
 
 }  // namespace
@@ -83,8 +134,8 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   const uint8_t* mask = training && p > 0.f ? dropout_mask(g, B * H * TT, p, rng) : nullptr;
   const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
-  // one row of dot products, T rounded up to the lanes.
-  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + Tp;
+  // kRows rows of dot products (then of weights), T rounded up to the lanes.
+  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + kRows * Tp;
   // Zeroed once: the transposes fill columns [0, T) and the padding lanes stay 0.
   const int64_t work_floats = omp_get_max_threads() * slot;
   float* work = g.arena().alloc_floats(work_floats);
@@ -97,27 +148,43 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     float* P = probs + bh * TT;
     const uint8_t* M = mask ? mask + bh * TT : nullptr;
     float* kt = work + omp_get_thread_num() * slot;
-    float* dot = kt + D * Tp;
+    float* S = kt + D * Tp;
     transpose_rows(base + C, C3, T, D, kt, Tp);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* q = base + t * C3;
-      float* row = P + t * T;
-      dots(q, kt, Tp, D, t + 1, dot);
-      float mx = -INFINITY;
-      for (int64_t s = 0; s <= t; ++s) {
-        row[s] = dot[s] * scale;
-        mx = std::max(mx, row[s]);
+    // Rows t0 .. t0+R-1 at a time.
+    for (int64_t t0 = 0; t0 < T; t0 += kRows) {
+      const int64_t R = std::min(kRows, T - t0);
+      dots_block(base + t0 * C3, C3, t0, R, kt, Tp, D, S, Tp);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = t0 + r;
+        float* row = P + t * T;
+        const float* dot = S + r * Tp;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s <= t; ++s) {
+          row[s] = dot[s] * scale;
+          mx = std::max(mx, row[s]);
+        }
+        for (int64_t s = 0; s <= t; ++s) row[s] -= mx;
+        exp_floats(row, row, t + 1);
+        for (int64_t s = t + 1; s < T; ++s) row[s] = 0.f;
       }
-      float z = 0.f;
-      for (int64_t s = 0; s <= t; ++s) z += (row[s] = std::exp(row[s] - mx));
-      const float inv = 1.f / z;
-      for (int64_t s = 0; s <= t; ++s) row[s] *= inv;
-      for (int64_t s = t + 1; s < T; ++s) row[s] = 0.f;
-      // out = Σ_s w[s] v[s], w the weights through the dropout mask (into the scores' row).
-      for (int64_t s = 0; s <= t; ++s) dot[s] = M ? row[s] * dropout_factor(M[t * T + s], keep) : row[s];
-      float* out = y.data + (b * T + t) * C + h * D;
-      std::fill(out, out + D, 0.f);
-      add_weighted_rows(dot, t + 1, base + 2 * C, C3, D, out);
+      // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
+      float z[kRows] = {};
+      const float* rows = P + t0 * T;
+      for (int64_t s = 0; s < t0 + R; ++s)
+        for (int64_t r = 0; r < R; ++r) z[r] += rows[r * T + s];
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = t0 + r;
+        float* row = P + t * T;
+        const float inv = 1.f / z[r];
+        for (int64_t s = 0; s <= t; ++s) row[s] *= inv;
+        // The weights through the dropout mask, into the scores' rows.
+        float* w = S + r * Tp;
+        for (int64_t s = 0; s <= t; ++s) w[s] = M ? row[s] * dropout_factor(M[t * T + s], keep) : row[s];
+      }
+      // out = Σ_s w[s] v[s].
+      float* out = y.data + (b * T + t0) * C + h * D;
+      for (int64_t r = 0; r < R; ++r) std::fill(out + r * C, out + r * C + D, 0.f);
+      add_weighted_block(S, Tp, t0, R, base + 2 * C, C3, D, out, C);
     }
   }
 
@@ -131,31 +198,38 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const float* P = probs + bh * TT;
         const uint8_t* M = mask ? mask + bh * TT : nullptr;
         float* vt = work + omp_get_thread_num() * slot;
-        float* dp = vt + D * Tp;
+        float* DP = vt + D * Tp;
         transpose_rows(base + 2 * C, C3, T, D, vt, Tp);
-        for (int64_t t = 0; t < T; ++t) {
-          const float* dy = y.grad + (b * T + t) * C + h * D;
-          const float* row = P + t * T;
-          // dP[s] = dy · v[s] (through the dropout mask); dv[s] += P'[t, s] dy.
-          dots(dy, vt, Tp, D, t + 1, dp);
-          float dot_pdp = 0.f;
-          for (int64_t s = 0; s <= t; ++s) {
-            float* dv = gbase + s * C3 + 2 * C;
-            const float m = M ? dropout_factor(M[t * T + s], keep) : 1.f;
-            const float d_pd = dp[s];
-            const float w = row[s] * m;
-            for (int64_t d = 0; d < D; ++d) dv[d] += w * dy[d];
-            dp[s] = d_pd * m;
-            dot_pdp += row[s] * dp[s];
+        for (int64_t t0 = 0; t0 < T; t0 += kRows) {
+          const int64_t R = std::min(kRows, T - t0);
+          // dP[s] = dy · v[s] for the block's rows.
+          dots_block(y.grad + (b * T + t0) * C + h * D, C, t0, R, vt, Tp, D, DP, Tp);
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t t = t0 + r;
+            const float* dy = y.grad + (b * T + t) * C + h * D;
+            const float* row = P + t * T;
+            float* dp = DP + r * Tp;
+            // Through the dropout mask; dv[s] += P'[t, s] dy.
+            float dot_pdp = 0.f;
+            for (int64_t s = 0; s <= t; ++s) {
+              float* dv = gbase + s * C3 + 2 * C;
+              const float m = M ? dropout_factor(M[t * T + s], keep) : 1.f;
+              const float d_pd = dp[s];
+              const float w = row[s] * m;
+              for (int64_t d = 0; d < D; ++d) dv[d] += w * dy[d];
+              dp[s] = d_pd * m;
+              dot_pdp += row[s] * dp[s];
+            }
+            // dS = P (dP - Σ P dP) scale, into dp; dk[s] += dS q[t].
+            const float* q = base + t * C3;
+            for (int64_t s = 0; s <= t; ++s) dp[s] = row[s] * (dp[s] - dot_pdp) * scale;  // dS
+            for (int64_t s = 0; s <= t; ++s) {
+              float* dk = gbase + s * C3 + C;
+              for (int64_t d = 0; d < D; ++d) dk[d] += dp[s] * q[d];
+            }
           }
-          // dS = P (dP - Σ P dP) scale, into dp; dk[s] += dS q[t]; dq[t] += Σ_s dS k[s].
-          const float* q = base + t * C3;
-          for (int64_t s = 0; s <= t; ++s) dp[s] = row[s] * (dp[s] - dot_pdp) * scale;  // dS
-          for (int64_t s = 0; s <= t; ++s) {
-            float* dk = gbase + s * C3 + C;
-            for (int64_t d = 0; d < D; ++d) dk[d] += dp[s] * q[d];
-          }
-          add_weighted_rows(dp, t + 1, base + C, C3, D, gbase + t * C3);
+          // dq[t] += Σ_s dS k[s].
+          add_weighted_block(DP, Tp, t0, R, base + C, C3, D, gbase + t0 * C3, C3);
         }
       }
     });
