@@ -356,6 +356,47 @@ TEST_CASE("linear_act equals linear then the activation, bit for bit, and its gr
     }
 }
 
+TEST_CASE("grouped_mlp gives the bits of two grouped_linear ops, gradients too", "[ops][grouped]") {
+  const int32_t offsets[5] = {0, 9, 9, 29, 37};
+  const int64_t G = 4, S = 37, I = 19, F = 29, O = 23;
+  for (const Activation act : {Activation::kRelu, Activation::kGelu})
+    for (bool bias : {true, false}) {
+      INFO("activation " << int(act) << (bias ? ", bias" : ", no bias"));
+      const auto x = random_vector(S * I, 1), dy = random_vector(S * O, 4);
+      std::vector<float> out[2], grads[2];
+      for (int fused = 0; fused < 2; ++fused) {
+        Graph g;
+        Tensor tx = g.new_tensor({S, I}, true);
+        std::copy(x.begin(), x.end(), tx.data);
+        std::vector<Tensor> w1(G), b1(G), w2(G), b2(G);
+        for (int64_t e = 0; e < G; ++e) {
+          const auto fill = [&](Tensor& t, Shape shape, uint64_t seed) {
+            t = g.new_tensor(shape, true);
+            const auto v = random_vector(t.numel(), seed);
+            std::copy(v.begin(), v.end(), t.data);
+          };
+          fill(w1[size_t(e)], {F, I}, uint64_t(10 + e));
+          fill(w2[size_t(e)], {O, F}, uint64_t(30 + e));
+          if (bias) {
+            fill(b1[size_t(e)], {F}, uint64_t(20 + e));
+            fill(b2[size_t(e)], {O}, uint64_t(40 + e));
+          }
+        }
+        const Tensor y = fused ? grouped_mlp(g, tx, offsets, G, w1.data(), b1.data(), act, w2.data(), b2.data())
+                               : grouped_linear(g, grouped_linear(g, tx, offsets, G, w1.data(), b1.data(), &act),
+                                                offsets, G, w2.data(), b2.data());
+        out[fused].assign(y.data, y.data + y.numel());
+        g.backward_from(y, dy.data());
+        grads[fused].assign(tx.grad, tx.grad + tx.numel());
+        for (const auto* ts : {&w1, &b1, &w2, &b2})
+          for (const Tensor& t : *ts)
+            if (t.data) grads[fused].insert(grads[fused].end(), t.grad, t.grad + t.numel());
+      }
+      CHECK(out[0] == out[1]);
+      CHECK(grads[0] == grads[1]);
+    }
+}
+
 TEST_CASE("grouped_linear gives each group's rows the bits linear_act or linear gives them, gradients too",
           "[ops][grouped]") {
   // Four experts over 37 rows, one of them with none and one with a single row; odd sizes.

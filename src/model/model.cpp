@@ -382,11 +382,17 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
       }
       const Activation act = expert_activation();
       Tensor xs = gather_row_groups(g, xf, token, offsets, E_);  // (S, C) in expert order
-      Tensor h = grouped_linear(g, xs, offsets, E_, t, t + E_, &act);
-      if (cfg_.model.expert_ffn == "swiglu") h = mul(g, h, grouped_linear(g, xs, offsets, E_, t + 4 * E_, t + 5 * E_));
+      Tensor y;
+      if (cfg_.model.expert_ffn == "swiglu") {
+        Tensor h = grouped_linear(g, xs, offsets, E_, t, t + E_, &act);
+        h = mul(g, h, grouped_linear(g, xs, offsets, E_, t + 4 * E_, t + 5 * E_));
+        y = grouped_linear(g, h, offsets, E_, t + 2 * E_, t + 3 * E_);
+      } else {
+        y = grouped_mlp(g, xs, offsets, E_, t, t + E_, act, t + 2 * E_, t + 3 * E_);
+      }
       const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
       Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
-      Tensor ys = dropout(g, grouped_linear(g, h, offsets, E_, t + 2 * E_, t + 3 * E_), p, opt.training, drop);
+      Tensor ys = dropout(g, y, p, opt.training, drop);
       index_add_weighted(g, acc, ys, token, top.weights, gate_pos, S);
     }
   } else {

@@ -47,46 +47,59 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const fl
 
 }  // namespace
 
-Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
-                      const Activation* act) {
-  MOE_CHECK(G >= 1 && x.ndim() == 2 && offsets[0] == 0 && offsets[G] == x.rows(), "grouped_linear",
-            "offsets must split the " + std::to_string(x.rows()) + " rows of " + x.shape.str() + " into groups");
-  for (int64_t e = 0; e < G; ++e) {
-    MOE_CHECK(offsets[e + 1] >= offsets[e], "grouped_linear", "offsets must not decrease");
-    linear_shape("grouped_linear", x, w[e], b[e]);
-    MOE_CHECK(w[e].shape == w[0].shape, "grouped_linear", "the experts' weights differ in shape");
-  }
-  const int64_t S = x.rows(), O = w[0].size(0), I = w[0].size(1);
-  Tensor y = b[0].data ? g.output({S, O}, x, w[0], b[0]) : g.output({S, O}, x, w[0]);
-  // The pre-activation, kept for the backward pass unless the derivative can be read off the
-  // output (relu: y > 0 exactly where pre > 0), or there is no activation or backward pass.
-  const bool keep_pre = y.requires_grad() && act && *act != Activation::kRelu;
-  float* pre = keep_pre ? g.arena().alloc_floats(S * O) : y.data;
-  // Copies for the backward, and the groups largest first (dynamic schedule: balanced threads).
-  auto* off = g.arena().alloc_ints(G + 1);
-  std::copy(offsets, offsets + G + 1, off);
-  Tensor* ws = g.arena().alloc_objects<Tensor>(2 * G);
-  Tensor* bs = ws + G;
-  std::copy(w, w + G, ws);
-  std::copy(b, b + G, bs);
-  auto* order = g.arena().alloc_ints(G);
-  for (int64_t e = 0; e < G; ++e) {  // insertion sort, stable: std::stable_sort allocates
-    int64_t j = e;
-    for (; j > 0 && off[order[j - 1] + 1] - off[order[j - 1]] < off[e + 1] - off[e]; --j) order[j] = order[j - 1];
-    order[j] = int32_t(e);
-  }
+namespace {
+
+// One grouped product: its operands, the groups and the order they run in, all in the arena,
+// so that the backward closure can copy it.
+struct Grouped {
+  Tensor x, y;
+  const int32_t* off;    // G + 1 row offsets
+  const int32_t* order;  // the groups, largest first
+  int64_t G, I, O;
+  const Tensor *ws, *bs;
+  float* pre;  // the pre-activation (y.data when it is not kept)
+  bool keep_pre, has_act;
+  Activation kind;
+
   // Rows [off[e], off[e+1]) of t, as a tensor of its own.
-  const auto rows_of = [off](const Tensor& t, int64_t e, int64_t width) {
+  Tensor rows_of(const Tensor& t, int64_t e, int64_t width) const {
     Tensor r;
     r.shape = Shape({off[e + 1] - off[e], width});
     r.data = t.data + off[e] * width;
     r.grad = t.grad ? t.grad + off[e] * width : nullptr;
     return r;
-  };
-  // Every group, on separate threads when there are several; one group (linear, linear_act)
-  // keeps the team for its product and activation.
-  const int64_t widest = std::max(I, O);
-  const auto for_groups = [order, G, widest](auto&& body) {
+  }
+
+  void forward(int64_t e) const {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) return;
+    linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O);
+    if (has_act)
+      act::dispatch(kind, [&](auto f, auto) {
+        const int64_t begin = off[e] * O, end = off[e + 1] * O;
+#pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
+        for (int64_t j = begin; j < end; ++j) y.data[j] = f(pre[j]);
+      });
+  }
+
+  void backward(int64_t e) const {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) return;
+    // d pre = dy · f'(pre), in y.grad itself: nothing reads y's gradient after this op.
+    float* d = y.grad + off[e] * O;
+    const float* a = (keep_pre ? pre : y.data) + off[e] * O;
+    if (has_act)
+      act::dispatch(kind, [&](auto, auto df) {
+#pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
+        for (int64_t j = 0; j < n * O; ++j) d[j] *= df(a[j]);
+      });
+    linear_backward(rows_of(x, e, I), ws[e], bs[e], d);
+  }
+
+  // body(e) for every group, on separate threads when there are several; one group (linear,
+  // linear_act) keeps the team for its product and activation.
+  template <class Body>
+  void for_groups(int64_t widest, Body&& body) const {
     if (G == 1) {
       body(int64_t(0));
       return;
@@ -97,39 +110,83 @@ Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < G; ++i) body(int64_t(order[i]));
     }
-  };
-  const Activation kind = act ? *act : Activation::kRelu;
-  const bool has_act = act != nullptr;
-  for_groups([&](int64_t e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) return;
-    linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O);
-    if (has_act)
-      act::dispatch(kind, [&](auto f, auto) {
-        const int64_t begin = off[e] * O, end = off[e + 1] * O;
-#pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
-        for (int64_t j = begin; j < end; ++j) y.data[j] = f(pre[j]);
-      });
+  }
+};
+
+// Checks a grouped product's operands and sets it up: y, the pre-activation, and copies of
+// offsets, weights and biases; `order` is shared by the products of one op when given.
+Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w,
+                     const Tensor* b, const Activation* act, const int32_t* order = nullptr) {
+  MOE_CHECK(G >= 1 && x.ndim() == 2 && offsets[0] == 0 && offsets[G] == x.rows(), op,
+            "offsets must split the " + std::to_string(x.rows()) + " rows of " + x.shape.str() + " into groups");
+  for (int64_t e = 0; e < G; ++e) {
+    MOE_CHECK(offsets[e + 1] >= offsets[e], op, "offsets must not decrease");
+    linear_shape(op, x, w[e], b[e]);
+    MOE_CHECK(w[e].shape == w[0].shape, op, "the experts' weights differ in shape");
+  }
+  Grouped p;
+  p.x = x;
+  p.G = G;
+  const int64_t S = x.rows();
+  p.O = w[0].size(0);
+  p.I = w[0].size(1);
+  p.y = b[0].data ? g.output({S, p.O}, x, w[0], b[0]) : g.output({S, p.O}, x, w[0]);
+  // The pre-activation, kept for the backward pass unless the derivative can be read off the
+  // output (relu: y > 0 exactly where pre > 0), or there is no activation or backward pass.
+  p.keep_pre = p.y.requires_grad() && act && *act != Activation::kRelu;
+  p.pre = p.keep_pre ? g.arena().alloc_floats(S * p.O) : p.y.data;
+  p.has_act = act != nullptr;
+  p.kind = act ? *act : Activation::kRelu;
+  auto* off = g.arena().alloc_ints(G + 1);
+  std::copy(offsets, offsets + G + 1, off);
+  p.off = off;
+  Tensor* ws = g.arena().alloc_objects<Tensor>(2 * G);
+  std::copy(w, w + G, ws);
+  std::copy(b, b + G, ws + G);
+  p.ws = ws;
+  p.bs = ws + G;
+  if (!order) {
+    auto* o = g.arena().alloc_ints(G);
+    for (int64_t e = 0; e < G; ++e) {  // insertion sort, stable: std::stable_sort allocates
+      int64_t j = e;
+      for (; j > 0 && off[o[j - 1] + 1] - off[o[j - 1]] < off[e + 1] - off[e]; --j) o[j] = o[j - 1];
+      o[j] = int32_t(e);
+    }
+    order = o;
+  }
+  p.order = order;
+  return p;
+}
+
+}  // namespace
+
+Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
+                      const Activation* act) {
+  const Grouped p = make_grouped(g, "grouped_linear", x, offsets, G, w, b, act);
+  const int64_t widest = std::max(p.I, p.O);
+  p.for_groups(widest, [&](int64_t e) { p.forward(e); });
+  if (p.y.requires_grad())
+    g.record([=] { p.for_groups(widest, [&](int64_t e) { p.backward(e); }); });
+  return p.y;
+}
+
+Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w1, const Tensor* b1,
+                   Activation act, const Tensor* w2, const Tensor* b2) {
+  const Grouped p1 = make_grouped(g, "grouped_mlp", x, offsets, G, w1, b1, &act);
+  const Grouped p2 = make_grouped(g, "grouped_mlp", p1.y, offsets, G, w2, b2, nullptr, p1.order);
+  const int64_t widest = std::max({p1.I, p1.O, p2.O});
+  p1.for_groups(widest, [&](int64_t e) {
+    p1.forward(e);
+    p2.forward(e);
   });
-  if (y.requires_grad()) {
-    const float* at = keep_pre ? pre : y.data;
+  if (p2.y.requires_grad())
     g.record([=] {
-      for_groups([&](int64_t e) {
-        const int64_t n = off[e + 1] - off[e];
-        if (n == 0) return;
-        // d pre = dy · f'(pre), in y.grad itself: nothing reads y's gradient after this op.
-        float* d = y.grad + off[e] * O;
-        const float* a = at + off[e] * O;
-        if (has_act)
-          act::dispatch(kind, [&](auto, auto df) {
-#pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
-            for (int64_t j = 0; j < n * O; ++j) d[j] *= df(a[j]);
-          });
-        linear_backward(rows_of(x, e, I), ws[e], bs[e], d);
+      p1.for_groups(widest, [&](int64_t e) {
+        p2.backward(e);
+        p1.backward(e);
       });
     });
-  }
-  return y;
+  return p2.y;
 }
 
 namespace {

@@ -33,6 +33,11 @@ Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, A
 // every row gets the bits it gets alone. offsets, w and b are copied.
 Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
                       const Activation* act = nullptr);
+// grouped_linear(grouped_linear(x, w1, b1, act), w2, b2): the same bits, but each group runs
+// both products back to back on one thread (and the backward both of theirs), so that its
+// hidden rows are still in cache for the second.
+Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w1, const Tensor* b1,
+                   Activation act, const Tensor* w2, const Tensor* b2);
 // Batched matmul over the leading dimensions (all but the last two, equal for a and b):
 // y = op(a)·op(b) with op = transpose when the flag is set. a [..., M, K] (or [..., K, M]
 // when trans_a), b [..., K, N] (or [..., N, K] when trans_b); y [..., M, N].
