@@ -9,6 +9,7 @@
 #include "gradcheck.hpp"
 #include "moe/kernels/expf.hpp"
 #include "moe/kernels/gemm.hpp"
+#include "moe/kernels/nn.hpp"
 #include "moe/kernels/routing.hpp"
 #include "moe/ops/ops.hpp"
 
@@ -518,5 +519,26 @@ TEST_CASE("exp_floats gives exp_float's bits and std::exp's within one ulp", "[o
     REQUIRE(std::memcmp(&one, &inplace[i], sizeof one) == 0);
     // Within one ulp of the C library's expf (on glibc with FMA, the same bits).
     REQUIRE((y[i] == libm || std::nextafter(y[i], INFINITY) == libm || std::nextafter(y[i], -INFINITY) == libm));
+  }
+}
+
+TEST_CASE("layernorm kernels give every row the bits it gets alone", "[ops][layernorm]") {
+  // 19 rows: two blocks of eight side by side and three rows alone; C = 37.
+  const int64_t N = 19, C = 37;
+  const auto x = random_vector(N * C, 31, -2.f, 3.f), w = random_vector(C, 32), b = random_vector(C, 33),
+             dy = random_vector(N * C, 34);
+  std::vector<float> y(N * C), mean(N), rstd(N), dx(N * C, 0.5f);
+  layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C, 1e-5f);
+  layernorm_backward(dx.data(), nullptr, nullptr, dy.data(), x.data(), w.data(), mean.data(), rstd.data(), N, C);
+  for (int64_t n = 0; n < N; ++n) {
+    INFO("row " << n);
+    std::vector<float> y1(C), dx1(C, 0.5f);
+    float m1, r1;
+    layernorm_forward(y1.data(), &m1, &r1, x.data() + n * C, w.data(), b.data(), 1, C, 1e-5f);
+    layernorm_backward(dx1.data(), nullptr, nullptr, dy.data() + n * C, x.data() + n * C, w.data(), &m1, &r1, 1, C);
+    REQUIRE(std::memcmp(&m1, &mean[size_t(n)], sizeof m1) == 0);
+    REQUIRE(std::memcmp(&r1, &rstd[size_t(n)], sizeof r1) == 0);
+    REQUIRE(std::memcmp(y1.data(), y.data() + n * C, sizeof(float) * size_t(C)) == 0);
+    REQUIRE(std::memcmp(dx1.data(), dx.data() + n * C, sizeof(float) * size_t(C)) == 0);
   }
 }
