@@ -57,6 +57,28 @@ MOE_TARGET_AVX2 void transpose_avx2(const float* src, int64_t lds, int64_t rows,
   const __m256 scale = _mm256_set1_ps(alpha);
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     const int64_t n = std::min<int64_t>(8, rows - r0);
+    if (n == 4) {  // the last four rows of a 12-row tile: 4x8 blocks, each column's four in a half
+      for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+        __m256 x[4];
+        for (int64_t i = 0; i < 4; ++i) {
+          x[i] = _mm256_loadu_ps(src + (r0 + i) * lds + c0);
+          if (alpha != 1.f) x[i] = _mm256_mul_ps(scale, x[i]);
+        }
+        const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
+        // Columns c, c+4 in the low and high halves of y[c].
+        const __m256 y[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+        float* d = dst + c0 * ldd + r0;
+        for (int64_t c = 0; c < 4; ++c) {
+          _mm_storeu_ps(d + c * ldd, _mm256_castps256_ps128(y[c]));
+          _mm_storeu_ps(d + (c + 4) * ldd, _mm256_extractf128_ps(y[c], 1));
+        }
+      }
+      for (int64_t r = r0; r < r0 + n; ++r)
+        for (int64_t c = c8; c < cols; ++c) dst[c * ldd + r] = alpha * src[r * lds + c];
+      continue;
+    }
     const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int64_t c0 = 0; c0 < c8; c0 += 8) {
       __m256 x[8];
