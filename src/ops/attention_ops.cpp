@@ -100,6 +100,40 @@ void add_weighted_rows(const float* c, int64_t ldc, int64_t n, const float* x, i
       for (int64_t s = 0; s < n; ++s) out[r * ldo + d] += c[r * ldc + s] * x[s * ldx + d];
 }
 
+// Row t of the attention weights before normalising: row[s] = exp(x[s] - max) for s <= t and 0
+// past t, where x[s] = dot[s] · scale. dot holds t+1 rounded up to 8 finite values and is
+// overwritten. Eight positions at a time; the lanes past t enter exp as 0 (so that no lane
+// takes its slow path) and leave as 0.
+void softmax_numerators(float* dot, int64_t t, int64_t T, float scale, float* row) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int64_t n8 = (t + kLanes) / kLanes * kLanes;
+  v8 mxv = -INFINITY - v8{};
+  for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
+    const v8 x = load8(dot + s0) * scale;
+    __builtin_memcpy(dot + s0, &x, sizeof x);
+    const v8i seen = iota + int32_t(s0) <= int32_t(t);
+    mxv = seen && x > mxv ? x : mxv;
+  }
+  float mx = mxv[0];
+  for (int64_t j = 1; j < kLanes; ++j) mx = std::max(mx, mxv[j]);
+  for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
+    const v8i seen = iota + int32_t(s0) <= int32_t(t);
+    const v8 x = seen ? load8(dot + s0) - mx : v8{};
+    __builtin_memcpy(dot + s0, &x, sizeof x);
+  }
+  exp_floats(dot, dot, n8);
+  for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
+    const v8i seen = iota + int32_t(s0) <= int32_t(t);
+    const v8 e = seen ? load8(dot + s0) : v8{};
+    if (s0 + kLanes <= T)
+      __builtin_memcpy(row + s0, &e, sizeof e);
+    else
+      for (int64_t j = 0; s0 + j < T; ++j) row[s0 + j] = e[j];
+  }
+  std::fill(row + std::min(n8, T), row + T, 0.f);
+}
+
 // The weighted sums of rows t0 .. t0+R-1, row t over the positions s <= t: in groups of four
 // rows, side by side over the positions all four see, then each row alone over the rest of
 // its own. Each element still adds its terms in order of s.
@@ -154,19 +188,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     for (int64_t t0 = 0; t0 < T; t0 += kRows) {
       const int64_t R = std::min(kRows, T - t0);
       dots_block(base + t0 * C3, C3, t0, R, kt, Tp, D, S, Tp);
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t t = t0 + r;
-        float* row = P + t * T;
-        const float* dot = S + r * Tp;
-        float mx = -INFINITY;
-        for (int64_t s = 0; s <= t; ++s) {
-          row[s] = dot[s] * scale;
-          mx = std::max(mx, row[s]);
-        }
-        for (int64_t s = 0; s <= t; ++s) row[s] -= mx;
-        exp_floats(row, row, t + 1);
-        for (int64_t s = t + 1; s < T; ++s) row[s] = 0.f;
-      }
+      for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, P + (t0 + r) * T);
       // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
       float z[kRows] = {};
       const float* rows = P + t0 * T;
@@ -176,7 +198,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const int64_t t = t0 + r;
         float* row = P + t * T;
         const float inv = 1.f / z[r];
-        for (int64_t s = 0; s <= t; ++s) row[s] *= inv;
+        for (int64_t s = 0; s < T; ++s) row[s] *= inv;  // past t: 0 · inv
         // The weights through the dropout mask, into the scores' rows.
         float* w = S + r * Tp;
         for (int64_t s = 0; s <= t; ++s) w[s] = M ? row[s] * dropout_factor(M[t * T + s], keep) : row[s];
