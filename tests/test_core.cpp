@@ -108,6 +108,16 @@ TEST_CASE("Rng is deterministic, thread-count independent and restorable", "[cor
   omp_set_num_threads(saved);
   REQUIRE(std::memcmp(one.data(), two.data(), sizeof(float) * n) == 0);
   REQUIRE(r1.state().counter == uint64_t(n));
+  // The fill (eight at a time) gives the bits of normal() one by one, with mean and stddev too.
+  Rng r3(42, 7);
+  for (int64_t i = 0; i < 1003; ++i) REQUIRE(one[size_t(i)] == r3.normal());
+  std::vector<float> scaled(1003);
+  Rng r4(42, 7), r5(42, 7);
+  r4.fill_normal(scaled.data(), int64_t(scaled.size()), 0.5f, 3.f);
+  for (float x : scaled) {
+    const float z = r5.normal();
+    REQUIRE(x == 0.5f + 3.f * z);
+  }
 
   double m = 0, v = 0;
   for (float x : one) m += x;

@@ -92,8 +92,8 @@ struct RoundKeys {
   }
 };
 
-// Word 0 of the Philox blocks of counters ctr_lo + 0..7: the same bits as Rng::philox.
-inline __m256i philox8_word0(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ctr_lo) {
+// Words 0 and 1 of the Philox blocks of counters ctr_lo + 0..7: the same bits as Rng::philox.
+inline void philox8(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ctr_lo, __m256i& word0, __m256i& word1) {
   __m256i c0, c1;
   if (uint32_t(ctr_lo) <= 0xFFFFFFF8u) {  // no carry into the high word within the eight
     c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(ctr_lo))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -120,7 +120,14 @@ inline __m256i philox8_word0(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ct
     c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), keys.k1[r]);
     c3 = lo0;
   }
-  return c0;
+  word0 = c0;
+  word1 = c1;
+}
+
+inline __m256i philox8_word0(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ctr_lo) {
+  __m256i w0, w1;
+  philox8(keys, ctr_hi, ctr_lo, w0, w1);
+  return w0;
 }
 
 }  // namespace
@@ -196,8 +203,32 @@ void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
   fill_segments(out, n, [&](float* o, int64_t m, uint64_t first) {
     // A normal costs a Philox block, a log and a cos in double, some fifty times a uniform: the
     // router noise of one layer (tokens x experts) is already worth two threads.
+    int64_t done = 0;
+#if defined(__AVX2__)
+    // Eight Philox blocks at a time, and their u1 and 2π·u2 in double as block_normal makes
+    // them; the log and cos one by one.
+    const int64_t blocks = m / 8;
+    const RoundKeys keys(s.seed);
 #pragma omp parallel for schedule(static) if (m > kParallelMinWork / 32)
-    for (int64_t i = 0; i < m; ++i) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i w0, w1;
+      philox8(keys, s.stream, first + uint64_t(b * 8), w0, w1);
+      const __m256i k1 = _mm256_srli_epi32(w0, 8), k2 = _mm256_srli_epi32(w1, 8);
+      alignas(32) double u1[8], arg[8];
+      for (int half = 0; half < 2; ++half) {
+        const __m128i a = half ? _mm256_extracti128_si256(k1, 1) : _mm256_castsi256_si128(k1);
+        const __m128i c = half ? _mm256_extracti128_si256(k2, 1) : _mm256_castsi256_si128(k2);
+        _mm256_store_pd(u1 + 4 * half, _mm256_div_pd(_mm256_add_pd(_mm256_cvtepi32_pd(a), _mm256_set1_pd(1.0)),
+                                                     _mm256_set1_pd(16777217.0)));
+        _mm256_store_pd(arg + 4 * half, _mm256_mul_pd(_mm256_set1_pd(6.283185307179586),
+                                                      _mm256_div_pd(_mm256_cvtepi32_pd(c), _mm256_set1_pd(16777216.0))));
+      }
+      float* dst = o + b * 8;
+      for (int j = 0; j < 8; ++j) dst[j] = mean + stddev * float(std::sqrt(-2.0 * std::log(u1[j])) * std::cos(arg[j]));
+    }
+    done = blocks * 8;
+#endif
+    for (int64_t i = done; i < m; ++i) {
       uint32_t w[4];
       philox(s.seed, s.stream, first + uint64_t(i), w);
       o[i] = mean + stddev * block_normal(w);
