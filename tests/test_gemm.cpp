@@ -180,6 +180,28 @@ TEST_CASE("gemm computes each row of C as it computes that row alone, in every f
     }
 }
 
+TEST_CASE("gemm_bias gives the bits of gemm on C filled with the bias rows, in every form and kernel", "[gemm]") {
+  for (GemmKernel k : runnable_kernels())
+    for (const auto& [M, N, K] : kSizes)
+      for (int form = 0; form < 4; ++form) {
+        const bool ta = form & 1, tb = form & 2;
+        INFO(gemm_kernel_name(k) << " M=" << M << " N=" << N << " K=" << K << " ta=" << ta << " tb=" << tb);
+        const int64_t ldc = N + 3;
+        const auto A = random_vector(M * K, uint64_t(1 + M)), B = random_vector(K * N, uint64_t(2 + N)),
+                   bias = random_vector(N, uint64_t(3 + K));
+        std::vector<float> want(size_t(M * ldc), 7.f), got(want);
+        for (int64_t i = 0; i < M; ++i) std::copy(bias.begin(), bias.end(), want.begin() + i * ldc);
+        gemm(k, ta, tb, M, N, K, 1.f, A.data(), ta ? M : K, B.data(), tb ? K : N, 1.f, want.data(), ldc);
+        gemm_bias(k, ta, tb, M, N, K, A.data(), ta ? M : K, B.data(), tb ? K : N, bias.data(), got.data(), ldc);
+        REQUIRE(std::memcmp(want.data(), got.data(), sizeof(float) * want.size()) == 0);
+      }
+  // No products: C is the bias rows.
+  const float bias[3] = {1.f, -2.f, 0.5f};
+  std::vector<float> c(6, 9.f);
+  gemm_bias(false, true, 2, 3, 0, nullptr, 1, nullptr, 1, bias, c.data(), 3);
+  REQUIRE(c == std::vector<float>{1.f, -2.f, 0.5f, 1.f, -2.f, 0.5f});
+}
+
 TEST_CASE("gemv matches the reference on one row, B stored either way", "[gemm]") {
   std::mt19937 rng(5);
   std::uniform_int_distribution<int64_t> small(1, 300), deep(1, 600);

@@ -200,7 +200,8 @@ static_assert(kMR16 <= kMaxMR && kNR16 <= kMaxNR, "gemm_reserve_thread reserves 
 
 // acc[6][16] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part. GCC/Clang
 // vector types of 8 floats: the compiler maps them to whatever vectors the build targets.
-void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr) {
+void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr,
+                    const float* init) {
   constexpr int64_t MR = kMR16, NR = kNR16;
   typedef float v8 __attribute__((vector_size(32)));
   v8 acc[MR][2] = {};
@@ -215,12 +216,12 @@ void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int6
     }
   }
   for (int64_t r = 0; r < mr; ++r)
-    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c / 8][c % 8];
+    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] = (init ? init[c] : C[r * ldc + c]) + acc[r][c / 8][c % 8];
 }
 
 #ifdef MOE_GEMM_X86
 MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
-                                int64_t nr) {
+                                int64_t nr, const float* init) {
   constexpr int64_t MR = kMR16, NR = kNR16;
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
@@ -253,7 +254,7 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
     for (int64_t r = 0; r < MR; ++r)
       for (int64_t h = 0; h < 2; ++h) {
         float* c = C + r * ldc + h * 8;
-        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc_regs[r][h]));
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(init ? init + h * 8 : c), acc_regs[r][h]));
       }
     return;
   }
@@ -271,7 +272,7 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
   _mm256_store_ps(acc[5], c50);
   _mm256_store_ps(acc[5] + 8, c51);
   for (int64_t r = 0; r < mr; ++r)
-    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] += acc[r][c];
+    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] = (init ? init[c] : C[r * ldc + c]) + acc[r][c];
 }
 
 // The avx512 tile: kMR32 rows of 32 columns, two 16-float registers a row (24 accumulators
@@ -284,7 +285,7 @@ static_assert(kMR32 <= kMaxMR && kNR32 <= kMaxNR, "gemm_reserve_thread reserves 
 
 template <int NV>
 MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* Ap, const float* Bp, float* C,
-                                                           int64_t ldc, int64_t mr, int64_t nr) {
+                                                           int64_t ldc, int64_t mr, int64_t nr, const float* init) {
   constexpr int64_t MR = kMR32, NR = kNR32;
   __m512 acc[MR][NV];
 #pragma GCC unroll 16
@@ -309,47 +310,54 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const flo
     const int64_t w = std::min<int64_t>(16, nr - 16 * v);  // valid columns of register v (> 0)
     m[v] = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
   }
+  __m512 first[NV];  // the row added to every row of the tile when init is given
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) first[v] = init ? _mm512_maskz_loadu_ps(m[v], init + 16 * v) : _mm512_setzero_ps();
 #pragma GCC unroll 16
   for (int64_t r = 0; r < MR; ++r) {
     if (r >= mr) break;
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       float* c = C + r * ldc + 16 * v;
-      _mm512_mask_storeu_ps(c, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], c), acc[r][v]));
+      const __m512 base = init ? first[v] : _mm512_maskz_loadu_ps(m[v], c);
+      _mm512_mask_storeu_ps(c, m[v], _mm512_add_ps(base, acc[r][v]));
     }
   }
 }
 
 MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
-                                    int64_t nr) {
+                                    int64_t nr, const float* init) {
   if (nr > 16)
-    micro_avx512_body<2>(kb, Ap, Bp, C, ldc, mr, nr);
+    micro_avx512_body<2>(kb, Ap, Bp, C, ldc, mr, nr, init);
   else
-    micro_avx512_body<1>(kb, Ap, Bp, C, ldc, mr, nr);
+    micro_avx512_body<1>(kb, Ap, Bp, C, ldc, mr, nr, init);
 }
 #endif
 
-using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
+// A micro-kernel: C = base + acc on the valid mr x nr part of its tile, base being C itself, or
+// when init is given the row init (the same for every row of the tile).
+using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, const float*);
 
 // The products of one task: the packed rows Ap (mb of them) times the packed column panels
 // [p0, p1) of Bp, added to C (whose row 0 is the task's first row).
 template <int64_t MR, int64_t NR, MicroFn Micro>
 MOE_ALWAYS_INLINE void tile_body(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1,
-                                 int64_t N, float* C, int64_t ldc) {
+                                 int64_t N, float* C, int64_t ldc, const float* init) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
     for (int64_t g = 0; g < mb; g += MR)
-      Micro(kb, Ap + g * kb, Bp + p * kb * NR, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr);
+      Micro(kb, Ap + g * kb, Bp + p * kb * NR, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr,
+            init ? init + j0 : nullptr);
   }
 }
 
 using TileFn = void (*)(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1, int64_t N,
-                        float* C, int64_t ldc);
+                        float* C, int64_t ldc, const float* init);
 using GemvFn = void (*)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
                         float beta, float* C);
 using PackedFn = void (*)(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N,
                           int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-                          float* C, int64_t ldc);
+                          float* C, int64_t ldc, const float* bias);
 
 // What differs between the kernels: the packed product for its tile shape (packing and
 // task split, plain code), and, compiled for its instructions, its tile loop, the transposes
@@ -365,8 +373,9 @@ struct Kernel {
 // compiled for the target given by the attributes ATTR.
 #define MOE_GEMM_TILE_FN(NAME, ATTR, MR, NR, MICRO)                                                          \
   ATTR __attribute__((flatten)) void tile_##NAME(int64_t kb, const float* Ap, int64_t mb, const float* Bp, \
-                                                 int64_t p0, int64_t p1, int64_t N, float* C, int64_t ldc) { \
-    tile_body<MR, NR, MICRO>(kb, Ap, mb, Bp, p0, p1, N, C, ldc);                                             \
+                                                 int64_t p0, int64_t p1, int64_t N, float* C, int64_t ldc,   \
+                                                 const float* init) {                                        \
+    tile_body<MR, NR, MICRO>(kb, Ap, mb, Bp, p0, p1, N, C, ldc, init);                                       \
   }
 #define MOE_GEMM_GEMV_FNS(NAME, ATTR)                                                                         \
   ATTR void gemv_dot_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,  \
@@ -404,7 +413,7 @@ float* grown(std::vector<float>& v, int64_t n) {
 template <int64_t MR, int64_t NR>
 void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                  float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc) {
+                 int64_t ldc, const float* bias) {
   static_assert(MC % MR == 0, "a task's rows are whole tiles, but for the last task");
   const int64_t panels = (N + NR - 1) / NR;
   const bool nested = omp_in_parallel();
@@ -436,11 +445,12 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
         const int64_t i0 = row_start(t / col_groups), mb = row_start(t / col_groups + 1) - i0;
         const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
         if (p0 >= p1) continue;
-        // The task's own part of C takes beta before its first accumulation.
-        if (k0 == 0) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
+        // The task's own part of C takes beta before its first accumulation, unless the first
+        // block's tiles start from the bias rows.
+        if (k0 == 0 && !bias) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
         float* Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
         pack_a<MR>(transpose, trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
-        tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc);
+        tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc, k0 == 0 ? bias : nullptr);
       }
     }
   }
@@ -558,7 +568,23 @@ void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, i
     scale_rows(C, ldc, 0, M, 0, N, beta);
     return;
   }
-  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr);
+}
+
+void gemm_bias(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+               const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc) {
+  gemm_bias(gemm_kernel(), trans_a, trans_b, M, N, K, A, lda, B, ldb, bias, C, ldc);
+}
+
+void gemm_bias(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+               int64_t lda, const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i) std::memcpy(C + i * ldc, bias, sizeof(float) * size_t(N));
+    return;
+  }
+  const Kernel& kern = kernel_of(kernel);
+  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, 1.f, A, lda, B, ldb, 1.f, C, ldc, bias);
 }
 
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,

@@ -27,14 +27,13 @@ Shape linear_shape(const char* op, const Tensor& x, const Tensor& w, const Tenso
   return os;
 }
 
-// y = x·Wᵀ + b: y [N, O] starts as the bias rows, then the GEMM adds to it.
+// y = x·Wᵀ + b: each element is the bias plus the GEMM's sums, as if y started as the bias rows.
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
-  if (b.data) {
-#pragma omp parallel for schedule(static) if (N * O > kParallelMinWork)
-    for (int64_t n = 0; n < N; ++n) std::memcpy(y + n * O, b.data, sizeof(float) * size_t(O));
-  }
-  gemm(false, true, N, O, I, 1.f, x.data, I, w.data, I, b.data ? 1.f : 0.f, y, O);  // (N, O)
+  if (b.data)
+    gemm_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O);  // (N, O)
+  else
+    gemm(false, true, N, O, I, 1.f, x.data, I, w.data, I, 0.f, y, O);
 }
 
 // dx += dy·W, dW += dyᵀ·x, db += Σ_rows dy, for the inputs that track a gradient.

@@ -42,6 +42,13 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// C = bias + op(A)·op(B), bias [N] the same for every row of C (a linear layer's forward):
+// the bits of gemm with beta 1 on C filled with the bias rows, without that pass over C.
+void gemm_bias(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+               const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc);
+void gemm_bias(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+               int64_t lda, const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc);
+
 // Grows the calling thread's packing scratch to what any product with at most max_n columns
 // needs. Each thread of a parallel region whose threads take products by timing (a dynamic
 // schedule over experts) calls it first, so that what a step allocates does not depend on
