@@ -400,6 +400,7 @@ MOE_GEMM_TILE_FN(avx512, MOE_TARGET_AVX512, kMR32, kNR32, micro_avx512)
 // allocations; gemm_reserve_thread grows it ahead for threads that draw products by timing.
 struct PackScratch {
   std::vector<float> a, b;
+  std::vector<float> zeros;  // a row of zeros: the first write of C when beta is 0
 };
 thread_local PackScratch t_scratch;
 
@@ -482,6 +483,7 @@ const Kernel& kernel_of(GemmKernel k) {
 void gemm_reserve_thread(int64_t max_n) {
   grown(t_scratch.a, (MC + kMaxMR) * KC);
   grown(t_scratch.b, (max_n + kMaxNR - 1) / kMaxNR * kMaxNR * KC);
+  grown(t_scratch.zeros, max_n);
 }
 
 void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B,
@@ -568,7 +570,10 @@ void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, i
     scale_rows(C, ldc, 0, M, 0, N, beta);
     return;
   }
-  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr);
+  // beta 0: the tiles of the first k block write 0 + acc (a row of zeros as the bias), which
+  // is what adding to C set to 0 gives, without that pass over C.
+  const float* zeros = beta == 0.f ? grown(t_scratch.zeros, N) : nullptr;
+  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, zeros);
 }
 
 void gemm_bias(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
