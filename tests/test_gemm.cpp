@@ -180,19 +180,28 @@ TEST_CASE("gemm computes each row of C as it computes that row alone, in every f
     }
 }
 
-TEST_CASE("gemm_bias gives the bits of gemm on C filled with the bias rows, in every form and kernel", "[gemm]") {
+TEST_CASE("gemm_bias gives the bits of gemm on C filled with the bias rows (then relu), in every form and kernel",
+          "[gemm]") {
   for (GemmKernel k : runnable_kernels())
     for (const auto& [M, N, K] : kSizes)
-      for (int form = 0; form < 4; ++form) {
-        const bool ta = form & 1, tb = form & 2;
-        INFO(gemm_kernel_name(k) << " M=" << M << " N=" << N << " K=" << K << " ta=" << ta << " tb=" << tb);
+      for (int form = 0; form < 8; ++form) {
+        const bool ta = form & 1, tb = form & 2, relu = form & 4;
+        INFO(gemm_kernel_name(k) << " M=" << M << " N=" << N << " K=" << K << " ta=" << ta << " tb=" << tb
+                                 << " relu=" << relu);
         const int64_t ldc = N + 3;
         const auto A = random_vector(M * K, uint64_t(1 + M)), B = random_vector(K * N, uint64_t(2 + N)),
                    bias = random_vector(N, uint64_t(3 + K));
         std::vector<float> want(size_t(M * ldc), 7.f), got(want);
         for (int64_t i = 0; i < M; ++i) std::copy(bias.begin(), bias.end(), want.begin() + i * ldc);
         gemm(k, ta, tb, M, N, K, 1.f, A.data(), ta ? M : K, B.data(), tb ? K : N, 1.f, want.data(), ldc);
-        gemm_bias(k, ta, tb, M, N, K, A.data(), ta ? M : K, B.data(), tb ? K : N, bias.data(), got.data(), ldc);
+        if (relu)
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) {
+              float& v = want[size_t(i * ldc + j)];
+              v = v > 0.f ? v : 0.f;
+            }
+        gemm_bias(k, ta, tb, M, N, K, A.data(), ta ? M : K, B.data(), tb ? K : N, bias.data(), got.data(), ldc,
+                  relu);
         REQUIRE(std::memcmp(want.data(), got.data(), sizeof(float) * want.size()) == 0);
       }
   // No products: C is the bias rows.

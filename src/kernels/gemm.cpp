@@ -201,7 +201,7 @@ static_assert(kMR16 <= kMaxMR && kNR16 <= kMaxNR, "gemm_reserve_thread reserves 
 // acc[6][16] = Σ_k Ap[k][r] · Bp[k][c], then C += acc on the valid mr x nr part. GCC/Clang
 // vector types of 8 floats: the compiler maps them to whatever vectors the build targets.
 void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr, int64_t nr,
-                    const float* init) {
+                    const float* init, bool relu) {
   constexpr int64_t MR = kMR16, NR = kNR16;
   typedef float v8 __attribute__((vector_size(32)));
   v8 acc[MR][2] = {};
@@ -216,12 +216,15 @@ void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int6
     }
   }
   for (int64_t r = 0; r < mr; ++r)
-    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] = (init ? init[c] : C[r * ldc + c]) + acc[r][c / 8][c % 8];
+    for (int64_t c = 0; c < nr; ++c) {
+      const float v = (init ? init[c] : C[r * ldc + c]) + acc[r][c / 8][c % 8];
+      C[r * ldc + c] = relu ? (v > 0.f ? v : 0.f) : v;
+    }
 }
 
 #ifdef MOE_GEMM_X86
 MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
-                                int64_t nr, const float* init) {
+                                int64_t nr, const float* init, bool relu) {
   constexpr int64_t MR = kMR16, NR = kNR16;
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
@@ -254,7 +257,9 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
     for (int64_t r = 0; r < MR; ++r)
       for (int64_t h = 0; h < 2; ++h) {
         float* c = C + r * ldc + h * 8;
-        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(init ? init + h * 8 : c), acc_regs[r][h]));
+        const __m256 v = _mm256_add_ps(_mm256_loadu_ps(init ? init + h * 8 : c), acc_regs[r][h]);
+        // max(v, 0) returns its second operand, 0, for NaN and -0: v > 0 ? v : 0.
+        _mm256_storeu_ps(c, relu ? _mm256_max_ps(v, _mm256_setzero_ps()) : v);
       }
     return;
   }
@@ -272,7 +277,10 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
   _mm256_store_ps(acc[5], c50);
   _mm256_store_ps(acc[5] + 8, c51);
   for (int64_t r = 0; r < mr; ++r)
-    for (int64_t c = 0; c < nr; ++c) C[r * ldc + c] = (init ? init[c] : C[r * ldc + c]) + acc[r][c];
+    for (int64_t c = 0; c < nr; ++c) {
+      const float v = (init ? init[c] : C[r * ldc + c]) + acc[r][c];
+      C[r * ldc + c] = relu ? (v > 0.f ? v : 0.f) : v;
+    }
 }
 
 // The avx512 tile: kMR32 rows of 32 columns, two 16-float registers a row (24 accumulators
@@ -285,7 +293,8 @@ static_assert(kMR32 <= kMaxMR && kNR32 <= kMaxNR, "gemm_reserve_thread reserves 
 
 template <int NV>
 MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* Ap, const float* Bp, float* C,
-                                                           int64_t ldc, int64_t mr, int64_t nr, const float* init) {
+                                                           int64_t ldc, int64_t mr, int64_t nr, const float* init,
+                                                           bool relu) {
   constexpr int64_t MR = kMR32, NR = kNR32;
   __m512 acc[MR][NV];
 #pragma GCC unroll 16
@@ -320,44 +329,46 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const flo
     for (int v = 0; v < NV; ++v) {
       float* c = C + r * ldc + 16 * v;
       const __m512 base = init ? first[v] : _mm512_maskz_loadu_ps(m[v], c);
-      _mm512_mask_storeu_ps(c, m[v], _mm512_add_ps(base, acc[r][v]));
+      const __m512 sum = _mm512_add_ps(base, acc[r][v]);
+      _mm512_mask_storeu_ps(c, m[v], relu ? _mm512_maskz_max_ps(__mmask16(0xFFFF), sum, _mm512_setzero_ps()) : sum);
     }
   }
 }
 
 MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t mr,
-                                    int64_t nr, const float* init) {
+                                    int64_t nr, const float* init, bool relu) {
   if (nr > 16)
-    micro_avx512_body<2>(kb, Ap, Bp, C, ldc, mr, nr, init);
+    micro_avx512_body<2>(kb, Ap, Bp, C, ldc, mr, nr, init, relu);
   else
-    micro_avx512_body<1>(kb, Ap, Bp, C, ldc, mr, nr, init);
+    micro_avx512_body<1>(kb, Ap, Bp, C, ldc, mr, nr, init, relu);
 }
 #endif
 
 // A micro-kernel: C = base + acc on the valid mr x nr part of its tile, base being C itself, or
-// when init is given the row init (the same for every row of the tile).
-using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, const float*);
+// when init is given the row init (the same for every row of the tile); then relu(C) when
+// relu is set (the last k block of a product with a relu epilogue).
+using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, const float*, bool);
 
 // The products of one task: the packed rows Ap (mb of them) times the packed column panels
 // [p0, p1) of Bp, added to C (whose row 0 is the task's first row).
 template <int64_t MR, int64_t NR, MicroFn Micro>
 MOE_ALWAYS_INLINE void tile_body(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1,
-                                 int64_t N, float* C, int64_t ldc, const float* init) {
+                                 int64_t N, float* C, int64_t ldc, const float* init, bool relu) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
     for (int64_t g = 0; g < mb; g += MR)
       Micro(kb, Ap + g * kb, Bp + p * kb * NR, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr,
-            init ? init + j0 : nullptr);
+            init ? init + j0 : nullptr, relu);
   }
 }
 
 using TileFn = void (*)(int64_t kb, const float* Ap, int64_t mb, const float* Bp, int64_t p0, int64_t p1, int64_t N,
-                        float* C, int64_t ldc, const float* init);
+                        float* C, int64_t ldc, const float* init, bool relu);
 using GemvFn = void (*)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
                         float beta, float* C);
 using PackedFn = void (*)(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N,
                           int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-                          float* C, int64_t ldc, const float* bias);
+                          float* C, int64_t ldc, const float* bias, bool relu);
 
 // What differs between the kernels: the packed product for its tile shape (packing and
 // task split, plain code), and, compiled for its instructions, its tile loop, the transposes
@@ -374,8 +385,8 @@ struct Kernel {
 #define MOE_GEMM_TILE_FN(NAME, ATTR, MR, NR, MICRO)                                                          \
   ATTR __attribute__((flatten)) void tile_##NAME(int64_t kb, const float* Ap, int64_t mb, const float* Bp, \
                                                  int64_t p0, int64_t p1, int64_t N, float* C, int64_t ldc,   \
-                                                 const float* init) {                                        \
-    tile_body<MR, NR, MICRO>(kb, Ap, mb, Bp, p0, p1, N, C, ldc, init);                                       \
+                                                 const float* init, bool relu) {                             \
+    tile_body<MR, NR, MICRO>(kb, Ap, mb, Bp, p0, p1, N, C, ldc, init, relu);                                 \
   }
 #define MOE_GEMM_GEMV_FNS(NAME, ATTR)                                                                         \
   ATTR void gemv_dot_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,  \
@@ -414,7 +425,7 @@ float* grown(std::vector<float>& v, int64_t n) {
 template <int64_t MR, int64_t NR>
 void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                  float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc, const float* bias) {
+                 int64_t ldc, const float* bias, bool relu) {
   static_assert(MC % MR == 0, "a task's rows are whole tiles, but for the last task");
   const int64_t panels = (N + NR - 1) / NR;
   const bool nested = omp_in_parallel();
@@ -451,7 +462,7 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
         if (k0 == 0 && !bias) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
         float* Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
         pack_a<MR>(transpose, trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
-        tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc, k0 == 0 ? bias : nullptr);
+        tile(kb, Ap, mb, Bp, p0, p1, N, C + i0 * ldc, ldc, k0 == 0 ? bias : nullptr, relu && k0 + kb == K);
       }
     }
   }
@@ -573,23 +584,25 @@ void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, i
   // beta 0: the tiles of the first k block write 0 + acc (a row of zeros as the bias), which
   // is what adding to C set to 0 gives, without that pass over C.
   const float* zeros = beta == 0.f ? grown(t_scratch.zeros, N) : nullptr;
-  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, zeros);
+  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, zeros, false);
 }
 
 void gemm_bias(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-               const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc) {
-  gemm_bias(gemm_kernel(), trans_a, trans_b, M, N, K, A, lda, B, ldb, bias, C, ldc);
+               const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc, bool relu) {
+  gemm_bias(gemm_kernel(), trans_a, trans_b, M, N, K, A, lda, B, ldb, bias, C, ldc, relu);
 }
 
 void gemm_bias(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
-               int64_t lda, const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc) {
+               int64_t lda, const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc, bool relu) {
   if (M <= 0 || N <= 0) return;
+  if (!bias) bias = grown(t_scratch.zeros, N);
   if (K <= 0) {
-    for (int64_t i = 0; i < M; ++i) std::memcpy(C + i * ldc, bias, sizeof(float) * size_t(N));
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = relu ? (bias[j] > 0.f ? bias[j] : 0.f) : bias[j];
     return;
   }
   const Kernel& kern = kernel_of(kernel);
-  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, 1.f, A, lda, B, ldb, 1.f, C, ldc, bias);
+  kern.packed(kern.tile, kern.transpose, trans_a, trans_b, M, N, K, 1.f, A, lda, B, ldb, 1.f, C, ldc, bias, relu);
 }
 
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,

@@ -27,13 +27,11 @@ Shape linear_shape(const char* op, const Tensor& x, const Tensor& w, const Tenso
   return os;
 }
 
-// y = x·Wᵀ + b: each element is the bias plus the GEMM's sums, as if y started as the bias rows.
-void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y) {
+// y = x·Wᵀ + b (then relu when asked): each element is the bias (or 0) plus the GEMM's sums,
+// as if y started as the bias rows.
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y, bool relu = false) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
-  if (b.data)
-    gemm_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O);  // (N, O)
-  else
-    gemm(false, true, N, O, I, 1.f, x.data, I, w.data, I, 0.f, y, O);
+  gemm_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O, relu);  // (N, O)
 }
 
 // dx += dy·W, dW += dyᵀ·x, db += Σ_rows dy, for the inputs that track a gradient.
@@ -72,8 +70,10 @@ struct Grouped {
   void forward(int64_t e) const {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) return;
-    linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O);
-    if (has_act)
+    // relu goes in the product's last write (its output is kept, not the pre-activation).
+    const bool fused = has_act && kind == Activation::kRelu;
+    linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O, fused);
+    if (has_act && !fused)
       act::dispatch(kind, [&](auto f, auto) {
         const int64_t begin = off[e] * O, end = off[e + 1] * O;
 #pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)

@@ -42,12 +42,14 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 void gemm(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
-// C = bias + op(A)·op(B), bias [N] the same for every row of C (a linear layer's forward):
-// the bits of gemm with beta 1 on C filled with the bias rows, without that pass over C.
+// C = bias + op(A)·op(B), bias [N] the same for every row of C (a linear layer's forward;
+// null: zeros), then relu(C) = C > 0 ? C : 0 when relu is set: the bits of gemm with beta 1
+// on C filled with the bias rows (and relu after), without those passes over C.
 void gemm_bias(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-               const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc);
+               const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc, bool relu = false);
 void gemm_bias(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
-               int64_t lda, const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc);
+               int64_t lda, const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
+               bool relu = false);
 
 // Grows the calling thread's packing scratch to what any product with at most max_n columns
 // needs. Each thread of a parallel region whose threads take products by timing (a dynamic
