@@ -542,3 +542,30 @@ TEST_CASE("layernorm kernels give every row the bits it gets alone", "[ops][laye
     REQUIRE(std::memcmp(dx1.data(), dx.data() + n * C, sizeof(float) * size_t(C)) == 0);
   }
 }
+
+TEST_CASE("scatter_add_weighted adds every row in index order, for any thread count", "[ops][routing]") {
+  for (int64_t C : {37, 128}) {
+    const int64_t n = 700, tokens = 300;
+    INFO("C " << C);
+    const auto h = random_vector(n * C, 41), gates = random_vector(2 * tokens, 42);
+    std::vector<int32_t> rows(n), gate_pos(n);
+    for (int64_t i = 0; i < n; ++i) {
+      rows[size_t(i)] = int32_t((i * 7) % tokens);  // every token several times, out of order
+      gate_pos[size_t(i)] = int32_t((i * 5) % (2 * tokens));
+    }
+    const auto start = random_vector(tokens * C, 43);
+    std::vector<float> want = start;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        want[size_t(rows[size_t(i)] * C + c)] += gates[size_t(gate_pos[size_t(i)])] * h[size_t(i * C + c)];
+    const int saved = omp_get_max_threads();
+    for (int threads : {1, 2, 3}) {
+      INFO("threads " << threads);
+      omp_set_num_threads(threads);
+      std::vector<float> got = start;
+      scatter_add_weighted(got.data(), h.data(), rows.data(), gates.data(), gate_pos.data(), n, C);
+      REQUIRE(std::memcmp(got.data(), want.data(), sizeof(float) * want.size()) == 0);
+    }
+    omp_set_num_threads(saved);
+  }
+}

@@ -1,5 +1,7 @@
 #include "moe/kernels/routing.hpp"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -118,13 +120,16 @@ int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, cons
 
 void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const float* gates,
                           const int32_t* gate_pos, int64_t n, int64_t C) {
-  // Each thread adds into its own columns, every row in index order: rows that repeat (a token
-  // routed to several experts) are summed in the same order for any thread count.
-  constexpr int64_t kCols = 16;
-  const int64_t chunks = (C + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
+  // Each thread adds into its own columns (one block of them, a multiple of 16), every row in
+  // index order: rows that repeat (a token routed to several experts) are summed in the same
+  // order for any thread count. One thread takes whole rows.
+  const bool parallel = !omp_in_parallel() && n * C > kParallelMinWork;
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t cols = std::max<int64_t>(16, ((C + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (C + cols - 1) / cols;
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t ch = 0; ch < chunks; ++ch) {
-    const int64_t c0 = ch * kCols, c1 = std::min(C, c0 + kCols);
+    const int64_t c0 = ch * cols, c1 = std::min(C, c0 + cols);
     for (int64_t i = 0; i < n; ++i) {
       const float w = gates[gate_pos[i]];
       float* d = acc + int64_t(rows[i]) * C;
