@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "moe/kernels/activations.hpp"
+
 // The avx2 and avx512 kernels are compiled for their instructions with target attributes,
 // whatever the build's flags, and run only when the CPU has them (gemm_kernel).
 #if defined(__x86_64__) || defined(__i386__)
@@ -218,7 +220,7 @@ void micro_portable(int64_t kb, const float* Ap, const float* Bp, float* C, int6
   for (int64_t r = 0; r < mr; ++r)
     for (int64_t c = 0; c < nr; ++c) {
       const float v = (init ? init[c] : C[r * ldc + c]) + acc[r][c / 8][c % 8];
-      C[r * ldc + c] = relu ? (v > 0.f ? v : 0.f) : v;
+      C[r * ldc + c] = relu ? act::relu(v) : v;
     }
 }
 
@@ -279,7 +281,7 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, fl
   for (int64_t r = 0; r < mr; ++r)
     for (int64_t c = 0; c < nr; ++c) {
       const float v = (init ? init[c] : C[r * ldc + c]) + acc[r][c];
-      C[r * ldc + c] = relu ? (v > 0.f ? v : 0.f) : v;
+      C[r * ldc + c] = relu ? act::relu(v) : v;
     }
 }
 
@@ -598,7 +600,7 @@ void gemm_bias(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t
   if (!bias) bias = grown(t_scratch.zeros, N);
   if (K <= 0) {
     for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = relu ? (bias[j] > 0.f ? bias[j] : 0.f) : bias[j];
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = relu ? act::relu(bias[j]) : bias[j];
     return;
   }
   const Kernel& kern = kernel_of(kernel);
