@@ -228,6 +228,27 @@ TEST_CASE("gemv matches the reference on one row, B stored either way", "[gemm]"
     }
 }
 
+TEST_CASE("gemv avx512 gives the same bits as avx2, B stored either way", "[gemm]") {
+  if (!gemm_cpu_has_avx512()) {
+    WARN("this CPU lacks AVX-512: avx512 == avx2 not checked");
+    return;
+  }
+  std::mt19937 rng(6);
+  std::uniform_int_distribution<int64_t> wide(1, 1100), deep(1, 600);
+  for (int trial = 0; trial < 40; ++trial) {
+    const bool tb = trial & 1;
+    const int64_t N = wide(rng), K = deep(rng), ldb = (tb ? K : N) + trial % 3;
+    const float alpha = trial % 3 == 0 ? 1.f : 0.37f, beta = trial % 4 == 0 ? 0.f : (trial % 4 == 1 ? 1.f : -0.6f);
+    auto a = random_vector(K, uint64_t(trial) + 1);
+    auto B = random_vector((tb ? N : K) * ldb, uint64_t(trial) + 1000);
+    auto c512 = random_vector(N, uint64_t(trial) + 2000), c2 = c512;
+    gemv(GemmKernel::avx512, tb, N, K, alpha, a.data(), B.data(), ldb, beta, c512.data());
+    gemv(GemmKernel::avx2, tb, N, K, alpha, a.data(), B.data(), ldb, beta, c2.data());
+    INFO("tb " << tb << " N " << N << " K " << K);
+    REQUIRE(std::memcmp(c512.data(), c2.data(), c2.size() * sizeof(float)) == 0);
+  }
+}
+
 TEST_CASE("MOE_GEMM_KERNEL chooses the kernel, avx2 and avx512 only where the CPU has them", "[gemm]") {
   CHECK(choose_gemm_kernel(nullptr, true) == GemmKernel::avx2);
   CHECK(choose_gemm_kernel("", true) == GemmKernel::avx2);
