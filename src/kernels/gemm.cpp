@@ -169,20 +169,14 @@ void pack_a(TransposeFn transpose, bool trans_a, const float* A, int64_t lda, in
   }
 }
 
-// Where a micro-kernel reads its rows of A: the MR values of step k of the group starting at
-// row g are p[g * gs + k * ks + r], r < MR. Packed rows (pack_a) have gs = kb, ks = MR; a
-// product with alpha 1 and Aᵀ stored reads whole groups of MR rows from A itself instead
-// (gs = 1, ks = lda): the values the packer would have copied, so the same bits. A stored
-// [M, K] is always packed: read in place, its MR rows are MR streams, and the micro-kernel
-// ran no faster than with the packing (gemm_bench).
-struct ASrc {
-  const float* p;
-  int64_t gs, ks;
-};
-
-// Where it reads B's panels: packed (panel p at packed + p·kb·NR, rows of NR floats), or, for
-// B stored [K, N], its panels of NR whole columns from B itself (direct, the k block's first
-// row, rows ldb apart); the last panel, short of NR columns, is packed with zeros.
+// Where a micro-kernel reads B's panels: packed (panel p at packed + p·kb·NR, rows of NR
+// floats), or, for B stored [K, N] and a product of at most kDirectTiles row tiles, its
+// panels of NR whole columns from B itself (direct, the k block's first row, rows ldb apart;
+// the last panel, short of NR columns, is packed with zeros). The same values, so the same
+// bits. Packing pays when many tiles reread a panel: B read in place from the last-level
+// cache slowed the training step (dY·W) by 1-3%; for the decoder's few rows (a re-encoded
+// context) it was a pass over weights used once, and generation ran 5% faster without it.
+constexpr int64_t kDirectTiles = 2;
 struct BSrc {
   const float* direct;
   int64_t ldb;
@@ -220,11 +214,10 @@ MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float a
 constexpr int64_t kMR16 = 6, kNR16 = 16;
 static_assert(kMR16 <= kMaxMR && kNR16 <= kMaxNR, "gemm_reserve_thread reserves for the largest tile");
 
-// acc[6][16] = Σ_k A[k·ks + r] · Bp[k·bs + c], then C += acc on the valid mr x nr part.
-// GCC/Clang vector types of 8 floats: the compiler maps them to whatever vectors the build
-// targets.
-void micro_portable(int64_t kb, const float* A, int64_t ks, const float* Bp, int64_t bs, float* C,
-                    int64_t ldc, int64_t mr, int64_t nr, const float* init, bool relu) {
+// acc[6][16] = Σ_k Ap[k][r] · Bp[k·bs + c], then C += acc on the valid mr x nr part. GCC/Clang
+// vector types of 8 floats: the compiler maps them to whatever vectors the build targets.
+void micro_portable(int64_t kb, const float* Ap, const float* Bp, int64_t bs, float* C, int64_t ldc, int64_t mr,
+                    int64_t nr, const float* init, bool relu) {
   constexpr int64_t MR = kMR16;
   typedef float v8 __attribute__((vector_size(32)));
   v8 acc[MR][2] = {};
@@ -233,7 +226,7 @@ void micro_portable(int64_t kb, const float* A, int64_t ks, const float* Bp, int
     std::memcpy(&b0, Bp + k * bs, sizeof b0);
     std::memcpy(&b1, Bp + k * bs + 8, sizeof b1);
     for (int64_t r = 0; r < MR; ++r) {
-      const float a = A[k * ks + r];
+      const float a = Ap[k * MR + r];
       acc[r][0] += a * b0;
       acc[r][1] += a * b1;
     }
@@ -246,8 +239,8 @@ void micro_portable(int64_t kb, const float* A, int64_t ks, const float* Bp, int
 }
 
 #ifdef MOE_GEMM_X86
-MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* A, int64_t ks, const float* Bp, int64_t bs,
-                                float* C, int64_t ldc, int64_t mr, int64_t nr, const float* init, bool relu) {
+MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, int64_t bs, float* C, int64_t ldc,
+                                int64_t mr, int64_t nr, const float* init, bool relu) {
   constexpr int64_t MR = kMR16, NR = kNR16;
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
@@ -255,8 +248,8 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* A, int64_t ks, const fl
          c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
   for (int64_t k = 0; k < kb; ++k) {
     const __m256 b0 = _mm256_loadu_ps(Bp + k * bs), b1 = _mm256_loadu_ps(Bp + k * bs + 8);
-    const float* a = A + k * ks;
-    __m256 a0 = _mm256_broadcast_ss(a);
+    const float* a = Ap + k * MR;
+    __m256 a0 = _mm256_broadcast_ss(a + 0);
     c00 = _mm256_fmadd_ps(a0, b0, c00);
     c01 = _mm256_fmadd_ps(a0, b1, c01);
     __m256 a1 = _mm256_broadcast_ss(a + 1);
@@ -315,9 +308,9 @@ constexpr int64_t kMR32 = 12, kNR32 = 32;
 static_assert(kMR32 <= kMaxMR && kNR32 <= kMaxNR, "gemm_reserve_thread reserves for the largest tile");
 
 template <int NV>
-MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* A, int64_t ks,
-                                                           const float* Bp, int64_t bs, float* C, int64_t ldc,
-                                                           int64_t mr, int64_t nr, const float* init, bool relu) {
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* Ap, const float* Bp,
+                                                           int64_t bs, float* C, int64_t ldc, int64_t mr, int64_t nr,
+                                                           const float* init, bool relu) {
   constexpr int64_t MR = kMR32;
   __m512 acc[MR][NV];
 #pragma GCC unroll 16
@@ -328,9 +321,10 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const flo
     __m512 b[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * bs + 16 * v);
+    const float* a = Ap + k * MR;
 #pragma GCC unroll 16
     for (int64_t r = 0; r < MR; ++r) {
-      const __m512 ar = _mm512_set1_ps(A[k * ks + r]);
+      const __m512 ar = _mm512_set1_ps(a[r]);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, b[v], acc[r][v]);
     }
@@ -357,39 +351,39 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const flo
   }
 }
 
-MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* A, int64_t ks, const float* Bp, int64_t bs, float* C,
-                                    int64_t ldc, int64_t mr, int64_t nr, const float* init, bool relu) {
+MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp, int64_t bs, float* C, int64_t ldc,
+                                    int64_t mr, int64_t nr, const float* init, bool relu) {
   if (nr > 16)
-    micro_avx512_body<2>(kb, A, ks, Bp, bs, C, ldc, mr, nr, init, relu);
+    micro_avx512_body<2>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
   else
-    micro_avx512_body<1>(kb, A, ks, Bp, bs, C, ldc, mr, nr, init, relu);
+    micro_avx512_body<1>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
 }
 #endif
 
 // A micro-kernel: C = base + acc on the valid mr x nr part of its tile, base being C itself, or
 // when init is given the row init (the same for every row of the tile); then relu(C) when
 // relu is set (the last k block of a product with a relu epilogue).
-using MicroFn = void (*)(int64_t kb, const float* A, int64_t ks, const float* Bp, int64_t bs, float* C, int64_t ldc,
-                        int64_t mr, int64_t nr, const float* init, bool relu);
+using MicroFn = void (*)(int64_t kb, const float* Ap, const float* Bp, int64_t bs, float* C, int64_t ldc, int64_t mr,
+                        int64_t nr, const float* init, bool relu);
 
-// The products of one task: its mb rows of A (a) times the column panels [p0, p1) of B (b),
-// added to C (whose row 0 is the task's first row).
+// The products of one task: the packed rows Ap (mb of them) times the column panels [p0, p1)
+// of B (b), added to C (whose row 0 is the task's first row).
 template <int64_t MR, int64_t NR, MicroFn Micro>
-MOE_ALWAYS_INLINE void tile_body(int64_t kb, ASrc a, int64_t mb, BSrc b, int64_t p0, int64_t p1, int64_t N, float* C,
-                                 int64_t ldc, const float* init, bool relu) {
+MOE_ALWAYS_INLINE void tile_body(int64_t kb, const float* Ap, int64_t mb, BSrc b, int64_t p0, int64_t p1, int64_t N,
+                                 float* C, int64_t ldc, const float* init, bool relu) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
     const bool direct = b.direct && nr == NR;
     const float* bp = direct ? b.direct + j0 : b.packed + p * kb * NR;
     const int64_t bs = direct ? b.ldb : NR;
     for (int64_t g = 0; g < mb; g += MR)
-      Micro(kb, a.p + g * a.gs, a.ks, bp, bs, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr,
+      Micro(kb, Ap + g * kb, bp, bs, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr,
             init ? init + j0 : nullptr, relu);
   }
 }
 
-using TileFn = void (*)(int64_t kb, ASrc a, int64_t mb, BSrc b, int64_t p0, int64_t p1, int64_t N, float* C,
-                        int64_t ldc, const float* init, bool relu);
+using TileFn = void (*)(int64_t kb, const float* Ap, int64_t mb, BSrc b, int64_t p0, int64_t p1, int64_t N,
+                        float* C, int64_t ldc, const float* init, bool relu);
 using GemvFn = void (*)(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
                         float beta, float* C);
 using PackedFn = void (*)(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N,
@@ -409,9 +403,10 @@ struct Kernel {
 // Every kernel's tile loop, and the one-row loops of portable and avx2: the same bodies,
 // compiled for the target given by the attributes ATTR.
 #define MOE_GEMM_TILE_FN(NAME, ATTR, MR, NR, MICRO)                                                          \
-  ATTR __attribute__((flatten)) void tile_##NAME(int64_t kb, ASrc a, int64_t mb, BSrc b, int64_t p0, int64_t p1, \
-                                                 int64_t N, float* C, int64_t ldc, const float* init, bool relu) { \
-    tile_body<MR, NR, MICRO>(kb, a, mb, b, p0, p1, N, C, ldc, init, relu);                                        \
+  ATTR __attribute__((flatten)) void tile_##NAME(int64_t kb, const float* Ap, int64_t mb, BSrc b, int64_t p0,    \
+                                                 int64_t p1, int64_t N, float* C, int64_t ldc, const float* init, \
+                                                 bool relu) {                                                     \
+    tile_body<MR, NR, MICRO>(kb, Ap, mb, b, p0, p1, N, C, ldc, init, relu);                                      \
   }
 #define MOE_GEMM_GEMV_FNS(NAME, ATTR)                                                                         \
   ATTR void gemv_dot_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,  \
@@ -450,8 +445,8 @@ float* grown(std::vector<float>& v, int64_t n) {
 }
 
 // The packed product with an MR x NR tile: blocks of KC along k; in each, the team packs the
-// B panels that need it (Bᵀ stored: all), then each task packs its rows of A that need it
-// (A stored [M, K]: all) and runs the tile loop.
+// B panels that need it (all, unless BSrc reads them in place), then each task packs its
+// rows of A and runs the tile loop.
 template <int64_t MR, int64_t NR>
 void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                  float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
@@ -480,9 +475,10 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
     const int64_t kb = std::min(KC, K - k0);
 #pragma omp parallel if (parallel)
     {
-      // B stored [K, N]: only a last panel short of NR columns is packed.
-      const BSrc b{trans_b ? nullptr : B + k0 * ldb, ldb, Bp};
-      const int64_t first_packed = trans_b ? 0 : N / NR;
+      // B read in place: only a last panel short of NR columns is packed.
+      const bool direct = !trans_b && tiles <= kDirectTiles;
+      const BSrc b{direct ? B + k0 * ldb : nullptr, ldb, Bp};
+      const int64_t first_packed = direct ? N / NR : 0;
 #pragma omp for schedule(static)
       for (int64_t p = first_packed; p < panels; ++p)
         pack_b_panel<NR>(transpose, trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
@@ -498,13 +494,9 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
         const bool last = relu && k0 + kb == K;
         // Aᵀ stored, alpha 1: the whole groups of MR rows are read from A itself; the rest
         // (the last rows short of a group, or all rows) are packed.
-        const int64_t direct = trans_a && alpha == 1.f ? mb / MR * MR : 0;
-        if (direct > 0) tile(kb, ASrc{A + k0 * lda + i0, 1, lda}, direct, b, p0, p1, N, C + i0 * ldc, ldc, init, last);
-        if (direct < mb) {
-          float* Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
-          pack_a<MR>(transpose, trans_a, A, lda, i0 + direct, mb - direct, k0, kb, alpha, Ap);
-          tile(kb, ASrc{Ap, kb, MR}, mb - direct, b, p0, p1, N, C + (i0 + direct) * ldc, ldc, init, last);
-        }
+        float* Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
+        pack_a<MR>(transpose, trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
+        tile(kb, Ap, mb, b, p0, p1, N, C + i0 * ldc, ldc, init, last);
       }
     }
   }
