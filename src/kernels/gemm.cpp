@@ -303,18 +303,19 @@ MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, in
 // of the 32 zmm registers). The same sums as the 6x16 kernels: one fma a k step, in order;
 // C += acc by one add per element, masked to the valid columns of an edge tile. NV = 1
 // computes only the first 16 columns, for an edge panel of at most 16 (lm_head's N = 65
-// ends with a panel of 1 column).
+// ends with a panel of 1 column); ROWS = 4 or 8 only the first rows, for an edge tile of at
+// most that many (an expert's last rows; the decoder's few).
 constexpr int64_t kMR32 = 12, kNR32 = 32;
 static_assert(kMR32 <= kMaxMR && kNR32 <= kMaxNR, "gemm_reserve_thread reserves for the largest tile");
 
-template <int NV>
+template <int NV, int64_t ROWS>
 MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const float* Ap, const float* Bp,
                                                            int64_t bs, float* C, int64_t ldc, int64_t mr, int64_t nr,
                                                            const float* init, bool relu) {
-  constexpr int64_t MR = kMR32;
-  __m512 acc[MR][NV];
+  constexpr int64_t MR = kMR32;  // the packed rows' stride; the tile computes the first ROWS
+  __m512 acc[ROWS][NV];
 #pragma GCC unroll 16
-  for (int64_t r = 0; r < MR; ++r)
+  for (int64_t r = 0; r < ROWS; ++r)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kb; ++k) {
@@ -323,7 +324,7 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const flo
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * bs + 16 * v);
     const float* a = Ap + k * MR;
 #pragma GCC unroll 16
-    for (int64_t r = 0; r < MR; ++r) {
+    for (int64_t r = 0; r < ROWS; ++r) {
       const __m512 ar = _mm512_set1_ps(a[r]);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, b[v], acc[r][v]);
@@ -339,7 +340,7 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const flo
 #pragma GCC unroll 2
   for (int v = 0; v < NV; ++v) first[v] = init ? _mm512_maskz_loadu_ps(m[v], init + 16 * v) : _mm512_setzero_ps();
 #pragma GCC unroll 16
-  for (int64_t r = 0; r < MR; ++r) {
+  for (int64_t r = 0; r < ROWS; ++r) {
     if (r >= mr) break;
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
@@ -351,12 +352,24 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_body(int64_t kb, const flo
   }
 }
 
+template <int64_t ROWS>
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void micro_avx512_rows(int64_t kb, const float* Ap, const float* Bp, int64_t bs,
+                                                           float* C, int64_t ldc, int64_t mr, int64_t nr,
+                                                           const float* init, bool relu) {
+  if (nr > 16)
+    micro_avx512_body<2, ROWS>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
+  else
+    micro_avx512_body<1, ROWS>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
+}
+
 MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp, int64_t bs, float* C, int64_t ldc,
                                     int64_t mr, int64_t nr, const float* init, bool relu) {
-  if (nr > 16)
-    micro_avx512_body<2>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
+  if (mr > 8)
+    micro_avx512_rows<kMR32>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
+  else if (mr > 4)
+    micro_avx512_rows<8>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
   else
-    micro_avx512_body<1>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
+    micro_avx512_rows<4>(kb, Ap, Bp, bs, C, ldc, mr, nr, init, relu);
 }
 #endif
 
