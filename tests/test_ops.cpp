@@ -8,6 +8,7 @@
 
 #include "gradcheck.hpp"
 #include "moe/kernels/expf.hpp"
+#include "moe/kernels/log1pf.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
 #include "moe/kernels/routing.hpp"
@@ -519,6 +520,47 @@ TEST_CASE("exp_floats gives exp_float's bits and std::exp's within one ulp", "[o
     REQUIRE(std::memcmp(&one, &inplace[i], sizeof one) == 0);
     // Within one ulp of the C library's expf (on glibc with FMA, the same bits).
     REQUIRE((y[i] == libm || std::nextafter(y[i], INFINITY) == libm || std::nextafter(y[i], -INFINITY) == libm));
+  }
+}
+
+TEST_CASE("log1p_floats and softplus_floats give the C library's log1pf and act::softplus", "[ops][exp]") {
+  // Log-uniform over [1e-12, 1e9), and every branch's edges: tiny, below and above 0.41422,
+  // 1 + x a power of two (1, 3, 7), 2^53 and beyond, negative, -1, inf, NaN.
+  std::vector<float> x = random_vector(200000, 22, -27.6f, 20.8f);
+  for (float& v : x) v = std::exp(v);
+  for (float v : {0.f, -0.f, 1e-45f, 1e-30f, 0x1p-54f, 0x1.2p-54f, 0x1p-29f, 0x1.1p-29f, 1e-10f, 0.41f, 0.41421f,
+                  0.41422f, 0.4143f, 0.5f, 1.f, 3.f, 7.f, 1023.f, 16777215.f, 1e8f, 0x1.fffffep52f, 0x1p53f, 1e20f,
+                  -0.25f, -0.5f, -1.f, -2.f, INFINITY, -INFINITY, NAN})
+    x.push_back(v);
+  std::vector<float> y(x.size()), inplace = x;
+  log1p_floats(x.data(), y.data(), int64_t(x.size()));
+  log1p_floats(inplace.data(), inplace.data(), int64_t(inplace.size()));
+  for (size_t i = 0; i < x.size(); ++i) {
+    INFO("x = " << x[i]);
+    const float libm = std::log1p(x[i]);
+    if (std::isnan(libm)) {
+      REQUIRE((std::isnan(y[i]) && std::isnan(inplace[i])));
+      continue;
+    }
+    REQUIRE(std::memcmp(&y[i], &inplace[i], sizeof libm) == 0);
+    REQUIRE((y[i] == libm || std::nextafter(y[i], INFINITY) == libm || std::nextafter(y[i], -INFINITY) == libm));
+#if defined(__GLIBC__) && __GLIBC__ == 2 && __GLIBC_MINOR__ == 36
+    REQUIRE(std::memcmp(&y[i], &libm, sizeof libm) == 0);  // glibc 2.36's algorithm, its bits
+#endif
+  }
+  // softplus over [-30, 30] and its threshold.
+  std::vector<float> v = random_vector(3000, 23, -30.f, 30.f), sp(v.size());
+  for (float t : {20.f, std::nextafter(20.f, 0.f), std::nextafter(20.f, 30.f), -88.f, -104.f, 0.f}) v.push_back(t);
+  sp.resize(v.size());
+  softplus_floats(v.data(), sp.data(), int64_t(v.size()));
+  for (size_t i = 0; i < v.size(); ++i) {
+    INFO("v = " << v[i]);
+    const float one = act::softplus(v[i]);
+#if defined(__GLIBC__) && __GLIBC__ == 2 && __GLIBC_MINOR__ == 36
+    REQUIRE(std::memcmp(&one, &sp[i], sizeof one) == 0);
+#else
+    REQUIRE(sp[i] == Approx(one).epsilon(1e-6));
+#endif
   }
 }
 

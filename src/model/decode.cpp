@@ -11,6 +11,7 @@
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/expf.hpp"
 #include "moe/kernels/gemm.hpp"
+#include "moe/kernels/log1pf.hpp"
 #include "moe/kernels/nn.hpp"
 #include "moe/kernels/routing.hpp"
 #include "moe/model/model.hpp"
@@ -153,7 +154,8 @@ void Model::decode_moe(const BlockParams& bp, int64_t layer, KVCache::Work& w, i
     opt.noise_rng->fill_normal(noise, n * E_);
     float* noisy = w.logits.data();
     decode_linear(w, bp.noise, x, n, noisy);
-    for (int64_t i = 0; i < n * E_; ++i) noisy[i] = noise[i] * act::softplus(noisy[i]);
+    softplus_floats(noisy, noisy, n * E_);
+    for (int64_t i = 0; i < n * E_; ++i) noisy[i] = noise[i] * noisy[i];
     add_into(noisy, clean, n * E_);
     logits = noisy;
   }

@@ -1,7 +1,9 @@
 // Elementwise ops: relu, gelu, silu, softplus, dropout, and the reductions sum and mean.
+#include <algorithm>
 #include <cmath>
 
 #include "moe/kernels/activations.hpp"
+#include "moe/kernels/log1pf.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
 
@@ -10,12 +12,19 @@ namespace moe {
 namespace {
 
 // y = f(x) elementwise; backward dx += dy · f'(x) (f' from x and y). One mechanism for all.
+// fs, when given, computes f over a run of values at once (y = fs(x, y, n)), with f's bits.
 template <class F, class DF>
-Tensor unary(Graph& g, const Tensor& x, F f, DF df) {
+Tensor unary(Graph& g, const Tensor& x, F f, DF df, void (*fs)(const float*, float*, int64_t) = nullptr) {
   Tensor y = g.output(x.shape, x);
   const int64_t n = x.numel();
+  if (fs) {
+    constexpr int64_t kRun = 1024;
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) y.data[i] = f(x.data[i]);
+    for (int64_t i = 0; i < n; i += kRun) fs(x.data + i, y.data + i, std::min(kRun, n - i));
+  } else {
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+    for (int64_t i = 0; i < n; ++i) y.data[i] = f(x.data[i]);
+  }
   if (y.requires_grad())
     g.record([=] {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
@@ -40,7 +49,7 @@ Tensor silu(Graph& g, const Tensor& x) {
 
 Tensor softplus(Graph& g, const Tensor& x) {
   return unary(g, x, [](float v) { return act::softplus(v); },
-               [](float v, float) { return act::softplus_grad(v); });
+               [](float v, float) { return act::softplus_grad(v); }, softplus_floats);
 }
 
 const uint8_t* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {
