@@ -1,8 +1,6 @@
 #include "moe/kernels/expf.hpp"
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "moe/kernels/lanes.hpp"
 
 namespace moe {
 
@@ -46,21 +44,22 @@ inline __m128 exp4(__m128 x) {
 #endif
 
 void exp_floats(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    // Lanes with |x| >= 88 or not finite take glibc's slow path: the whole chunk goes scalar.
-    const __m256i top = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 20), _mm256_set1_epi32(0x7ff));
-    if (!_mm256_testz_si256(_mm256_cmpgt_epi32(top, _mm256_set1_epi32(0x42a)), _mm256_set1_epi32(-1))) {
-      for (int64_t j = i; j < i + 8; ++j) y[j] = exp_float(x[j]);
-      continue;
-    }
-    const __m128 lo = exp4(_mm256_castps256_ps128(v)), hi = exp4(_mm256_extractf128_ps(v, 1));
-    _mm256_storeu_ps(y + i, _mm256_set_m128(hi, lo));
-  }
+  map_floats8(
+      x, y, n,
+      [](__m256 v) {  // |x| >= 88 or not finite: glibc's slow path
+        const __m256i top =
+            _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 20), _mm256_set1_epi32(0x7ff));
+        return !_mm256_testz_si256(_mm256_cmpgt_epi32(top, _mm256_set1_epi32(0x42a)), _mm256_set1_epi32(-1));
+      },
+      [](__m256 v) {
+        const __m128 lo = exp4(_mm256_castps256_ps128(v)), hi = exp4(_mm256_extractf128_ps(v, 1));
+        return _mm256_set_m128(hi, lo);
+      },
+      exp_float);
+#else
+  for (int64_t i = 0; i < n; ++i) y[i] = exp_float(x[i]);
 #endif
-  for (; i < n; ++i) y[i] = exp_float(x[i]);
 }
 
 }  // namespace moe

@@ -505,8 +505,6 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
         if (k0 == 0 && !bias) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
         const float* init = k0 == 0 ? bias : nullptr;
         const bool last = relu && k0 + kb == K;
-        // Aᵀ stored, alpha 1: the whole groups of MR rows are read from A itself; the rest
-        // (the last rows short of a group, or all rows) are packed.
         float* Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
         pack_a<MR>(transpose, trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
         tile(kb, Ap, mb, b, p0, p1, N, C + i0 * ldc, ldc, init, last);

@@ -4,10 +4,7 @@
 #include <initializer_list>
 
 #include "moe/kernels/expf.hpp"
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "moe/kernels/lanes.hpp"
 
 namespace moe {
 
@@ -86,21 +83,19 @@ __attribute__((optimize("fp-contract=off"))) __m256 log1p8(__m256 x) {
 #endif
 
 void log1p_floats(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
+  const auto library = [](float v) { return std::log1p(v); };
 #if defined(__AVX2__) && defined(__FMA__)
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    // Lanes outside [0, 2^53) (negative, huge, inf, NaN): the whole chunk goes to the library.
-    const __m256i hx = _mm256_castps_si256(v);
-    if (!_mm256_testz_si256(_mm256_or_si256(hx, _mm256_cmpgt_epi32(hx, _mm256_set1_epi32(0x59ffffff))),
-                            _mm256_set1_epi32(int(0x80000000)))) {
-      for (int64_t j = i; j < i + 8; ++j) y[j] = std::log1p(x[j]);
-      continue;
-    }
-    _mm256_storeu_ps(y + i, log1p8(v));
-  }
+  map_floats8(
+      x, y, n,
+      [](__m256 v) {  // outside [0, 2^53): negative, huge, inf, NaN
+        const __m256i hx = _mm256_castps_si256(v);
+        return !_mm256_testz_si256(_mm256_or_si256(hx, _mm256_cmpgt_epi32(hx, _mm256_set1_epi32(0x59ffffff))),
+                                   _mm256_set1_epi32(int(0x80000000)));
+      },
+      log1p8, library);
+#else
+  for (int64_t i = 0; i < n; ++i) y[i] = library(x[i]);
 #endif
-  for (; i < n; ++i) y[i] = std::log1p(x[i]);
 }
 
 void softplus_floats(const float* x, float* y, int64_t n) {
