@@ -549,9 +549,9 @@ TEST_CASE("log1p_floats and softplus_floats give the C library's log1pf and act:
 #endif
   }
   // softplus over [-30, 30] and its threshold.
-  std::vector<float> v = random_vector(3000, 23, -30.f, 30.f), sp(v.size());
+  std::vector<float> v = random_vector(3000, 23, -30.f, 30.f);
   for (float t : {20.f, std::nextafter(20.f, 0.f), std::nextafter(20.f, 30.f), -88.f, -104.f, 0.f}) v.push_back(t);
-  sp.resize(v.size());
+  std::vector<float> sp(v.size());
   softplus_floats(v.data(), sp.data(), int64_t(v.size()));
   for (size_t i = 0; i < v.size(); ++i) {
     INFO("v = " << v[i]);

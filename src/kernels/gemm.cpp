@@ -484,14 +484,14 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
   const int64_t tasks = row_tasks * col_groups;
   // The caller's B panels, which its team packs and reads, sized for the deepest k block.
   float* const Bp = grown(t_scratch.b, panels * NR * std::min(KC, K));
+  // B read in place (BSrc): only a last panel short of NR columns is packed.
+  const bool direct = !trans_b && tiles <= kDirectTiles;
+  const int64_t first_packed = direct ? N / NR : 0;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kb = std::min(KC, K - k0);
+    const BSrc b{direct ? B + k0 * ldb : nullptr, ldb, Bp};
 #pragma omp parallel if (parallel)
     {
-      // B read in place: only a last panel short of NR columns is packed.
-      const bool direct = !trans_b && tiles <= kDirectTiles;
-      const BSrc b{direct ? B + k0 * ldb : nullptr, ldb, Bp};
-      const int64_t first_packed = direct ? N / NR : 0;
 #pragma omp for schedule(static)
       for (int64_t p = first_packed; p < panels; ++p)
         pack_b_panel<NR>(transpose, trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
