@@ -142,21 +142,35 @@ TEST_CASE("Rng is deterministic, thread-count independent and restorable", "[cor
   }
 }
 
-TEST_CASE("fill_uniform (eight counters at a time) gives the scalar generator's numbers", "[core][rng]") {
-  // Odd lengths leave a scalar tail; a start just below 2^32 crosses into the counter's high word.
-  for (uint64_t start : {uint64_t(0), uint64_t(5), (uint64_t(1) << 32) - 3}) {
-    for (int64_t n : {int64_t(1), int64_t(8), int64_t(13), int64_t(70001)}) {
-      Rng bulk(RngState{99, 3, start}), single(RngState{99, 3, start});
-      std::vector<float> v(static_cast<size_t>(n));
-      bulk.fill_uniform(v.data(), n, -2.f, 3.f);
-      for (int64_t i = 0; i < n; ++i) {
-        const float expect = -2.f + 5.f * single.uniform();
-        if (v[size_t(i)] != expect) {
-          INFO("start " << start << " n " << n << " i " << i);
-          REQUIRE(v[size_t(i)] == expect);
+TEST_CASE("fill_uniform and fill_keep_mask (8 or 16 counters at a time) give the scalar generator's numbers",
+          "[core][rng]") {
+  // Odd lengths leave a scalar tail; a start just below 2^32 crosses into the counter's high
+  // word; 70001 numbers are split among threads. Both vector widths where the CPU has them.
+  std::vector<bool> widths{false};
+  if (rng_avx512()) widths.push_back(true);
+  const bool was = rng_avx512();
+  for (bool wide : widths) {
+    set_rng_avx512(wide);
+    for (uint64_t start : {uint64_t(0), uint64_t(5), (uint64_t(1) << 32) - 3, (uint64_t(1) << 32) - 17}) {
+      for (int64_t n : {int64_t(1), int64_t(8), int64_t(13), int64_t(31), int64_t(70001)}) {
+        Rng bulk(RngState{99, 3, start}), masked(RngState{99, 3, start}), single(RngState{99, 3, start});
+        std::vector<float> v(static_cast<size_t>(n));
+        std::vector<uint8_t> keep(static_cast<size_t>(n), 7);
+        bulk.fill_uniform(v.data(), n, -2.f, 3.f);
+        masked.fill_keep_mask(keep.data(), n, 0.375f);
+        for (int64_t i = 0; i < n; ++i) {
+          const float u = single.uniform();
+          const float expect = -2.f + 5.f * u;
+          if (v[size_t(i)] != expect || keep[size_t(i)] != uint8_t(u >= 0.375f)) {
+            INFO("avx512 " << wide << " start " << start << " n " << n << " i " << i);
+            REQUIRE(v[size_t(i)] == expect);
+            REQUIRE(int(keep[size_t(i)]) == int(u >= 0.375f));
+          }
         }
+        REQUIRE(bulk.state().counter == single.state().counter);
+        REQUIRE(masked.state().counter == single.state().counter);
       }
-      REQUIRE(bulk.state().counter == single.state().counter);
     }
   }
+  set_rng_avx512(was);
 }

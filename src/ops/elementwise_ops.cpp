@@ -54,12 +54,7 @@ Tensor softplus(Graph& g, const Tensor& x) {
 
 const uint8_t* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {
   auto* mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
-  const Arena::Mark scratch = g.arena().mark();
-  float* u = g.arena().alloc_floats(n);
-  rng.fill_uniform(u, n);
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) mask[i] = u[i] >= p;
-  g.arena().rewind(scratch);
+  rng.fill_keep_mask(mask, n, p);
   return mask;
 }
 

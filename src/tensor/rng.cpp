@@ -1,6 +1,9 @@
 #include "moe/tensor/rng.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -124,14 +127,149 @@ inline void philox8(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ctr_lo, __m
   word1 = c1;
 }
 
-inline __m256i philox8_word0(const RoundKeys& keys, uint64_t ctr_hi, uint64_t ctr_lo) {
-  __m256i w0, w1;
-  philox8(keys, ctr_hi, ctr_lo, w0, w1);
-  return w0;
+// Uniforms as to_unit makes them: 24 random bits times 2^-24, exact.
+inline __m256 to_unit8(__m256i w) {
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
 }
 
 }  // namespace
 #endif
+
+#if defined(__x86_64__) && defined(__AVX2__)
+#define MOE_RNG_AVX512 1
+#define MOE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+// GCC 12's AVX-512 intrinsics start unmasked results from _mm512_undefined_epi32(), a
+// self-initialised variable that -Wmaybe-uninitialized reports once inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace {
+
+// Sixteen Philox blocks at a time with AVX-512, for the counters ctr_lo + 0..15 (carries
+// included): each block in a 64-bit lane, every word of its state in the lane's low half.
+// The high halves fill with junk that nothing reads: _mm512_mul_epu32 multiplies low halves,
+// the xors keep halves apart, and only the low halves of word 0 are returned. The same
+// integer arithmetic as Rng::philox, so the same bits; about twice philox8's speed (a
+// throwaway timing on this machine: 1.35 against 2.94 ns a uniform), because the products
+// come out whole, with no blends to split them, and each round's two xors are one ternlog.
+struct RoundKeys16 {
+  __m512i k0[10], k1[10];
+  MOE_TARGET_AVX512 explicit RoundKeys16(uint64_t key) {
+    uint32_t a = uint32_t(key), b = uint32_t(key >> 32);
+    for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
+      k0[r] = _mm512_set1_epi64(int64_t(a));
+      k1[r] = _mm512_set1_epi64(int64_t(b));
+    }
+  }
+};
+
+MOE_TARGET_AVX512 inline __m512i philox16_word0(const RoundKeys16& keys, uint64_t ctr_hi, uint64_t ctr_lo) {
+  const __m512i m0 = _mm512_set1_epi64(int64_t(0xD2511F53u)), m1 = _mm512_set1_epi64(int64_t(0xCD9E8D57u));
+  const __m512i base = _mm512_set1_epi64(int64_t(ctr_lo));
+  // Blocks 0..7 in a, 8..15 in b; word 1 is the counter's high word.
+  __m512i c0a = _mm512_add_epi64(base, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  __m512i c0b = _mm512_add_epi64(base, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1a = _mm512_srli_epi64(c0a, 32), c1b = _mm512_srli_epi64(c0b, 32);
+  __m512i c2a = _mm512_set1_epi64(int64_t(uint32_t(ctr_hi))), c2b = c2a;
+  __m512i c3a = _mm512_set1_epi64(int64_t(ctr_hi >> 32)), c3b = c3a;
+  for (int r = 0; r < 10; ++r) {
+    const __m512i p0a = _mm512_mul_epu32(c0a, m0), p1a = _mm512_mul_epu32(c2a, m1);
+    const __m512i p0b = _mm512_mul_epu32(c0b, m0), p1b = _mm512_mul_epu32(c2b, m1);
+    c0a = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1a, 32), c1a, keys.k0[r], 0x96);  // a ^ b ^ c
+    c2a = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0a, 32), c3a, keys.k1[r], 0x96);
+    c1a = p1a, c3a = p0a;
+    c0b = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1b, 32), c1b, keys.k0[r], 0x96);
+    c2b = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0b, 32), c3b, keys.k1[r], 0x96);
+    c1b = p1b, c3b = p0b;
+  }
+  const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return _mm512_permutex2var_epi32(c0a, low_halves, c0b);
+}
+
+MOE_TARGET_AVX512 inline __m512 to_unit16(__m512i w) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+}
+
+}  // namespace
+#endif
+
+namespace {
+
+// Where a fill's uniforms go: o[i] = lo + range·u, or keep[i] = u >= p. The vector runs
+// compute lo + range·u as one fma, as the build (x86-64-v3, fp-contract fast) compiles the
+// scalar expression.
+struct UniformSink {
+  float* o = nullptr;
+  float lo = 0.f, range = 1.f;
+  uint8_t* keep = nullptr;
+  float p = 0.f;
+  void put(int64_t i, float u) const {
+    if (keep)
+      keep[i] = u >= p;
+    else
+      o[i] = lo + range * u;
+  }
+};
+
+#if defined(MOE_RNG_AVX512)
+// Numbers [i0, i1) of a fill from counter `first`, i1 - i0 a multiple of 16.
+MOE_TARGET_AVX512 __attribute__((noinline)) void uniform_run16(const UniformSink& sink, uint64_t seed,
+                                                                uint64_t stream, uint64_t first, int64_t i0,
+                                                                int64_t i1) {
+  const RoundKeys16 keys(seed);
+  const __m512 lo = _mm512_set1_ps(sink.lo), range = _mm512_set1_ps(sink.range), p = _mm512_set1_ps(sink.p);
+  const __m128i one = _mm_set1_epi8(1);
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __m512 u = to_unit16(philox16_word0(keys, stream, first + uint64_t(i)));
+    if (sink.keep)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(sink.keep + i),
+                       _mm_maskz_mov_epi8(_mm512_cmp_ps_mask(u, p, _CMP_GE_OQ), one));
+    else
+      _mm512_storeu_ps(sink.o + i, _mm512_fmadd_ps(range, u, lo));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+#if defined(__AVX2__)
+// The same eight at a time (i1 - i0 a multiple of 8).
+void uniform_run8(const UniformSink& sink, uint64_t seed, uint64_t stream, uint64_t first, int64_t i0, int64_t i1) {
+  const RoundKeys keys(seed);
+  const __m256 lo = _mm256_set1_ps(sink.lo), range = _mm256_set1_ps(sink.range), p = _mm256_set1_ps(sink.p);
+  for (int64_t i = i0; i < i1; i += 8) {
+    __m256i w0, w1;
+    philox8(keys, stream, first + uint64_t(i), w0, w1);
+    const __m256 u = to_unit8(w0);
+    if (sink.keep) {
+      const uint64_t bits = uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(u, p, _CMP_GE_OQ)));
+      const uint64_t bytes = _pdep_u64(bits, 0x0101010101010101ull);
+      std::memcpy(sink.keep + i, &bytes, 8);
+    } else {
+      _mm256_storeu_ps(sink.o + i, _mm256_fmadd_ps(range, u, lo));
+    }
+  }
+}
+#endif
+
+bool cpu_has_avx512() {
+#if defined(MOE_RNG_AVX512)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> g_avx512{cpu_has_avx512()};
+
+}  // namespace
+
+bool rng_avx512() { return g_avx512.load(std::memory_order_relaxed); }
+
+void set_rng_avx512(bool on) {
+  if (on && !cpu_has_avx512()) throw std::runtime_error("Rng: this CPU (or build) has no AVX-512");
+  g_avx512.store(on, std::memory_order_relaxed);
+}
 
 uint64_t Rng::take_fill(int64_t n) {
   uint64_t offset = 0, total = uint64_t(n);
@@ -163,44 +301,67 @@ void Rng::set_segments(uint64_t count, uint64_t stride) {
 }
 
 template <class FillAt>
-void Rng::fill_segments(float* out, int64_t n, FillAt fill_at) {
+void Rng::fill_segments(int64_t n, FillAt fill_at) {
   if (uint64_t(n) % segments_ != 0)
     throw std::logic_error("Rng: a fill of " + std::to_string(n) + " numbers cannot be split into " +
                            std::to_string(segments_) + " segments");
   const int64_t m = n / int64_t(segments_);
   const uint64_t first = take_fill(m);
-  for (uint64_t j = 0; j < segments_; ++j) fill_at(out + int64_t(j) * m, m, first + j * segment_stride_);
+  for (uint64_t j = 0; j < segments_; ++j) fill_at(int64_t(j) * m, m, first + j * segment_stride_);
 }
 
-void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
+void Rng::fill_uniforms(const void* sink_ptr, int64_t n) {
+  const UniformSink& sink = *static_cast<const UniformSink*>(sink_ptr);
   const RngState s = s_;
-  fill_segments(out, n, [&](float* o, int64_t m, uint64_t first) {
-    int64_t done = 0;
-#if defined(__AVX2__)
-    // Eight counters at a time; the same numbers as the scalar loop below.
-    const int64_t blocks = m / 8;
-    const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f), vlo = _mm256_set1_ps(lo),
-                 vrange = _mm256_set1_ps(hi - lo);
-    const RoundKeys keys(s.seed);
+  fill_segments(n, [&](int64_t offset, int64_t m, uint64_t first) {
+    UniformSink seg = sink;
+    if (seg.keep) seg.keep += offset;
+    else seg.o += offset;
+    // Runs of 1024 numbers (a multiple of every vector width), split among the threads; the
+    // numbers depend only on their counters, so not on the split.
+    constexpr int64_t kRun = 1024;
+    const int64_t runs = (m + kRun - 1) / kRun;
 #pragma omp parallel for schedule(static) if (m > kParallelMinWork)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m256i w = philox8_word0(keys, s.stream, first + uint64_t(b * 8));
-      const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale);
-      _mm256_storeu_ps(o + b * 8, _mm256_add_ps(vlo, _mm256_mul_ps(vrange, u)));
-    }
-    done = blocks * 8;
+    for (int64_t r = 0; r < runs; ++r) {
+      const int64_t i0 = r * kRun, i1 = std::min(m, i0 + kRun);
+      int64_t i = i0;
+#if defined(MOE_RNG_AVX512)
+      if (rng_avx512()) {
+        const int64_t end = i0 + (i1 - i0) / 16 * 16;
+        if (end > i) uniform_run16(seg, s.seed, s.stream, first, i, end);
+        i = end;
+      }
 #endif
-    for (int64_t i = done; i < m; ++i) {
-      uint32_t w[4];
-      philox(s.seed, s.stream, first + uint64_t(i), w);
-      o[i] = lo + (hi - lo) * to_unit(w[0]);
+#if defined(__AVX2__)
+      const int64_t end8 = i + (i1 - i) / 8 * 8;
+      if (end8 > i) uniform_run8(seg, s.seed, s.stream, first, i, end8);
+      i = end8;
+#endif
+      for (; i < i1; ++i) {
+        uint32_t w[4];
+        philox(s.seed, s.stream, first + uint64_t(i), w);
+        seg.put(i, to_unit(w[0]));
+      }
     }
   });
 }
 
+void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
+  UniformSink sink;
+  sink.o = out, sink.lo = lo, sink.range = hi - lo;
+  fill_uniforms(&sink, n);
+}
+
+void Rng::fill_keep_mask(uint8_t* keep, int64_t n, float p) {
+  UniformSink sink;
+  sink.keep = keep, sink.p = p;
+  fill_uniforms(&sink, n);
+}
+
 void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
   const RngState s = s_;
-  fill_segments(out, n, [&](float* o, int64_t m, uint64_t first) {
+  fill_segments(n, [&](int64_t offset, int64_t m, uint64_t first) {
+    float* const o = out + offset;
     // A normal costs a Philox block, a log and a cos in double, some fifty times a uniform: the
     // router noise of one layer (tokens x experts) is already worth two threads.
     int64_t done = 0;

@@ -34,6 +34,9 @@ class Rng {
   // window set, see below, the first number and the advance come from those instead.)
   void fill_uniform(float* out, int64_t n, float lo = 0.f, float hi = 1.f);
   void fill_normal(float* out, int64_t n, float mean = 0.f, float stddev = 1.f);
+  // keep[i] = 1 when the uniform fill_uniform(out, n) would give as out[i] is at least p, else
+  // 0 (a dropout mask), without storing the uniforms.
+  void fill_keep_mask(uint8_t* keep, int64_t n, float p);
 
   // Data parallelism: every fill of n numbers is this process's part `index` of a fill of
   // count·n numbers that `count` processes share (numbers counter + index·n + i, and the
@@ -62,7 +65,15 @@ class Rng {
   uint64_t window_offset_ = 0, window_total_ = 0;
   uint64_t segments_ = 1, segment_stride_ = 0;
   template <class FillAt>
-  void fill_segments(float* out, int64_t n, FillAt fill_at);
+  void fill_segments(int64_t n, FillAt fill_at);  // fill_at(offset in the fill, count, first counter)
+  void fill_uniforms(const void* sink, int64_t n);  // fill_uniform and fill_keep_mask
 };
+
+// Whether uniform fills compute sixteen Philox blocks at a time with AVX-512 (else eight with
+// AVX2, in an x86-64-v3 build): by default, when the CPU has AVX-512 F, VL, BW and DQ. The
+// numbers are the same either way; tests switch it to check that. set_rng_avx512(true)
+// throws on a CPU (or build) without it.
+bool rng_avx512();
+void set_rng_avx512(bool on);
 
 }  // namespace moe
