@@ -32,7 +32,7 @@ namespace {
 // way (one fma a step, in order, from 0 within each KC block, then added to C), so the tile
 // shape does not change the bits.
 constexpr int64_t KC = 256;  // depth of a packed block
-constexpr int64_t MC = 96;   // rows of A packed per task (a multiple of every MR)
+constexpr int64_t MC = 96;   // rows of A packed at a time (a multiple of every MR)
 constexpr int64_t kMaxMR = 12, kMaxNR = 32;  // the largest tile of any kernel
 
 inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
@@ -180,7 +180,8 @@ constexpr int64_t kDirectTiles = 2;
 struct BSrc {
   const float* direct;
   int64_t ldb;
-  const float* packed;
+  const float* packed;  // panel p at packed + (p - first)·kb·NR
+  int64_t first;
 };
 
 // One row, B stored [N, K]: C[j] = alpha · a·B[j, :] + beta · C[j] for j in [j0, j1), each a
@@ -379,15 +380,15 @@ MOE_TARGET_AVX512 void micro_avx512(int64_t kb, const float* Ap, const float* Bp
 using MicroFn = void (*)(int64_t kb, const float* Ap, const float* Bp, int64_t bs, float* C, int64_t ldc, int64_t mr,
                         int64_t nr, const float* init, bool relu);
 
-// The products of one task: the packed rows Ap (mb of them) times the column panels [p0, p1)
-// of B (b), added to C (whose row 0 is the task's first row).
+// The products of a row block: the packed rows Ap (mb of them) times the column panels [p0, p1)
+// of B (b), added to C (whose row 0 is the block's first row).
 template <int64_t MR, int64_t NR, MicroFn Micro>
 MOE_ALWAYS_INLINE void tile_body(int64_t kb, const float* Ap, int64_t mb, BSrc b, int64_t p0, int64_t p1, int64_t N,
                                  float* C, int64_t ldc, const float* init, bool relu) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
     const bool direct = b.direct && nr == NR;
-    const float* bp = direct ? b.direct + j0 : b.packed + p * kb * NR;
+    const float* bp = direct ? b.direct + j0 : b.packed + (p - b.first) * kb * NR;
     const int64_t bs = direct ? b.ldb : NR;
     for (int64_t g = 0; g < mb; g += MR)
       Micro(kb, Ap + g * kb, bp, bs, C + g * ldc + j0, ldc, std::min(MR, mb - g), nr,
@@ -443,8 +444,7 @@ MOE_TARGET_AVX512 void gemv_axpy_avx512(int64_t j0, int64_t j1, int64_t K, float
 }
 #endif
 
-// A thread's packing scratch: the rows of A of its task, and the B panels of the products it
-// runs alone or whose team it leads. Only grown, so that a thread's first products decide its
+// A thread's packing scratch: a block of its rows of A and its panels of B. Only grown, so that a thread's first products decide its
 // allocations; gemm_reserve_thread grows it ahead for threads that draw products by timing.
 struct PackScratch {
   std::vector<float> a, b;
@@ -457,57 +457,50 @@ float* grown(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
-// The packed product with an MR x NR tile: blocks of KC along k; in each, the team packs the
-// B panels that need it (all, unless BSrc reads them in place), then each task packs its
-// rows of A and runs the tile loop.
+// The packed product with an MR x NR tile. The threads share it by rows when B is the
+// smaller operand (N <= M), each packing all of B's panels for itself, else by column panels,
+// each packing all of A's rows: no thread reads what another packed. (With the B panels
+// packed once by the team and read by every thread, the two cores passed each panel's cache
+// lines back and forth: 2 threads ran 128x128x512 no faster than one.) Each thread then runs
+// the k blocks of KC: it packs its B panels (unless BSrc reads them in place), then, for
+// each block of at most MC of its rows, packs them and runs the tile loop. Each C element
+// sums over k in the same order whoever computes it, so the bits do not depend on the thread
+// count or the split.
 template <int64_t MR, int64_t NR>
 void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                  float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
                  int64_t ldc, const float* bias, bool relu) {
-  static_assert(MC % MR == 0, "a task's rows are whole tiles, but for the last task");
-  const int64_t panels = (N + NR - 1) / NR;
-  const bool nested = omp_in_parallel();
-  const bool parallel = !nested && M * N * K >= 32768 && (M > MR || panels > 1);
-  // Tasks: blocks of at most MC rows, and when those are too few to keep every thread busy,
-  // groups of column panels too. The row blocks share the tiles evenly and are as many as a
-  // multiple of the threads, so that the static schedule gives each thread the same work
-  // (96 + 32 rows for M = 128 gave one thread three times the other's). Each C element
-  // belongs to one task and sums over k in the same order, so the bits do not depend on the
-  // thread count or the split.
-  const int64_t threads = parallel ? omp_get_max_threads() : 1;
-  const int64_t tiles = (M + MR - 1) / MR;
-  int64_t row_tasks = (M + MC - 1) / MC;
-  row_tasks = std::min(tiles, (row_tasks + threads - 1) / threads * threads);
-  const auto row_start = [&](int64_t rb) { return std::min(M, rb * tiles / row_tasks * MR); };
-  const int64_t col_groups = std::min(panels, std::max<int64_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
-  const int64_t panels_per_group = (panels + col_groups - 1) / col_groups;
-  const int64_t tasks = row_tasks * col_groups;
-  // The caller's B panels, which its team packs and reads, sized for the deepest k block.
-  float* const Bp = grown(t_scratch.b, panels * NR * std::min(KC, K));
+  static_assert(MC % MR == 0, "a row block is whole tiles, but for the last");
+  const int64_t panels = (N + NR - 1) / NR, tiles = (M + MR - 1) / MR;
+  const bool by_rows = N <= M;
+  const bool parallel = !omp_in_parallel() && M * N * K >= 32768;
+  const int64_t parts = parallel ? std::min<int64_t>(omp_get_max_threads(), by_rows ? tiles : panels) : 1;
   // B read in place (BSrc): only a last panel short of NR columns is packed.
   const bool direct = !trans_b && tiles <= kDirectTiles;
-  const int64_t first_packed = direct ? N / NR : 0;
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kb = std::min(KC, K - k0);
-    const BSrc b{direct ? B + k0 * ldb : nullptr, ldb, Bp};
-#pragma omp parallel if (parallel)
-    {
-#pragma omp for schedule(static)
-      for (int64_t p = first_packed; p < panels; ++p)
-        pack_b_panel<NR>(transpose, trans_b, B, ldb, k0, kb, N, p, Bp + p * kb * NR);
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t i0 = row_start(t / col_groups), mb = row_start(t / col_groups + 1) - i0;
-        const int64_t p0 = (t % col_groups) * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
-        if (p0 >= p1) continue;
-        // The task's own part of C takes beta before its first accumulation, unless the first
-        // block's tiles start from the bias rows.
+#pragma omp parallel num_threads(parts) if (parts > 1)
+  {
+    // This thread's rows [r0, r1) (whole tiles) and column panels [p0, p1), even shares.
+    const int64_t part = parts > 1 ? omp_get_thread_num() : 0;
+    int64_t r0 = 0, r1 = M, p0 = 0, p1 = panels;
+    if (by_rows)
+      r0 = std::min(M, part * tiles / parts * MR), r1 = std::min(M, (part + 1) * tiles / parts * MR);
+    else
+      p0 = part * panels / parts, p1 = (part + 1) * panels / parts;
+    float* const Bp = grown(t_scratch.b, (p1 - p0) * NR * std::min(KC, K));
+    float* const Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
+    const int64_t first_packed = direct ? std::max(p0, N / NR) : p0;
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kb = std::min(KC, K - k0);
+      for (int64_t p = first_packed; p < p1; ++p)
+        pack_b_panel<NR>(transpose, trans_b, B, ldb, k0, kb, N, p, Bp + (p - p0) * kb * NR);
+      const BSrc b{direct ? B + k0 * ldb : nullptr, ldb, Bp, p0};
+      for (int64_t i0 = r0; i0 < r1; i0 += MC) {
+        const int64_t mb = std::min(MC, r1 - i0);
+        // Rows i0.. take beta before their first accumulation, unless the first block's tiles
+        // start from the bias rows.
         if (k0 == 0 && !bias) scale_rows(C, ldc, i0, i0 + mb, p0 * NR, std::min(N, p1 * NR), beta);
-        const float* init = k0 == 0 ? bias : nullptr;
-        const bool last = relu && k0 + kb == K;
-        float* Ap = grown(t_scratch.a, (MC + MR) * std::min(KC, K));
         pack_a<MR>(transpose, trans_a, A, lda, i0, mb, k0, kb, alpha, Ap);
-        tile(kb, Ap, mb, b, p0, p1, N, C + i0 * ldc, ldc, init, last);
+        tile(kb, Ap, mb, b, p0, p1, N, C + i0 * ldc, ldc, k0 == 0 ? bias : nullptr, relu && k0 + kb == K);
       }
     }
   }

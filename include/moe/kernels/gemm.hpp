@@ -9,10 +9,10 @@
 // the widest the CPU has (avx512 needs AVX-512 F/VL/BW/DQ, avx2 needs AVX2 and FMA), unless
 // MOE_GEMM_KERNEL=portable|avx2|avx512 forces one. avx512 and avx2 give the same bits: each
 // C element is summed over k by one fma a step, in the same order and k blocks.
-// Threads split the rows (and column panels) of C, never the sum over k, so every element
+// Threads split the rows or the column panels of C, never the sum over k, so every element
 // is accumulated in the same order for any thread count, and each row of C the same way
-// whatever M is. Inside an OpenMP parallel region it runs serially. gemm_reference is the plain triple loop with the same signature, for
-// tests.
+// whatever M is. Inside an OpenMP parallel region it runs serially. gemm_reference is the
+// plain triple loop with the same signature, for tests.
 #pragma once
 
 #include <cstdint>
