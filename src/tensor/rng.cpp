@@ -194,9 +194,9 @@ MOE_TARGET_AVX512 inline __m512 to_unit16(__m512i w) {
 
 namespace {
 
-// Where a fill's uniforms go: o[i] = lo + range·u, or keep[i] = u >= p. The vector runs
-// compute lo + range·u as one fma, as the build (x86-64-v3, fp-contract fast) compiles the
-// scalar expression.
+// Where a fill's uniforms go: o[i] = lo + range·u as one fma (rounded once, in every path
+// and at every optimisation level; what the optimised x86-64-v3 build made of the plain
+// expression before), or keep[i] = u >= p.
 struct UniformSink {
   float* o = nullptr;
   float lo = 0.f, range = 1.f;
@@ -206,7 +206,7 @@ struct UniformSink {
     if (keep)
       keep[i] = u >= p;
     else
-      o[i] = lo + range * u;
+      o[i] = std::fma(range, u, lo);
   }
 };
 

@@ -32,7 +32,7 @@ class Rng {
   uint64_t below(uint64_t n);            // uniform integer in [0, n), n > 0
   // out[i] uses counter + i; the counter advances by n. Parallel over i. (With a shard or a
   // window set, see below, the first number and the advance come from those instead.)
-  void fill_uniform(float* out, int64_t n, float lo = 0.f, float hi = 1.f);
+  void fill_uniform(float* out, int64_t n, float lo = 0.f, float hi = 1.f);  // lo + (hi - lo)·u, one fma
   void fill_normal(float* out, int64_t n, float mean = 0.f, float stddev = 1.f);
   // keep[i] = 1 when the uniform fill_uniform(out, n) would give as out[i] is at least p, else
   // 0 (a dropout mask), without storing the uniforms.
