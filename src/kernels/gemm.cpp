@@ -13,12 +13,7 @@
 
 // The avx2 and avx512 kernels are compiled for their instructions with target attributes,
 // whatever the build's flags, and run only when the CPU has them (gemm_kernel).
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define MOE_GEMM_X86 1
-#define MOE_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define MOE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#endif
+#include "moe/kernels/x86.hpp"
 // The loops each kernel compiles for its own instruction set are written once, as bodies
 // forced inline into a copy per kernel.
 #define MOE_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -50,7 +45,7 @@ void transpose_portable(const float* src, int64_t lds, int64_t rows, int64_t col
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = alpha * src[r * lds + c];
 }
 
-#ifdef MOE_GEMM_X86
+#ifdef MOE_X86
 // The same in 8x8 blocks transposed in AVX registers; a block of fewer than 8 rows loads
 // zeros for the missing ones and stores only the valid lanes, the last columns go one by one.
 MOE_TARGET_AVX2 void transpose_avx2(const float* src, int64_t lds, int64_t rows, int64_t cols, float alpha,
@@ -239,7 +234,7 @@ void micro_portable(int64_t kb, const float* Ap, const float* Bp, int64_t bs, fl
     }
 }
 
-#ifdef MOE_GEMM_X86
+#ifdef MOE_X86
 MOE_TARGET_AVX2 void micro_avx2(int64_t kb, const float* Ap, const float* Bp, int64_t bs, float* C, int64_t ldc,
                                 int64_t mr, int64_t nr, const float* init, bool relu) {
   constexpr int64_t MR = kMR16, NR = kNR16;
@@ -434,7 +429,7 @@ struct Kernel {
 
 MOE_GEMM_TILE_FN(portable, , kMR16, kNR16, micro_portable)
 MOE_GEMM_GEMV_FNS(portable, )
-#ifdef MOE_GEMM_X86
+#ifdef MOE_X86
 MOE_GEMM_TILE_FN(avx2, MOE_TARGET_AVX2, kMR16, kNR16, micro_avx2)
 MOE_GEMM_GEMV_FNS(avx2, MOE_TARGET_AVX2)
 MOE_GEMM_TILE_FN(avx512, MOE_TARGET_AVX512, kMR32, kNR32, micro_avx512)
@@ -444,8 +439,9 @@ MOE_TARGET_AVX512 void gemv_axpy_avx512(int64_t j0, int64_t j1, int64_t K, float
 }
 #endif
 
-// A thread's packing scratch: a block of its rows of A and its panels of B. Only grown, so that a thread's first products decide its
-// allocations; gemm_reserve_thread grows it ahead for threads that draw products by timing.
+// A thread's packing scratch: a block of its rows of A and its panels of B. Only grown, so
+// that a thread's first products decide its allocations; gemm_reserve_thread grows it ahead
+// for threads that draw products by timing.
 struct PackScratch {
   std::vector<float> a, b;
   std::vector<float> zeros;  // a row of zeros: the first write of C when beta is 0
@@ -508,7 +504,7 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
 
 constexpr Kernel kPortable{gemm_packed<kMR16, kNR16>, tile_portable, transpose_portable, gemv_dot_portable,
                            gemv_axpy_portable};
-#ifdef MOE_GEMM_X86
+#ifdef MOE_X86
 constexpr Kernel kAvx2{gemm_packed<kMR16, kNR16>, tile_avx2, transpose_avx2, gemv_dot_avx2, gemv_axpy_avx2};
 // avx512 runs avx2's dot products: compiled for AVX-512, the compiler vectorises them 16
 // wide instead of 8 (products by vmulps summed in order, the remainder by fma), which moves
@@ -519,7 +515,7 @@ constexpr Kernel kAvx512{gemm_packed<kMR32, kNR32>, tile_avx512, transpose_avx2,
 #endif
 
 const Kernel& kernel_of(GemmKernel k) {
-#ifdef MOE_GEMM_X86
+#ifdef MOE_X86
   if (k == GemmKernel::avx2) return kAvx2;
   if (k == GemmKernel::avx512) return kAvx512;
 #else
@@ -557,24 +553,9 @@ void gemv(bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const
   gemv(gemm_kernel(), trans_b, N, K, alpha, a, B, ldb, beta, C);
 }
 
-bool gemm_cpu_has_avx2() {
-#ifdef MOE_GEMM_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+bool gemm_cpu_has_avx2() { return cpu_has_avx2(); }
 
-bool gemm_cpu_has_avx512() {
-#ifdef MOE_GEMM_X86
-  __builtin_cpu_init();
-  return gemm_cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
+bool gemm_cpu_has_avx512() { return cpu_has_avx512(); }
 
 GemmKernel choose_gemm_kernel(const char* env_value, bool cpu_has_avx2, bool cpu_has_avx512) {
   const std::string v = env_value ? env_value : "";

@@ -7,11 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "moe/kernels/x86.hpp"
 #include "moe/tensor/parallel.hpp"
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 namespace moe {
 
@@ -135,9 +132,8 @@ inline __m256 to_unit8(__m256i w) {
 }  // namespace
 #endif
 
-#if defined(__x86_64__) && defined(__AVX2__)
+#if defined(MOE_X86) && defined(__AVX2__)
 #define MOE_RNG_AVX512 1
-#define MOE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 // GCC 12's AVX-512 intrinsics start unmasked results from _mm512_undefined_epi32(), a
 // self-initialised variable that -Wmaybe-uninitialized reports once inlined.
 #pragma GCC diagnostic push
@@ -192,12 +188,10 @@ MOE_TARGET_AVX512 inline __m512 to_unit16(__m512i w) {
 }  // namespace
 #endif
 
-namespace {
-
 // Where a fill's uniforms go: o[i] = lo + range·u as one fma (rounded once, in every path
 // and at every optimisation level; what the optimised x86-64-v3 build made of the plain
 // expression before), or keep[i] = u >= p.
-struct UniformSink {
+struct detail::UniformSink {
   float* o = nullptr;
   float lo = 0.f, range = 1.f;
   uint8_t* keep = nullptr;
@@ -209,6 +203,9 @@ struct UniformSink {
       o[i] = std::fma(range, u, lo);
   }
 };
+
+namespace {
+using detail::UniformSink;
 
 #if defined(MOE_RNG_AVX512)
 // Numbers [i0, i1) of a fill from counter `first`, i1 - i0 a multiple of 16.
@@ -250,24 +247,20 @@ void uniform_run8(const UniformSink& sink, uint64_t seed, uint64_t stream, uint6
 }
 #endif
 
-bool cpu_has_avx512() {
 #if defined(MOE_RNG_AVX512)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+bool build_and_cpu_have_avx512() { return cpu_has_avx512(); }
 #else
-  return false;
+bool build_and_cpu_have_avx512() { return false; }
 #endif
-}
 
-std::atomic<bool> g_avx512{cpu_has_avx512()};
+std::atomic<bool> g_avx512{build_and_cpu_have_avx512()};
 
 }  // namespace
 
 bool rng_avx512() { return g_avx512.load(std::memory_order_relaxed); }
 
 void set_rng_avx512(bool on) {
-  if (on && !cpu_has_avx512()) throw std::runtime_error("Rng: this CPU (or build) has no AVX-512");
+  if (on && !build_and_cpu_have_avx512()) throw std::runtime_error("Rng: this CPU (or build) has no AVX-512");
   g_avx512.store(on, std::memory_order_relaxed);
 }
 
@@ -310,8 +303,7 @@ void Rng::fill_segments(int64_t n, FillAt fill_at) {
   for (uint64_t j = 0; j < segments_; ++j) fill_at(int64_t(j) * m, m, first + j * segment_stride_);
 }
 
-void Rng::fill_uniforms(const void* sink_ptr, int64_t n) {
-  const UniformSink& sink = *static_cast<const UniformSink*>(sink_ptr);
+void Rng::fill_uniforms(const UniformSink& sink, int64_t n) {
   const RngState s = s_;
   fill_segments(n, [&](int64_t offset, int64_t m, uint64_t first) {
     UniformSink seg = sink;
@@ -349,13 +341,13 @@ void Rng::fill_uniforms(const void* sink_ptr, int64_t n) {
 void Rng::fill_uniform(float* out, int64_t n, float lo, float hi) {
   UniformSink sink;
   sink.o = out, sink.lo = lo, sink.range = hi - lo;
-  fill_uniforms(&sink, n);
+  fill_uniforms(sink, n);
 }
 
 void Rng::fill_keep_mask(uint8_t* keep, int64_t n, float p) {
   UniformSink sink;
   sink.keep = keep, sink.p = p;
-  fill_uniforms(&sink, n);
+  fill_uniforms(sink, n);
 }
 
 void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {

@@ -10,6 +10,10 @@
 
 namespace moe {
 
+namespace detail {
+struct UniformSink;  // where a uniform fill puts its numbers: floats or a keep-mask (rng.cpp)
+}
+
 struct RngState {
   uint64_t seed = 0;
   uint64_t stream = 0;
@@ -66,7 +70,7 @@ class Rng {
   uint64_t segments_ = 1, segment_stride_ = 0;
   template <class FillAt>
   void fill_segments(int64_t n, FillAt fill_at);  // fill_at(offset in the fill, count, first counter)
-  void fill_uniforms(const void* sink, int64_t n);  // fill_uniform and fill_keep_mask
+  void fill_uniforms(const detail::UniformSink& sink, int64_t n);  // fill_uniform and fill_keep_mask
 };
 
 // Whether uniform fills compute sixteen Philox blocks at a time with AVX-512 (else eight with
