@@ -3,6 +3,7 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "moe/kernels/activations.hpp"
 #include "moe/kernels/expf.hpp"
 #include "moe/kernels/lanes.hpp"
 
@@ -105,7 +106,7 @@ void softplus_floats(const float* x, float* y, int64_t n) {
     const int64_t m = n - i0 < kChunk ? n - i0 : kChunk;
     exp_floats(x + i0, e, m);
     log1p_floats(e, e, m);
-    for (int64_t i = 0; i < m; ++i) y[i0 + i] = x[i0 + i] > 20.f ? x[i0 + i] : e[i];
+    for (int64_t i = 0; i < m; ++i) y[i0 + i] = x[i0 + i] > act::kSoftplusThreshold ? x[i0 + i] : e[i];
   }
 }
 

@@ -18,7 +18,8 @@ inline float relu(float v) { return v > 0.f ? v : 0.f; }
 inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * kInvSqrt2)); }  // exact erf form
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // torch.nn.functional.softplus with beta 1, threshold 20: linear above the threshold.
-inline float softplus(float v) { return v > 20.f ? v : std::log1p(std::exp(v)); }
+constexpr float kSoftplusThreshold = 20.f;
+inline float softplus(float v) { return v > kSoftplusThreshold ? v : std::log1p(std::exp(v)); }
 
 // Their derivatives at v.
 inline float relu_grad(float v) { return v > 0.f ? 1.f : 0.f; }
@@ -29,7 +30,7 @@ inline float silu_grad(float v) {
   const float s = 1.f / (1.f + std::exp(-v));
   return s * (1.f + v * (1.f - s));
 }
-inline float softplus_grad(float v) { return v > 20.f ? 1.f : 1.f / (1.f + std::exp(-v)); }
+inline float softplus_grad(float v) { return v > kSoftplusThreshold ? 1.f : 1.f / (1.f + std::exp(-v)); }
 
 // fn(f, df) with the activation `kind` and its derivative as callables: one instantiation of
 // fn per activation, so the loops inside it are compiled for each.
