@@ -175,3 +175,30 @@ TEST_CASE("fill_uniform and fill_keep_mask (8 or 16 counters at a time) give the
   }
   set_rng_avx512(was);
 }
+
+TEST_CASE("fill_keep_mask_causal gives fill_keep_mask's lower triangles and advances as far", "[core][rng]") {
+  // T = 1, 5 (a triangle short of a vector), 32 (makeMoE's: 528 numbers, whole vectors), 33;
+  // 40 matrices of 32 are split among threads; starts across the counter's high word.
+  std::vector<bool> widths{false};
+  if (rng_avx512()) widths.push_back(true);
+  const bool was = rng_avx512();
+  for (bool wide : widths) {
+    set_rng_avx512(wide);
+    for (uint64_t start : {uint64_t(3), (uint64_t(1) << 32) - 700}) {
+      for (const auto& [mats, T] : {std::pair<int64_t, int64_t>{3, 1}, {3, 5}, {40, 32}, {2, 33}}) {
+        Rng full(RngState{7, 2, start}), causal(RngState{7, 2, start});
+        std::vector<uint8_t> all(static_cast<size_t>(mats * T * T)), tri(static_cast<size_t>(mats * T * (T + 1) / 2), 7);
+        full.fill_keep_mask(all.data(), mats * T * T, 0.25f);
+        causal.fill_keep_mask_causal(tri.data(), mats, T, 0.25f);
+        int64_t j = 0, wrong = 0;
+        for (int64_t k = 0; k < mats; ++k)
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t c = 0; c <= t; ++c, ++j) wrong += tri[size_t(j)] != all[size_t((k * T + t) * T + c)];
+        INFO("avx512 " << wide << " start " << start << " mats " << mats << " T " << T);
+        REQUIRE(wrong == 0);
+        REQUIRE(causal.state().counter == full.state().counter);
+      }
+    }
+  }
+  set_rng_avx512(was);
+}

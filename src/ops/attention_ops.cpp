@@ -160,12 +160,18 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   MOE_CHECK(H >= 1 && C % H == 0, "causal_attention",
         "C=" + std::to_string(C) + " must be divisible by H=" + std::to_string(H));
   MOE_CHECK(p >= 0.f && p < 1.f, "causal_attention", "dropout probability must be in [0, 1), got " + std::to_string(p));
-  const int64_t D = C / H, C3 = 3 * C, TT = T * T;
+  const int64_t D = C / H, C3 = 3 * C, TT = T * T, tri = T * (T + 1) / 2;
   Tensor y = g.output({B, T, C}, qkv);
   // Attention weights before dropout, kept for the backward; masked entries are 0.
   float* probs = g.arena().alloc_floats(B * H * TT);
-  // 0 or 1/(1-p) per weight, exactly as dropout() on the [B, H, T, T] weights would draw it.
-  const uint8_t* mask = training && p > 0.f ? dropout_mask(g, B * H * TT, p, rng) : nullptr;
+  // 0 or 1/(1-p) per weight, exactly as dropout() on the [B, H, T, T] weights would draw it,
+  // for the weights the causal mask lets through: row t of (batch, head) bh from byte
+  // bh·tri + t(t+1)/2.
+  uint8_t* mask = nullptr;
+  if (training && p > 0.f) {
+    mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(B * H * tri)));
+    rng.fill_keep_mask_causal(mask, B * H, T, p);
+  }
   const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
   // kRows rows of dot products (then of weights), T rounded up to the lanes.
@@ -180,7 +186,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     const int64_t b = bh / H, h = bh % H;
     const float* base = qkv.data + b * T * C3 + h * D;  // q at +0, k at +C, v at +2C per row
     float* P = probs + bh * TT;
-    const uint8_t* M = mask ? mask + bh * TT : nullptr;
+    const uint8_t* M = mask ? mask + bh * tri : nullptr;
     float* kt = work + omp_get_thread_num() * slot;
     float* S = kt + D * Tp;
     transpose_rows(base + C, C3, T, D, kt, Tp);
@@ -201,7 +207,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         for (int64_t s = 0; s < T; ++s) row[s] *= inv;  // past t: 0 · inv
         // The weights through the dropout mask, into the scores' rows.
         float* w = S + r * Tp;
-        for (int64_t s = 0; s <= t; ++s) w[s] = M ? row[s] * dropout_factor(M[t * T + s], keep) : row[s];
+        for (int64_t s = 0; s <= t; ++s) w[s] = M ? row[s] * dropout_factor(M[t * (t + 1) / 2 + s], keep) : row[s];
       }
       // out = Σ_s w[s] v[s].
       float* out = y.data + (b * T + t0) * C + h * D;
@@ -218,7 +224,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const float* base = qkv.data + b * T * C3 + h * D;
         float* gbase = qkv.grad + b * T * C3 + h * D;
         const float* P = probs + bh * TT;
-        const uint8_t* M = mask ? mask + bh * TT : nullptr;
+        const uint8_t* M = mask ? mask + bh * tri : nullptr;
         float* vt = work + omp_get_thread_num() * slot;
         float* DP = vt + D * Tp;
         transpose_rows(base + 2 * C, C3, T, D, vt, Tp);
@@ -235,7 +241,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
             float dot_pdp = 0.f;
             for (int64_t s = 0; s <= t; ++s) {
               float* dv = gbase + s * C3 + 2 * C;
-              const float m = M ? dropout_factor(M[t * T + s], keep) : 1.f;
+              const float m = M ? dropout_factor(M[t * (t + 1) / 2 + s], keep) : 1.f;
               const float d_pd = dp[s];
               const float w = row[s] * m;
               for (int64_t d = 0; d < D; ++d) dv[d] += w * dy[d];

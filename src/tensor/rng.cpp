@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "moe/kernels/x86.hpp"
 #include "moe/tensor/parallel.hpp"
@@ -158,12 +159,12 @@ struct RoundKeys16 {
   }
 };
 
-MOE_TARGET_AVX512 inline __m512i philox16_word0(const RoundKeys16& keys, uint64_t ctr_hi, uint64_t ctr_lo) {
+// Word 0 of the blocks of the sixteen counters in ctr_a (blocks 0..7) and ctr_b (8..15).
+MOE_TARGET_AVX512 inline __m512i philox16_word0(const RoundKeys16& keys, uint64_t ctr_hi, __m512i ctr_a,
+                                                __m512i ctr_b) {
   const __m512i m0 = _mm512_set1_epi64(int64_t(0xD2511F53u)), m1 = _mm512_set1_epi64(int64_t(0xCD9E8D57u));
-  const __m512i base = _mm512_set1_epi64(int64_t(ctr_lo));
-  // Blocks 0..7 in a, 8..15 in b; word 1 is the counter's high word.
-  __m512i c0a = _mm512_add_epi64(base, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-  __m512i c0b = _mm512_add_epi64(base, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15));
+  // Word 1 is the counter's high word.
+  __m512i c0a = ctr_a, c0b = ctr_b;
   __m512i c1a = _mm512_srli_epi64(c0a, 32), c1b = _mm512_srli_epi64(c0b, 32);
   __m512i c2a = _mm512_set1_epi64(int64_t(uint32_t(ctr_hi))), c2b = c2a;
   __m512i c3a = _mm512_set1_epi64(int64_t(ctr_hi >> 32)), c3b = c3a;
@@ -179,6 +180,13 @@ MOE_TARGET_AVX512 inline __m512i philox16_word0(const RoundKeys16& keys, uint64_
   }
   const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   return _mm512_permutex2var_epi32(c0a, low_halves, c0b);
+}
+
+// The same for the counters ctr_lo + 0..15 (carries included).
+MOE_TARGET_AVX512 inline __m512i philox16_word0(const RoundKeys16& keys, uint64_t ctr_hi, uint64_t ctr_lo) {
+  const __m512i base = _mm512_set1_epi64(int64_t(ctr_lo));
+  return philox16_word0(keys, ctr_hi, _mm512_add_epi64(base, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)),
+                        _mm512_add_epi64(base, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15)));
 }
 
 MOE_TARGET_AVX512 inline __m512 to_unit16(__m512i w) {
@@ -222,6 +230,24 @@ MOE_TARGET_AVX512 __attribute__((noinline)) void uniform_run16(const UniformSink
                        _mm_maskz_mov_epi8(_mm512_cmp_ps_mask(u, p, _CMP_GE_OQ), one));
     else
       _mm512_storeu_ps(sink.o + i, _mm512_fmadd_ps(range, u, lo));
+  }
+}
+
+// Keep-mask bytes out[j] = u_j >= p for j < n, u_j the uniform of counter first + at[j]
+// (any counters: at holds n rounded up to 16 entries).
+MOE_TARGET_AVX512 __attribute__((noinline)) void keep_mask_at16(uint64_t seed, uint64_t stream, uint64_t first,
+                                                                 const uint32_t* at, int64_t n, float p,
+                                                                 uint8_t* out) {
+  const RoundKeys16 keys(seed);
+  const __m512 pv = _mm512_set1_ps(p);
+  const __m128i one = _mm_set1_epi8(1);
+  const __m512i base = _mm512_set1_epi64(int64_t(first));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512i a = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + j))));
+    const __m512i b = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + j + 8))));
+    const __m512 u = to_unit16(philox16_word0(keys, stream, a, b));
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    _mm_mask_storeu_epi8(out + j, valid, _mm_maskz_mov_epi8(_mm512_cmp_ps_mask(u, pv, _CMP_GE_OQ), one));
   }
 }
 #pragma GCC diagnostic pop
@@ -348,6 +374,59 @@ void Rng::fill_keep_mask(uint8_t* keep, int64_t n, float p) {
   UniformSink sink;
   sink.keep = keep, sink.p = p;
   fill_uniforms(sink, n);
+}
+
+void Rng::fill_keep_mask_causal(uint8_t* keep, int64_t mats, int64_t T, float p) {
+  const int64_t TT = T * T, tri = T * (T + 1) / 2;
+  const RngState s = s_;
+  fill_segments(mats * TT, [&](int64_t offset, int64_t m, uint64_t first) {
+    if (offset % TT != 0 || m % TT != 0)
+      throw std::logic_error("Rng: a causal mask's segments must hold whole " + std::to_string(T) + "x" +
+                             std::to_string(T) + " matrices");
+    uint8_t* const out = keep + offset / TT * tri;
+    const int64_t count = m / TT;
+#if defined(MOE_RNG_AVX512)
+    if (rng_avx512()) {
+      // The counters of a matrix's lower triangle, row by row, relative to its first; padded
+      // to whole vectors (the padding's bytes are not stored).
+      thread_local std::vector<uint32_t> at;
+      at.assign(size_t((tri + 15) / 16 * 16), 0u);
+      for (int64_t t = 0, j = 0; t < T; ++t)
+        for (int64_t c = 0; c <= t; ++c) at[size_t(j++)] = uint32_t(t * T + c);
+      const uint32_t* const offsets = at.data();  // the calling thread's, shared with the team
+#pragma omp parallel for schedule(static) if (count * tri > kParallelMinWork)
+      for (int64_t k = 0; k < count; ++k)
+        keep_mask_at16(s.seed, s.stream, first + uint64_t(k * TT), offsets, tri, p, out + k * tri);
+      return;
+    }
+#endif
+    // Row by row: the row's first t+1 numbers of a run whole vectors long, then copied.
+#pragma omp parallel for schedule(static) if (count * tri > kParallelMinWork)
+    for (int64_t k = 0; k < count; ++k) {
+      uint8_t row[64];
+      UniformSink sink;
+      sink.keep = row, sink.p = p;
+      for (int64_t t = 0; t < T; ++t) {
+        const uint64_t row_first = first + uint64_t(k * TT + t * T);
+        uint8_t* dst = out + k * tri + t * (t + 1) / 2;
+        int64_t c = 0;
+        for (; c <= t; c += 64) {
+          const int64_t len = std::min<int64_t>(64, t + 1 - c);
+          int64_t i = 0;
+#if defined(__AVX2__)
+          i = (len + 7) / 8 * 8;
+          uniform_run8(sink, s.seed, s.stream, row_first + uint64_t(c), 0, i);
+#endif
+          for (; i < len; ++i) {
+            uint32_t w[4];
+            philox(s.seed, s.stream, row_first + uint64_t(c + i), w);
+            sink.put(i, to_unit(w[0]));
+          }
+          std::memcpy(dst + c, row, size_t(len));
+        }
+      }
+    }
+  });
 }
 
 void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {

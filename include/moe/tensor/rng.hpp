@@ -41,6 +41,11 @@ class Rng {
   // keep[i] = 1 when the uniform fill_uniform(out, n) would give as out[i] is at least p, else
   // 0 (a dropout mask), without storing the uniforms.
   void fill_keep_mask(uint8_t* keep, int64_t n, float p);
+  // The same mask over `mats` T x T matrices (n = mats·T·T), but only where a causal mask lets
+  // a weight through, column s <= row t: each matrix's lower triangle, row after row, in
+  // T(T+1)/2 bytes (row t from byte t(t+1)/2). The bytes are those fill_keep_mask gives there
+  // and the counter advances as much; the numbers above the diagonal are not computed.
+  void fill_keep_mask_causal(uint8_t* keep, int64_t mats, int64_t T, float p);
 
   // Data parallelism: every fill of n numbers is this process's part `index` of a fill of
   // count·n numbers that `count` processes share (numbers counter + index·n + i, and the
