@@ -34,10 +34,11 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y,
   gemm_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O, relu);  // (N, O)
 }
 
-// dx += dy·W, dW += dyᵀ·x, db += Σ_rows dy, for the inputs that track a gradient.
-void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy) {
+// dx += dy·W (dx = dy·W when dx_beta is 0), dW += dyᵀ·x, db += Σ_rows dy, for the inputs
+// that track a gradient.
+void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy, float dx_beta = 1.f) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
-  if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, 1.f, x.grad, I);
+  if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
   if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
   if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
 }
@@ -56,6 +57,9 @@ struct Grouped {
   const Tensor *ws, *bs;
   float* pre;  // the pre-activation (y.data when it is not kept)
   bool keep_pre, has_act;
+  // x's gradient is assigned, not added to: x is the op's own (output_assigned_grad), and
+  // this product's backward the only writer of its gradient.
+  bool assign_dx = false;
   Activation kind;
 
   // Rows [off[e], off[e+1]) of t, as a tensor of its own.
@@ -92,7 +96,7 @@ struct Grouped {
 #pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
         for (int64_t j = 0; j < n * O; ++j) d[j] *= df(a[j]);
       });
-    linear_backward(rows_of(x, e, I), ws[e], bs[e], d);
+    linear_backward(rows_of(x, e, I), ws[e], bs[e], d, assign_dx ? 0.f : 1.f);
   }
 
   // body(e) for every group, on separate threads when there are several; one group (linear,
@@ -113,9 +117,12 @@ struct Grouped {
 };
 
 // Checks a grouped product's operands and sets it up: y, the pre-activation, and copies of
-// offsets, weights and biases; `order` is shared by the products of one op when given.
+// offsets, weights and biases; `order` is shared by the products of one op when given. With
+// internal_y, y is an output_assigned_grad (the next product of the same op assigns its
+// gradient).
 Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w,
-                     const Tensor* b, const Activation* act, const int32_t* order = nullptr) {
+                     const Tensor* b, const Activation* act, const int32_t* order = nullptr,
+                     bool internal_y = false) {
   MOE_CHECK(G >= 1 && x.ndim() == 2 && offsets[0] == 0 && offsets[G] == x.rows(), op,
             "offsets must split the " + std::to_string(x.rows()) + " rows of " + x.shape.str() + " into groups");
   for (int64_t e = 0; e < G; ++e) {
@@ -129,7 +136,11 @@ Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* o
   const int64_t S = x.rows();
   p.O = w[0].size(0);
   p.I = w[0].size(1);
-  p.y = b[0].data ? g.output({S, p.O}, x, w[0], b[0]) : g.output({S, p.O}, x, w[0]);
+  const Shape ys({S, p.O});
+  if (internal_y)
+    p.y = b[0].data ? g.output_assigned_grad(ys, x, w[0], b[0]) : g.output_assigned_grad(ys, x, w[0]);
+  else
+    p.y = b[0].data ? g.output(ys, x, w[0], b[0]) : g.output(ys, x, w[0]);
   // The pre-activation, kept for the backward pass unless the derivative can be read off the
   // output (relu: y > 0 exactly where pre > 0), or there is no activation or backward pass.
   p.keep_pre = p.y.requires_grad() && act && *act != Activation::kRelu;
@@ -171,8 +182,11 @@ Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t
 
 Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w1, const Tensor* b1,
                    Activation act, const Tensor* w2, const Tensor* b2) {
-  const Grouped p1 = make_grouped(g, "grouped_mlp", x, offsets, G, w1, b1, &act);
-  const Grouped p2 = make_grouped(g, "grouped_mlp", p1.y, offsets, G, w2, b2, nullptr, p1.order);
+  // The hidden layer's gradient: each expert's rows written whole by p2's backward (dh = dy·W2
+  // assigned), then read by p1's, so never zeroed.
+  const Grouped p1 = make_grouped(g, "grouped_mlp", x, offsets, G, w1, b1, &act, nullptr, true);
+  Grouped p2 = make_grouped(g, "grouped_mlp", p1.y, offsets, G, w2, b2, nullptr, p1.order);
+  p2.assign_dx = true;
   const int64_t widest = std::max({p1.I, p1.O, p2.O});
   p1.for_groups(widest, [&](int64_t e) {
     p1.forward(e);

@@ -49,6 +49,7 @@ void Graph::clear() {
   arena_.reset();
   grad_arena_.reset();
   scope_arena_.reset();
+  scope_scratch_.reset();
   scope_open_ = false;
 }
 
@@ -56,6 +57,7 @@ void Graph::begin_grad_scope() {
   if (!grad_enabled_ || !scopes_on_) return;
   MOE_CHECK(!scope_open_, "Graph::begin_grad_scope", "a gradient scope is already open");
   scope_arena_.reset();
+  scope_scratch_.reset();
   scope_open_ = true;
 }
 

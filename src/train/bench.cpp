@@ -64,7 +64,8 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   size_t activations = 0, activation_grads = 0;
   for (const Graph* graph : {&g, &train_step.recompute_graph()}) {
     activations += graph->arena().bytes_reserved();
-    activation_grads += graph->grad_arena().bytes_reserved() + graph->scope_grad_arena().bytes_reserved();
+    activation_grads += graph->grad_arena().bytes_reserved() + graph->scope_grad_arena().bytes_reserved() +
+                        graph->scope_scratch_arena().bytes_reserved();
   }
   r.activations_mb = double(activations) / kMB;
   r.activation_grads_mb = double(activation_grads) / kMB;

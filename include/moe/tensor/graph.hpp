@@ -47,6 +47,17 @@ class Graph {
     bool any = (false || ... || inputs.requires_grad());
     return new_tensor(s, grad_enabled_ && any);
   }
+  // The same for an output internal to one op, whose gradient that op's backward closure
+  // writes whole (assigning) before anything reads it, like a fused MLP's hidden layer: the
+  // gradient is not zeroed. Inside a scope it comes from the scope's unzeroed region.
+  template <class... Ts>
+  Tensor output_assigned_grad(const Shape& s, const Ts&... inputs) {
+    bool any = (false || ... || inputs.requires_grad());
+    Tensor t = new_tensor(s, false);
+    if (grad_enabled_ && any)
+      t.grad = (scope_open_ && !keep_ ? scope_scratch_ : grad_arena_).alloc_floats(s.numel());
+    return t;
+  }
   // A constant (no gradient) copy of host data in the arena, e.g. fixed noise or masks.
   Tensor constant(const Shape& s, const float* src);
 
@@ -107,6 +118,7 @@ class Graph {
   // Gradient memory: of tensors outside any scope, and the region the scopes share.
   const Arena& grad_arena() const { return grad_arena_; }
   const Arena& scope_grad_arena() const { return scope_arena_; }
+  const Arena& scope_scratch_arena() const { return scope_scratch_; }
   size_t tape_size() const { return tape_.size(); }
 
  private:
@@ -117,6 +129,7 @@ class Graph {
   Arena arena_;       // tensors' data, closures, scratch
   Arena grad_arena_;  // tensors' gradients, zeroed by backward()
   Arena scope_arena_; // gradients made inside a scope, zeroed by the scope's closure
+  Arena scope_scratch_;  // assigned gradients made inside a scope (output_assigned_grad)
   bool scopes_on_ = true, scope_open_ = false, keep_ = false;
   std::vector<Node> tape_;
   bool grad_enabled_ = true;
