@@ -107,28 +107,37 @@ MOE_TARGET_AVX2 void transpose_avx2(const float* src, int64_t lds, int64_t rows,
 }
 #endif
 
-// Panel p of Bp: kb rows of NR floats for columns p*NR.. (zero padded past N).
+// Panels [p_begin, p_end) of B for rows k0 .. k0+kb-1, panel p at dst + (p - p_begin)·kb·NR:
+// kb rows of NR floats for columns p*NR.. (zero padded past N).
 template <int64_t NR>
-void pack_b_panel(TransposeFn transpose, bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb,
-                  int64_t N, int64_t p, float* dst) {
-  const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+void pack_b_panels(TransposeFn transpose, bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kb,
+                   int64_t N, int64_t p_begin, int64_t p_end, float* dst) {
   if (!trans_b) {
+    // Row by row of B, each row's part of every panel: B streams through once, in order (panel
+    // by panel, each row's NR floats a whole row of B apart, the loads waited on the cache).
     for (int64_t k = 0; k < kb; ++k) {
-      float* row = dst + k * NR;
-      const float* src = B + (k0 + k) * ldb + j0;
-      if (nr == NR) {
-        std::memcpy(row, src, sizeof(float) * NR);
-      } else {
-        for (int64_t j = 0; j < nr; ++j) row[j] = src[j];
-        for (int64_t j = nr; j < NR; ++j) row[j] = 0.f;
+      const float* src = B + (k0 + k) * ldb;
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+        float* row = dst + (p - p_begin) * kb * NR + k * NR;
+        if (nr == NR) {
+          std::memcpy(row, src + j0, sizeof(float) * NR);
+        } else {
+          for (int64_t j = 0; j < nr; ++j) row[j] = src[j0 + j];
+          for (int64_t j = nr; j < NR; ++j) row[j] = 0.f;
+        }
       }
     }
     return;
   }
-  // Bᵀ stored: column j of the panel is contiguous in B; read it along k.
-  transpose(B + j0 * ldb + k0, ldb, nr, kb, 1.f, dst, NR);
-  for (int64_t j = nr; j < NR; ++j)
-    for (int64_t k = 0; k < kb; ++k) dst[k * NR + j] = 0.f;
+  // Bᵀ stored: column j of a panel is contiguous in B; read it along k.
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const int64_t j0 = p * NR, nr = std::min(NR, N - j0);
+    float* panel = dst + (p - p_begin) * kb * NR;
+    transpose(B + j0 * ldb + k0, ldb, nr, kb, 1.f, panel, NR);
+    for (int64_t j = nr; j < NR; ++j)
+      for (int64_t k = 0; k < kb; ++k) panel[k * NR + j] = 0.f;
+  }
 }
 
 // C[i][j] *= beta (0: set to 0) for rows [i0, i1) and columns [j0, j1).
@@ -487,8 +496,7 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
     const int64_t first_packed = direct ? std::max(p0, N / NR) : p0;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kb = std::min(KC, K - k0);
-      for (int64_t p = first_packed; p < p1; ++p)
-        pack_b_panel<NR>(transpose, trans_b, B, ldb, k0, kb, N, p, Bp + (p - p0) * kb * NR);
+      pack_b_panels<NR>(transpose, trans_b, B, ldb, k0, kb, N, first_packed, p1, Bp + (first_packed - p0) * kb * NR);
       const BSrc b{direct ? B + k0 * ldb : nullptr, ldb, Bp, p0};
       for (int64_t i0 = r0; i0 < r1; i0 += MC) {
         const int64_t mb = std::min(MC, r1 - i0);
