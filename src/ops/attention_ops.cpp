@@ -151,6 +151,29 @@ void add_weighted_block(const float* c, int64_t ldc, int64_t t0, int64_t R, cons
   for (int64_t r = r0; r < R; ++r) add_weighted_rows<1>(c + r * ldc, ldc, t0 + r + 1, x, ldx, D, out + r * ldo, ldo);
 }
 
+// The same sums for rows s0 .. s0+R-1 of out, row s over the positions t >= s up to n (c's
+// row r holds the weights of row s0+r at every position t; x's row t the vector of position
+// t): each row alone over its first positions, then in groups of four rows side by side over
+// the positions all four see. Each element adds its terms in order of t.
+void add_weighted_block_from_diagonal(const float* c, int64_t ldc, int64_t s0, int64_t R, int64_t n,
+                                      const float* x, int64_t ldx, int64_t D, float* out, int64_t ldo) {
+  constexpr int64_t G = 4;
+  int64_t r0 = 0;
+  for (; r0 + G <= R; r0 += G) {
+    const int64_t common = s0 + r0 + G - 1;  // the first position all four rows see
+    for (int64_t r = r0; r < r0 + G - 1; ++r) {
+      const int64_t s = s0 + r;
+      add_weighted_rows<1>(c + r * ldc + s, ldc, common - s, x + s * ldx, ldx, D, out + r * ldo, ldo);
+    }
+    if (n > common)
+      add_weighted_rows<G>(c + r0 * ldc + common, ldc, n - common, x + common * ldx, ldx, D, out + r0 * ldo, ldo);
+  }
+  for (int64_t r = r0; r < R; ++r) {
+    const int64_t s = s0 + r;
+    add_weighted_rows<1>(c + r * ldc + s, ldc, n - s, x + s * ldx, ldx, D, out + r * ldo, ldo);
+  }
+}
+
 }  // namespace
 
 Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng) {
@@ -174,8 +197,10 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   }
   const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
-  // kRows rows of dot products (then of weights), T rounded up to the lanes.
-  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + kRows * Tp;
+  // kRows rows of dot products (then of weights), T rounded up to the lanes; for the backward
+  // also the weights after dropout and the score gradients of the (batch, head), transposed
+  // (row s holds position s's weight in every row t >= s).
+  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + kRows * Tp + 2 * T * Tp;
   // Zeroed once: the transposes fill columns [0, T) and the padding lanes stay 0.
   const int64_t work_floats = omp_get_max_threads() * slot;
   float* work = g.arena().alloc_floats(work_floats);
@@ -227,37 +252,42 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const uint8_t* M = mask ? mask + bh * tri : nullptr;
         float* vt = work + omp_get_thread_num() * slot;
         float* DP = vt + D * Tp;
+        float* WT = DP + kRows * Tp;  // WT[s·Tp + t]: P'[t, s], the weight after dropout
+        float* ST = WT + T * Tp;      // ST[s·Tp + t]: dS[t, s]
         transpose_rows(base + 2 * C, C3, T, D, vt, Tp);
+        const float* dy0 = y.grad + b * T * C + h * D;  // row t at + t·C
         for (int64_t t0 = 0; t0 < T; t0 += kRows) {
           const int64_t R = std::min(kRows, T - t0);
           // dP[s] = dy · v[s] for the block's rows.
-          dots_block(y.grad + (b * T + t0) * C + h * D, C, t0, R, vt, Tp, D, DP, Tp);
+          dots_block(dy0 + t0 * C, C, t0, R, vt, Tp, D, DP, Tp);
           for (int64_t r = 0; r < R; ++r) {
             const int64_t t = t0 + r;
-            const float* dy = y.grad + (b * T + t) * C + h * D;
             const float* row = P + t * T;
             float* dp = DP + r * Tp;
-            // Through the dropout mask; dv[s] += P'[t, s] dy.
+            // Through the dropout mask.
             float dot_pdp = 0.f;
             for (int64_t s = 0; s <= t; ++s) {
-              float* dv = gbase + s * C3 + 2 * C;
               const float m = M ? dropout_factor(M[t * (t + 1) / 2 + s], keep) : 1.f;
               const float d_pd = dp[s];
-              const float w = row[s] * m;
-              for (int64_t d = 0; d < D; ++d) dv[d] += w * dy[d];
+              WT[s * Tp + t] = row[s] * m;
               dp[s] = d_pd * m;
               dot_pdp += row[s] * dp[s];
             }
-            // dS = P (dP - Σ P dP) scale, into dp; dk[s] += dS q[t].
-            const float* q = base + t * C3;
-            for (int64_t s = 0; s <= t; ++s) dp[s] = row[s] * (dp[s] - dot_pdp) * scale;  // dS
+            // dS = P (dP - Σ P dP) scale, into dp.
             for (int64_t s = 0; s <= t; ++s) {
-              float* dk = gbase + s * C3 + C;
-              for (int64_t d = 0; d < D; ++d) dk[d] += dp[s] * q[d];
+              dp[s] = row[s] * (dp[s] - dot_pdp) * scale;
+              ST[s * Tp + t] = dp[s];
             }
           }
           // dq[t] += Σ_s dS k[s].
           add_weighted_block(DP, Tp, t0, R, base + C, C3, D, gbase + t0 * C3, C3);
+        }
+        // dv[s] += Σ_{t>=s} P'[t, s] dy[t] and dk[s] += Σ_{t>=s} dS[t, s] q[t], each in order of
+        // t (as adding row t's terms for t = 0, 1, ... did).
+        for (int64_t s0 = 0; s0 < T; s0 += kRows) {
+          const int64_t R = std::min(kRows, T - s0);
+          add_weighted_block_from_diagonal(WT + s0 * Tp, Tp, s0, R, T, dy0, C, D, gbase + s0 * C3 + 2 * C, C3);
+          add_weighted_block_from_diagonal(ST + s0 * Tp, Tp, s0, R, T, base, C3, D, gbase + s0 * C3 + C, C3);
         }
       }
     });
