@@ -272,6 +272,16 @@ Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
   for (int64_t i = 0; i < n; ++i) y.data[i] = a.data[i] + b.data[i];
   if (y.requires_grad())
     g.record([=] {
+      float* da = a.grad;
+      float* db = b.grad;
+      if (da && db && da != db) {  // both in one pass over dy
+#pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
+        for (int64_t i = 0; i < n; ++i) {
+          da[i] += y.grad[i];
+          db[i] += y.grad[i];
+        }
+        return;
+      }
       for (const Tensor* t : {&a, &b})
         if (t->grad) {
           float* d = t->grad;
