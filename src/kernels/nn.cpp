@@ -93,8 +93,9 @@ __attribute__((optimize("fp-contract=off"))) void column_sum(const float* dout, 
 // the one-column loops were chains of dependent adds, the most of the backward pass.
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int64_t kColVecs = 4, kColBlock = 8 * kColVecs;
-__attribute__((optimize("fp-contract=off"))) void column_sums(const float* dout, const float* inp, const float* mean, const float* rstd, int64_t N, int64_t C,
-                 int64_t c0, float* dw, float* db) {
+__attribute__((optimize("fp-contract=off"))) void column_sums(const float* dout, const float* inp, const float* mean,
+                                                              const float* rstd, int64_t N, int64_t C, int64_t c0,
+                                                              float* dw, float* db) {
   v8 sw[kColVecs] = {}, sb[kColVecs] = {};
   for (int64_t n = 0; n < N; ++n) {
     const float m = mean[n], s = rstd[n];

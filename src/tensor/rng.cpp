@@ -332,8 +332,9 @@ MOE_TARGET_AVX512 __attribute__((noinline)) void keep_mask_at16(uint64_t seed, u
   const __m128i one = _mm_set1_epi8(1);
   const __m512i base = _mm512_set1_epi64(int64_t(first));
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512i a = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + j))));
-    const __m512i b = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + j + 8))));
+    const auto* offsets = reinterpret_cast<const __m256i*>(at + j);
+    const __m512i a = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm256_loadu_si256(offsets)));
+    const __m512i b = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm256_loadu_si256(offsets + 1)));
     const __m512 u = to_unit16(philox16_word0(keys, stream, a, b));
     const __mmask16 valid = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
     _mm_mask_storeu_epi8(out + j, valid, _mm_maskz_mov_epi8(_mm512_cmp_ps_mask(u, pv, _CMP_GE_OQ), one));
