@@ -52,17 +52,12 @@ Tensor softplus(Graph& g, const Tensor& x) {
                [](float v, float) { return act::softplus_grad(v); }, softplus_floats);
 }
 
-const uint8_t* dropout_mask(Graph& g, int64_t n, float p, Rng& rng) {
-  auto* mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
-  rng.fill_keep_mask(mask, n, p);
-  return mask;
-}
-
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng) {
   MOE_CHECK(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
-  const uint8_t* mask = dropout_mask(g, n, p, rng);
+  auto* mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
+  rng.fill_keep_mask(mask, n, p);
   const float scale = dropout_scale(p);
   Tensor y = g.output(x.shape, x);
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)

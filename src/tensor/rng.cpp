@@ -34,11 +34,15 @@ namespace {
 // 24 random bits -> [0, 1), exactly representable in float.
 inline float to_unit(uint32_t u) { return float(u >> 8) * (1.0f / 16777216.0f); }
 
+// The Box-Muller transform in double, with glibc's log and cos: u1 in (0, 1], arg = 2π·u2.
+// fill_normal's vector path falls back on it for the numbers its own log and cos leave in doubt.
+inline float box_muller(double u1, double arg) { return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(arg)); }
+
 // One normal from a Philox block (Box-Muller on words 0 and 1, in double for accuracy).
 inline float block_normal(const uint32_t w[4]) {
   double u1 = (double(w[0] >> 8) + 1.0) / 16777217.0;  // (0, 1]: log is finite
   double u2 = double(w[1] >> 8) / 16777216.0;
-  return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+  return box_muller(u1, 6.283185307179586 * u2);
 }
 }  // namespace
 
@@ -584,7 +588,7 @@ void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
         _mm_store_ps(fs, f);
         for (int j = 0; j < 4; ++j) {
           const int i = 4 * half + j;
-          const float z = (safe >> j) & 1 ? fs[j] : float(std::sqrt(-2.0 * std::log(u1[i])) * std::cos(arg[i]));
+          const float z = (safe >> j) & 1 ? fs[j] : box_muller(u1[i], arg[i]);
           dst[i] = mean + stddev * z;
         }
       }

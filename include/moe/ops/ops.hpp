@@ -64,10 +64,9 @@ Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's thresho
 // Inverted dropout: zero with probability p, scale the kept by 1/(1-p). Identity when p == 0
 // or when `training` is false. The mask comes from rng (the counter advances by numel).
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng);
-// The mask dropout uses, in the arena: n bytes, 1 where kept and 0 where dropped, from n
-// uniforms of rng (drawn into scratch the arena takes back). Shared by ops that fuse dropout
-// (causal_attention). An element kept is multiplied by dropout_scale(p), a dropped one by 0.
-const uint8_t* dropout_mask(Graph& g, int64_t n, float p, Rng& rng);
+// Dropout's masks are bytes, 1 where kept and 0 where dropped (Rng::fill_keep_mask; the ops
+// that fuse dropout, causal_attention, draw theirs the same way). An element kept is
+// multiplied by dropout_scale(p), a dropped one by 0.
 inline float dropout_scale(float p) { return 1.f / (1.f - p); }
 // The factor of one element: what a float mask would hold.
 inline float dropout_factor(uint8_t kept, float scale) { return kept ? scale : 0.f; }
