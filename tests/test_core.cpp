@@ -38,6 +38,30 @@ TEST_CASE("Arena reuses its memory after reset", "[core]") {
   REQUIRE(a.bytes_reserved() == reserved);
 }
 
+TEST_CASE("Arena lends its chunks to another and takes them back", "[core]") {
+  Arena a(1024), b(1024);
+  float* p1 = a.alloc_floats(100);
+  a.alloc_floats(200);
+  a.alloc_floats(200);  // three chunks
+  REQUIRE(a.chunk_count() == 3);
+  b.alloc_floats(10);
+  a.move_chunks(b, 1);  // b: its own chunk, then a's second and third
+  REQUIRE(a.chunk_count() == 1);
+  REQUIRE(b.chunk_count() == 3);
+  REQUIRE(a.bytes_used() == 0);
+  REQUIRE(b.bytes_used() == 0);
+  b.alloc_floats(200);
+  const size_t reserved = a.bytes_reserved() + b.bytes_reserved();
+  b.alloc_floats(200);  // fits in a lent chunk: nothing new
+  REQUIRE(a.bytes_reserved() + b.bytes_reserved() == reserved);
+  b.move_chunks(a, 1);  // back, with b keeping its own
+  REQUIRE(b.chunk_count() == 1);
+  REQUIRE(a.chunk_count() == 3);
+  REQUIRE(a.alloc_floats(100) == p1);
+  a.move_chunks(b, 5);  // past the end: nothing moves
+  REQUIRE(a.chunk_count() == 3);
+}
+
 TEST_CASE("Graph records only in grad mode and starts its tensors' gradients from zero at each backward", "[core]") {
   Graph g;
   Tensor x = g.zeros({3}, true);

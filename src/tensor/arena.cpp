@@ -50,6 +50,13 @@ void Arena::rewind(const Mark& m) {
   current_ = m.chunk;
 }
 
+void Arena::move_chunks(Arena& to, size_t first) {
+  reset();
+  to.reset();
+  for (size_t i = first; i < chunks_.size(); ++i) to.chunks_.push_back(std::move(chunks_[i]));
+  if (first < chunks_.size()) chunks_.resize(first);
+}
+
 size_t Arena::bytes_reserved() const {
   size_t n = 0;
   for (const Chunk& c : chunks_) n += c.size;
