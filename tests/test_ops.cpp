@@ -87,6 +87,10 @@ TEST_CASE("gradient checks: dense algebra", "[ops][gradcheck]") {
     std::vector<Shape> s2 = {{3, 4}, {3, 4}};
     REQUIRE_GRADCHECK(two, s2, [](Graph& g, const std::vector<Tensor>& in) { return Probe{add(g, in[0], in[1]), {}}; });
     REQUIRE_GRADCHECK(two, s2, [](Graph& g, const std::vector<Tensor>& in) { return Probe{mul(g, in[0], in[1]), {}}; });
+    // Over a fresh tensor (scale's output), as the model uses it; scale's backward does not read it.
+    REQUIRE_GRADCHECK(two, s2, [](Graph& g, const std::vector<Tensor>& in) {
+      return Probe{add_into(g, in[0], scale(g, in[1], 1.5f)), {}};
+    });
     REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(12, 1), random_vector(4, 2)}),
                       (std::vector<Shape>{{3, 4}, {4}}),
                       [](Graph& g, const std::vector<Tensor>& in) { return Probe{add_bias(g, in[0], in[1]), {}}; });
@@ -119,6 +123,10 @@ TEST_CASE("gradient checks: elementwise and layout", "[ops][gradcheck]") {
   check_unary({4, 5}, [](Graph& g, const Tensor& t) {
     Rng rng(9, 1);  // fixed mask
     return dropout(g, t, 0.3f, true, rng);
+  });
+  check_unary({4, 5}, [](Graph& g, const Tensor& t) {
+    Rng rng(9, 1);
+    return dropout(g, scale(g, t, 1.5f), 0.3f, true, rng, true);  // over scale's output
   });
   check_unary({2, 3, 8}, [](Graph& g, const Tensor& t) { return split_heads(g, t, 4); });
   check_unary({2, 4, 3, 2}, [](Graph& g, const Tensor& t) { return merge_heads(g, t); });
@@ -267,6 +275,32 @@ TEST_CASE("forward values against hand-computed cases", "[ops]") {
     // y[b0, h1, t1, d0] (flat 1*T*D + 1*D = 8) is x[b0, t1, c = h1*D + 0 = 2] (flat 1*8 + 2).
     CHECK(split_heads(g, x, 4).data[8] == v[10]);
   }
+}
+
+TEST_CASE("add_into and dropout in place give add's and dropout's bits, and take no data memory", "[ops]") {
+  const auto x0 = random_vector(24, 1), y0 = random_vector(24, 2), dz = random_vector(24, 3);
+  std::vector<float> out[2], dx[2], dy[2];
+  size_t used[2];
+  for (int in_place = 0; in_place < 2; ++in_place) {
+    Graph g;
+    Tensor x = g.constant({4, 6}, x0.data()), y = g.constant({4, 6}, y0.data());
+    x.grad = g.zeros({4, 6}, false).data, y.grad = g.zeros({4, 6}, false).data;
+    Rng rng(5, 2);
+    const Tensor a = scale(g, y, 2.f);
+    const size_t before = g.arena().bytes_used();
+    const Tensor d = dropout(g, a, 0.25f, true, rng, in_place);
+    const Tensor z = in_place ? add_into(g, x, d) : add(g, x, d);
+    used[in_place] = g.arena().bytes_used() - before;
+    if (in_place) CHECK(z.data == a.data);
+    g.backward_from(z, dz.data());
+    out[in_place].assign(z.data, z.data + 24);
+    dx[in_place].assign(x.grad, x.grad + 24);
+    dy[in_place].assign(y.grad, y.grad + 24);
+  }
+  CHECK(out[0] == out[1]);
+  CHECK(dx[0] == dx[1]);
+  CHECK(dy[0] == dy[1]);
+  CHECK(used[0] >= used[1] + 2 * 24 * sizeof(float));  // neither output has data of its own
 }
 
 TEST_CASE("shape errors name the op and the shapes", "[ops]") {

@@ -207,7 +207,7 @@ Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const 
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
   Tensor qkv = apply_linear(g, bp.qkv, x);  // (B, T, 3C)
   Tensor y = causal_attention(g, qkv, H_, cfg_.attention_scale(), p, opt.training, drop);  // (B, T, C)
-  return dropout(g, apply_linear(g, bp.proj, y), p, opt.training, drop);
+  return dropout(g, apply_linear(g, bp.proj, y), p, opt.training, drop, true);  // over proj's output
 }
 
 Activation Model::expert_activation() const {
@@ -222,7 +222,7 @@ Tensor Model::expert_forward(Graph& g, const ExpertParams& ep, const Tensor& x, 
   if (cfg_.model.expert_ffn == "swiglu") h = mul(g, h, apply_linear(g, ep.fc3, x));
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
-  return dropout(g, apply_linear(g, ep.fc2, h), p, opt.training, drop);  // (n, C)
+  return dropout(g, apply_linear(g, ep.fc2, h), p, opt.training, drop, true);  // (n, C), over fc2's output
 }
 
 namespace {
@@ -392,7 +392,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
       }
       const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
       Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
-      Tensor ys = dropout(g, y, p, opt.training, drop);
+      Tensor ys = dropout(g, y, p, opt.training, drop, true);  // over the experts' outputs
       index_add_weighted(g, acc, ys, token, top.weights, gate_pos, S);
     }
   } else {
@@ -502,10 +502,11 @@ std::vector<int> Model::param_expert() const {
 
 Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses) {
   const BlockParams& bp = blocks_[size_t(l)];
-  const Tensor y = add(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
+  // The sums go over the attention's and the experts' outputs, which no backward reads.
+  const Tensor y = add_into(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
   const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y), l, opt, losses);
   Graph::KeepGrads outlives_block(g);
-  return add(g, y, f);
+  return add_into(g, y, f);
 }
 
 Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt,

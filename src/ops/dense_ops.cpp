@@ -264,9 +264,10 @@ Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_
   return y;
 }
 
-Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
-  check_same_shape("add", a, b);
-  Tensor y = g.output(a.shape, a, b);
+namespace {
+
+// y = a + b into y (which may be b), and the backward.
+Tensor add_to(Graph& g, const Tensor& a, const Tensor& b, const Tensor& y) {
   const int64_t n = a.numel();
 #pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) y.data[i] = a.data[i] + b.data[i];
@@ -290,6 +291,18 @@ Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
         }
     });
   return y;
+}
+
+}  // namespace
+
+Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
+  check_same_shape("add", a, b);
+  return add_to(g, a, b, g.output(a.shape, a, b));
+}
+
+Tensor add_into(Graph& g, const Tensor& a, const Tensor& b) {
+  check_same_shape("add_into", a, b);
+  return add_to(g, a, b, g.output_over(b, a));
 }
 
 Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {

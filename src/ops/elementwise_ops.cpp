@@ -52,14 +52,14 @@ Tensor softplus(Graph& g, const Tensor& x) {
                [](float v, float) { return act::softplus_grad(v); }, softplus_floats);
 }
 
-Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng) {
+Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place) {
   MOE_CHECK(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
   auto* mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
   rng.fill_keep_mask(mask, n, p);
   const float scale = dropout_scale(p);
-  Tensor y = g.output(x.shape, x);
+  Tensor y = in_place ? g.output_over(x) : g.output(x.shape, x);
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
   for (int64_t i = 0; i < n; ++i) y.data[i] = x.data[i] * dropout_factor(mask[i], scale);
   if (y.requires_grad())

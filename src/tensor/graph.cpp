@@ -8,7 +8,7 @@ Tensor Graph::new_tensor(const Shape& s, bool requires_grad) {
   Tensor t;
   t.shape = s;
   t.data = arena_.alloc_floats(s.numel());
-  if (requires_grad) t.grad = (scope_open_ && !keep_ ? scope_arena_ : grad_arena_).alloc_floats(s.numel());
+  if (requires_grad) t.grad = grad_floats(s.numel());
   return t;
 }
 

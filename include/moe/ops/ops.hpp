@@ -44,6 +44,8 @@ Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G,
 Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b);
 // y = a + b, same shapes.
 Tensor add(Graph& g, const Tensor& a, const Tensor& b);
+// The same, written over b's data (Graph::output_over): for a b whose data no backward reads.
+Tensor add_into(Graph& g, const Tensor& a, const Tensor& b);
 // y = x + bias, bias [C] broadcast over the rows of x [..., C].
 Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias);
 // y = a ⊙ b, same shapes.
@@ -63,7 +65,8 @@ Tensor silu(Graph& g, const Tensor& x);      // x · sigmoid(x)
 Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's threshold 20
 // Inverted dropout: zero with probability p, scale the kept by 1/(1-p). Identity when p == 0
 // or when `training` is false. The mask comes from rng (the counter advances by numel).
-Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng);
+// in_place writes y over x's data (Graph::output_over): for an x whose data no backward reads.
+Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place = false);
 // Dropout's masks are bytes, 1 where kept and 0 where dropped (Rng::fill_keep_mask; the ops
 // that fuse dropout, causal_attention, draw theirs the same way). An element kept is
 // multiplied by dropout_scale(p), a dropped one by 0.

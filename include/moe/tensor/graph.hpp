@@ -47,6 +47,18 @@ class Graph {
     bool any = (false || ... || inputs.requires_grad());
     return new_tensor(s, grad_enabled_ && any);
   }
+  // An op's output written over the data of its input x (same shape), with a gradient of its
+  // own as output() gives. Only for an x whose data no backward pass reads (a linear's output
+  // read by nothing but this op, say): its value is gone once the op has run.
+  template <class... Ts>
+  Tensor output_over(const Tensor& x, const Ts&... inputs) {
+    const bool any = (x.requires_grad() || ... || inputs.requires_grad());
+    Tensor t;
+    t.shape = x.shape;
+    t.data = x.data;
+    if (grad_enabled_ && any) t.grad = grad_floats(x.numel());
+    return t;
+  }
   // The same for an output internal to one op, whose gradient that op's backward closure
   // writes whole (assigning) before anything reads it, like a fused MLP's hidden layer: the
   // gradient is not zeroed. Inside a scope it comes from the scope's unzeroed region.
@@ -122,6 +134,8 @@ class Graph {
   size_t tape_size() const { return tape_.size(); }
 
  private:
+  // A gradient's memory: the scope's when one is open, unless under KeepGrads.
+  float* grad_floats(int64_t n) { return (scope_open_ && !keep_ ? scope_arena_ : grad_arena_).alloc_floats(n); }
   struct Node {
     void (*run)(void*);
     void* closure;
