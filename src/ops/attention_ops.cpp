@@ -103,7 +103,7 @@ void add_weighted_rows(const float* c, int64_t ldc, int64_t n, const float* x, i
 // Row t of the attention weights before normalising: row[s] = exp(x[s] - max) for s <= t and 0
 // past t, where x[s] = dot[s] · scale. dot holds t+1 rounded up to 8 finite values and is
 // overwritten. Eight positions at a time; the lanes past t enter exp as 0 (so that no lane
-// takes its slow path) and leave as 0.
+// takes its slow path) and leave as 0. row may be dot itself.
 void softmax_numerators(float* dot, int64_t t, int64_t T, float scale, float* row) {
   typedef int32_t v8i __attribute__((vector_size(32)));
   const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -185,8 +185,9 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   MOE_CHECK(p >= 0.f && p < 1.f, "causal_attention", "dropout probability must be in [0, 1), got " + std::to_string(p));
   const int64_t D = C / H, C3 = 3 * C, TT = T * T, tri = T * (T + 1) / 2;
   Tensor y = g.output({B, T, C}, qkv);
-  // Attention weights before dropout, kept for the backward; masked entries are 0.
-  float* probs = g.arena().alloc_floats(B * H * TT);
+  // Attention weights before dropout, kept for the backward: the lower triangles (row t of
+  // (batch, head) bh from bh·tri + t(t+1)/2, t+1 weights), as the mask below.
+  float* probs = g.arena().alloc_floats(B * H * tri);
   // 0 or 1/(1-p) per weight, exactly as dropout() on the [B, H, T, T] weights would draw it,
   // for the weights the causal mask lets through: row t of (batch, head) bh from byte
   // bh·tri + t(t+1)/2.
@@ -210,7 +211,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* base = qkv.data + b * T * C3 + h * D;  // q at +0, k at +C, v at +2C per row
-    float* P = probs + bh * TT;
+    float* P = probs + bh * tri;
     const uint8_t* M = mask ? mask + bh * tri : nullptr;
     float* kt = work + omp_get_thread_num() * slot;
     float* S = kt + D * Tp;
@@ -219,20 +220,21 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     for (int64_t t0 = 0; t0 < T; t0 += kRows) {
       const int64_t R = std::min(kRows, T - t0);
       dots_block(base + t0 * C3, C3, t0, R, kt, Tp, D, S, Tp);
-      for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, P + (t0 + r) * T);
+      for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
       // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
       float z[kRows] = {};
-      const float* rows = P + t0 * T;
       for (int64_t s = 0; s < t0 + R; ++s)
-        for (int64_t r = 0; r < R; ++r) z[r] += rows[r * T + s];
+        for (int64_t r = 0; r < R; ++r) z[r] += S[r * Tp + s];
       for (int64_t r = 0; r < R; ++r) {
         const int64_t t = t0 + r;
-        float* row = P + t * T;
-        const float inv = 1.f / z[r];
-        for (int64_t s = 0; s < T; ++s) row[s] *= inv;  // past t: 0 · inv
-        // The weights through the dropout mask, into the scores' rows.
+        // The weights into P's triangle, then through the dropout mask in the scores' rows.
         float* w = S + r * Tp;
-        for (int64_t s = 0; s <= t; ++s) w[s] = M ? row[s] * dropout_factor(M[t * (t + 1) / 2 + s], keep) : row[s];
+        float* row = P + t * (t + 1) / 2;
+        const float inv = 1.f / z[r];
+        for (int64_t s = 0; s <= t; ++s) {
+          row[s] = w[s] * inv;
+          w[s] = M ? row[s] * dropout_factor(M[t * (t + 1) / 2 + s], keep) : row[s];
+        }
       }
       // out = Σ_s w[s] v[s].
       float* out = y.data + (b * T + t0) * C + h * D;
@@ -248,7 +250,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const int64_t b = bh / H, h = bh % H;
         const float* base = qkv.data + b * T * C3 + h * D;
         float* gbase = qkv.grad + b * T * C3 + h * D;
-        const float* P = probs + bh * TT;
+        const float* P = probs + bh * tri;
         const uint8_t* M = mask ? mask + bh * tri : nullptr;
         float* vt = work + omp_get_thread_num() * slot;
         float* DP = vt + D * Tp;
@@ -262,7 +264,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
           dots_block(dy0 + t0 * C, C, t0, R, vt, Tp, D, DP, Tp);
           for (int64_t r = 0; r < R; ++r) {
             const int64_t t = t0 + r;
-            const float* row = P + t * T;
+            const float* row = P + t * (t + 1) / 2;
             float* dp = DP + r * Tp;
             // Through the dropout mask.
             float dot_pdp = 0.f;
