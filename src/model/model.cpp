@@ -198,8 +198,8 @@ Tensor Model::apply_linear(Graph& g, const LinearParams& lp, const Tensor& x) co
   return linear(g, x, params_.get(lp.weight), b);
 }
 
-Tensor Model::apply_norm(Graph& g, const NormParams& np, const Tensor& x) const {
-  return layernorm(g, x, params_.get(np.weight), params_.get(np.bias));
+Tensor Model::apply_norm(Graph& g, const NormParams& np, const Tensor& x, Regen* regen) const {
+  return layernorm(g, x, params_.get(np.weight), params_.get(np.bias), 1e-5f, regen);
 }
 
 Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const ForwardOptions& opt) {
@@ -381,7 +381,8 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
         }
       }
       const Activation act = expert_activation();
-      Tensor xs = gather_row_groups(g, xf, token, offsets, E_);  // (S, C) in expert order
+      Regen xs_again;  // recorded after the experts, its only readers
+      Tensor xs = gather_row_groups(g, xf, token, offsets, E_, &xs_again);  // (S, C) in expert order
       Tensor y;
       if (cfg_.model.expert_ffn == "swiglu") {
         Tensor h = grouped_linear(g, xs, offsets, E_, t, t + E_, &act);
@@ -394,6 +395,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
       Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
       Tensor ys = dropout(g, y, p, opt.training, drop, true);  // over the experts' outputs
       index_add_weighted(g, acc, ys, token, top.weights, gate_pos, S);
+      g.record(xs_again);
     }
   } else {
     const bool drawn = opt.training && cfg_.model.dropout > 0 && opt.dropout_rng;
@@ -502,9 +504,14 @@ std::vector<int> Model::param_expert() const {
 
 Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses) {
   const BlockParams& bp = blocks_[size_t(l)];
-  // The sums go over the attention's and the experts' outputs, which no backward reads.
-  const Tensor y = add_into(g, x, attention(g, bp, apply_norm(g, bp.ln1, x), opt));
-  const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y), l, opt, losses);
+  // The sums go over the attention's and the experts' outputs, which no backward reads. The
+  // norms' outputs are made again for the backward pass, after the last op that reads them
+  // (kept, they took 512 KiB a block of makeMoE's 7 MiB).
+  Regen ln1_again, ln2_again;
+  const Tensor y = add_into(g, x, attention(g, bp, apply_norm(g, bp.ln1, x, &ln1_again), opt));
+  g.record(ln1_again);
+  const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y, &ln2_again), l, opt, losses);
+  g.record(ln2_again);
   Graph::KeepGrads outlives_block(g);
   return add_into(g, y, f);
 }

@@ -374,14 +374,29 @@ Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape&
   return y;
 }
 
-Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps) {
+namespace {
+
+// What layernorm's Regen recomputes: the output, and the statistics (the same values again).
+struct LayernormRun {
+  float *y, *mean, *rstd;
+  const float *x, *w, *b;
+  int64_t N, C;
+  float eps;
+  void operator()() const { layernorm_forward(y, mean, rstd, x, w, b, N, C, eps); }
+};
+
+}  // namespace
+
+Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps, Regen* regen) {
   const int64_t C = x.cols(), N = x.rows();
   MOE_CHECK(w.ndim() == 1 && w.size(0) == C && b.shape == w.shape, "layernorm",
         "weight " + w.shape.str() + " and bias " + b.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());
-  Tensor y = g.output(x.shape, x, w, b);
+  Tensor y = regen ? g.scratch_output(x.shape, x, w, b) : g.output(x.shape, x, w, b);
   float* mean = g.arena().alloc_floats(N);
   float* rstd = g.arena().alloc_floats(N);
-  layernorm_forward(y.data, mean, rstd, x.data, w.data, b.data, N, C, eps);
+  const LayernormRun run{y.data, mean, rstd, x.data, w.data, b.data, N, C, eps};
+  run();
+  if (regen) *regen = make_regen(g, run);
   if (y.requires_grad())
     g.record([=] { layernorm_backward(x.grad, w.grad, b.grad, y.grad, x.data, w.data, mean, rstd, N, C); });
   return y;

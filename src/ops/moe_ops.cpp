@@ -94,15 +94,33 @@ Tensor logsumexp(Graph& g, const Tensor& x) {
   return y;
 }
 
-Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G) {
+namespace {
+
+// y[i] = x[rows[i]] for i < n, rows of C floats.
+struct GatherRun {
+  float* y;
+  const float* x;
+  const int32_t* rows;
+  int64_t n, C;
+  void operator()() const {
+#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
+    for (int64_t i = 0; i < n; ++i) std::memcpy(y + i * C, x + int64_t(rows[i]) * C, sizeof(float) * size_t(C));
+  }
+};
+
+}  // namespace
+
+Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G,
+                         Regen* regen) {
   MOE_CHECK(x.ndim() == 2 && G >= 1 && offsets[0] == 0, "gather_rows",
             "input must be [N, C] and offsets start at 0, got " + x.shape.str());
   const int64_t N = x.size(0), C = x.size(1), n = offsets[G];
   for (int64_t i = 0; i < n; ++i)
     MOE_CHECK(rows[i] >= 0 && rows[i] < N, "gather_rows", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
-  Tensor y = g.output({n, C}, x);
-#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) std::memcpy(y.data + i * C, x.data + int64_t(rows[i]) * C, sizeof(float) * size_t(C));
+  Tensor y = regen ? g.scratch_output({n, C}, x) : g.output({n, C}, x);
+  const GatherRun run{y.data, x.data, rows, n, C};
+  run();
+  if (regen) *regen = make_regen(g, run);
   if (y.requires_grad()) {
     auto* off = g.arena().alloc_ints(G + 1);
     std::copy(offsets, offsets + G + 1, off);

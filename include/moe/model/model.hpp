@@ -18,6 +18,8 @@
 
 namespace moe {
 
+struct Regen;  // moe/ops/ops.hpp
+
 struct LinearParams {
   int weight = -1;  // [out, in]
   int bias = -1;    // [out], or -1 for none
@@ -222,7 +224,7 @@ class Model {
                         const int32_t* token, const int64_t* counts, const ForwardOptions& opt);
   ExpertParams add_expert(const std::string& name);
   Tensor apply_linear(Graph& g, const LinearParams& lp, const Tensor& x) const;
-  Tensor apply_norm(Graph& g, const NormParams& np, const Tensor& x) const;
+  Tensor apply_norm(Graph& g, const NormParams& np, const Tensor& x, Regen* regen = nullptr) const;
   LinearParams add_linear(const std::string& name, int64_t in, int64_t out, bool bias);
   NormParams add_norm(const std::string& name, int64_t C);
 

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <new>
+#include <type_traits>
 
 #include "moe/kernels/activations.hpp"
 #include "moe/tensor/graph.hpp"
@@ -15,6 +17,24 @@
 #include "moe/tensor/tensor.hpp"
 
 namespace moe {
+
+// An output made again in the backward pass: ops given a Regen* put their output in the
+// scope's scratch memory (Graph::scratch_output), which the next block overwrites, and set
+// *regen to a closure that recomputes it, bit for bit, where it was. The caller records it
+// (g.record(regen)) after the last op whose backward reads the output, so that the backward
+// pass runs it before theirs; the op's own backward never reads its output.
+struct Regen {
+  void (*run)(const void*) = nullptr;
+  const void* state = nullptr;
+  void operator()() const { run(state); }
+};
+// A Regen running a copy of f, kept in g's arena (so f must be trivially destructible).
+template <class F>
+Regen make_regen(Graph& g, const F& f) {
+  static_assert(std::is_trivially_destructible_v<F>, "a Regen's state lives in the arena");
+  F* state = new (g.arena().alloc_bytes(sizeof(F), alignof(F) > 64 ? 64 : alignof(F))) F(f);
+  return Regen{[](const void* p) { (*static_cast<const F*>(p))(); }, state};
+}
 
 // ---- dense algebra (src/ops/dense_ops.cpp) ----
 
@@ -56,7 +76,9 @@ Tensor scale(Graph& g, const Tensor& x, float s);
 // out_shape (for example {B, T, C}). Throws on an id out of range.
 Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape& out_shape);
 // LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) · w + b (biased var).
-Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps = 1e-5f);
+// With regen, the output is regenerated (see Regen).
+Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps = 1e-5f,
+                 Regen* regen = nullptr);
 
 // ---- elementwise (src/ops/elementwise_ops.cpp) ----
 Tensor relu(Graph& g, const Tensor& x);
@@ -139,7 +161,10 @@ Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n);
 // gather_rows give, the backward included (it adds the groups' gradients in reverse group
 // order, as the separate ops' backward passes would; rows in a group in index order). The
 // backward splits the columns between the threads. offsets is copied.
-Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G);
+// With regen, the output is regenerated (see Regen) from x, which must hold its forward
+// values again by then.
+Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G,
+                         Regen* regen = nullptr);
 // In place: acc[rows[i]] += gates_flat[gate_pos[i]] · h[i] for i < n, where h [n, C],
 // acc [N, C] and gates any tensor read as flat. Gradients flow into h and gates; acc's
 // gradient passes through unchanged (it is an accumulator made by g.zeros()). Rows may

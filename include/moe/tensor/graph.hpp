@@ -70,6 +70,19 @@ class Graph {
       t.grad = (scope_open_ && !keep_ ? scope_scratch_ : grad_arena_).alloc_floats(s.numel());
     return t;
   }
+  // An op's output whose data lives, inside a scope, in the scope's scratch memory, which
+  // every scope reuses: it is overwritten by the next block's forward, so an op that makes
+  // one returns a Regen that makes it again (see ops.hpp), to be recorded after the last op
+  // that reads it. Outside a scope (or under KeepGrads), in the arena as output() makes it.
+  template <class... Ts>
+  Tensor scratch_output(const Shape& s, const Ts&... inputs) {
+    const bool any = (false || ... || inputs.requires_grad());
+    Tensor t;
+    t.shape = s;
+    t.data = (scope_open_ && !keep_ ? scope_scratch_ : arena_).alloc_floats(s.numel());
+    if (grad_enabled_ && any) t.grad = grad_floats(s.numel());
+    return t;
+  }
   // A constant (no gradient) copy of host data in the arena, e.g. fixed noise or masks.
   Tensor constant(const Shape& s, const float* src);
 
