@@ -11,6 +11,7 @@
 #include "moe/kernels/log1pf.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
+#include "moe/kernels/positive_rows.hpp"
 #include "moe/kernels/routing.hpp"
 #include "moe/ops/ops.hpp"
 
@@ -643,5 +644,47 @@ TEST_CASE("scatter_add_weighted adds every row in index order, for any thread co
       REQUIRE(std::memcmp(got.data(), want.data(), sizeof(float) * want.size()) == 0);
     }
     omp_set_num_threads(saved);
+  }
+}
+
+TEST_CASE("positive rows: bits, packing and unpacking give a relu output back exactly, both ways", "[ops][relu]") {
+  for (int64_t n : {0, 5, 16, 37, 512 * 3}) {
+    INFO("n = " << n);
+    std::vector<float> x = random_vector(n, 7, -1.f, 1.f);
+    for (float& v : x) v = act::relu(v);  // > 0 or +0
+    if (n > 3) x[3] = 1e-40f;             // a subnormal is positive too
+    int64_t positive = 0;
+    for (float v : x) positive += v > 0.f;
+    const int64_t words = positive_bit_words(n);
+    for (int portable = 0; portable < 2; ++portable) {
+      INFO((portable ? "portable" : "dispatched"));
+      std::vector<uint16_t> bits(size_t(words), 0xFFFF);
+      std::vector<float> values(size_t(positive + 16), -7.f), back(size_t(n), -7.f);
+      const int64_t count = portable ? detail::positive_bits_scalar(bits.data(), x.data(), n)
+                                     : positive_bits(bits.data(), x.data(), n);
+      CHECK(count == positive);
+      for (int64_t i = 0; i < words * 16; ++i)
+        REQUIRE(bool(bits[size_t(i / 16)] >> (i % 16) & 1u) == (i < n && x[size_t(i)] > 0.f));
+      if (portable)
+        detail::pack_positive_scalar(values.data(), bits.data(), x.data(), n);
+      else
+        pack_positive(values.data(), bits.data(), x.data(), n);
+      int64_t k = 0;
+      for (float v : x)
+        if (v > 0.f) REQUIRE(values[size_t(k++)] == v);
+      if (portable)
+        detail::unpack_positive_scalar(back.data(), bits.data(), values.data(), n);
+      else
+        unpack_positive(back.data(), bits.data(), values.data(), n);
+      REQUIRE(std::memcmp(back.data(), x.data(), sizeof(float) * size_t(n)) == 0);  // +0 where not positive
+      // relu's derivative from the bits: d·1 or d·0, signs of zero included.
+      std::vector<float> d = random_vector(n, 8, -1.f, 1.f), want = d;
+      for (int64_t i = 0; i < n; ++i) want[size_t(i)] *= act::relu_grad(x[size_t(i)]);
+      if (portable)
+        detail::mul_positive_mask_scalar(d.data(), bits.data(), n);
+      else
+        mul_positive_mask(d.data(), bits.data(), n);
+      REQUIRE(std::memcmp(d.data(), want.data(), sizeof(float) * size_t(n)) == 0);
+    }
   }
 }

@@ -2,11 +2,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
+#include "moe/kernels/positive_rows.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
 
@@ -34,13 +36,13 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y,
   gemm_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O, relu);  // (N, O)
 }
 
-// dx += dy·W (dx = dy·W when dx_beta is 0), dW += dyᵀ·x, db += Σ_rows dy, for the inputs
-// that track a gradient.
+// dW += dyᵀ·x, db += Σ_rows dy, dx += dy·W (dx = dy·W when dx_beta is 0), for the inputs
+// that track a gradient. dx last: it may take x's memory (grouped_mlp's hidden layer).
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy, float dx_beta = 1.f) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
-  if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
   if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
   if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
+  if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
 }
 
 }  // namespace
@@ -61,6 +63,9 @@ struct Grouped {
   // this product's backward the only writer of its gradient.
   bool assign_dx = false;
   Activation kind;
+  // relu's derivative from these bits (positive_bits of y), when y's memory holds its gradient
+  // by the time the backward needs it.
+  const uint16_t* relu_bits = nullptr;
 
   // Rows [off[e], off[e+1]) of t, as a tensor of its own.
   Tensor rows_of(const Tensor& t, int64_t e, int64_t width) const {
@@ -91,7 +96,9 @@ struct Grouped {
     // d pre = dy · f'(pre), in y.grad itself: nothing reads y's gradient after this op.
     float* d = y.grad + off[e] * O;
     const float* a = (keep_pre ? pre : y.data) + off[e] * O;
-    if (has_act)
+    if (relu_bits)  // rows start on whole words: O is a multiple of 16 there
+      mul_positive_mask(d, relu_bits + off[e] * O / 16, n * O);
+    else if (has_act)
       act::dispatch(kind, [&](auto, auto df) {
 #pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
         for (int64_t j = 0; j < n * O; ++j) d[j] *= df(a[j]);
@@ -118,11 +125,12 @@ struct Grouped {
 
 // Checks a grouped product's operands and sets it up: y, the pre-activation, and copies of
 // offsets, weights and biases; `order` is shared by the products of one op when given. With
-// internal_y, y is an output_assigned_grad (the next product of the same op assigns its
-// gradient).
+// y_data, y's data is there and its gradient, when tracked, too (grouped_mlp's hidden layer);
+// else with internal_y, y is an output_assigned_grad (the next product of the same op assigns
+// its gradient).
 Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w,
                      const Tensor* b, const Activation* act, const int32_t* order = nullptr,
-                     bool internal_y = false) {
+                     bool internal_y = false, float* y_data = nullptr) {
   MOE_CHECK(G >= 1 && x.ndim() == 2 && offsets[0] == 0 && offsets[G] == x.rows(), op,
             "offsets must split the " + std::to_string(x.rows()) + " rows of " + x.shape.str() + " into groups");
   for (int64_t e = 0; e < G; ++e) {
@@ -137,7 +145,12 @@ Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* o
   p.O = w[0].size(0);
   p.I = w[0].size(1);
   const Shape ys({S, p.O});
-  if (internal_y)
+  if (y_data) {
+    p.y.shape = ys;
+    p.y.data = y_data;
+    const bool grad = g.grad_enabled() && (x.requires_grad() || w[0].requires_grad() || b[0].requires_grad());
+    p.y.grad = grad ? y_data : nullptr;
+  } else if (internal_y)
     p.y = b[0].data ? g.output_assigned_grad(ys, x, w[0], b[0]) : g.output_assigned_grad(ys, x, w[0]);
   else
     p.y = b[0].data ? g.output(ys, x, w[0], b[0]) : g.output(ys, x, w[0]);
@@ -184,17 +197,44 @@ Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G,
                    Activation act, const Tensor* w2, const Tensor* b2) {
   // The hidden layer's gradient: each expert's rows written whole by p2's backward (dh = dy·W2
   // assigned), then read by p1's, so never zeroed.
-  const Grouped p1 = make_grouped(g, "grouped_mlp", x, offsets, G, w1, b1, &act, nullptr, true);
+  // A relu hidden layer (of a width of whole 16-entry words) is kept packed, by its positive
+  // entries (positive_rows.hpp), and lives in the scope's scratch memory, its gradient too: the
+  // backward pass unpacks an expert's rows there, p2's weight gradient reads them, then dh
+  // takes their place.
+  const bool relu_rows = act == Activation::kRelu && w1[0].size(0) % 16 == 0;
+  float* h = relu_rows ? g.scratch_floats(x.rows() * w1[0].size(0)) : nullptr;
+  Grouped p1 = make_grouped(g, "grouped_mlp", x, offsets, G, w1, b1, &act, nullptr, true, h);
   Grouped p2 = make_grouped(g, "grouped_mlp", p1.y, offsets, G, w2, b2, nullptr, p1.order);
   p2.assign_dx = true;
-  const int64_t widest = std::max({p1.I, p1.O, p2.O});
+  const int64_t widest = std::max({p1.I, p1.O, p2.O}), F = p1.O;
+  const bool packed = relu_rows && p2.y.requires_grad();
+  uint16_t* bits = nullptr;
+  float* values = nullptr;  // each expert's from start[e], 16 floats of room after them
+  int64_t* start = nullptr;
+  if (packed) {
+    const int64_t n = x.rows() * F;
+    bits = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(positive_bit_words(n))));
+    // Room for every value, but only the part filled is ever touched (and so resident).
+    values = g.arena().alloc_floats(n + 16 * G);
+    start = static_cast<int64_t*>(g.arena().alloc_bytes(sizeof(int64_t) * size_t(G)));
+    p1.relu_bits = bits;
+  }
+  std::atomic<int64_t> filled{0};
+  const int32_t* off = p1.off;
   p1.for_groups(widest, [&](int64_t e) {
     p1.forward(e);
     p2.forward(e);
+    if (!packed) return;
+    const int64_t begin = off[e] * F, n = (off[e + 1] - off[e]) * F;
+    const int64_t count = positive_bits(bits + begin / 16, h + begin, n);
+    start[e] = filled.fetch_add(count + 16);
+    pack_positive(values + start[e], bits + begin / 16, h + begin, n);
   });
   if (p2.y.requires_grad())
     g.record([=] {
       p1.for_groups(widest, [&](int64_t e) {
+        const int64_t begin = off[e] * F;
+        if (packed) unpack_positive(h + begin, bits + begin / 16, values + start[e], (off[e + 1] - off[e]) * F);
         p2.backward(e);
         p1.backward(e);
       });

@@ -79,10 +79,12 @@ class Graph {
     const bool any = (false || ... || inputs.requires_grad());
     Tensor t;
     t.shape = s;
-    t.data = (scope_open_ && !keep_ ? scope_scratch_ : arena_).alloc_floats(s.numel());
+    t.data = scratch_floats(s.numel());
     if (grad_enabled_ && any) t.grad = grad_floats(s.numel());
     return t;
   }
+  // n floats of that memory, for data an op keeps elsewhere in a form of its own.
+  float* scratch_floats(int64_t n) { return (scope_open_ && !keep_ ? scope_scratch_ : arena_).alloc_floats(n); }
   // A constant (no gradient) copy of host data in the arena, e.g. fixed noise or masks.
   Tensor constant(const Shape& s, const float* src);
 
