@@ -206,8 +206,11 @@ Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const 
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
   Tensor qkv = apply_linear(g, bp.qkv, x);  // (B, T, 3C)
-  Tensor y = causal_attention(g, qkv, H_, cfg_.attention_scale(), p, opt.training, drop);  // (B, T, C)
-  return dropout(g, apply_linear(g, bp.proj, y), p, opt.training, drop, true);  // over proj's output
+  Regen y_again;  // recorded after proj, its only reader
+  Tensor y = causal_attention(g, qkv, H_, cfg_.attention_scale(), p, opt.training, drop, &y_again);  // (B, T, C)
+  Tensor o = apply_linear(g, bp.proj, y);
+  g.record(y_again);
+  return dropout(g, o, p, opt.training, drop, true);  // over proj's output
 }
 
 Activation Model::expert_activation() const {

@@ -174,9 +174,47 @@ void add_weighted_block_from_diagonal(const float* c, int64_t ldc, int64_t s0, i
   }
 }
 
+// Rows t0 .. t0+R-1 of out (row stride ldo) = Σ_{s<=t} w[r][s] v[s] (w's row stride ldw).
+void attend_rows(const float* w, int64_t ldw, int64_t t0, int64_t R, const float* v, int64_t ldv, int64_t D,
+                 float* out, int64_t ldo) {
+  for (int64_t r = 0; r < R; ++r) std::fill(out + r * ldo, out + r * ldo + D, 0.f);
+  add_weighted_block(w, ldw, t0, R, v, ldv, D, out, ldo);
+}
+
+// The weights of row t after dropout (M null: none), from its t+1 weights before.
+inline void dropped_weights(const float* row, int64_t t, const uint8_t* M, float keep, float* w) {
+  for (int64_t s = 0; s <= t; ++s) w[s] = M ? row[s] * dropout_factor(M[t * (t + 1) / 2 + s], keep) : row[s];
+}
+
+// causal_attention's output again, from the weights it kept (for its Regen).
+struct AttentionOutput {
+  float* y;
+  const float *qkv, *probs;
+  const uint8_t* mask;
+  float* work;
+  int64_t B, T, C, H, Tp, slot;
+  float keep;
+  void operator()() const {
+    const int64_t D = C / H, C3 = 3 * C, tri = T * (T + 1) / 2;
+#pragma omp parallel for schedule(static) if (B * H * T * T * D > kParallelMinWork)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* P = probs + bh * tri;
+      const uint8_t* M = mask ? mask + bh * tri : nullptr;
+      float* S = work + omp_get_thread_num() * slot + D * Tp;
+      for (int64_t t0 = 0; t0 < T; t0 += kRows) {
+        const int64_t R = std::min(kRows, T - t0);
+        for (int64_t r = 0; r < R; ++r) dropped_weights(P + (t0 + r) * (t0 + r + 1) / 2, t0 + r, M, keep, S + r * Tp);
+        attend_rows(S, Tp, t0, R, qkv + b * T * C3 + h * D + 2 * C, C3, D, y + (b * T + t0) * C + h * D, C);
+      }
+    }
+  }
+};
+
 }  // namespace
 
-Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng) {
+Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng,
+                        Regen* regen) {
   MOE_CHECK(qkv.ndim() == 3 && qkv.size(2) % 3 == 0, "causal_attention",
         "qkv must be [B, T, 3C], got " + qkv.shape.str());
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
@@ -184,7 +222,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         "C=" + std::to_string(C) + " must be divisible by H=" + std::to_string(H));
   MOE_CHECK(p >= 0.f && p < 1.f, "causal_attention", "dropout probability must be in [0, 1), got " + std::to_string(p));
   const int64_t D = C / H, C3 = 3 * C, TT = T * T, tri = T * (T + 1) / 2;
-  Tensor y = g.output({B, T, C}, qkv);
+  Tensor y = regen ? g.scratch_output({B, T, C}, qkv) : g.output({B, T, C}, qkv);
   // Attention weights before dropout, kept for the backward: the lower triangles (row t of
   // (batch, head) bh from bh·tri + t(t+1)/2, t+1 weights), as the mask below.
   float* probs = g.arena().alloc_floats(B * H * tri);
@@ -231,17 +269,13 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         float* w = S + r * Tp;
         float* row = P + t * (t + 1) / 2;
         const float inv = 1.f / z[r];
-        for (int64_t s = 0; s <= t; ++s) {
-          row[s] = w[s] * inv;
-          w[s] = M ? row[s] * dropout_factor(M[t * (t + 1) / 2 + s], keep) : row[s];
-        }
+        for (int64_t s = 0; s <= t; ++s) row[s] = w[s] * inv;
+        dropped_weights(row, t, M, keep, w);
       }
-      // out = Σ_s w[s] v[s].
-      float* out = y.data + (b * T + t0) * C + h * D;
-      for (int64_t r = 0; r < R; ++r) std::fill(out + r * C, out + r * C + D, 0.f);
-      add_weighted_block(S, Tp, t0, R, base + 2 * C, C3, D, out, C);
+      attend_rows(S, Tp, t0, R, base + 2 * C, C3, D, y.data + (b * T + t0) * C + h * D, C);
     }
   }
+  if (regen) *regen = make_regen(g, AttentionOutput{y.data, qkv.data, probs, mask, work, B, T, C, H, Tp, slot, keep});
 
   if (y.requires_grad()) {
     g.record([=] {

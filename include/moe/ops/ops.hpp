@@ -113,8 +113,10 @@ Tensor slice_cols(Graph& g, const Tensor& x, int64_t begin, int64_t width);
 // head h at columns h*D..(h+1)*D of each, D = C / H): per (batch, head), scores q·kᵀ·scale,
 // causal softmax, dropout with probability p on the weights when training (one rng draw
 // per weight, in [B, H, T, T] order), and the weighted sum of v. Output [B, T, C], heads
-// side by side. One kernel forward and one backward, parallel over (batch, head).
-Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng);
+// side by side. One kernel forward and one backward, parallel over (batch, head). With regen,
+// the output is regenerated (see Regen) from the weights the op keeps and qkv's v columns.
+Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng,
+                        Regen* regen = nullptr);
 
 // ---- softmax and loss (src/ops/softmax_ops.cpp) ----
 // Softmax over the last dimension.
