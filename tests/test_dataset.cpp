@@ -35,8 +35,9 @@ TEST_CASE("Dataset: vocabulary from the text, first 90% of ids train, rest valid
   CHECK(ds.train().size() == 181);  // int(0.9 * 202) = 181, like makeMoE's n = int(0.9 * len(data))
   CHECK(ds.val().size() == 21);
   CHECK(ds.tokenizer().vocab() == Tokenizer::from_text(text).vocab());
-  std::vector<int32_t> all = ds.train();
-  all.insert(all.end(), ds.val().begin(), ds.val().end());
+  std::vector<int32_t> all = ds.train().to_vector();
+  const std::vector<int32_t> val = ds.val().to_vector();
+  all.insert(all.end(), val.begin(), val.end());
   CHECK(ds.tokenizer().decode(all) == text);
 
   // Encoding with a given vocabulary (a checkpoint's): characters outside it are an error.
@@ -44,6 +45,31 @@ TEST_CASE("Dataset: vocabulary from the text, first 90% of ids train, rest valid
   write_file(d / "abc.txt", alphabet_text(100));
   CHECK(Dataset::load(d / "abc.txt", 0.5, 8, &ascii).train().size() == 50);
   CHECK_THROWS_WITH(Dataset::load(d / "t.txt", 0.9, 8, &ascii), Contains(d / "t.txt") && Contains("'é' (U+00E9)"));
+}
+
+TEST_CASE("Dataset: ids of a vocabulary over 256 characters, and of one of 256, come back whole", "[io][data]") {
+  TempDir d("data_wide");
+  for (const int chars : {256, 300}) {
+    INFO(chars << " characters");
+    std::string text;
+    for (int i = 0; i < 2 * chars; ++i) {  // U+0100 .. : two bytes each in UTF-8
+      const unsigned cp = 0x100u + unsigned(i % chars);
+      text += char(0xC0 | (cp >> 6));
+      text += char(0x80 | (cp & 0x3F));
+    }
+    write_file(d / "wide.txt", text);
+    const Dataset ds = Dataset::load(d / "wide.txt", 0.5, 8);
+    REQUIRE(ds.tokenizer().size() == chars);
+    std::vector<int32_t> all = ds.train().to_vector();
+    const std::vector<int32_t> val = ds.val().to_vector();
+    all.insert(all.end(), val.begin(), val.end());
+    CHECK(ds.tokenizer().decode(all) == text);
+    CHECK(*std::max_element(all.begin(), all.end()) == chars - 1);
+    int32_t x[8], y[8];
+    WindowBatcher(ds.val(), 1, 8).batch(0, x, y);
+    CHECK(std::equal(x, x + 8, val.begin()));
+    CHECK(std::equal(y, y + 8, val.begin() + 1));
+  }
 }
 
 TEST_CASE("Dataset: the reference corpus gives makeMoE's vocabulary and split", "[io][data]") {

@@ -164,7 +164,8 @@ TEST_CASE("evaluate_split gives the sequential pass's figures for any thread cou
   Rng init(5, kStreamInit);
   model.init(init);
   const int64_t B = 4, T = cfg.model.block_size;
-  const std::vector<int32_t> ids(data.val().begin(), data.val().begin() + 13 * T + 1);
+  std::vector<int32_t> ids = data.val().to_vector();
+  ids.resize(size_t(13 * T + 1));
   Graph g;
   const WindowBatcher windows(ids, B, T);
   REQUIRE(windows.batches() == 4);

@@ -113,7 +113,7 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
   const std::string path = data_path.empty() ? cfg.data.path : data_path;
   // Encoded with the checkpoint's vocabulary; split as in training.
   Dataset data = Dataset::load(path, cfg.data.train_fraction, cfg.model.block_size, &l.tokenizer);
-  const std::vector<int32_t>& part = split == "train" ? data.train() : data.val();
+  const TokenSpan part = split == "train" ? data.train() : data.val();
   Graph g;
   SplitEvaluation ev = evaluate_split(*l.model, part, batch_size > 0 ? batch_size : cfg.training.batch_size, g);
   const nlohmann::json health = ev.routing.health();

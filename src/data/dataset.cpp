@@ -35,22 +35,40 @@ Dataset Dataset::load(const std::string& path, double train_fraction, int64_t bl
     }());
     std::vector<int32_t> ids = d.tok_.encode_code_points(cps);
     const size_t n = size_t(train_fraction * double(ids.size()));
-    d.train_.assign(ids.begin(), ids.begin() + long(n));
-    d.val_.assign(ids.begin() + long(n), ids.end());
+    d.narrow_ = d.tok_.size() <= 256;
+    if (d.narrow_) {
+      d.train8_.assign(ids.begin(), ids.begin() + long(n));  // every id < 256
+      d.val8_.assign(ids.begin() + long(n), ids.end());
+    } else {
+      d.train_.assign(ids.begin(), ids.begin() + long(n));
+      d.val_.assign(ids.begin() + long(n), ids.end());
+    }
   } catch (const std::exception& e) {
     throw std::runtime_error("data file " + path + ": " + e.what());
   }
-  for (const auto* split : {&d.train_, &d.val_})
-    if (int64_t(split->size()) < block_size + 1)
-      throw std::runtime_error("data file " + path + ": the " + (split == &d.train_ ? "train" : "validation") +
-                               " split has " + std::to_string(split->size()) + " characters, fewer than block_size + 1 = " +
+  for (const bool train : {true, false})
+    if (const size_t size = (train ? d.train() : d.val()).size(); int64_t(size) < block_size + 1)
+      throw std::runtime_error("data file " + path + ": the " + (train ? "train" : "validation") +
+                               " split has " + std::to_string(size) + " characters, fewer than block_size + 1 = " +
                                std::to_string(block_size + 1) + " (" + std::to_string(cps.size()) +
                                " characters in all; use more text or a smaller model.block_size)");
   return d;
 }
 
-BatchSampler::BatchSampler(const std::vector<int32_t>& ids, int64_t B, int64_t T, Rng rng)
-    : ids_(&ids), B_(B), T_(T), rng_(rng) {
+void TokenSpan::copy(size_t begin, size_t n, int32_t* out) const {
+  if (narrow_)
+    std::copy(narrow_ + begin, narrow_ + begin + n, out);
+  else
+    std::copy(wide_ + begin, wide_ + begin + n, out);
+}
+
+std::vector<int32_t> TokenSpan::to_vector() const {
+  std::vector<int32_t> out(n_);
+  copy(0, n_, out.data());
+  return out;
+}
+
+BatchSampler::BatchSampler(TokenSpan ids, int64_t B, int64_t T, Rng rng) : ids_(ids), B_(B), T_(T), rng_(rng) {
   if (B < 1 || T < 1)
     throw std::runtime_error("BatchSampler: batch size " + std::to_string(B) + " and block size " + std::to_string(T) +
                              " must both be positive");
@@ -72,7 +90,7 @@ void BatchSampler::skip() {
 }
 
 void BatchSampler::next(int32_t* x, int32_t* y) {
-  const uint64_t range = uint64_t(ids_->size()) - uint64_t(T_);  // offsets in [0, len - T)
+  const uint64_t range = uint64_t(ids_.size()) - uint64_t(T_);  // offsets in [0, len - T)
   // Row g of the shared batch (shard_count_ * B rows) starts at counter base + g.
   RngState base = rng_.state();
   for (int64_t b = 0; b < B_; ++b) {
@@ -80,17 +98,14 @@ void BatchSampler::next(int32_t* x, int32_t* y) {
     row.counter += uint64_t(shard_index_ * B_ + b);
     Rng r(row);
     const size_t s = size_t(r.below(range));
-    for (int64_t t = 0; t < T_; ++t) {
-      x[b * T_ + t] = (*ids_)[s + size_t(t)];
-      y[b * T_ + t] = (*ids_)[s + size_t(t) + 1];
-    }
+    ids_.copy(s, size_t(T_), x + b * T_);
+    ids_.copy(s + 1, size_t(T_), y + b * T_);
   }
   base.counter += uint64_t(shard_count_ * B_);
   rng_.set_state(base);
 }
 
-WindowBatcher::WindowBatcher(const std::vector<int32_t>& ids, int64_t B, int64_t T)
-    : ids_(&ids), B_(B), T_(T), windows_(0) {
+WindowBatcher::WindowBatcher(TokenSpan ids, int64_t B, int64_t T) : ids_(ids), B_(B), T_(T), windows_(0) {
   if (B < 1 || T < 1)
     throw std::runtime_error("WindowBatcher: batch size " + std::to_string(B) + " and block size " +
                              std::to_string(T) + " must both be positive");
@@ -105,11 +120,10 @@ int64_t WindowBatcher::batch(int64_t i, int32_t* x, int32_t* y) const {
     throw std::runtime_error("WindowBatcher: batch " + std::to_string(i) + " outside [0, " +
                              std::to_string(batches()) + ")");
   const int64_t w0 = i * B_, n = std::min(B_, windows_ - w0);
-  const int32_t* ids = ids_->data();
   for (int64_t b = 0; b < n; ++b) {
-    const int32_t* w = ids + (w0 + b) * T_;
-    std::copy(w, w + T_, x + b * T_);
-    std::copy(w + 1, w + T_ + 1, y + b * T_);
+    const auto w = size_t((w0 + b) * T_);
+    ids_.copy(w, size_t(T_), x + b * T_);
+    ids_.copy(w + 1, size_t(T_), y + b * T_);
   }
   return n;
 }

@@ -108,7 +108,7 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   return est;
 }
 
-SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, int64_t batch_size, Graph& g) {
+SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g) {
   const Config& cfg = model.config();
   const int64_t T = cfg.model.block_size;
   const WindowBatcher windows(ids, batch_size, T);  // throws if the split is shorter than T + 1

@@ -41,6 +41,6 @@ struct SplitEvaluation {
 };
 
 // Every window [i*T, i*T + T] of ids (inputs, targets shifted by one), batch_size at a time.
-SplitEvaluation evaluate_split(Model& model, const std::vector<int32_t>& ids, int64_t batch_size, Graph& g);
+SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g);
 
 }  // namespace moe
