@@ -3,6 +3,11 @@
 #include <algorithm>
 #include <cstring>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 namespace moe {
 
 void* Arena::alloc_bytes(size_t bytes, size_t align) {
@@ -50,11 +55,17 @@ void Arena::rewind(const Mark& m) {
   current_ = m.chunk;
 }
 
-void Arena::move_chunks(Arena& to, size_t first) {
+void Arena::release() {
   reset();
-  to.reset();
-  for (size_t i = first; i < chunks_.size(); ++i) to.chunks_.push_back(std::move(chunks_[i]));
-  if (first < chunks_.size()) chunks_.resize(first);
+#ifdef __linux__
+  const auto page = uintptr_t(sysconf(_SC_PAGESIZE));
+  for (Chunk& c : chunks_) {
+    // The whole pages inside the chunk.
+    const auto base = reinterpret_cast<uintptr_t>(c.mem.get());
+    const uintptr_t first = (base + page - 1) & ~(page - 1), end = (base + c.size) & ~(page - 1);
+    if (end > first) madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED);
+  }
+#endif
 }
 
 size_t Arena::bytes_reserved() const {

@@ -53,6 +53,11 @@ void Graph::clear() {
   scope_open_ = false;
 }
 
+void Graph::release() {
+  clear();
+  for (Arena* a : {&arena_, &grad_arena_, &scope_arena_, &scope_scratch_}) a->release();
+}
+
 void Graph::begin_grad_scope() {
   if (!grad_enabled_ || !scopes_on_) return;
   MOE_CHECK(!scope_open_, "Graph::begin_grad_scope", "a gradient scope is already open");

@@ -89,16 +89,9 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   if (group <= 0) group = std::max<int64_t>(1, eval_group(cfg) / threads);
   std::vector<double> losses(size_t(2 * iters), 0.0);
   std::vector<Graph> others(size_t(threads - 1));
-  // The spare graph (idle between training steps) borrows half of g's activation memory, idle
-  // too, and leaves g whatever it borrowed or added: the evaluation takes no memory of its own
-  // once a training step has made g's.
-  const bool lend = spare && threads > 1;
-  const size_t own = spare ? spare->arena().chunk_count() : 0;
-  if (lend) g.arena().move_chunks(spare->arena(), g.arena().chunk_count() / 2);
   on_threads(threads, g, spare, others, [&](int64_t t, Graph& gt) {
     estimate_part(model, data, cfg, gt, part + parts * t, parts * threads, group, losses.data());
   });
-  if (lend) spare->arena().move_chunks(g.arena(), own);
   EvalEstimate est;
   for (int64_t split = 0; split < 2; ++split) {
     double total = 0;

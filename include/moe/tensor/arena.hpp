@@ -44,10 +44,11 @@ class Arena {
   // before a mark taken earlier (zero_to: the chunks before its chunk whole).
   void zero_used();
   void zero_to(const Mark& m);
-  // Lending idle memory to another arena: moves this arena's chunks from index `first` on to
-  // the end of `to`'s. Forgets every allocation in both (they must hold none still in use).
-  size_t chunk_count() const { return chunks_.size(); }
-  void move_chunks(Arena& to, size_t first);
+  // Forgets every allocation and gives the chunks' pages back to the system, keeping the
+  // chunks: a page is resident again (zeroed) once something writes to it. Between phases that
+  // lay their allocations out differently (training steps and evaluations), so that the peak
+  // is the larger of the two, not their union.
+  void release();
   size_t bytes_reserved() const;  // total size of the chunks held
   size_t bytes_used() const;      // bytes handed out since the last reset
 

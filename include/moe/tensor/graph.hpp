@@ -117,6 +117,8 @@ class Graph {
 
   // Drops the tape and every arena allocation (keeping the memory).
   void clear();
+  // clear(), then every arena gives its pages back to the system (Arena::release).
+  void release();
 
   // Gradient scopes, for the blocks of a training forward. The gradient of a tensor made
   // inside a scope is written and read only by the closures recorded inside it, which the
