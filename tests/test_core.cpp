@@ -43,7 +43,13 @@ TEST_CASE("Arena::release gives the pages back and keeps the chunks", "[core]") 
   auto* p = static_cast<uint8_t*>(a.alloc_bytes(size_t(1) << 20));
   std::fill(p, p + (size_t(1) << 20), uint8_t(7));
   const size_t reserved = a.bytes_reserved();
+#ifdef __linux__
+  CHECK(a.bytes_resident() >= (size_t(1) << 20));
+#endif
   a.release();
+#ifdef __linux__
+  CHECK(a.bytes_resident() <= 2 * 4096);  // at most the partial pages at the chunk's ends
+#endif
   REQUIRE(a.bytes_used() == 0);
   REQUIRE(a.bytes_reserved() == reserved);
   auto* q = static_cast<uint8_t*>(a.alloc_bytes(size_t(1) << 20));

@@ -176,9 +176,9 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
               r.forward_flops / 1e9, r.gflops_per_s);
   std::printf("forward only   median %.1f ms\n", r.forward_ms_median);
   std::printf("generation     %.0f characters/s (KV cache)\n", r.generate_chars_per_s);
-  std::printf("peak memory    %.1f MB resident\n", r.peak_rss_mb);
+  std::printf("peak memory    %.1f MB resident in the training steps\n", r.peak_rss_mb);
   std::printf("  of which      parameters %.1f, gradients %.1f, AdamW moments %.1f, activations %.1f, "
-              "activation gradients %.1f MB\n",
+              "activation gradients %.1f MB (resident)\n",
               r.params_mb, r.grads_mb, r.moments_mb, r.activations_mb, r.activation_grads_mb);
   return 0;
 }

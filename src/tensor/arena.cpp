@@ -74,6 +74,25 @@ size_t Arena::bytes_reserved() const {
   return n;
 }
 
+size_t Arena::bytes_resident() const {
+#ifdef __linux__
+  const auto page = uintptr_t(sysconf(_SC_PAGESIZE));
+  size_t n = 0;
+  std::vector<unsigned char> in;
+  for (const Chunk& c : chunks_) {
+    const auto base = reinterpret_cast<uintptr_t>(c.mem.get());
+    const uintptr_t first = base & ~(page - 1), end = (base + c.size + page - 1) & ~(page - 1);
+    in.resize((end - first) / page);
+    if (mincore(reinterpret_cast<void*>(first), end - first, in.data()) != 0) return bytes_reserved();
+    for (size_t i = 0; i < in.size(); ++i)
+      if (in[i] & 1u) n += std::min(base + c.size, first + (i + 1) * page) - std::max(base, first + i * page);
+  }
+  return n;
+#else
+  return bytes_reserved();
+#endif
+}
+
 size_t Arena::bytes_used() const {
   size_t n = 0;
   for (const Chunk& c : chunks_) n += c.used;

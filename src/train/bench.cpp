@@ -57,15 +57,20 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
     train_step.run(i, false);  // as the steps between log lines
     if (i >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
   }
+  // The training steps' peak, before the forwards and the generation (which keeps a transposed
+  // copy of the weights) add theirs.
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  r.peak_rss_mb = double(ru.ru_maxrss) / 1024.0;
   constexpr double kMB = 1024.0 * 1024.0;
   r.params_mb = double(model.params().numel()) * sizeof(float) / kMB;
   r.grads_mb = double(model.params().grad_numel()) * sizeof(float) / kMB;
   r.moments_mb = double(adamw.m().size() + adamw.v().size()) * sizeof(float) / kMB;
   size_t activations = 0, activation_grads = 0;
   for (const Graph* graph : {&g, &train_step.recompute_graph()}) {
-    activations += graph->arena().bytes_reserved();
-    activation_grads += graph->grad_arena().bytes_reserved() + graph->scope_grad_arena().bytes_reserved() +
-                        graph->scope_scratch_arena().bytes_reserved();
+    activations += graph->arena().bytes_resident();
+    activation_grads += graph->grad_arena().bytes_resident() + graph->scope_grad_arena().bytes_resident() +
+                        graph->scope_scratch_arena().bytes_resident();
   }
   r.activations_mb = double(activations) / kMB;
   r.activation_grads_mb = double(activation_grads) / kMB;
@@ -97,9 +102,6 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
     gen.generate({0}, generate_chars, [&](int32_t) { ++n; });
     r.generate_chars_per_s = double(n) / std::chrono::duration<double>(clock::now() - t0).count();
   }
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  r.peak_rss_mb = double(ru.ru_maxrss) / 1024.0;
   return r;
 }
 

@@ -50,6 +50,10 @@ class Arena {
   // is the larger of the two, not their union.
   void release();
   size_t bytes_reserved() const;  // total size of the chunks held
+  // How much of the chunks is resident (pages the process has touched and holds; mincore),
+  // which is what counts towards its memory: never-touched room is not. Linux; elsewhere the
+  // bytes reserved.
+  size_t bytes_resident() const;
   size_t bytes_used() const;      // bytes handed out since the last reset
 
  private:

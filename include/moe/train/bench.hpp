@@ -19,10 +19,10 @@ struct BenchResult {
   double forward_flops = 0;
   double gflops_per_s = 0;        // flops_per_step / median step
   double generate_chars_per_s = 0;
-  double peak_rss_mb = 0;
+  double peak_rss_mb = 0;         // the process's peak resident memory after the training steps
   // Where a training step's memory goes (MB): the parameters, their gradients, AdamW's two
-  // moments, and the graph's arenas after the timed steps (activations kept for the backward
-  // pass with the kernels' scratch, and the activations' gradients).
+  // moments, and what is resident of the graphs' arenas after the timed steps (activations
+  // kept for the backward pass with the kernels' scratch, and the activations' gradients).
   double params_mb = 0, grads_mb = 0, moments_mb = 0, activations_mb = 0, activation_grads_mb = 0;
 };
 
