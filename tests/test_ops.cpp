@@ -304,6 +304,36 @@ TEST_CASE("add_into and dropout in place give add's and dropout's bits, and take
   CHECK(used[0] >= used[1] + 2 * 24 * sizeof(float));  // neither output has data of its own
 }
 
+TEST_CASE("Regens make an op's output again, bit for bit, where it was", "[ops]") {
+  Graph g;
+  const auto xv = random_vector(6 * 8, 1), wv = random_vector(5 * 8, 2), bv = random_vector(5, 3),
+             lw = random_vector(8, 4), lb = random_vector(8, 5);
+  Tensor x = g.constant({6, 8}, xv.data()), w = g.constant({5, 8}, wv.data()), b = g.constant({5}, bv.data());
+  Tensor nw = g.constant({8}, lw.data()), nb = g.constant({8}, lb.data());
+  std::vector<float> qkv_v = random_vector(2 * 3 * 24, 6);
+  Tensor qkv = g.constant({2, 3, 24}, qkv_v.data());
+  Rng rng(4, 1);
+  Regen again[6];
+  const int32_t rows[4] = {5, 0, 2, 2}, offsets[3] = {0, 1, 4};
+  const Tensor outs[6] = {linear(g, x, w, b, &again[0]),
+                          layernorm(g, x, nw, nb, 1e-5f, &again[1]),
+                          dropout(g, scale(g, x, 1.f), 0.3f, true, rng, true, &again[2]),
+                          add_into(g, x, scale(g, x, 2.f), &again[3]),
+                          gather_row_groups(g, x, rows, offsets, 2, &again[4]),
+                          causal_attention(g, qkv, 2, 0.5f, 0.2f, true, rng, &again[5])};
+  for (int i = 0; i < 6; ++i) {
+    INFO("op " << i);
+    const Tensor& y = outs[i];
+    const std::vector<float> want(y.data, y.data + y.numel());
+    std::fill(y.data, y.data + y.numel(), -1.f);
+    if (i == 2) std::copy(x.data, x.data + x.numel(), y.data);  // in place: its input made again first
+    if (i == 3)
+      for (int64_t j = 0; j < y.numel(); ++j) y.data[j] = x.data[j] * 2.f;
+    again[i]();
+    CHECK(std::memcmp(y.data, want.data(), sizeof(float) * want.size()) == 0);
+  }
+}
+
 TEST_CASE("shape errors name the op and the shapes", "[ops]") {
   Graph g;
   Tensor a = g.zeros({2, 3}, false), b = g.zeros({4, 5}, false), w = g.zeros({4, 3}, false);

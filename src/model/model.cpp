@@ -192,25 +192,14 @@ void Model::init(Rng& rng) {
   }
 }
 
-Tensor Model::apply_linear(Graph& g, const LinearParams& lp, const Tensor& x) const {
+Tensor Model::apply_linear(Graph& g, const LinearParams& lp, const Tensor& x, Regen* regen) const {
   Tensor b;
   if (lp.bias >= 0) b = params_.get(lp.bias);
-  return linear(g, x, params_.get(lp.weight), b);
+  return linear(g, x, params_.get(lp.weight), b, regen);
 }
 
 Tensor Model::apply_norm(Graph& g, const NormParams& np, const Tensor& x, Regen* regen) const {
   return layernorm(g, x, params_.get(np.weight), params_.get(np.bias), 1e-5f, regen);
-}
-
-Tensor Model::attention(Graph& g, const BlockParams& bp, const Tensor& x, const ForwardOptions& opt) {
-  const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
-  Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
-  Tensor qkv = apply_linear(g, bp.qkv, x);  // (B, T, 3C)
-  Regen y_again;  // recorded after proj, its only reader
-  Tensor y = causal_attention(g, qkv, H_, cfg_.attention_scale(), p, opt.training, drop, &y_again);  // (B, T, C)
-  Tensor o = apply_linear(g, bp.proj, y);
-  g.record(y_again);
-  return dropout(g, o, p, opt.training, drop, true);  // over proj's output
 }
 
 Activation Model::expert_activation() const {
@@ -385,7 +374,8 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
       }
       const Activation act = expert_activation();
       Regen xs_again;  // recorded after the experts, its only readers
-      Tensor xs = gather_row_groups(g, xf, token, offsets, E_, &xs_again);  // (S, C) in expert order
+      Regen* xs_regen = g.scratch_active() ? &xs_again : nullptr;
+      Tensor xs = gather_row_groups(g, xf, token, offsets, E_, xs_regen);  // (S, C) in expert order
       Tensor y;
       if (cfg_.model.expert_ffn == "swiglu") {
         Tensor h = grouped_linear(g, xs, offsets, E_, t, t + E_, &act);
@@ -398,7 +388,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
       Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
       Tensor ys = dropout(g, y, p, opt.training, drop, true);  // over the experts' outputs
       index_add_weighted(g, acc, ys, token, top.weights, gate_pos, S);
-      g.record(xs_again);
+      if (xs_regen) g.record(xs_again);
     }
   } else {
     const bool drawn = opt.training && cfg_.model.dropout > 0 && opt.dropout_rng;
@@ -507,14 +497,25 @@ std::vector<int> Model::param_expert() const {
 
 Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses) {
   const BlockParams& bp = blocks_[size_t(l)];
-  // The sums go over the attention's and the experts' outputs, which no backward reads. The
-  // norms' outputs are made again for the backward pass, after the last op that reads them
-  // (kept, they took 512 KiB a block of makeMoE's 7 MiB).
-  Regen ln1_again, ln2_again;
-  const Tensor y = add_into(g, x, attention(g, bp, apply_norm(g, bp.ln1, x, &ln1_again), opt));
-  g.record(ln1_again);
-  const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y, &ln2_again), l, opt, losses);
-  g.record(ln2_again);
+  const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
+  Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
+  // In a gradient scope, everything from x to the experts' input lives in the scratch memory
+  // every block reuses, and is made again at the start of the block's backward pass, in forward
+  // order (a tape runs backwards: they are recorded last to first, after all their readers).
+  // The block keeps its input, the attention's weights and masks, the router's figures and the
+  // experts' packed hidden layers and outputs. The products made again (qkv, proj) cost no time
+  // measurably: their outputs come from cache instead of memory (a step of makeMoE keeps 1 MiB
+  // a block less). Dropout and the sums go over outputs that no backward reads.
+  Regen again[7];  // ln1, qkv, attention, proj, dropout, the sum, ln2
+  const auto at = [&](int i) { return g.scratch_active() ? &again[i] : nullptr; };
+  const Tensor h = apply_norm(g, bp.ln1, x, at(0));
+  const Tensor qkv = apply_linear(g, bp.qkv, h, at(1));  // (B, T, 3C)
+  const Tensor a = causal_attention(g, qkv, H_, cfg_.attention_scale(), p, opt.training, drop, at(2));  // (B, T, C)
+  const Tensor o = apply_linear(g, bp.proj, a, at(3));
+  const Tensor y = add_into(g, x, dropout(g, o, p, opt.training, drop, true, at(4)), at(5));  // over proj's output
+  const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y, at(6)), l, opt, losses);
+  for (int i = 6; i >= 0; --i)
+    if (at(i)) g.record(again[i]);
   Graph::KeepGrads outlives_block(g);
   return add_into(g, y, f);
 }

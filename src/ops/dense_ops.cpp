@@ -123,14 +123,16 @@ struct Grouped {
   }
 };
 
+// Where a grouped product's y lives: an op's output; an output_assigned_grad (the next product
+// of the same op assigns its gradient); a scratch_output (regenerated); or the caller's
+// memory, its gradient, when tracked, too (grouped_mlp's hidden layer).
+enum class YMemory { kOutput, kAssignedGrad, kScratch, kShared };
+
 // Checks a grouped product's operands and sets it up: y, the pre-activation, and copies of
-// offsets, weights and biases; `order` is shared by the products of one op when given. With
-// y_data, y's data is there and its gradient, when tracked, too (grouped_mlp's hidden layer);
-// else with internal_y, y is an output_assigned_grad (the next product of the same op assigns
-// its gradient).
+// offsets, weights and biases; `order` is shared by the products of one op when given.
 Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w,
                      const Tensor* b, const Activation* act, const int32_t* order = nullptr,
-                     bool internal_y = false, float* y_data = nullptr) {
+                     YMemory where = YMemory::kOutput, float* y_data = nullptr) {
   MOE_CHECK(G >= 1 && x.ndim() == 2 && offsets[0] == 0 && offsets[G] == x.rows(), op,
             "offsets must split the " + std::to_string(x.rows()) + " rows of " + x.shape.str() + " into groups");
   for (int64_t e = 0; e < G; ++e) {
@@ -145,15 +147,18 @@ Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* o
   p.O = w[0].size(0);
   p.I = w[0].size(1);
   const Shape ys({S, p.O});
-  if (y_data) {
+  if (where == YMemory::kShared) {
     p.y.shape = ys;
     p.y.data = y_data;
     const bool grad = g.grad_enabled() && (x.requires_grad() || w[0].requires_grad() || b[0].requires_grad());
     p.y.grad = grad ? y_data : nullptr;
-  } else if (internal_y)
+  } else if (where == YMemory::kAssignedGrad) {
     p.y = b[0].data ? g.output_assigned_grad(ys, x, w[0], b[0]) : g.output_assigned_grad(ys, x, w[0]);
-  else
+  } else if (where == YMemory::kScratch) {
+    p.y = b[0].data ? g.scratch_output(ys, x, w[0], b[0]) : g.scratch_output(ys, x, w[0]);
+  } else {
     p.y = b[0].data ? g.output(ys, x, w[0], b[0]) : g.output(ys, x, w[0]);
+  }
   // The pre-activation, kept for the backward pass unless the derivative can be read off the
   // output (relu: y > 0 exactly where pre > 0), or there is no activation or backward pass.
   p.keep_pre = p.y.requires_grad() && act && *act != Activation::kRelu;
@@ -183,11 +188,27 @@ Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* o
 
 }  // namespace
 
+namespace {
+
+// A grouped product's forward, all groups (for its Regen).
+struct GroupedForward {
+  Grouped p;
+  int64_t widest;
+  void operator()() const {
+    p.for_groups(widest, [&](int64_t e) { p.forward(e); });
+  }
+};
+
+}  // namespace
+
 Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
-                      const Activation* act) {
-  const Grouped p = make_grouped(g, "grouped_linear", x, offsets, G, w, b, act);
+                      const Activation* act, Regen* regen) {
+  const Grouped p = make_grouped(g, "grouped_linear", x, offsets, G, w, b, act, nullptr,
+                                 regen ? YMemory::kScratch : YMemory::kOutput);
   const int64_t widest = std::max(p.I, p.O);
-  p.for_groups(widest, [&](int64_t e) { p.forward(e); });
+  const GroupedForward run{p, widest};
+  run();
+  if (regen) *regen = make_regen(g, run);
   if (p.y.requires_grad())
     g.record([=] { p.for_groups(widest, [&](int64_t e) { p.backward(e); }); });
   return p.y;
@@ -203,7 +224,8 @@ Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G,
   // takes their place.
   const bool relu_rows = act == Activation::kRelu && w1[0].size(0) % 16 == 0;
   float* h = relu_rows ? g.scratch_floats(x.rows() * w1[0].size(0)) : nullptr;
-  Grouped p1 = make_grouped(g, "grouped_mlp", x, offsets, G, w1, b1, &act, nullptr, true, h);
+  Grouped p1 = make_grouped(g, "grouped_mlp", x, offsets, G, w1, b1, &act, nullptr,
+                            relu_rows ? YMemory::kShared : YMemory::kAssignedGrad, h);
   Grouped p2 = make_grouped(g, "grouped_mlp", p1.y, offsets, G, w2, b2, nullptr, p1.order);
   p2.assign_dx = true;
   const int64_t widest = std::max({p1.I, p1.O, p2.O}), F = p1.O;
@@ -246,16 +268,17 @@ namespace {
 
 // linear and linear_act: grouped_linear with one group, on x seen as [rows, in].
 Tensor one_group_linear(Graph& g, const char* op, const Tensor& x, const Tensor& w, const Tensor& b,
-                        const Activation* act) {
+                        const Activation* act, Regen* regen = nullptr) {
   const Shape os = linear_shape(op, x, w, b);
+  // The offsets are copied by make_grouped (a Regen runs after this frame is gone).
   const int32_t rows[2] = {0, int32_t(x.rows())};
-  return grouped_linear(g, x.view({x.rows(), x.cols()}), rows, 1, &w, &b, act).view(os);
+  return grouped_linear(g, x.view({x.rows(), x.cols()}), rows, 1, &w, &b, act, regen).view(os);
 }
 
 }  // namespace
 
-Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b) {
-  return one_group_linear(g, "linear", x, w, b, nullptr);
+Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Regen* regen) {
+  return one_group_linear(g, "linear", x, w, b, nullptr, regen);
 }
 
 Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind) {
@@ -306,11 +329,23 @@ Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_
 
 namespace {
 
-// y = a + b into y (which may be b), and the backward.
-Tensor add_to(Graph& g, const Tensor& a, const Tensor& b, const Tensor& y) {
-  const int64_t n = a.numel();
+// y = a + b (y may be b).
+struct AddRun {
+  float* y;
+  const float *a, *b;
+  int64_t n;
+  void operator()() const {
 #pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) y.data[i] = a.data[i] + b.data[i];
+    for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+  }
+};
+
+// y = a + b into y (which may be b), and the backward.
+Tensor add_to(Graph& g, const Tensor& a, const Tensor& b, const Tensor& y, Regen* regen = nullptr) {
+  const int64_t n = a.numel();
+  const AddRun run{y.data, a.data, b.data, n};
+  run();
+  if (regen) *regen = make_regen(g, run);
   if (y.requires_grad())
     g.record([=] {
       float* da = a.grad;
@@ -340,9 +375,9 @@ Tensor add(Graph& g, const Tensor& a, const Tensor& b) {
   return add_to(g, a, b, g.output(a.shape, a, b));
 }
 
-Tensor add_into(Graph& g, const Tensor& a, const Tensor& b) {
+Tensor add_into(Graph& g, const Tensor& a, const Tensor& b, Regen* regen) {
   check_same_shape("add_into", a, b);
-  return add_to(g, a, b, g.output_over(b, a));
+  return add_to(g, a, b, g.output_over(b, a), regen);
 }
 
 Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {

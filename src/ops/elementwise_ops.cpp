@@ -52,16 +52,35 @@ Tensor softplus(Graph& g, const Tensor& x) {
                [](float v, float) { return act::softplus_grad(v); }, softplus_floats);
 }
 
-Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place) {
+namespace {
+
+// y = x · the mask's factors (y may be x).
+struct DropoutRun {
+  float* y;
+  const float* x;
+  const uint8_t* mask;
+  int64_t n;
+  float scale;
+  void operator()() const {
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * dropout_factor(mask[i], scale);
+  }
+};
+
+}  // namespace
+
+Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place, Regen* regen) {
   MOE_CHECK(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
+  if (regen) *regen = Regen{};
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
   auto* mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
   rng.fill_keep_mask(mask, n, p);
   const float scale = dropout_scale(p);
-  Tensor y = in_place ? g.output_over(x) : g.output(x.shape, x);
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-  for (int64_t i = 0; i < n; ++i) y.data[i] = x.data[i] * dropout_factor(mask[i], scale);
+  Tensor y = in_place ? g.output_over(x) : regen ? g.scratch_output(x.shape, x) : g.output(x.shape, x);
+  const DropoutRun run{y.data, x.data, mask, n, scale};
+  run();
+  if (regen) *regen = make_regen(g, run);
   if (y.requires_grad())
     g.record([=] {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)

@@ -191,7 +191,6 @@ class Model {
   std::vector<int> param_expert() const;
 
  private:
-  Tensor attention(Graph& g, const BlockParams& bp, const Tensor& x, const ForwardOptions& opt);
   // Decoding steps on cache.work: attention and MoE read `normed` and write `sub` ([n, C]).
   void decode_attention(const BlockParams& bp, int64_t layer, KVCache& cache, int64_t n) const;
   void decode_moe(const BlockParams& bp, int64_t layer, KVCache::Work& w, int64_t n, const ForwardOptions& opt) const;
@@ -223,7 +222,7 @@ class Model {
   Tensor remote_experts(Graph& g, const BlockParams& bp, const Tensor& xf, const int32_t* offsets,
                         const int32_t* token, const int64_t* counts, const ForwardOptions& opt);
   ExpertParams add_expert(const std::string& name);
-  Tensor apply_linear(Graph& g, const LinearParams& lp, const Tensor& x) const;
+  Tensor apply_linear(Graph& g, const LinearParams& lp, const Tensor& x, Regen* regen = nullptr) const;
   Tensor apply_norm(Graph& g, const NormParams& np, const Tensor& x, Regen* regen = nullptr) const;
   LinearParams add_linear(const std::string& name, int64_t in, int64_t out, bool bias);
   NormParams add_norm(const std::string& name, int64_t C);

@@ -26,7 +26,9 @@ namespace moe {
 struct Regen {
   void (*run)(const void*) = nullptr;
   const void* state = nullptr;
-  void operator()() const { run(state); }
+  void operator()() const {
+    if (run) run(state);
+  }
 };
 // A Regen running a copy of f, kept in g's arena (so f must be trivially destructible).
 template <class F>
@@ -39,8 +41,9 @@ Regen make_regen(Graph& g, const F& f) {
 // ---- dense algebra (src/ops/dense_ops.cpp) ----
 
 // y = x·Wᵀ + b. x [..., in], w [out, in] (as torch.nn.Linear), b [out] or b.data == nullptr
-// for no bias. y [..., out]. linear and linear_act are grouped_linear with one group.
-Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b);
+// for no bias. y [..., out]. linear and linear_act are grouped_linear with one group. With
+// regen, y is regenerated (see Regen) from x, which must hold its forward values again by then.
+Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Regen* regen = nullptr);
 // act(x·Wᵀ + b) in one op: the GEMM, then bias and activation in one pass over the output;
 // the backward turns dy into d(pre-activation) in place and runs linear's three products.
 // The same values as linear followed by relu/gelu/silu, with one tensor and two passes
@@ -52,7 +55,7 @@ Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, A
 // each product on one thread: gemm gives a row the same bits whatever the thread count, so
 // every row gets the bits it gets alone. offsets, w and b are copied.
 Tensor grouped_linear(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G, const Tensor* w, const Tensor* b,
-                      const Activation* act = nullptr);
+                      const Activation* act = nullptr, Regen* regen = nullptr);
 // grouped_linear(grouped_linear(x, w1, b1, act), w2, b2): the same bits, but each group runs
 // both products back to back on one thread (and the backward both of theirs), so that its
 // hidden rows are still in cache for the second.
@@ -65,7 +68,9 @@ Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_
 // y = a + b, same shapes.
 Tensor add(Graph& g, const Tensor& a, const Tensor& b);
 // The same, written over b's data (Graph::output_over): for a b whose data no backward reads.
-Tensor add_into(Graph& g, const Tensor& a, const Tensor& b);
+// With regen, the sum is made again (see Regen) over b's data, which must hold b's forward
+// values again by then (b's own Regen run first).
+Tensor add_into(Graph& g, const Tensor& a, const Tensor& b, Regen* regen = nullptr);
 // y = x + bias, bias [C] broadcast over the rows of x [..., C].
 Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias);
 // y = a ⊙ b, same shapes.
@@ -88,7 +93,10 @@ Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's thresho
 // Inverted dropout: zero with probability p, scale the kept by 1/(1-p). Identity when p == 0
 // or when `training` is false. The mask comes from rng (the counter advances by numel).
 // in_place writes y over x's data (Graph::output_over): for an x whose data no backward reads.
-Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place = false);
+// With regen, y is made again (see Regen) from x's data, which must hold x's forward values
+// again by then (x's own Regen run first, when in place); without dropout it does nothing.
+Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place = false,
+               Regen* regen = nullptr);
 // Dropout's masks are bytes, 1 where kept and 0 where dropped (Rng::fill_keep_mask; the ops
 // that fuse dropout, causal_attention, draw theirs the same way). An element kept is
 // multiplied by dropout_scale(p), a dropped one by 0.

@@ -83,8 +83,10 @@ class Graph {
     if (grad_enabled_ && any) t.grad = grad_floats(s.numel());
     return t;
   }
+  // Whether scratch_output's memory is the scope's scratch now (else the arena's).
+  bool scratch_active() const { return scope_open_ && !keep_; }
   // n floats of that memory, for data an op keeps elsewhere in a form of its own.
-  float* scratch_floats(int64_t n) { return (scope_open_ && !keep_ ? scope_scratch_ : arena_).alloc_floats(n); }
+  float* scratch_floats(int64_t n) { return (scratch_active() ? scope_scratch_ : arena_).alloc_floats(n); }
   // A constant (no gradient) copy of host data in the arena, e.g. fixed noise or masks.
   Tensor constant(const Shape& s, const float* src);
 
