@@ -11,7 +11,7 @@
 #include "moe/kernels/log1pf.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
-#include "moe/kernels/positive_rows.hpp"
+#include "moe/kernels/bits.hpp"
 #include "moe/kernels/routing.hpp"
 #include "moe/ops/ops.hpp"
 
@@ -677,7 +677,7 @@ TEST_CASE("scatter_add_weighted adds every row in index order, for any thread co
   }
 }
 
-TEST_CASE("positive rows: bits, packing and unpacking give a relu output back exactly, both ways", "[ops][relu]") {
+TEST_CASE("bit masks: a relu output packed and unpacked exactly, dropout factors, both ways", "[ops][relu]") {
   for (int64_t n : {0, 5, 16, 37, 512 * 3}) {
     INFO("n = " << n);
     std::vector<float> x = random_vector(n, 7, -1.f, 1.f);
@@ -685,7 +685,7 @@ TEST_CASE("positive rows: bits, packing and unpacking give a relu output back ex
     if (n > 3) x[3] = 1e-40f;             // a subnormal is positive too
     int64_t positive = 0;
     for (float v : x) positive += v > 0.f;
-    const int64_t words = positive_bit_words(n);
+    const int64_t words = bit_words(n);
     for (int portable = 0; portable < 2; ++portable) {
       INFO((portable ? "portable" : "dispatched"));
       std::vector<uint16_t> bits(size_t(words), 0xFFFF);
@@ -711,10 +711,36 @@ TEST_CASE("positive rows: bits, packing and unpacking give a relu output back ex
       std::vector<float> d = random_vector(n, 8, -1.f, 1.f), want = d;
       for (int64_t i = 0; i < n; ++i) want[size_t(i)] *= act::relu_grad(x[size_t(i)]);
       if (portable)
-        detail::mul_positive_mask_scalar(d.data(), bits.data(), n);
+        detail::scale_by_bits_scalar(d.data(), d.data(), bits.data(), 1.f, n);
       else
-        mul_positive_mask(d.data(), bits.data(), n);
+        scale_by_bits(d.data(), d.data(), bits.data(), 1.f, n);
       REQUIRE(std::memcmp(d.data(), want.data(), sizeof(float) * size_t(n)) == 0);
+      // Dropout's factors from a mask of bytes made bits: x · (kept ? s : 0), and dx + dy · that
+      // rounded once.
+      std::vector<uint8_t> kept(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) kept[size_t(i)] = uint8_t(d[size_t(i)] > 0.1f);
+      std::vector<uint16_t> mask(size_t(words), 0xFFFF);
+      if (portable)
+        detail::bits_from_bytes_scalar(mask.data(), kept.data(), n);
+      else
+        bits_from_bytes(mask.data(), kept.data(), n);
+      for (int64_t i = 0; i < words * 16; ++i) REQUIRE(bit_at(mask.data(), i) == (i < n && kept[size_t(i)]));
+      const std::vector<float> dy = random_vector(n, 9, -1.f, 1.f);
+      std::vector<float> y(static_cast<size_t>(n)), dx = random_vector(n, 10, -1.f, 1.f), y_want(static_cast<size_t>(n)), dx_want = dx;
+      for (int64_t i = 0; i < n; ++i) {
+        const float f = dropout_factor(kept[size_t(i)], 1.25f);
+        y_want[size_t(i)] = x[size_t(i)] * f;
+        dx_want[size_t(i)] = std::fma(dy[size_t(i)], f, dx[size_t(i)]);
+      }
+      if (portable) {
+        detail::scale_by_bits_scalar(y.data(), x.data(), mask.data(), 1.25f, n);
+        detail::add_scaled_by_bits_scalar(dx.data(), dy.data(), mask.data(), 1.25f, n);
+      } else {
+        scale_by_bits(y.data(), x.data(), mask.data(), 1.25f, n);
+        add_scaled_by_bits(dx.data(), dy.data(), mask.data(), 1.25f, n);
+      }
+      REQUIRE(std::memcmp(y.data(), y_want.data(), sizeof(float) * size_t(n)) == 0);
+      REQUIRE(std::memcmp(dx.data(), dx_want.data(), sizeof(float) * size_t(n)) == 0);
     }
   }
 }

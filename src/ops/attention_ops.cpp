@@ -1,9 +1,14 @@
 // Fused causal multi-head attention: one parallel loop over (batch, head) forward and backward.
 #include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
+#include "moe/kernels/bits.hpp"
 #include "moe/kernels/expf.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
@@ -181,16 +186,61 @@ void attend_rows(const float* w, int64_t ldw, int64_t t0, int64_t R, const float
   add_weighted_block(w, ldw, t0, R, v, ldv, D, out, ldo);
 }
 
-// The weights of row t after dropout (M null: none), from its t+1 weights before.
-inline void dropped_weights(const float* row, int64_t t, const uint8_t* M, float keep, float* w) {
-  for (int64_t s = 0; s <= t; ++s) w[s] = M ? row[s] * dropout_factor(M[t * (t + 1) / 2 + s], keep) : row[s];
+// out[j] = bit first + j of bits, for j < n, as bytes 0 or 1. Writes n rounded up to 32 bytes
+// and reads up to 3 words past the bits of the last (the mask leaves room).
+inline void bits_to_bytes(const uint16_t* bits, int64_t first, int64_t n, uint8_t* out) {
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int64_t i = first + j0;
+    uint64_t w;
+    std::memcpy(&w, bits + (i >> 4), sizeof w);
+    const auto m = uint32_t(w >> (i & 15));
+#if defined(__AVX2__)
+    // Byte j of the 32 takes byte j / 8 of m (in each 128-bit lane: m is in every lane), then
+    // its bit j % 8.
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(m)),
+                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
+                                                                2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_and_si256(spread, _mm256_set1_epi64x(int64_t(0x8040201008040201)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j0), _mm256_min_epu8(bit, _mm256_set1_epi8(1)));
+#else
+    for (int64_t j = 0; j < 32; ++j) out[j0 + j] = uint8_t(m >> j & 1u);
+#endif
+  }
+}
+
+// The mask bits of a (batch, head), from entry `first` of the op's (row t's from
+// first + t(t+1)/2), and room to spread a row's into bytes.
+struct MaskBits {
+  const uint16_t* bits;  // null: no dropout
+  int64_t first;
+  uint8_t* room;
+  // Row t's t+1 entries as bytes 0 or 1.
+  const uint8_t* row(int64_t t) const {
+    bits_to_bytes(bits, first + t * (t + 1) / 2, t + 1, room);
+    return room;
+  }
+};
+
+// The calling thread's room for a row's mask bytes: the end of its slot of the work buffer.
+inline uint8_t* mask_room(float* work, int64_t slot, int64_t Tp) {
+  return reinterpret_cast<uint8_t*>(work + omp_get_thread_num() * slot + slot - Tp - 8);
+}
+
+// The weights of row t after dropout, from its t+1 weights before.
+inline void dropped_weights(const float* row, int64_t t, const MaskBits& M, float keep, float* w) {
+  if (!M.bits) {
+    std::copy(row, row + t + 1, w);
+    return;
+  }
+  const uint8_t* kept = M.row(t);
+  for (int64_t s = 0; s <= t; ++s) w[s] = row[s] * dropout_factor(kept[s], keep);
 }
 
 // causal_attention's output again, from the weights it kept (for its Regen).
 struct AttentionOutput {
   float* y;
   const float *qkv, *probs;
-  const uint8_t* mask;
+  const uint16_t* mask;
   float* work;
   int64_t B, T, C, H, Tp, slot;
   float keep;
@@ -200,7 +250,7 @@ struct AttentionOutput {
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* P = probs + bh * tri;
-      const uint8_t* M = mask ? mask + bh * tri : nullptr;
+      const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
       float* S = work + omp_get_thread_num() * slot + D * Tp;
       for (int64_t t0 = 0; t0 < T; t0 += kRows) {
         const int64_t R = std::min(kRows, T - t0);
@@ -226,20 +276,26 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   // Attention weights before dropout, kept for the backward: the lower triangles (row t of
   // (batch, head) bh from bh·tri + t(t+1)/2, t+1 weights), as the mask below.
   float* probs = g.arena().alloc_floats(B * H * tri);
-  // 0 or 1/(1-p) per weight, exactly as dropout() on the [B, H, T, T] weights would draw it,
-  // for the weights the causal mask lets through: row t of (batch, head) bh from byte
-  // bh·tri + t(t+1)/2.
-  uint8_t* mask = nullptr;
+  // Kept or dropped per weight, exactly as dropout() on the [B, H, T, T] weights would draw it,
+  // for the weights the causal mask lets through: row t of (batch, head) bh from bit
+  // bh·tri + t(t+1)/2. Drawn as bytes, kept as bits.
+  uint16_t* mask = nullptr;
   if (training && p > 0.f) {
-    mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(B * H * tri)));
-    rng.fill_keep_mask_causal(mask, B * H, T, p);
+    // 3 words of room past the last for bits_to_bytes' reads.
+    mask = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(bit_words(B * H * tri) + 3)));
+    const Arena::Mark drawn = g.arena().mark();
+    auto* bytes = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(B * H * tri)));
+    rng.fill_keep_mask_causal(bytes, B * H, T, p);
+    bits_from_bytes(mask, bytes, B * H * tri);
+    g.arena().rewind(drawn);
   }
   const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
   // kRows rows of dot products (then of weights), T rounded up to the lanes; for the backward
   // also the weights after dropout and the score gradients of the (batch, head), transposed
   // (row s holds position s's weight in every row t >= s).
-  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + kRows * Tp + 2 * T * Tp;
+  // Then T + 32 bytes (Tp + 8 floats) to spread a row's mask bits into.
+  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + kRows * Tp + 2 * T * Tp + Tp + 8;
   // Zeroed once: the transposes fill columns [0, T) and the padding lanes stay 0.
   const int64_t work_floats = omp_get_max_threads() * slot;
   float* work = g.arena().alloc_floats(work_floats);
@@ -250,7 +306,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
     const int64_t b = bh / H, h = bh % H;
     const float* base = qkv.data + b * T * C3 + h * D;  // q at +0, k at +C, v at +2C per row
     float* P = probs + bh * tri;
-    const uint8_t* M = mask ? mask + bh * tri : nullptr;
+    const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
     float* kt = work + omp_get_thread_num() * slot;
     float* S = kt + D * Tp;
     transpose_rows(base + C, C3, T, D, kt, Tp);
@@ -285,7 +341,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         const float* base = qkv.data + b * T * C3 + h * D;
         float* gbase = qkv.grad + b * T * C3 + h * D;
         const float* P = probs + bh * tri;
-        const uint8_t* M = mask ? mask + bh * tri : nullptr;
+        const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
         float* vt = work + omp_get_thread_num() * slot;
         float* DP = vt + D * Tp;
         float* WT = DP + kRows * Tp;  // WT[s·Tp + t]: P'[t, s], the weight after dropout
@@ -301,9 +357,10 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
             const float* row = P + t * (t + 1) / 2;
             float* dp = DP + r * Tp;
             // Through the dropout mask.
+            const uint8_t* kept = M.bits ? M.row(t) : nullptr;
             float dot_pdp = 0.f;
             for (int64_t s = 0; s <= t; ++s) {
-              const float m = M ? dropout_factor(M[t * (t + 1) / 2 + s], keep) : 1.f;
+              const float m = kept ? dropout_factor(kept[s], keep) : 1.f;
               const float d_pd = dp[s];
               WT[s * Tp + t] = row[s] * m;
               dp[s] = d_pd * m;

@@ -8,7 +8,7 @@
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/gemm.hpp"
 #include "moe/kernels/nn.hpp"
-#include "moe/kernels/positive_rows.hpp"
+#include "moe/kernels/bits.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
 
@@ -97,7 +97,7 @@ struct Grouped {
     float* d = y.grad + off[e] * O;
     const float* a = (keep_pre ? pre : y.data) + off[e] * O;
     if (relu_bits)  // rows start on whole words: O is a multiple of 16 there
-      mul_positive_mask(d, relu_bits + off[e] * O / 16, n * O);
+      scale_by_bits(d, d, relu_bits + off[e] * O / 16, 1.f, n * O);
     else if (has_act)
       act::dispatch(kind, [&](auto, auto df) {
 #pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
@@ -219,7 +219,7 @@ Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G,
   // The hidden layer's gradient: each expert's rows written whole by p2's backward (dh = dy·W2
   // assigned), then read by p1's, so never zeroed.
   // A relu hidden layer (of a width of whole 16-entry words) is kept packed, by its positive
-  // entries (positive_rows.hpp), and lives in the scope's scratch memory, its gradient too: the
+  // entries (kernels/bits.hpp), and lives in the scope's scratch memory, its gradient too: the
   // backward pass unpacks an expert's rows there, p2's weight gradient reads them, then dh
   // takes their place.
   const bool relu_rows = act == Activation::kRelu && w1[0].size(0) % 16 == 0;
@@ -235,7 +235,7 @@ Tensor grouped_mlp(Graph& g, const Tensor& x, const int32_t* offsets, int64_t G,
   int64_t* start = nullptr;
   if (packed) {
     const int64_t n = x.rows() * F;
-    bits = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(positive_bit_words(n))));
+    bits = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(bit_words(n))));
     // Room for every value, but only the part filled is ever touched (and so resident).
     values = g.arena().alloc_floats(n + 16 * G);
     start = static_cast<int64_t*>(g.arena().alloc_bytes(sizeof(int64_t) * size_t(G)));

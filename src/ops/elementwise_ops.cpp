@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "moe/kernels/activations.hpp"
+#include "moe/kernels/bits.hpp"
 #include "moe/kernels/log1pf.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
@@ -54,16 +55,19 @@ Tensor softplus(Graph& g, const Tensor& x) {
 
 namespace {
 
+// Runs of a mask's entries for the threads: whole words.
+constexpr int64_t kMaskRun = 4096;
+
 // y = x · the mask's factors (y may be x).
 struct DropoutRun {
   float* y;
   const float* x;
-  const uint8_t* mask;
+  const uint16_t* mask;
   int64_t n;
   float scale;
   void operator()() const {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * dropout_factor(mask[i], scale);
+    for (int64_t i = 0; i < n; i += kMaskRun) scale_by_bits(y + i, x + i, mask + i / 16, scale, std::min(kMaskRun, n - i));
   }
 };
 
@@ -74,8 +78,13 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool
   if (regen) *regen = Regen{};
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
-  auto* mask = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
-  rng.fill_keep_mask(mask, n, p);
+  // Drawn as bytes, kept as bits.
+  auto* mask = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(bit_words(n))));
+  const Arena::Mark drawn = g.arena().mark();
+  auto* bytes = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
+  rng.fill_keep_mask(bytes, n, p);
+  bits_from_bytes(mask, bytes, n);
+  g.arena().rewind(drawn);
   const float scale = dropout_scale(p);
   Tensor y = in_place ? g.output_over(x) : regen ? g.scratch_output(x.shape, x) : g.output(x.shape, x);
   const DropoutRun run{y.data, x.data, mask, n, scale};
@@ -84,7 +93,8 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool
   if (y.requires_grad())
     g.record([=] {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-      for (int64_t i = 0; i < n; ++i) x.grad[i] += y.grad[i] * dropout_factor(mask[i], scale);
+      for (int64_t i = 0; i < n; i += kMaskRun)
+        add_scaled_by_bits(x.grad + i, y.grad + i, mask + i / 16, scale, std::min(kMaskRun, n - i));
     });
   return y;
 }

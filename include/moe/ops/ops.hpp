@@ -97,9 +97,9 @@ Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's thresho
 // again by then (x's own Regen run first, when in place); without dropout it does nothing.
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place = false,
                Regen* regen = nullptr);
-// Dropout's masks are bytes, 1 where kept and 0 where dropped (Rng::fill_keep_mask; the ops
-// that fuse dropout, causal_attention, draw theirs the same way). An element kept is
-// multiplied by dropout_scale(p), a dropped one by 0.
+// Dropout's masks are drawn as bytes, 1 where kept and 0 where dropped (Rng::fill_keep_mask;
+// the ops that fuse dropout, causal_attention, draw theirs the same way), and kept as bits
+// (kernels/bits.hpp). An element kept is multiplied by dropout_scale(p), a dropped one by 0.
 inline float dropout_scale(float p) { return 1.f / (1.f - p); }
 // The factor of one element: what a float mask would hold.
 inline float dropout_factor(uint8_t kept, float scale) { return kept ? scale : 0.f; }
