@@ -495,7 +495,8 @@ std::vector<int> Model::param_expert() const {
   return out;
 }
 
-Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses) {
+Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses,
+                    float* out_grad) {
   const BlockParams& bp = blocks_[size_t(l)];
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
@@ -516,6 +517,10 @@ Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& 
   const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y, at(6)), l, opt, losses);
   for (int i = 6; i >= 0; --i)
     if (at(i)) g.record(again[i]);
+  if (out_grad) {
+    Graph::KeepGradsIn outlives_block(g, out_grad, x.numel());
+    return add_into(g, y, f);
+  }
   Graph::KeepGrads outlives_block(g);
   return add_into(g, y, f);
 }
@@ -603,6 +608,11 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
       losses.items[done].data = kept++;
     }
   };
+  // With gradient scopes, the blocks' outputs take turns in two gradients (Graph::KeepGradsIn):
+  // block l zeroes its input's at the start of its backward, once block l + 1 has read it.
+  float* out_grads[2] = {nullptr, nullptr};
+  if (g.grad_enabled() && g.grad_scopes() && !recompute)
+    for (float*& d : out_grads) d = g.grad_memory(B * T * C_);
   for (int64_t l = 0; l < L_; ++l) {
     const BlockParams& bp = blocks_[size_t(l)];
     mark_ready(bp.ln1.weight);
@@ -612,8 +622,9 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
     }
     const Arena::Mark before = g.arena().mark();
     g.begin_grad_scope();
-    const Tensor y = block(g, l, x, opt, targets ? &router_losses : nullptr);
+    const Tensor y = block(g, l, x, opt, targets ? &router_losses : nullptr, out_grads[l % 2]);
     g.end_grad_scope();
+    if (out_grads[0] && l > 0) g.record([d = x.grad, n = x.numel()] { std::fill(d, d + n, 0.f); });
     if (!rewind) {
       x = y;
       continue;

@@ -132,6 +132,9 @@ class Graph {
   void begin_grad_scope();
   void end_grad_scope();
   void set_grad_scopes(bool on) { scopes_on_ = on; }
+  bool grad_scopes() const { return scopes_on_; }
+  // Memory for gradients, zeroed by backward() as the tensors' (for KeepGradsIn).
+  float* grad_memory(int64_t n) { return grad_arena_.alloc_floats(n); }
   class KeepGrads {
    public:
     explicit KeepGrads(Graph& g) : g_(g), old_(g.keep_) { g.keep_ = true; }
@@ -144,6 +147,24 @@ class Graph {
     bool old_;
   };
 
+  // The same, the gradients taken in order from `memory` (the caller's, `floats` of them),
+  // which the caller zeroes when it must: for outputs whose gradients can share memory, as
+  // the outputs of blocks l and l + 2 (block l's is written by block l + 1's backward and read
+  // by block l's; block l + 2's is read before that).
+  class KeepGradsIn {
+   public:
+    KeepGradsIn(Graph& g, float* memory, int64_t floats) : keep_(g), g_(g) {
+      g.keep_in_ = memory, g.keep_in_left_ = floats;
+    }
+    ~KeepGradsIn() { g_.keep_in_ = nullptr, g_.keep_in_left_ = 0; }
+    KeepGradsIn(const KeepGradsIn&) = delete;
+    KeepGradsIn& operator=(const KeepGradsIn&) = delete;
+
+   private:
+    KeepGrads keep_;
+    Graph& g_;
+  };
+
   Arena& arena() { return arena_; }
   const Arena& arena() const { return arena_; }
   // Gradient memory: of tensors outside any scope, and the region the scopes share.
@@ -153,8 +174,16 @@ class Graph {
   size_t tape_size() const { return tape_.size(); }
 
  private:
-  // A gradient's memory: the scope's when one is open, unless under KeepGrads.
-  float* grad_floats(int64_t n) { return (scope_open_ && !keep_ ? scope_arena_ : grad_arena_).alloc_floats(n); }
+  // A gradient's memory: the scope's when one is open, unless under KeepGrads (or KeepGradsIn).
+  float* grad_floats(int64_t n) {
+    if (keep_in_) {
+      MOE_CHECK(n <= keep_in_left_, "Graph::KeepGradsIn", "the memory given holds fewer floats than asked");
+      float* p = keep_in_;
+      keep_in_ += n, keep_in_left_ -= n;
+      return p;
+    }
+    return (scope_open_ && !keep_ ? scope_arena_ : grad_arena_).alloc_floats(n);
+  }
   struct Node {
     void (*run)(void*);
     void* closure;
@@ -164,6 +193,8 @@ class Graph {
   Arena scope_arena_; // gradients made inside a scope, zeroed by the scope's closure
   Arena scope_scratch_;  // assigned gradients made inside a scope (output_assigned_grad)
   bool scopes_on_ = true, scope_open_ = false, keep_ = false;
+  float* keep_in_ = nullptr;  // KeepGradsIn's memory, and how many floats are left of it
+  int64_t keep_in_left_ = 0;
   std::vector<Node> tape_;
   bool grad_enabled_ = true;
 };
