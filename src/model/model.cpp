@@ -374,7 +374,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
       }
       const Activation act = expert_activation();
       Regen xs_again;  // recorded after the experts, its only readers
-      Regen* xs_regen = g.scratch_active() ? &xs_again : nullptr;
+      Regen* xs_regen = g.in_scope() ? &xs_again : nullptr;
       Tensor xs = gather_row_groups(g, xf, token, offsets, E_, xs_regen);  // (S, C) in expert order
       Tensor y;
       if (cfg_.model.expert_ffn == "swiglu") {
@@ -508,7 +508,7 @@ Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& 
   // measurably: their outputs come from cache instead of memory (a step of makeMoE keeps 1 MiB
   // a block less). Dropout and the sums go over outputs that no backward reads.
   Regen again[7];  // ln1, qkv, attention, proj, dropout, the sum, ln2
-  const auto at = [&](int i) { return g.scratch_active() ? &again[i] : nullptr; };
+  const auto at = [&](int i) { return g.in_scope() ? &again[i] : nullptr; };
   const Tensor h = apply_norm(g, bp.ln1, x, at(0));
   const Tensor qkv = apply_linear(g, bp.qkv, h, at(1));  // (B, T, 3C)
   const Tensor a = causal_attention(g, qkv, H_, cfg_.attention_scale(), p, opt.training, drop, at(2));  // (B, T, C)

@@ -8,8 +8,6 @@
 #pragma once
 
 #include <cstdint>
-#include <new>
-#include <type_traits>
 
 #include "moe/kernels/activations.hpp"
 #include "moe/tensor/graph.hpp"
@@ -33,9 +31,7 @@ struct Regen {
 // A Regen running a copy of f, kept in g's arena (so f must be trivially destructible).
 template <class F>
 Regen make_regen(Graph& g, const F& f) {
-  static_assert(std::is_trivially_destructible_v<F>, "a Regen's state lives in the arena");
-  F* state = new (g.arena().alloc_bytes(sizeof(F), alignof(F) > 64 ? 64 : alignof(F))) F(f);
-  return Regen{[](const void* p) { (*static_cast<const F*>(p))(); }, state};
+  return Regen{[](const void* p) { (*static_cast<const F*>(p))(); }, g.arena().copy_of(f)};
 }
 
 // ---- dense algebra (src/ops/dense_ops.cpp) ----

@@ -7,7 +7,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace moe {
@@ -30,6 +32,14 @@ class Arena {
     T* p = static_cast<T*>(alloc_bytes(sizeof(T) * size_t(n)));
     std::uninitialized_value_construct_n(p, n);
     return p;
+  }
+
+  // A copy of v in the arena (T must need no destructor: the arena only forgets).
+  template <class T>
+  std::decay_t<T>* copy_of(T&& v) {
+    using U = std::decay_t<T>;
+    static_assert(std::is_trivially_destructible_v<U>, "the arena never runs destructors");
+    return new (alloc_bytes(sizeof(U), alignof(U) > 64 ? 64 : alignof(U))) U(std::forward<T>(v));
   }
 
   // Forget all allocations; keep the chunks for reuse.

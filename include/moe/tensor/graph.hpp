@@ -17,7 +17,6 @@
 #pragma once
 
 #include <initializer_list>
-#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -67,7 +66,7 @@ class Graph {
     bool any = (false || ... || inputs.requires_grad());
     Tensor t = new_tensor(s, false);
     if (grad_enabled_ && any)
-      t.grad = (scope_open_ && !keep_ ? scope_scratch_ : grad_arena_).alloc_floats(s.numel());
+      t.grad = (in_scope() ? scope_scratch_ : grad_arena_).alloc_floats(s.numel());
     return t;
   }
   // An op's output whose data lives, inside a scope, in the scope's scratch memory, which
@@ -83,10 +82,11 @@ class Graph {
     if (grad_enabled_ && any) t.grad = grad_floats(s.numel());
     return t;
   }
-  // Whether scratch_output's memory is the scope's scratch now (else the arena's).
-  bool scratch_active() const { return scope_open_ && !keep_; }
-  // n floats of that memory, for data an op keeps elsewhere in a form of its own.
-  float* scratch_floats(int64_t n) { return (scratch_active() ? scope_scratch_ : arena_).alloc_floats(n); }
+  // Whether a scope is open and not under KeepGrads: gradients and scratch_output's data go to
+  // the scope's memory (else to the graph's own).
+  bool in_scope() const { return scope_open_ && !keep_; }
+  // n floats of scratch_output's memory, for data an op keeps elsewhere in a form of its own.
+  float* scratch_floats(int64_t n) { return (in_scope() ? scope_scratch_ : arena_).alloc_floats(n); }
   // A constant (no gradient) copy of host data in the arena, e.g. fixed noise or masks.
   Tensor constant(const Shape& s, const float* src);
 
@@ -96,9 +96,7 @@ class Graph {
     static_assert(std::is_trivially_destructible_v<Fn>,
                   "backward closures live in the arena: capture only trivially destructible values");
     if (!grad_enabled_) return;
-    void* mem = arena_.alloc_bytes(sizeof(Fn), alignof(Fn) > 64 ? 64 : alignof(Fn));
-    auto* fn = new (mem) Fn(std::forward<F>(f));
-    tape_.push_back(Node{[](void* p) { (*static_cast<Fn*>(p))(); }, fn});
+    tape_.push_back(Node{[](void* p) { (*static_cast<Fn*>(p))(); }, arena_.copy_of(std::forward<F>(f))});
   }
 
   // Zeroes every tensor's gradient (all at once, in parallel: they live together in their own
@@ -182,7 +180,7 @@ class Graph {
       keep_in_ += n, keep_in_left_ -= n;
       return p;
     }
-    return (scope_open_ && !keep_ ? scope_arena_ : grad_arena_).alloc_floats(n);
+    return (in_scope() ? scope_arena_ : grad_arena_).alloc_floats(n);
   }
   struct Node {
     void (*run)(void*);
