@@ -517,11 +517,7 @@ Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& 
   const Tensor f = moe_ffn(g, bp, apply_norm(g, bp.ln2, y, at(6)), l, opt, losses);
   for (int i = 6; i >= 0; --i)
     if (at(i)) g.record(again[i]);
-  if (out_grad) {
-    Graph::KeepGradsIn outlives_block(g, out_grad, x.numel());
-    return add_into(g, y, f);
-  }
-  Graph::KeepGrads outlives_block(g);
+  Graph::KeepGradsIn outlives_block(g, out_grad, x.numel());
   return add_into(g, y, f);
 }
 

@@ -314,11 +314,13 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       // The step's graphs, idle now, run the first two threads' forwards. Evaluations and steps
       // lay out their memory differently: the graphs give their pages back before and after,
       // so that the peak is the larger of the two layouts, not their union (a few ms a time).
-      g.release();
-      train_step.recompute_graph().release();
+      const auto release = [&] {
+        g.release();
+        train_step.recompute_graph().release();
+      };
+      release();
       EvalEstimate est = estimate_loss(model, data, cfg, g, par.rank(), par.ranks(), 0, &train_step.recompute_graph());
-      g.release();
-      train_step.recompute_graph().release();
+      release();
       if (R > 1) {
         double both[2] = {est.train_loss, est.val_loss};
         par.sum(both, 2);

@@ -208,7 +208,7 @@ class Model {
     LossList aux, z;
   };
   // Block l on x: x + attention(ln1 x), then that + moe_ffn(ln2 of it). Its output's gradient
-  // is kept out of any gradient scope: in out_grad when given (Graph::KeepGradsIn).
+  // is kept out of any gradient scope, in out_grad when given (Graph::KeepGradsIn).
   Tensor block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses,
                float* out_grad = nullptr);
   // Block l as ForwardOptions::recompute describes.

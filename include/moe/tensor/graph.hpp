@@ -148,7 +148,7 @@ class Graph {
   // The same, the gradients taken in order from `memory` (the caller's, `floats` of them),
   // which the caller zeroes when it must: for outputs whose gradients can share memory, as
   // the outputs of blocks l and l + 2 (block l's is written by block l + 1's backward and read
-  // by block l's; block l + 2's is read before that).
+  // by block l's; block l + 2's is read before that). With memory null, KeepGrads.
   class KeepGradsIn {
    public:
     KeepGradsIn(Graph& g, float* memory, int64_t floats) : keep_(g), g_(g) {
