@@ -729,6 +729,15 @@ TEST_CASE("bit masks: a relu output packed and unpacked exactly, dropout factors
       else
         bits_from_bytes(mask.data(), kept.data(), n);
       for (int64_t i = 0; i < words * 16; ++i) REQUIRE(bit_at(mask.data(), i) == (i < n && kept[size_t(i)]));
+      if (!portable && n > 0) {  // and back to bytes from any entry (3 words of room after the mask)
+        std::vector<uint16_t> roomy(mask);
+        roomy.resize(roomy.size() + 3, 0);
+        std::vector<uint8_t> back(static_cast<size_t>(n + 32), 9);
+        for (int64_t first : {int64_t(0), n / 3, n - 1}) {
+          bytes_from_bits(back.data(), roomy.data(), first, n - first);
+          REQUIRE(std::equal(back.begin(), back.begin() + (n - first), kept.begin() + first));
+        }
+      }
       const std::vector<float> dy = random_vector(n, 9, -1.f, 1.f);
       std::vector<float> y(static_cast<size_t>(n)), dx = random_vector(n, 10, -1.f, 1.f), y_want(static_cast<size_t>(n)), dx_want = dx;
       for (int64_t i = 0; i < n; ++i) {

@@ -1,12 +1,8 @@
 // Fused causal multi-head attention: one parallel loop over (batch, head) forward and backward.
 #include <omp.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
 #include "moe/kernels/bits.hpp"
 #include "moe/kernels/expf.hpp"
@@ -186,28 +182,6 @@ void attend_rows(const float* w, int64_t ldw, int64_t t0, int64_t R, const float
   add_weighted_block(w, ldw, t0, R, v, ldv, D, out, ldo);
 }
 
-// out[j] = bit first + j of bits, for j < n, as bytes 0 or 1. Writes n rounded up to 32 bytes
-// and reads up to 3 words past the bits of the last (the mask leaves room).
-inline void bits_to_bytes(const uint16_t* bits, int64_t first, int64_t n, uint8_t* out) {
-  for (int64_t j0 = 0; j0 < n; j0 += 32) {
-    const int64_t i = first + j0;
-    uint64_t w;
-    std::memcpy(&w, bits + (i >> 4), sizeof w);
-    const auto m = uint32_t(w >> (i & 15));
-#if defined(__AVX2__)
-    // Byte j of the 32 takes byte j / 8 of m (in each 128-bit lane: m is in every lane), then
-    // its bit j % 8.
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(m)),
-                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
-                                                                2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i bit = _mm256_and_si256(spread, _mm256_set1_epi64x(int64_t(0x8040201008040201)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j0), _mm256_min_epu8(bit, _mm256_set1_epi8(1)));
-#else
-    for (int64_t j = 0; j < 32; ++j) out[j0 + j] = uint8_t(m >> j & 1u);
-#endif
-  }
-}
-
 // The mask bits of a (batch, head), from entry `first` of the op's (row t's from
 // first + t(t+1)/2), and room to spread a row's into bytes.
 struct MaskBits {
@@ -216,7 +190,7 @@ struct MaskBits {
   uint8_t* room;
   // Row t's t+1 entries as bytes 0 or 1.
   const uint8_t* row(int64_t t) const {
-    bits_to_bytes(bits, first + t * (t + 1) / 2, t + 1, room);
+    bytes_from_bits(room, bits, first + t * (t + 1) / 2, t + 1);
     return room;
   }
 };
@@ -280,15 +254,8 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   // for the weights the causal mask lets through: row t of (batch, head) bh from bit
   // bh·tri + t(t+1)/2. Drawn as bytes, kept as bits.
   uint16_t* mask = nullptr;
-  if (training && p > 0.f) {
-    // 3 words of room past the last for bits_to_bytes' reads.
-    mask = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(bit_words(B * H * tri) + 3)));
-    const Arena::Mark drawn = g.arena().mark();
-    auto* bytes = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(B * H * tri)));
-    rng.fill_keep_mask_causal(bytes, B * H, T, p);
-    bits_from_bytes(mask, bytes, B * H * tri);
-    g.arena().rewind(drawn);
-  }
+  if (training && p > 0.f)  // 3 words of room past the last for bytes_from_bits' reads
+    mask = keep_bits(g, B * H * tri, 3, [&](uint8_t* bytes) { rng.fill_keep_mask_causal(bytes, B * H, T, p); });
   const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
   // kRows rows of dot products (then of weights), T rounded up to the lanes; for the backward

@@ -78,13 +78,7 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool
   if (regen) *regen = Regen{};
   if (!training || p == 0.f) return x;
   const int64_t n = x.numel();
-  // Drawn as bytes, kept as bits.
-  auto* mask = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(bit_words(n))));
-  const Arena::Mark drawn = g.arena().mark();
-  auto* bytes = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
-  rng.fill_keep_mask(bytes, n, p);
-  bits_from_bytes(mask, bytes, n);
-  g.arena().rewind(drawn);
+  const uint16_t* mask = keep_bits(g, n, 0, [&](uint8_t* bytes) { rng.fill_keep_mask(bytes, n, p); });
   const float scale = dropout_scale(p);
   Tensor y = in_place ? g.output_over(x) : regen ? g.scratch_output(x.shape, x) : g.output(x.shape, x);
   const DropoutRun run{y.data, x.data, mask, n, scale};

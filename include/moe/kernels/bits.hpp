@@ -6,6 +6,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace moe {
 
@@ -15,6 +19,28 @@ inline bool bit_at(const uint16_t* bits, int64_t i) { return bits[i >> 4] >> (i 
 
 // bit i = bytes[i] != 0 for i < n (the last word's unused bits 0).
 void bits_from_bytes(uint16_t* bits, const uint8_t* bytes, int64_t n);
+// out[j] = bit first + j, for j < n, as bytes 0 or 1 (the inverse of bits_from_bytes, from
+// any entry). Writes n rounded up to 32 bytes and reads up to 3 words past the last entry's
+// word (the mask must leave that room).
+inline void bytes_from_bits(uint8_t* out, const uint16_t* bits, int64_t first, int64_t n) {
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int64_t i = first + j0;
+    uint64_t w;
+    std::memcpy(&w, bits + (i >> 4), sizeof w);
+    const auto m = uint32_t(w >> (i & 15));
+#if defined(__AVX2__)
+    // Byte j of the 32 takes byte j / 8 of m (in each 128-bit lane: m is in every lane), then
+    // its bit j % 8.
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(m)),
+                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
+                                                                2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_and_si256(spread, _mm256_set1_epi64x(int64_t(0x8040201008040201)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j0), _mm256_min_epu8(bit, _mm256_set1_epi8(1)));
+#else
+    for (int64_t j = 0; j < 32; ++j) out[j0 + j] = uint8_t(m >> j & 1u);
+#endif
+  }
+}
 // y[i] = x[i] · (bit i ? s : 0) (y may be x): dropout's factor, or relu's derivative with s 1,
 // the sign of x · 0 included.
 void scale_by_bits(float* y, const float* x, const uint16_t* bits, float s, int64_t n);

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "moe/kernels/activations.hpp"
+#include "moe/kernels/bits.hpp"
 #include "moe/tensor/graph.hpp"
 #include "moe/tensor/rng.hpp"
 #include "moe/tensor/tensor.hpp"
@@ -96,6 +97,18 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool
 // Dropout's masks are drawn as bytes, 1 where kept and 0 where dropped (Rng::fill_keep_mask;
 // the ops that fuse dropout, causal_attention, draw theirs the same way), and kept as bits
 // (kernels/bits.hpp). An element kept is multiplied by dropout_scale(p), a dropped one by 0.
+// keep_bits makes one: fill(bytes) draws the n bytes into scratch the arena takes back, and
+// the bits stay in the arena, with `room` words after them for readers that load whole words.
+template <class Fill>
+uint16_t* keep_bits(Graph& g, int64_t n, int64_t room, Fill&& fill) {
+  auto* bits = static_cast<uint16_t*>(g.arena().alloc_bytes(sizeof(uint16_t) * size_t(bit_words(n) + room)));
+  const Arena::Mark drawn = g.arena().mark();
+  auto* bytes = static_cast<uint8_t*>(g.arena().alloc_bytes(size_t(n)));
+  fill(bytes);
+  bits_from_bytes(bits, bytes, n);
+  g.arena().rewind(drawn);
+  return bits;
+}
 inline float dropout_scale(float p) { return 1.f / (1.f - p); }
 // The factor of one element: what a float mask would hold.
 inline float dropout_factor(uint8_t kept, float scale) { return kept ? scale : 0.f; }
