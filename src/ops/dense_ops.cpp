@@ -186,10 +186,6 @@ Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* o
   return p;
 }
 
-}  // namespace
-
-namespace {
-
 // A grouped product's forward, all groups (for its Regen).
 struct GroupedForward {
   Grouped p;
