@@ -33,8 +33,8 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK(c.model.n_layer == 8);
   CHECK(c.model.dropout == 0.1);
   CHECK(c.model.expert_hidden == 0);
-  CHECK(c.model.attn_scale == "head");
-  CHECK(c.model.init == "kaiming_normal");
+  CHECK(c.model.attn_scale == AttnScale::kHead);
+  CHECK(c.model.init == InitKind::kKaimingNormal);
   CHECK(c.model.init_std == 0.02);
   CHECK(c.router.num_experts == 8);
   CHECK(c.router.top_k == 2);
@@ -47,7 +47,7 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK(c.optimizer.weight_decay == 0.01);
   CHECK_FALSE(c.optimizer.exempt_no_decay);
   CHECK(c.optimizer.grad_clip == 0);
-  CHECK(c.optimizer.schedule == "constant");
+  CHECK(c.optimizer.schedule == LrSchedule::kConstant);
   CHECK(c.optimizer.warmup_steps == 0);
   CHECK(c.optimizer.min_lr == 0);
   CHECK(c.training.batch_size == 16);
@@ -64,7 +64,7 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK(c.expert_hidden_size() == 512);
   CHECK(c.attention_scale() == Approx(0.25f));  // head_size^-0.5
   Config e = c;
-  e.model.attn_scale = "embed";  // makeMoE's quirk
+  e.model.attn_scale = AttnScale::kEmbed;  // makeMoE's quirk
   CHECK(e.attention_scale() == Approx(1 / std::sqrt(128.0)));
   e.model.expert_hidden = 300;
   CHECK(e.expert_hidden_size() == 300);
@@ -81,16 +81,16 @@ TEST_CASE("Config round-trips through JSON, missing sections and keys take defau
 
   Config c;
   c.model.n_layer = 3;
-  c.model.attn_scale = "embed";
+  c.model.attn_scale = AttnScale::kEmbed;
   c.router.noise_at_eval = true;
   c.optimizer.lr = 3e-4;
-  c.optimizer.schedule = "cosine";
+  c.optimizer.schedule = LrSchedule::kCosine;
   c.logging.out_dir = "runs/x";
   const json j = config_to_json(c);
   const Config back = config_from_json(j, "rt");
   CHECK(config_to_json(back) == j);
   CHECK(back.optimizer.lr == 3e-4);
-  CHECK(back.model.attn_scale == "embed");
+  CHECK(back.model.attn_scale == AttnScale::kEmbed);
   // Through text too, as a checkpoint stores it.
   CHECK(config_to_json(config_from_json(json::parse(j.dump()), "text")) == j);
 
@@ -187,6 +187,6 @@ TEST_CASE("load_config names the file, and the line and column of invalid JSON",
   write_file(d / "good.json", R"({"model": {"n_layer": 2}, "optimizer": {"schedule": "cosine"}})");
   const Config c = load_config(d / "good.json");
   CHECK(c.model.n_layer == 2);
-  CHECK(c.optimizer.schedule == "cosine");
+  CHECK(c.optimizer.schedule == LrSchedule::kCosine);
   CHECK(c.model.n_embed == 128);
 }

@@ -74,9 +74,9 @@ Config tiny_config() {
 // tiny_config with every MoE option beyond makeMoE switched on.
 Config all_features_config() {
   Config c = tiny_config();
-  c.model.expert_ffn = "swiglu";
+  c.model.expert_ffn = ExpertFfn::kSwiglu;
   c.model.shared_experts = 1;
-  c.router.gating = "softmax_topk";
+  c.router.gating = Gating::kSoftmaxTopk;
   c.router.renormalize = true;
   c.router.aux_loss_coef = 0.01;
   c.router.z_loss_coef = 1e-3;
@@ -92,7 +92,7 @@ struct GradRun {
   float objective = 0;
   std::vector<float> grads;
 };
-GradRun training_gradients(Graph& g, ForwardOptions fo, const std::string& expert_ffn = "swiglu") {
+GradRun training_gradients(Graph& g, ForwardOptions fo, ExpertFfn expert_ffn = ExpertFfn::kSwiglu) {
   Config cfg = all_features_config();
   cfg.model.n_layer = 4;
   cfg.model.expert_ffn = expert_ffn;
@@ -414,8 +414,8 @@ TEST_CASE("Generated tokens are those of the graph-built decoder (recorded), eve
     return out;
   };
   Config gelu = tiny_config();
-  gelu.model.expert_ffn = "gelu";
-  gelu.model.attn_scale = "embed";
+  gelu.model.expert_ffn = ExpertFfn::kGelu;
+  gelu.model.attn_scale = AttnScale::kEmbed;
   using Ids = std::vector<int32_t>;
   CHECK(run(tiny_config(), false) == Ids{12, 4, 11, 5, 5, 3, 2, 5, 5, 4, 12, 12, 4, 5, 5, 4, 5, 5, 4, 2,
                                           4, 4, 10, 11, 0, 11, 4, 12, 4, 12, 4, 12, 12, 4, 6, 7, 4, 8, 4, 4});
@@ -430,8 +430,8 @@ TEST_CASE("Gradient scopes: the gradients of a gradient per tensor, in about one
   // must outlive the block's scope.
   // relu experts run grouped_mlp, whose hidden layer's gradient is assigned in a region of the
   // scope that is not zeroed: each block's backward finds the block after it's there.
-  for (const std::string ffn : {"swiglu", "relu"}) {
-    INFO(ffn);
+  for (const ExpertFfn ffn : {ExpertFfn::kSwiglu, ExpertFfn::kRelu}) {
+    INFO(name_of(ffn));
     Graph scoped, per_tensor;
     per_tensor.set_grad_scopes(false);
     const GradRun a = training_gradients(scoped, {}, ffn), b = training_gradients(per_tensor, {}, ffn);

@@ -162,9 +162,8 @@ TEST_CASE("shared experts see every token", "[moe][shared]") {
   Config cfg = small_config();
   cfg.model.n_layer = 1;
   cfg.model.shared_experts = 1;
-  const std::string ffn = GENERATE(std::string("relu"), std::string("gelu"), std::string("swiglu"));
-  cfg.model.expert_ffn = ffn;
-  INFO(ffn);
+  cfg.model.expert_ffn = GENERATE(ExpertFfn::kRelu, ExpertFfn::kGelu, ExpertFfn::kSwiglu);
+  INFO(name_of(cfg.model.expert_ffn));
   Model m(cfg, 11);
   Rng init(1, 1);
   m.init(init);
@@ -190,7 +189,7 @@ TEST_CASE("shared experts see every token", "[moe][shared]") {
   int64_t shared = 0;
   for (const ParamInfo& p : m.params().infos())
     if (p.name.find("moe.shared.") != std::string::npos) shared += p.shape.numel();
-  CHECK(shared == (ffn == "swiglu" ? 3 * 16 * 64 : 2 * 16 * 64 + 64 + 16));
+  CHECK(shared == (cfg.model.expert_ffn == ExpertFfn::kSwiglu ? 3 * 16 * 64 : 2 * 16 * 64 + 64 + 16));
   int64_t routed = 0;
   for (const ParamInfo& p : m.params().infos())
     if (p.name.find("moe.experts.") != std::string::npos) routed += p.shape.numel();

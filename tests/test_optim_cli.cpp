@@ -20,7 +20,7 @@ TEST_CASE("learning-rate schedules", "[optim]") {
   c.lr = 1e-3;
   CHECK(learning_rate(c, 0, 100) == Approx(1e-3));
   CHECK(learning_rate(c, 99, 100) == Approx(1e-3));
-  c.schedule = "cosine";
+  c.schedule = LrSchedule::kCosine;
   c.warmup_steps = 10;
   c.min_lr = 1e-4;
   CHECK(learning_rate(c, 0, 110) == Approx(1e-4));   // warmup: (step + 1) / warmup · lr

@@ -18,12 +18,27 @@ namespace moe {
 using nlohmann::json;
 
 float Config::attention_scale() const {
-  return float(1.0 / std::sqrt(double(model.attn_scale == "embed" ? model.n_embed : head_size())));
+  switch (model.attn_scale) {
+    case AttnScale::kHead: return float(1.0 / std::sqrt(double(head_size())));
+    case AttnScale::kEmbed: return float(1.0 / std::sqrt(double(model.n_embed)));
+  }
+  throw std::logic_error("attention_scale: unknown model.attn_scale");
 }
 
-int64_t Config::expert_capacity(int64_t rows) const {
-  return int64_t(std::ceil(router.capacity_factor * double(router.top_k * rows) / double(router.num_experts)));
+int64_t Config::expert_matrices() const {
+  switch (model.expert_ffn) {
+    case ExpertFfn::kRelu:
+    case ExpertFfn::kGelu: return 2;
+    case ExpertFfn::kSwiglu: return 3;
+  }
+  throw std::logic_error("expert_matrices: unknown model.expert_ffn");
 }
+
+int64_t expert_capacity(const RouterConfig& r, int64_t rows) {
+  return int64_t(std::ceil(r.capacity_factor * double(r.top_k * rows) / double(r.num_experts)));
+}
+
+int64_t Config::expert_capacity(int64_t rows) const { return moe::expert_capacity(router, rows); }
 
 namespace {
 
@@ -37,6 +52,9 @@ struct Field {
 
 template <class T>
 using Rule = std::function<std::string(const T&)>;
+
+template <class T>
+constexpr bool is_enum_option = std::is_enum_v<T>;
 
 template <class T>
 const char* type_name() {
@@ -57,15 +75,40 @@ bool type_ok(const json& j) {
   else return j.is_string();
 }
 
+// "one of \"a\" \"b\"": what an enum option (or a string with a fixed set) allows.
+template <class Names>
+std::string one_of_text(const Names& allowed) {
+  std::string s = "one of";
+  for (const auto& a : allowed) s += " \"" + std::string(a) + "\"";
+  return s;
+}
+
+template <class T>
+json option_json(const T& v) {
+  if constexpr (is_enum_option<T>) return json(name_of(v));
+  else return json(v);
+}
+
+// An enum option from its config spelling; throws what is allowed.
+template <class T>
+T option_from_json(const json& j) {
+  const std::string v = j.get<std::string>();
+  const auto& names = EnumNames<T>::names;
+  for (size_t i = 0; i < names.size(); ++i)
+    if (v == names[i]) return T(i);
+  throw one_of_text(names);
+}
+
 template <class S, class T>
 Field field(const char* section, const char* name, S Config::*s, T S::*m, Rule<T> rule = {}) {
   Field f;
   f.section = section;
   f.name = name;
-  f.get = [s, m](const Config& c) { return json((c.*s).*m); };
+  f.get = [s, m](const Config& c) { return option_json((c.*s).*m); };
   f.set = [s, m](Config& c, const json& j) {
     if (!type_ok<T>(j)) throw std::string(type_name<T>());
     if constexpr (std::is_same_v<T, int64_t>) (c.*s).*m = j.is_number_float() ? int64_t(j.get<double>()) : j.get<int64_t>();
+    else if constexpr (is_enum_option<T>) (c.*s).*m = option_from_json<T>(j);
     else (c.*s).*m = j.get<T>();
   };
   f.check = [s, m, rule](const Config& c) { return rule ? rule((c.*s).*m) : std::string(); };
@@ -89,15 +132,6 @@ Rule<double> non_negative_number() {
 Rule<double> positive_number() {
   return [](const double& v) { return std::isfinite(v) && v > 0 ? "" : std::string("must be a number > 0"); };
 }
-Rule<std::string> one_of(std::vector<std::string> allowed) {
-  return [allowed](const std::string& v) {
-    for (const auto& a : allowed)
-      if (v == a) return std::string();
-    std::string s = "must be one of";
-    for (const auto& a : allowed) s += " \"" + a + "\"";
-    return s;
-  };
-}
 Rule<std::string> non_empty() { return [](const std::string& v) { return v.empty() ? std::string("must not be empty") : ""; }; }
 
 const std::vector<Field>& fields() {
@@ -110,22 +144,23 @@ const std::vector<Field>& fields() {
       field("model", "n_layer", &Config::model, &ModelConfig::n_layer, positive()),
       field("model", "dropout", &Config::model, &ModelConfig::dropout, in_range(0, 1, false, true)),
       field("model", "expert_hidden", &Config::model, &ModelConfig::expert_hidden, non_negative()),
-      field("model", "expert_ffn", &Config::model, &ModelConfig::expert_ffn, one_of({"relu", "gelu", "swiglu"})),
+      field("model", "expert_ffn", &Config::model, &ModelConfig::expert_ffn),
       field("model", "shared_experts", &Config::model, &ModelConfig::shared_experts, non_negative()),
-      field("model", "attn_scale", &Config::model, &ModelConfig::attn_scale, one_of({"head", "embed"})),
-      field("model", "init", &Config::model, &ModelConfig::init, one_of({"kaiming_normal", "xavier", "normal"})),
+      field("model", "attn_scale", &Config::model, &ModelConfig::attn_scale),
+      field("model", "init", &Config::model, &ModelConfig::init),
       field("model", "init_std", &Config::model, &ModelConfig::init_std, positive_number()),
       field("router", "num_experts", &Config::router, &RouterConfig::num_experts, positive()),
       field("router", "top_k", &Config::router, &RouterConfig::top_k, positive()),
       field("router", "noisy", &Config::router, &RouterConfig::noisy),
       field("router", "noise_at_eval", &Config::router, &RouterConfig::noise_at_eval),
-      field("router", "gating", &Config::router, &RouterConfig::gating, one_of({"topk_softmax", "softmax_topk"})),
+      field("router", "gating", &Config::router, &RouterConfig::gating),
       field("router", "renormalize", &Config::router, &RouterConfig::renormalize),
       field("router", "aux_loss_coef", &Config::router, &RouterConfig::aux_loss_coef, non_negative_number()),
       field("router", "z_loss_coef", &Config::router, &RouterConfig::z_loss_coef, non_negative_number()),
       field("router", "capacity_factor", &Config::router, &RouterConfig::capacity_factor, non_negative_number()),
       field("router", "capacity_at_eval", &Config::router, &RouterConfig::capacity_at_eval),
       field("router", "bias_update_rate", &Config::router, &RouterConfig::bias_update_rate, non_negative_number()),
+      field("router", "jitter", &Config::router, &RouterConfig::jitter, in_range(0, 1, false, true)),
       field("optimizer", "lr", &Config::optimizer, &OptimizerConfig::lr, positive_number()),
       field("optimizer", "beta1", &Config::optimizer, &OptimizerConfig::beta1, in_range(0, 1, false, true)),
       field("optimizer", "beta2", &Config::optimizer, &OptimizerConfig::beta2, in_range(0, 1, false, true)),
@@ -133,7 +168,7 @@ const std::vector<Field>& fields() {
       field("optimizer", "weight_decay", &Config::optimizer, &OptimizerConfig::weight_decay, non_negative_number()),
       field("optimizer", "exempt_no_decay", &Config::optimizer, &OptimizerConfig::exempt_no_decay),
       field("optimizer", "grad_clip", &Config::optimizer, &OptimizerConfig::grad_clip, non_negative_number()),
-      field("optimizer", "schedule", &Config::optimizer, &OptimizerConfig::schedule, one_of({"constant", "cosine"})),
+      field("optimizer", "schedule", &Config::optimizer, &OptimizerConfig::schedule),
       field("optimizer", "warmup_steps", &Config::optimizer, &OptimizerConfig::warmup_steps, non_negative()),
       field("optimizer", "min_lr", &Config::optimizer, &OptimizerConfig::min_lr, non_negative_number()),
       field("training", "batch_size", &Config::training, &TrainingConfig::batch_size, positive()),
@@ -234,7 +269,7 @@ void validate(const Config& c, const std::string& src) {
   if (c.router.top_k > c.router.num_experts)
     fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most router.num_experts = " +
          std::to_string(c.router.num_experts));
-  if (c.router.renormalize && c.router.gating != "softmax_topk")
+  if (c.router.renormalize && c.router.gating != Gating::kSoftmaxTopk)
     fail("router.renormalize applies to router.gating = \"softmax_topk\" only (topk_softmax weights already sum to 1)");
   if (c.optimizer.min_lr > c.optimizer.lr)
     fail("optimizer.min_lr = " + json(c.optimizer.min_lr).dump() + " must not exceed optimizer.lr = " +
@@ -250,7 +285,7 @@ void validate(const Config& c, const std::string& src) {
       {"batch_size * block_size * max(3 * n_embed, expert hidden size, num_experts) activations",
        B * T * std::max({3 * C, F, E})},
       {"batch_size * n_head * block_size^2 attention scores", B * H * T * T},
-      {"parameters", T * C + L * (4 * C * C + 2 * C * E + E * 2 * C * F)},
+      {"parameters", T * C + L * (4 * C * C + 2 * C * E + E * double(c.expert_matrices()) * C * F)},
   };
   for (const auto& [what, n] : sizes)
     if (n > kMaxElements)

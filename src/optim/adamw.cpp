@@ -72,7 +72,10 @@ float learning_rate(const OptimizerConfig& cfg, int64_t step, int64_t max_steps)
   const double lr = cfg.lr;
   if (cfg.warmup_steps > 0 && step < cfg.warmup_steps)
     return float(lr * double(step + 1) / double(cfg.warmup_steps));
-  if (cfg.schedule == "constant") return float(lr);
+  switch (cfg.schedule) {
+    case LrSchedule::kConstant: return float(lr);
+    case LrSchedule::kCosine: break;
+  }
   // Cosine decay from lr to min_lr over the steps after warmup.
   const double span = double(std::max<int64_t>(1, max_steps - cfg.warmup_steps));
   const double progress = std::min(1.0, double(step - cfg.warmup_steps) / span);

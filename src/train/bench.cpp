@@ -22,7 +22,7 @@ double forward_flops(const Config& cfg, int64_t V) {
   const double C = double(cfg.model.n_embed), T = double(cfg.model.block_size), E = double(cfg.router.num_experts),
                K = double(cfg.router.top_k), F = double(cfg.expert_hidden_size());
   // Per token: each of the k chosen and the shared experts, two C x F matrices (three for SwiGLU).
-  const double expert_matrices = cfg.model.expert_ffn == "swiglu" ? 3 : 2;
+  const double expert_matrices = double(cfg.expert_matrices());
   const double per_layer = 2 * C * 3 * C      // qkv
                            + 2 * C * C        // output projection
                            + 2 * 2 * T * C    // q·kᵀ and att·v over all heads

@@ -6,12 +6,50 @@
 // detection, type checks, range checks and serialisation all come from that table.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <nlohmann/json_fwd.hpp>
 #include <stdexcept>
 #include <string>
 
 namespace moe {
+
+// Option values are enums from the moment the config loads: a switch over one makes the compiler
+// name every site a new value must reach. EnumNames<E>::names holds the config spelling of each
+// value, in declaration order: the one table that loading, saving and error messages read.
+enum class ExpertFfn { kRelu, kGelu, kSwiglu };
+enum class AttnScale { kHead, kEmbed };
+enum class InitKind { kKaimingNormal, kXavier, kNormal };
+enum class Gating { kTopkSoftmax, kSoftmaxTopk };
+enum class LrSchedule { kConstant, kCosine };
+
+template <class E>
+struct EnumNames;
+template <>
+struct EnumNames<ExpertFfn> {
+  static constexpr std::array<const char*, 3> names{"relu", "gelu", "swiglu"};
+};
+template <>
+struct EnumNames<AttnScale> {
+  static constexpr std::array<const char*, 2> names{"head", "embed"};
+};
+template <>
+struct EnumNames<InitKind> {
+  static constexpr std::array<const char*, 3> names{"kaiming_normal", "xavier", "normal"};
+};
+template <>
+struct EnumNames<Gating> {
+  static constexpr std::array<const char*, 2> names{"topk_softmax", "softmax_topk"};
+};
+template <>
+struct EnumNames<LrSchedule> {
+  static constexpr std::array<const char*, 2> names{"constant", "cosine"};
+};
+template <class E>
+const char* name_of(E value) {
+  return EnumNames<E>::names[size_t(value)];
+}
 
 struct DataConfig {
   std::string path = "data/tinyshakespeare.txt";
@@ -25,10 +63,10 @@ struct ModelConfig {
   int64_t n_layer = 8;
   double dropout = 0.1;
   int64_t expert_hidden = 0;          // 0: 4 * n_embed
-  std::string expert_ffn = "relu";    // "relu" | "gelu": fc2(act(fc1 x)); "swiglu": fc2(silu(fc1 x) * fc3 x)
+  ExpertFfn expert_ffn = ExpertFfn::kRelu;  // relu | gelu: fc2(act(fc1 x)); swiglu: fc2(silu(fc1 x) * fc3 x)
   int64_t shared_experts = 0;         // experts every token passes through, added to the routed output
-  std::string attn_scale = "head";    // "head": head_size^-0.5; "embed": n_embed^-0.5 (makeMoE)
-  std::string init = "kaiming_normal";  // "kaiming_normal" | "xavier" | "normal"
+  AttnScale attn_scale = AttnScale::kHead;  // head: head_size^-0.5; embed: n_embed^-0.5 (makeMoE)
+  InitKind init = InitKind::kKaimingNormal;
   double init_std = 0.02;             // for "normal" (and embeddings outside kaiming_normal)
 };
 
@@ -39,14 +77,19 @@ struct RouterConfig {
   bool noise_at_eval = false;  // makeMoE also adds the noise at evaluation and generation
   // "topk_softmax": softmax over the k kept logits (makeMoE); "softmax_topk": softmax over all
   // experts, then the k largest probabilities (Mixtral, Megablocks), rescaled to sum 1 if renormalize.
-  std::string gating = "topk_softmax";
+  Gating gating = Gating::kTopkSoftmax;
   bool renormalize = false;
   double aux_loss_coef = 0;      // Switch load-balancing loss E * sum_i f_i P_i, averaged over layers
   double z_loss_coef = 0;        // ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2
   double capacity_factor = 0;    // capacity = ceil(factor * k * tokens / E) per expert; 0: dropless
   bool capacity_at_eval = false; // apply the capacity outside training too
   double bias_update_rate = 0;   // DeepSeek-V3 aux-loss-free balancing step gamma; 0: off
+  double jitter = 0;             // Megablocks: in training, the router's input times U(1 - jitter, 1 + jitter); 0: off
 };
+
+// Slots each expert keeps when `rows` tokens are routed (capacity_factor > 0):
+// ceil(capacity_factor · top_k · rows / num_experts).
+int64_t expert_capacity(const RouterConfig& r, int64_t rows);
 
 struct OptimizerConfig {
   double lr = 1e-3;
@@ -56,7 +99,7 @@ struct OptimizerConfig {
   double weight_decay = 0.01;
   bool exempt_no_decay = false;  // true: no decay on biases, LayerNorm and embeddings
   double grad_clip = 0;          // max global gradient norm; 0: off
-  std::string schedule = "constant";  // "constant" | "cosine"
+  LrSchedule schedule = LrSchedule::kConstant;
   int64_t warmup_steps = 0;
   double min_lr = 0;  // floor of the cosine schedule
 };
@@ -90,6 +133,8 @@ struct Config {
   int64_t head_size() const { return model.n_embed / model.n_head; }
   int64_t expert_hidden_size() const { return model.expert_hidden > 0 ? model.expert_hidden : 4 * model.n_embed; }
   float attention_scale() const;
+  // Weight matrices of one expert: fc1 and fc2, and SwiGLU's fc3.
+  int64_t expert_matrices() const;
   // Slots each expert keeps when `rows` tokens are routed (router.capacity_factor > 0):
   // ceil(capacity_factor · top_k · rows / num_experts).
   int64_t expert_capacity(int64_t rows) const;

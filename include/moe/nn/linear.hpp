@@ -1,0 +1,55 @@
+// Linear: y = x·Wᵀ + b (W [out, in], as torch.nn.Linear), and the registration of a module's
+// parameters (ParamBuilder), which every module uses.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/nn/forward.hpp"
+#include "moe/tensor/graph.hpp"
+#include "moe/tensor/params.hpp"
+
+namespace moe {
+
+struct Regen;  // moe/ops/ops.hpp
+
+// How Model::init fills a parameter, recorded when it is registered.
+enum class ParamRole { kEmbedding, kNormWeight, kNormBias, kLinearWeight, kLinearBias };
+struct ParamRoleInfo {
+  ParamRole role;
+  int64_t fan_in = 0, fan_out = 0;  // for Linear weights and biases
+};
+
+// Registers parameters in a store under PyTorch-style dotted names, with their roles.
+class ParamBuilder {
+ public:
+  ParamBuilder(ParamStore& store, std::vector<ParamRoleInfo>& roles) : store_(store), roles_(roles) {}
+  int add(const std::string& name, const Shape& shape, bool decay, ParamRoleInfo role) {
+    const int id = store_.add(name, shape, decay);
+    roles_.push_back(role);
+    return id;
+  }
+
+ private:
+  ParamStore& store_;
+  std::vector<ParamRoleInfo>& roles_;
+};
+
+struct Linear {
+  int weight = -1;  // [out, in]
+  int bias = -1;    // [out], or -1 for none
+  int64_t in = 0, out = 0;
+
+  static Linear make(ParamBuilder& pb, const std::string& name, int64_t in, int64_t out, bool bias);
+  // The bias tensor, or an empty one.
+  Tensor bias_tensor(const ParamStore& ps) const { return bias >= 0 ? ps.get(bias) : Tensor{}; }
+  // x [..., in] -> [..., out]. With regen, the output is made again in the backward pass (Regen).
+  Tensor forward(Graph& g, const ParamStore& ps, const Tensor& x, Regen* regen = nullptr) const;
+  // y [n, out] for the n rows of x [n, in], on the cache's transposed weights: bias rows first,
+  // then the product (the same products summed in the same order as forward's GEMM; one row
+  // takes the one-row loop).
+  void decode(const ParamStore& ps, const KVCache::Work& w, const float* x, int64_t n, float* y) const;
+};
+
+}  // namespace moe

@@ -1,0 +1,76 @@
+// The router: per token, which experts and with what weights, as a RoutingPlan that the MoE
+// layer's executors run. Training (on the graph) and decoding (on kernels) share the gating
+// math (gate_forward below) and the plan's grouping and capacity (group_plan).
+//
+// Logits: clean = route(x'), where x' = x ⊙ u, u ~ U(1 - jitter, 1 + jitter) in training
+// (Megablocks' router jitter; x' = x otherwise); with noise (noisy top-k), logits = clean +
+// n ⊙ softplus(noise(x')), n ~ N(0, 1). Gating (router.gating):
+// - topk_softmax: the K largest logits, softmax over them (makeMoE);
+// - softmax_topk: softmax over all experts, the K largest probabilities, rescaled to sum 1
+//   with router.renormalize (Mixtral).
+// The balancing bias (router.bias_update_rate) shifts the choice only, never the weights.
+#pragma once
+
+#include <string>
+
+#include "moe/io/config.hpp"
+#include "moe/nn/linear.hpp"
+
+namespace moe {
+
+// A routing plan over N tokens, K slots each: per token its experts and weights, per expert
+// its rows. K may equal E (a dense weight per token and expert).
+struct RoutingPlan {
+  int64_t N = 0, E = 0, K = 0;
+  const int32_t* index = nullptr;  // [N, K] expert of each slot, per token in descending score
+  float* weights = nullptr;        // [N, K] gate weight of each slot
+  int32_t* offsets = nullptr;      // [E + 1] expert e's rows: offsets[e]..offsets[e+1] (after drops)
+  int32_t* token = nullptr;        // [N*K] each row's token, grouped by expert, tokens in order
+  int32_t* gate_pos = nullptr;     // [N*K] each row's slot n*K + k
+  int32_t* chosen = nullptr;       // [E] slots each expert was chosen for, before drops
+  int64_t dropped = 0;             // slots the capacity dropped
+  int64_t rows() const { return offsets[E]; }
+};
+
+// Groups the plan's slots by expert (offsets, token, gate_pos, chosen) and applies the capacity
+// (0: none): an expert keeps its `capacity` slots of largest weight.
+void group_plan(RoutingPlan& plan, int64_t capacity);
+
+// The gating: index [N, K] and weights [N, K] from logits [N, E] and the selection bias (may be
+// null). probs [N, E] and gathered [N, K] hold softmax_topk's intermediates (unused otherwise).
+void gate_forward(Gating gating, bool renormalize, int32_t* index, float* weights, float* probs, float* gathered,
+                  const float* logits, const float* bias, int64_t N, int64_t E, int64_t K);
+
+class Router {
+ public:
+  Linear route;  // C -> E: clean logits
+  Linear noise;  // C -> E: scale of the noise, through softplus
+
+  static Router make(ParamBuilder& pb, const std::string& prefix, int64_t C, const RouterConfig& rc);
+  // Whether the router adds noise: router.noisy, in training or with router.noise_at_eval.
+  bool noisy(bool training) const { return rc_.noisy && (training || rc_.noise_at_eval); }
+  bool jitters(bool training) const { return training && rc_.jitter > 0; }
+  // Numbers one forward over `rows` tokens draws from ForwardOptions::noise_rng: the jitter's
+  // (C per token, first), then the noise's (E per token).
+  int64_t noise_draws(int64_t rows, bool training) const;
+  // Slots each expert keeps for `rows` tokens (0: no capacity) in training or not.
+  int64_t capacity(int64_t rows, bool training) const;
+
+  struct Routed {
+    Tensor clean;    // [N, E] clean logits (the balancing losses read them)
+    Tensor weights;  // [N, K] the plan's weights, with their gradient
+    RoutingPlan plan;
+  };
+  // The plan for the rows of x [N, C] (layer `layer`, for fixed noise), bias [E] or null.
+  Routed forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_t layer, const float* bias,
+                 const ForwardOptions& opt) const;
+  // The same in evaluation for the n rows of w.normed, in w's router buffers.
+  RoutingPlan decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const float* bias,
+                     const ForwardOptions& opt) const;
+
+ private:
+  RouterConfig rc_;
+  int64_t C_ = 0;
+};
+
+}  // namespace moe

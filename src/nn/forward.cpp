@@ -1,0 +1,53 @@
+#include "moe/nn/forward.hpp"
+
+#include <algorithm>
+
+namespace moe {
+
+void RoutingStats::reset(int64_t layers, int64_t experts) {
+  const size_t L = size_t(layers);
+  tokens_per_expert.assign(L, std::vector<int64_t>(size_t(experts), 0));
+  assigned.assign(L, 0);
+  dropped.assign(L, 0);
+  tokens.assign(L, 0);
+  forwards.assign(L, 0);
+  entropy_sum.assign(L, 0);
+  z_sum.assign(L, 0);
+  aux_sum.assign(L, 0);
+}
+
+void RoutingStats::add(const RoutingStats& other) {
+  for (size_t l = 0; l < other.tokens.size(); ++l) {
+    for (size_t e = 0; e < other.tokens_per_expert[l].size(); ++e)
+      tokens_per_expert[l][e] += other.tokens_per_expert[l][e];
+    assigned[l] += other.assigned[l];
+    dropped[l] += other.dropped[l];
+    tokens[l] += other.tokens[l];
+    forwards[l] += other.forwards[l];
+    entropy_sum[l] += other.entropy_sum[l];
+    z_sum[l] += other.z_sum[l];
+    aux_sum[l] += other.aux_sum[l];
+  }
+}
+
+nlohmann::json RoutingStats::health() const {
+  nlohmann::json layers = nlohmann::json::array();
+  for (size_t l = 0; l < tokens_per_expert.size(); ++l) {
+    const auto& counts = tokens_per_expert[l];
+    int64_t total = 0, most = 0;
+    for (int64_t c : counts) total += c, most = std::max(most, c);
+    nlohmann::json load = nlohmann::json::array();
+    for (int64_t c : counts) load.push_back(total ? double(c) / double(total) : 0.0);
+    const double mean_load = double(total) / double(counts.size());
+    const auto per = [](double sum, int64_t n) { return n ? sum / double(n) : 0.0; };
+    layers.push_back({{"load", load},
+                      {"dropped_frac", per(double(dropped[l]), assigned[l])},
+                      {"router_entropy", per(entropy_sum[l], tokens[l])},
+                      {"aux_loss", per(double(counts.size()) * aux_sum[l], forwards[l])},
+                      {"z_loss", per(z_sum[l], tokens[l])},
+                      {"max_violation", total ? double(most) / mean_load - 1 : 0.0}});
+  }
+  return layers;
+}
+
+}  // namespace moe

@@ -1,0 +1,162 @@
+#include "moe/nn/router.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "moe/kernels/log1pf.hpp"
+#include "moe/kernels/nn.hpp"
+#include "moe/kernels/routing.hpp"
+#include "moe/ops/ops.hpp"
+
+namespace moe {
+
+void group_plan(RoutingPlan& p, int64_t capacity) {
+  group_by_expert(p.index, p.N, p.K, p.E, p.offsets, p.token, p.gate_pos);
+  for (int64_t e = 0; e < p.E; ++e) p.chosen[e] = p.offsets[e + 1] - p.offsets[e];
+  p.dropped = capacity > 0 ? apply_capacity(p.offsets, p.token, p.gate_pos, p.weights, p.E, capacity) : 0;
+}
+
+void gate_forward(Gating gating, bool renormalize, int32_t* index, float* weights, float* probs, float* gathered,
+                  const float* logits, const float* bias, int64_t N, int64_t E, int64_t K) {
+  switch (gating) {
+    case Gating::kTopkSoftmax:
+      topk_select(index, logits, bias, N, E, K);
+      topk_softmax_forward(weights, index, logits, N, E, K);
+      return;
+    case Gating::kSoftmaxTopk:
+      softmax_forward(probs, logits, N, E, false);
+      topk_select(index, probs, bias, N, E, K);
+      gather_cols_forward(renormalize ? gathered : weights, probs, index, N, E, K);
+      if (renormalize) normalize_rows_forward(weights, gathered, N, K);
+      return;
+  }
+}
+
+namespace {
+
+// The gating as one op: weights [N, K] from logits [N, E], their gradient into the logits.
+// The backward runs what the separate ops' backward passes ran, in their order: for
+// softmax_topk the renormalisation's, the gather's (into zeroed probabilities' gradients),
+// then the softmax's.
+Tensor gate(Graph& g, const Tensor& logits, Gating gating, bool renormalize, const float* bias, int64_t K,
+            int32_t* index) {
+  const int64_t N = logits.size(0), E = logits.size(1);
+  MOE_CHECK(K >= 1 && K <= E, "gate", "K=" + std::to_string(K) + " must be in [1, E=" + std::to_string(E) + "]");
+  Tensor w = g.output({N, K}, logits);
+  const bool soft = gating == Gating::kSoftmaxTopk;
+  float* probs = soft ? g.arena().alloc_floats(N * E) : nullptr;
+  float* gathered = soft && renormalize ? g.arena().alloc_floats(N * K) : nullptr;
+  gate_forward(gating, renormalize, index, w.data, probs, gathered, logits.data, bias, N, E, K);
+  if (!w.requires_grad()) return w;
+  if (!soft) {
+    g.record([=] { topk_softmax_backward(logits.grad, w.grad, w.data, index, N, E, K); });
+    return w;
+  }
+  float* dprobs = g.arena().alloc_floats(N * E);
+  float* dgathered = renormalize ? g.arena().alloc_floats(N * K) : nullptr;
+  g.record([=] {
+    const float* dg = w.grad;
+    if (renormalize) {  // w = x / s: dx_j = (dw_j - Σ_k dw_k w_k) / s
+      for (int64_t n = 0; n < N; ++n) {
+        float s = 0, dot = 0;
+        for (int64_t k = 0; k < K; ++k) s += gathered[n * K + k], dot += w.grad[n * K + k] * w.data[n * K + k];
+        for (int64_t k = 0; k < K; ++k) dgathered[n * K + k] = 0.f + (w.grad[n * K + k] - dot) / s;
+      }
+      dg = dgathered;
+    }
+    std::fill(dprobs, dprobs + N * E, 0.f);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) dprobs[n * E + index[n * K + k]] += dg[n * K + k];
+    softmax_backward(logits.grad, dprobs, probs, N, E);
+  });
+  return w;
+}
+
+}  // namespace
+
+Router Router::make(ParamBuilder& pb, const std::string& prefix, int64_t C, const RouterConfig& rc) {
+  Router r;
+  r.rc_ = rc;
+  r.C_ = C;
+  r.route = Linear::make(pb, prefix + "route", C, rc.num_experts, true);
+  r.noise = Linear::make(pb, prefix + "noise", C, rc.num_experts, true);
+  return r;
+}
+
+int64_t Router::noise_draws(int64_t rows, bool training) const {
+  return (jitters(training) ? rows * C_ : 0) + (noisy(training) ? rows * rc_.num_experts : 0);
+}
+
+int64_t Router::capacity(int64_t rows, bool training) const {
+  return rc_.capacity_factor > 0 && (training || rc_.capacity_at_eval) ? expert_capacity(rc_, rows) : 0;
+}
+
+Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_t layer, const float* bias,
+                               const ForwardOptions& opt) const {
+  const int64_t N = x.rows(), E = rc_.num_experts, K = rc_.top_k;
+  const auto fixed = [&](const std::vector<std::vector<float>>* from, float* to, int64_t n, const char* what) {
+    const auto& v = (*from)[size_t(layer)];
+    MOE_CHECK(int64_t(v.size()) == n, "Model", std::string("fixed router ") + what + " has the wrong size");
+    std::memcpy(to, v.data(), sizeof(float) * size_t(n));
+  };
+  Tensor in = x;  // (N, C)
+  if (jitters(opt.training)) {
+    Tensor u = g.new_tensor({N, C_}, false);  // (N, C) in [1 - jitter, 1 + jitter]
+    if (opt.fixed_jitter) {
+      fixed(opt.fixed_jitter, u.data, N * C_, "jitter");
+    } else {
+      MOE_CHECK(opt.noise_rng != nullptr, "Model", "router jitter needs a noise generator");
+      const auto j = float(rc_.jitter);
+      opt.noise_rng->fill_uniform(u.data, N * C_, 1.f - j, 1.f + j);
+    }
+    in = mul(g, x, u);
+  }
+  Routed r;
+  r.clean = route.forward(g, ps, in);  // (N, E)
+  Tensor logits = r.clean;
+  if (opt.fixed_noise != nullptr || noisy(opt.training)) {
+    Tensor n = g.new_tensor({N, E}, false);  // (N, E) standard normal
+    if (opt.fixed_noise) {
+      fixed(opt.fixed_noise, n.data, N * E, "noise");
+    } else {
+      MOE_CHECK(opt.noise_rng != nullptr, "Model", "router noise needs a noise generator");
+      opt.noise_rng->fill_normal(n.data, N * E);
+    }
+    Tensor noise_scale = softplus(g, noise.forward(g, ps, in));
+    logits = add(g, r.clean, mul(g, n, noise_scale));
+  }
+  int32_t* index = g.arena().alloc_ints(N * K);
+  r.weights = gate(g, logits, rc_.gating, rc_.renormalize, bias, K, index);  // (N, K)
+  r.plan = {N, E, K, index, r.weights.data, g.arena().alloc_ints(E + 1), g.arena().alloc_ints(N * K),
+            g.arena().alloc_ints(N * K), g.arena().alloc_ints(E)};
+  group_plan(r.plan, capacity(N, opt.training));
+  return r;
+}
+
+RoutingPlan Router::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const float* bias,
+                           const ForwardOptions& opt) const {
+  const int64_t E = rc_.num_experts, K = rc_.top_k;
+  const float* x = w.normed.data();
+  float* clean = w.clean.data();
+  route.decode(ps, w, x, n, clean);  // (n, E)
+  const float* logits = clean;
+  if (noisy(false)) {  // clean + noise ⊙ softplus(noise linear), as mul() then add()
+    MOE_CHECK(opt.noise_rng != nullptr, "Model::decode", "router noise needs a noise generator");
+    float* nz = w.noise.data();
+    opt.noise_rng->fill_normal(nz, n * E);
+    float* noisy_logits = w.logits.data();
+    noise.decode(ps, w, x, n, noisy_logits);
+    softplus_floats(noisy_logits, noisy_logits, n * E);
+    for (int64_t i = 0; i < n * E; ++i) noisy_logits[i] = nz[i] * noisy_logits[i];
+    for (int64_t i = 0; i < n * E; ++i) noisy_logits[i] = noisy_logits[i] + clean[i];
+    logits = noisy_logits;
+  }
+  RoutingPlan plan{n,           E, K, w.index.data(), w.gates.data(), w.offsets.data(), w.token.data(),
+                   w.gate_pos.data(), w.chosen.data()};
+  gate_forward(rc_.gating, rc_.renormalize, w.index.data(), w.gates.data(), w.probs.data(), w.gathered.data(), logits,
+               bias, n, E, K);
+  group_plan(plan, capacity(n, false));
+  return plan;
+}
+
+}  // namespace moe
