@@ -33,18 +33,17 @@ TEST_CASE("Rng shards and windows split one fill between processes", "[rng][para
     }
     CHECK(part.state().counter == whole.state().counter);  // every process ends at the same counter
   }
-  // A window: numbers [offset, offset + m) of a shared fill of `total`, then the counter moves past it.
+  // A window: numbers [offset, offset + m) of the next `total`, as a generator of its own; the
+  // stream moves past all of them, whatever its shard.
   Rng w(5, 3);
-  w.set_shard(1, 3);  // a window overrides the shard for one fill
+  w.set_shard(1, 3);
   std::vector<float> part(7);
-  w.set_next_window(10, 3 * n);
-  w.fill_uniform(part.data(), 7);
+  Rng window = w.take_window(10, 3 * n);
+  window.fill_uniform(part.data(), 7);
   for (int64_t i = 0; i < 7; ++i) CHECK(part[size_t(i)] == u[size_t(10 + i)]);
   CHECK(w.state().counter == uint64_t(3 * n));
   w.skip(3 * n);
   CHECK(w.state().counter == whole.state().counter);
-  w.set_next_window(5, 8);
-  CHECK_THROWS(w.fill_uniform(part.data(), 7));  // 5 + 7 > 8
   CHECK_THROWS(w.set_shard(3, 3));
 }
 

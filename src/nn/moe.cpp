@@ -105,18 +105,18 @@ void run_per_expert(const Executor& ex, Tensor& acc, const Tensor& xf, const Ten
   const bool drawn = ex.opt.training && ex.p > 0 && ex.opt.dropout_rng;
   for (int64_t e = 0; e < ex.E; ++e) {
     const int64_t begin = plan.offsets[e], n = plan.offsets[e + 1] - begin;
+    Rng window;  // this process's rows' numbers of expert e's draw
     if (drawn) {
       int64_t before = 0, total = 0;
       for (int64_t r = 0; r < R; ++r) {
         if (r < me) before += kept(r, e);
         total += kept(r, e);
       }
-      if (n == 0) ex.opt.dropout_rng->skip(uint64_t(total * ex.C));
-      else ex.opt.dropout_rng->set_next_window(uint64_t(before * ex.C), uint64_t(total * ex.C));
+      window = ex.opt.dropout_rng->take_window(uint64_t(before * ex.C), uint64_t(total * ex.C));
     }
     if (n == 0) continue;  // only the chosen experts compute
     const Tensor ye = ex.experts[size_t(e)].forward(ex.g, ex.ps, gather_rows(ex.g, xf, plan.token + begin, n), ex.kind,
-                                                    ex.p, ex.opt.training, ex.drop);  // (n, C)
+                                                    ex.p, ex.opt.training, drawn ? window : ex.drop);  // (n, C)
     index_add_weighted(ex.g, acc, ye, plan.token + begin, weights, plan.gate_pos + begin, n);
   }
 }
@@ -149,11 +149,9 @@ void run_all_to_all(const Executor& ex, Tensor& acc, const Tensor& xf, const Ten
   for (int64_t e = 0; e < ex.E; ++e) {
     int64_t n = 0;
     for (int64_t r = 0; r < R; ++r) n += kept(r, e);
-    if (ctx.expert_owner(e, ex.E) != rank) {
-      if (drawn) ex.opt.dropout_rng->skip(uint64_t(n * ex.C));
-      continue;
-    }
-    if (n == 0) continue;
+    Rng window;  // expert e's draw over its rows from every rank
+    if (drawn) window = ex.opt.dropout_rng->take_window(0, uint64_t(n * ex.C));
+    if (ctx.expert_owner(e, ex.E) != rank || n == 0) continue;
     int32_t* rows = g.arena().alloc_ints(n);
     int64_t i = 0;
     for (int64_t r = 0; r < R; ++r) {
@@ -161,9 +159,8 @@ void run_all_to_all(const Executor& ex, Tensor& acc, const Tensor& xf, const Ten
       for (int64_t e2 = rank * El; e2 < e; ++e2) first += kept(r, e2);
       for (int64_t j = 0; j < kept(r, e); ++j) rows[i++] = int32_t(first + j);
     }
-    if (drawn) ex.opt.dropout_rng->set_next_window(0, uint64_t(n * ex.C));
     const Tensor ye = ex.experts[size_t(e)].forward(g, ex.ps, gather_rows(g, xr, rows, n), ex.kind, ex.p,
-                                                    ex.opt.training, ex.drop);  // (n, C)
+                                                    ex.opt.training, drawn ? window : ex.drop);  // (n, C)
     index_add_weighted(g, yr, ye, rows, ones, rows, n);
   }
   const Tensor ys = exchange_rows(g, yr, recv, send);  // (S, C), back in this rank's row order

@@ -385,19 +385,15 @@ void set_rng_avx512(bool on) {
 }
 
 uint64_t Rng::take_fill(int64_t n) {
-  uint64_t offset = 0, total = uint64_t(n);
-  if (window_total_ > 0) {  // this fill only
-    if (window_offset_ + uint64_t(n) > window_total_)
-      throw std::logic_error("Rng: a window of " + std::to_string(window_total_) + " numbers cannot hold " +
-                             std::to_string(n) + " at offset " + std::to_string(window_offset_));
-    offset = window_offset_, total = window_total_;
-    window_offset_ = window_total_ = 0;
-  } else {
-    offset = shard_index_ * uint64_t(n), total = shard_count_ * uint64_t(n);
-  }
-  const uint64_t first = s_.counter + offset;
-  s_.counter += total;
+  const uint64_t first = s_.counter + shard_index_ * uint64_t(n);
+  s_.counter += shard_count_ * uint64_t(n);
   return first;
+}
+
+Rng Rng::take_window(uint64_t offset, uint64_t total) {
+  const Rng window(RngState{s_.seed, s_.stream, s_.counter + offset});
+  s_.counter += total;
+  return window;
 }
 
 void Rng::set_shard(uint64_t index, uint64_t count) {
@@ -405,8 +401,6 @@ void Rng::set_shard(uint64_t index, uint64_t count) {
     throw std::invalid_argument("Rng: shard " + std::to_string(index) + " of " + std::to_string(count));
   shard_index_ = index, shard_count_ = count;
 }
-
-void Rng::set_next_window(uint64_t offset, uint64_t total) { window_offset_ = offset, window_total_ = total; }
 
 void Rng::set_segments(uint64_t count, uint64_t stride) {
   if (count == 0) throw std::invalid_argument("Rng: 0 segments");

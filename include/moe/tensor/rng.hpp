@@ -43,8 +43,8 @@ class Rng {
   float uniform();                       // [0, 1)
   float normal();                        // N(0, 1)
   uint64_t below(uint64_t n);            // uniform integer in [0, n), n > 0
-  // out[i] uses counter + i; the counter advances by n. Parallel over i. (With a shard or a
-  // window set, see below, the first number and the advance come from those instead.)
+  // out[i] uses counter + i; the counter advances by n. Parallel over i. (With a shard set,
+  // see below, the first number and the advance come from it instead.)
   void fill_uniform(float* out, int64_t n, float lo = 0.f, float hi = 1.f);  // lo + (hi - lo)·u, one fma
   void fill_normal(float* out, int64_t n, float mean = 0.f, float stddev = 1.f);
   // keep[i] = 1 when the uniform fill_uniform(out, n) would give as out[i] is at least p, else
@@ -61,9 +61,11 @@ class Rng {
   // counter advances by count·n on every process). A fill over a batch-major tensor thus
   // draws exactly what one process with the whole batch would draw for these rows.
   void set_shard(uint64_t index, uint64_t count);
-  // The next fill only: numbers counter + offset + i of a shared fill of `total` numbers (for
-  // row blocks whose size differs between processes, like the tokens routed to an expert).
-  void set_next_window(uint64_t offset, uint64_t total);
+  // Numbers offset, offset + 1, ... of the next `total` this stream draws, as a generator of
+  // their own (no shard, no segments); this one moves past all `total`. For row blocks whose
+  // size differs between processes, like the tokens routed to an expert: each process takes
+  // its rows' window of the numbers one process with the whole batch would draw.
+  Rng take_window(uint64_t offset, uint64_t total);
   // Batched forwards: until reset by set_segments(1, 0), every fill of n numbers is `count`
   // fills of n / count numbers, the j-th from counter + j·stride, and the counter advances by
   // n / count. Forwards of `count` batches made one thus draw what each would have drawn
@@ -80,7 +82,6 @@ class Rng {
   uint64_t take_fill(int64_t n);  // the first counter of a fill; advances the state
   RngState s_;
   uint64_t shard_index_ = 0, shard_count_ = 1;  // not saved: set by whoever runs the processes
-  uint64_t window_offset_ = 0, window_total_ = 0;
   uint64_t segments_ = 1, segment_stride_ = 0;
   template <class FillAt>
   void fill_segments(int64_t n, FillAt fill_at);  // fill_at(offset in the fill, count, first counter)
