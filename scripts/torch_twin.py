@@ -12,7 +12,10 @@ python3-torch, then run with /usr/bin/python3). moe itself never needs it.
   /usr/bin/python3 scripts/torch_twin.py train --config configs/makemoe.json
 
 `fixtures` writes into tests/fixtures/:
-  twin_tiny.safetensors       the makeMoE baseline (tests/test_model.cpp)
+  twin_tiny.safetensors       the makeMoE baseline (tests/test_model.cpp). The committed one
+                              was made on another machine: made again here, its tensors
+                              differ from it by up to 1.4e-6 (PyTorch's kernels for the CPU),
+                              so leave it alone unless the baseline itself changes
   twin_<variant>.safetensors  one per entry of VARIANTS below (tests/test_twin.cpp): a tiny
                               model's weights, a batch, fixed router noise, the top-k choices,
                               logits, loss, objective, every gradient, 5 AdamW steps with the
@@ -442,28 +445,32 @@ MIN_GAP = 1e-3  # smallest margin of a routing decision (top-k, capacity) the fi
 TINY = merged(DEFAULTS, {"model": {"block_size": 8, "n_embed": 16, "n_head": 4, "n_layer": 2, "dropout": 0.0,
                                    "expert_hidden": 32, "attn_scale": "embed"},
                          "router": {"num_experts": 4, "top_k": 2}, "training": {"batch_size": 3}})
-# The variants (twin_<name>.safetensors, tests/test_twin.cpp): TINY with smaller experts and
-# each one's changes, in a training forward (dropout 0, router noise fixed by the fixture)
-# unless "training" is False.
+# The variants (twin_<name>.safetensors, tests/test_twin.cpp): VARIANT_BASE with the changes,
+# in a training forward (dropout 0) or an evaluation one. The router noise (when the router
+# adds some) is fixed by the fixture, or with drawn_noise drawn as moe draws it from
+# Rng(NOISE_SEED, NOISE_STREAM), new numbers every forward.
+Variant = namedtuple("Variant", "changes training drawn_noise", defaults=(True, False))
 VARIANT_BASE = merged(TINY, {"model": {"expert_hidden": 16}})
 VARIANTS = {
-    "gelu": {"model": {"expert_ffn": "gelu"}},
-    "swiglu": {"model": {"expert_ffn": "swiglu"}},
-    "shared1": {"model": {"shared_experts": 1}},
-    "shared2_swiglu": {"model": {"shared_experts": 2, "expert_ffn": "swiglu"}},
-    "softmax_topk": {"router": {"gating": "softmax_topk"}},
-    "softmax_topk_renorm": {"router": {"gating": "softmax_topk", "renormalize": True}},
-    "capacity": {"router": {"capacity_factor": 0.75}},
-    "capacity_eval": {"router": {"capacity_factor": 1.0, "capacity_at_eval": True}, "training": False},
-    "aux_loss": {"router": {"aux_loss_coef": 0.1}},
-    "z_loss": {"router": {"z_loss_coef": 0.01}},
-    "balance_bias": {"router": {"bias_update_rate": 0.05}},
-    "attn_head": {"model": {"attn_scale": "head"}},
-    "noiseless": {"router": {"noisy": False}},
-    "all": {"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
-            "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0, "aux_loss_coef": 0.01,
-                       "z_loss_coef": 1e-3, "bias_update_rate": 0.01}},
+    "gelu": Variant({"model": {"expert_ffn": "gelu"}}),
+    "swiglu": Variant({"model": {"expert_ffn": "swiglu"}}),
+    "shared1": Variant({"model": {"shared_experts": 1}}),
+    "shared2_swiglu": Variant({"model": {"shared_experts": 2, "expert_ffn": "swiglu"}}),
+    "softmax_topk": Variant({"router": {"gating": "softmax_topk"}}),
+    "softmax_topk_renorm": Variant({"router": {"gating": "softmax_topk", "renormalize": True}}),
+    "capacity": Variant({"router": {"capacity_factor": 0.75}}),
+    "capacity_eval": Variant({"router": {"capacity_factor": 1.0, "capacity_at_eval": True}}, training=False),
+    "aux_loss": Variant({"router": {"aux_loss_coef": 0.1}}),
+    "z_loss": Variant({"router": {"z_loss_coef": 0.01}}),
+    "balance_bias": Variant({"router": {"bias_update_rate": 0.05}}),
+    "attn_head": Variant({"model": {"attn_scale": "head"}}),
+    "noiseless": Variant({"router": {"noisy": False}}),
+    "noise_at_eval": Variant({"router": {"noise_at_eval": True}}, training=False, drawn_noise=True),
+    "all": Variant({"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
+                    "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0,
+                               "aux_loss_coef": 0.01, "z_loss_coef": 1e-3, "bias_update_rate": 0.01}}),
 }
+NOISE_SEED, NOISE_STREAM = 99, 3
 # model.init kinds for twin_init.safetensors: moe's init of VARIANT_BASE with a shared SwiGLU
 # expert (embeddings, LayerNorms, Linears with and without bias).
 INIT_KINDS = {"kaiming_normal": {}, "xavier": {}, "normal": {"init_std": 0.05}}
@@ -494,18 +501,24 @@ def backward(model, objective):
             p.grad = torch.zeros_like(p)
 
 
-def run_case(cfg, seed, training, fixed_noise, with_bias):
+def run_case(cfg, seed, training, drawn_noise):
     """Weights, a batch and router noise from `seed`; a forward and backward, then AdamW steps
     (with the balancing-bias update after each). Returns the tensors of a fixture and what
     the seed search checks."""
     r = resolved(cfg)["router"]
     L, E, K = cfg["model"]["n_layer"], r["num_experts"], r["top_k"]
+    fixed_noise, with_bias = r["noisy"] and not drawn_noise, r["bias_update_rate"] > 0
     T = cfg["model"]["block_size"]
     torch.manual_seed(seed)
     model = Twin(cfg, V)
     idx = torch.randint(V, (B, T))
     targets = torch.randint(V, (B, T))
     noise = [torch.randn(B * T, E) for _ in range(L)] if fixed_noise else None
+    rng = MoeRng(NOISE_SEED, NOISE_STREAM)
+
+    def forward_noise():  # the fixed noise, or moe's next draw of each layer's (N, E)
+        return [torch.from_numpy(rng.normal(B * T * E, 1.0).reshape(B * T, E)) for _ in range(L)] if drawn_noise else noise
+    use_noise = True if fixed_noise else None  # moe adds fixed noise always, else by the router's rule
     if with_bias:  # a starting bias of a few update steps, so that the first forward selects with it
         for b in model.blocks:
             b.moe.router.balance_bias.copy_((torch.rand(E) - 0.5) * (20 * r["bias_update_rate"]))
@@ -520,7 +533,8 @@ def run_case(cfg, seed, training, fixed_noise, with_bias):
 
     record = []
     model.zero_grad()
-    res = model(idx, targets, noise, fixed_noise, record)
+    first_noise = forward_noise()
+    res = model(idx, targets, first_noise, use_noise, record)
     backward(model, res.objective)
     out["logits"] = res.logits.detach().numpy()
     out["loss"] = np.array([res.loss.item()], dtype=np.float32)
@@ -539,7 +553,7 @@ def run_case(cfg, seed, training, fixed_noise, with_bias):
     m64 = Twin(cfg, V).double()
     m64.load_state_dict({n: t.double() for n, t in state.items()})
     m64.train(training)
-    o64 = m64(idx, targets, None if noise is None else [n.double() for n in noise], fixed_noise)
+    o64 = m64(idx, targets, None if first_noise is None else [n.double() for n in first_noise], use_noise)
     backward(m64, o64.objective)
     gdiff = max((p.grad.float() - torch.from_numpy(out["grad." + n])).abs().max().item() for n, p in m64.named_parameters())
     floor = f"float32 vs float64: objective {res.objective.item():.8f} vs {o64.objective.item():.8f}; " \
@@ -549,7 +563,7 @@ def run_case(cfg, seed, training, fixed_noise, with_bias):
     losses, objectives = [], []
     for _ in range(ADAMW_STEPS):
         opt.zero_grad()
-        o = model(idx, targets, noise, fixed_noise, record)
+        o = model(idx, targets, forward_noise(), use_noise, record)
         losses.append(o.loss.item())
         objectives.append(o.objective.item())
         backward(model, o.objective)
@@ -574,14 +588,13 @@ def run_case(cfg, seed, training, fixed_noise, with_bias):
     return out, checks, floor, (losses, objectives)
 
 
-def write_fixture(name, cfg, training, first_seed, legacy=False):
+def write_fixture(name, cfg, training, first_seed, drawn_noise=False, legacy=False):
     """Searches seeds from first_seed for a case whose routing decisions all have a margin
     (float32 differences cannot flip them), every expert gets slots, the capacity drops some
     and the starting balancing bias changes some choices (where those apply); writes it."""
-    r = resolved(cfg)["router"]
-    fixed_noise, with_bias = r["noisy"], r["bias_update_rate"] > 0
+    with_bias = resolved(cfg)["router"]["bias_update_rate"] > 0
     for seed in range(first_seed, first_seed + 100):
-        out, checks, floor, (losses, objectives) = run_case(cfg, seed, training, fixed_noise, with_bias)
+        out, checks, floor, (losses, objectives) = run_case(cfg, seed, training, drawn_noise)
         if (checks["margin"] > MIN_GAP and all(min(c) > 0 for c in checks["counts"])
                 and (checks["dropped"] > 0 or "router.0.dropped" not in out) and (checks["bias_moved"] > 0 or not with_bias)):
             break
@@ -597,6 +610,8 @@ def write_fixture(name, cfg, training, first_seed, legacy=False):
     if not legacy:  # the baseline's test reads only the keys above
         meta.update({"variant": name, "training": "1" if training else "0", "adamw_lr": repr(ADAMW_LR),
                      "adamw_steps": str(ADAMW_STEPS)})
+        if drawn_noise:
+            meta.update({"noise_seed": str(NOISE_SEED), "noise_stream": str(NOISE_STREAM)})
     path = os.path.join(FIXTURE_DIR, f"twin_{name}.safetensors")
     save_safetensors(path, out, meta)
     print(f"  wrote {path}: {len(out)} tensors, {os.path.getsize(path)} bytes")
@@ -632,8 +647,8 @@ def fixtures(args):
         elif name == "init":
             write_init_fixture()
         elif name in VARIANTS:
-            changes = {k: v for k, v in VARIANTS[name].items() if k != "training"}
-            write_fixture(name, merged(VARIANT_BASE, changes), VARIANTS[name].get("training", True), args.seed)
+            v = VARIANTS[name]
+            write_fixture(name, merged(VARIANT_BASE, v.changes), v.training, args.seed, v.drawn_noise)
         else:
             sys.exit(f"unknown fixture {name!r}: one of tiny, init, {', '.join(VARIANTS)}")
 

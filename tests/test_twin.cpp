@@ -86,9 +86,15 @@ void check_variant(const std::string& variant) {
   if (f.has("noise.0"))
     for (int64_t l = 0; l < L; ++l) noise.push_back(read_f32(f, "noise." + std::to_string(l), {B * T, E}));
 
+  // Or the noise moe draws, which the twin drew the same way (its Philox and Box-Muller).
+  const auto& meta = f.metadata();
+  Rng noise_rng(meta.count("noise_seed") ? std::stoull(meta.at("noise_seed")) : 0,
+                meta.count("noise_stream") ? std::stoull(meta.at("noise_stream")) : 0);
+
   ForwardOptions fo;
-  fo.training = f.metadata().at("training") == "1";  // dropout is 0: the router's rules only
+  fo.training = meta.at("training") == "1";  // dropout is 0: the router's rules only
   if (!noise.empty()) fo.fixed_noise = &noise;
+  if (meta.count("noise_seed")) fo.noise_rng = &noise_rng;
   std::vector<std::vector<int32_t>> chosen(static_cast<size_t>(L));
   fo.chosen = &chosen;
   RoutingStats stats;
@@ -147,7 +153,7 @@ TEST_CASE("Every model and router option matches the PyTorch twin", "[model][gol
   // changes from the tiny base.
   const std::string variant = GENERATE(as<std::string>{}, "gelu", "swiglu", "shared1", "shared2_swiglu", "softmax_topk",
                                        "softmax_topk_renorm", "capacity", "capacity_eval", "aux_loss", "z_loss",
-                                       "balance_bias", "attn_head", "noiseless", "all");
+                                       "balance_bias", "attn_head", "noiseless", "noise_at_eval", "all");
   INFO("variant " << variant << " (" << fixture_path(variant) << ")");
   check_variant(variant);
 }
