@@ -14,24 +14,16 @@
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 
+#include "fixture_util.hpp"
+
 using namespace moe;
+using moe_test::read_f32;
+using moe_test::read_i32;
 
 namespace {
 
 std::string fixture_path(const std::string& name) {
   return std::string(MOE_SOURCE_DIR) + "/tests/fixtures/twin_" + name + ".safetensors";
-}
-
-std::vector<float> read_f32(const SafeTensorsFile& f, const std::string& name, const Shape& s) {
-  std::vector<float> v(static_cast<size_t>(s.numel()));
-  f.copy_f32(name, s, v.data());
-  return v;
-}
-
-std::vector<int32_t> read_i32(const SafeTensorsFile& f, const std::string& name, int64_t n) {
-  std::vector<int32_t> v(static_cast<size_t>(n));
-  f.copy_i32(name, v.data(), n);
-  return v;
 }
 
 double max_abs_diff(const float* a, const std::vector<float>& b) {
