@@ -9,7 +9,7 @@ python3-torch, then run with /usr/bin/python3). moe itself never needs it.
   /usr/bin/python3 scripts/torch_twin.py fixtures            # writes every fixture (list below)
   /usr/bin/python3 scripts/torch_twin.py fixtures --only gelu swiglu
   /usr/bin/python3 scripts/torch_twin.py bench --config configs/makemoe.json --steps 20 --threads 1
-  /usr/bin/python3 scripts/torch_twin.py train --config configs/makemoe.json
+  /usr/bin/python3 scripts/torch_twin.py train --config configs/makemoe.json [--moe-init]
 
 `fixtures` writes into tests/fixtures/:
   twin_tiny.safetensors       the makeMoE baseline (tests/test_model.cpp). The committed one
@@ -341,6 +341,9 @@ def philox4x32_10(seed, stream, counters):
     return c0, c1, c2, c3
 
 
+STREAM_INIT = 1  # kStreamInit (include/moe/tensor/streams.hpp)
+
+
 class MoeRng:
     """Number i of a fill is block (seed, stream, counter + i); a fill of n advances by n."""
 
@@ -460,6 +463,7 @@ VARIANTS = {
     "softmax_topk_renorm": Variant({"router": {"gating": "softmax_topk", "renormalize": True}}),
     "capacity": Variant({"router": {"capacity_factor": 0.75}}),
     "capacity_eval": Variant({"router": {"capacity_factor": 1.0, "capacity_at_eval": True}}, training=False),
+    "capacity_not_at_eval": Variant({"router": {"capacity_factor": 0.75}}, training=False),  # no drops
     "aux_loss": Variant({"router": {"aux_loss_coef": 0.1}}),
     "z_loss": Variant({"router": {"z_loss_coef": 0.01}}),
     "balance_bias": Variant({"router": {"bias_update_rate": 0.05}}),
@@ -675,6 +679,8 @@ def setup(args):
     torch.manual_seed(cfg["training"]["seed"])
     train, val, V = load_data(cfg)
     model = Twin(cfg, V)
+    if args.moe_init:  # the weights `moe train` starts from: model.init from the init stream
+        moe_init(model, MoeRng(cfg["training"]["seed"], STREAM_INIT))
     return cfg, train, val, model, make_optimizer(model, cfg)
 
 
@@ -738,6 +744,8 @@ def main():
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--steps", type=int, default=20 if name == "bench" else None,
                        help="timed steps" if name == "bench" else "training steps (default: the config's max_steps)")
+        p.add_argument("--moe-init", action="store_true",
+                       help="start from moe's init (model.init, drawn as moe draws it) instead of PyTorch's makeMoE init")
     args = ap.parse_args()
     {"fixtures": fixtures, "bench": bench, "train": train_run}[args.mode](args)
 

@@ -143,9 +143,10 @@ void check_variant(const std::string& variant) {
 TEST_CASE("Every model and router option matches the PyTorch twin", "[model][golden][twin]") {
   // tests/fixtures/twin_<variant>.safetensors; scripts/torch_twin.py's VARIANTS says what each
   // changes from the tiny base.
-  const std::string variant = GENERATE(as<std::string>{}, "gelu", "swiglu", "shared1", "shared2_swiglu", "softmax_topk",
-                                       "softmax_topk_renorm", "capacity", "capacity_eval", "aux_loss", "z_loss",
-                                       "balance_bias", "attn_head", "noiseless", "noise_at_eval", "all");
+  const std::string variant =
+      GENERATE(as<std::string>{}, "gelu", "swiglu", "shared1", "shared2_swiglu", "softmax_topk", "softmax_topk_renorm",
+               "capacity", "capacity_eval", "capacity_not_at_eval", "aux_loss", "z_loss", "balance_bias", "attn_head",
+               "noiseless", "noise_at_eval", "all");
   INFO("variant " << variant << " (" << fixture_path(variant) << ")");
   check_variant(variant);
 }
