@@ -1,15 +1,34 @@
 #!/usr/bin/env python3
-"""PyTorch twin of moe's model: the makeMoE architecture with moe's parameter names.
+"""PyTorch twin of moe's model: the makeMoE architecture with moe's parameter names and every
+model and router option of moe's config.
 
-Used to produce the golden fixtures that tests/test_model.cpp compares against, and for
-side-by-side timing and training runs. Needs torch (Debian: apt-get install python3-torch,
-then run with /usr/bin/python3). moe itself never needs it.
+Used to produce the golden fixtures that tests/test_twin.cpp and tests/test_model.cpp compare
+against, and for side-by-side timing and training runs. Needs torch (Debian: apt-get install
+python3-torch, then run with /usr/bin/python3). moe itself never needs it.
 
-  /usr/bin/python3 scripts/torch_twin.py fixtures            # writes tests/fixtures/twin_tiny.safetensors
+  /usr/bin/python3 scripts/torch_twin.py fixtures            # writes every fixture (list below)
+  /usr/bin/python3 scripts/torch_twin.py fixtures --only gelu swiglu
   /usr/bin/python3 scripts/torch_twin.py bench --config configs/makemoe.json --steps 20 --threads 1
-  /usr/bin/python3 scripts/torch_twin.py train --config configs/makemoe.json
+  /usr/bin/python3 scripts/torch_twin.py train --config configs/makemoe.json [--moe-init]
+
+`fixtures` writes into tests/fixtures/:
+  twin_tiny.safetensors       the makeMoE baseline (tests/test_model.cpp). The committed one
+                              was made on another machine: made again here, its tensors
+                              differ from it by up to 1.4e-6 (PyTorch's kernels for the CPU),
+                              so leave it alone unless the baseline itself changes
+  twin_<variant>.safetensors  one per entry of VARIANTS below (tests/test_twin.cpp): a tiny
+                              model's weights, a batch, fixed router noise, the top-k choices,
+                              logits, loss, objective, every gradient, 5 AdamW steps with the
+                              balancing-bias updates, the final weights and biases
+  twin_init.safetensors       moe's own init (Philox4x32-10 + Box-Muller, reproduced here to the
+                              bit) for each model.init kind
+
+Options are table entries: an expert FFN is a row of EXPERT_FFNS, a gating a row of GATINGS,
+a balancing loss a row of BALANCE_LOSSES, an init a row of INITS, a fixture a row of VARIANTS.
+A new router step (say, jitter of the router input) goes into Router.forward behind its option.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -17,12 +36,15 @@ import statistics
 import struct
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The makeMoE reference values the twin's bench and train runs start from (a config file
+# overrides them); the makeMoE baseline fixture's config is these with its tiny sizes.
 DEFAULTS = {
     "data": {"path": "data/tinyshakespeare.txt", "train_fraction": 0.9},
     "model": {"block_size": 32, "n_embed": 128, "n_head": 8, "n_layer": 8, "dropout": 0.1,
@@ -32,25 +54,50 @@ DEFAULTS = {
     "training": {"batch_size": 16, "max_steps": 5000, "seed": 1337},
     "logging": {"eval_interval": 100, "eval_iters": 400},
 }
+# moe's defaults (include/moe/io/config.hpp) of the options beyond makeMoE: filled in by
+# resolved(), so that a fixture's stored config names only what it changes.
+OPTION_DEFAULTS = {
+    "model": {"expert_ffn": "relu", "shared_experts": 0, "init": "kaiming_normal", "init_std": 0.02},
+    "router": {"gating": "topk_softmax", "renormalize": False, "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
+               "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0},
+}
 
 
-def load_config(path):
-    cfg = json.loads(json.dumps(DEFAULTS))
-    if path:
-        with open(path) as f:
-            user = json.load(f)
-        for section, fields in user.items():
+def merged(base, *overrides):
+    cfg = copy.deepcopy(base)
+    for o in overrides:
+        for section, fields in o.items():
             cfg.setdefault(section, {}).update(fields)
     return cfg
 
 
+def load_config(path):
+    if not path:
+        return copy.deepcopy(DEFAULTS)
+    with open(path) as f:
+        return merged(DEFAULTS, json.load(f))
+
+
+def resolved(cfg):
+    """cfg with moe's default for every option it does not set: what the modules read."""
+    return merged(OPTION_DEFAULTS, cfg)
+
+
+# ---- attention ----
+ATTN_SCALES = {  # model.attn_scale: the width whose inverse square root scales q·k
+    "head": lambda C, H: C // H,
+    "embed": lambda C, H: C,  # makeMoE
+}
+
+
 class Attention(nn.Module):
-    def __init__(self, C, H, scale, dropout):
+    def __init__(self, m):
         super().__init__()
-        self.H, self.scale = H, scale
+        C, H = m["n_embed"], m["n_head"]
+        self.H, self.scale = H, 1.0 / math.sqrt(ATTN_SCALES[m["attn_scale"]](C, H))
         self.qkv = nn.Linear(C, 3 * C, bias=False)  # rows: q, k, v; head h at rows h*D..(h+1)*D
         self.proj = nn.Linear(C, C)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(m["dropout"])
 
     def forward(self, x):
         B, T, C = x.shape
@@ -64,66 +111,174 @@ class Attention(nn.Module):
         return self.drop(self.proj(y))
 
 
+# ---- experts ----
+# model.expert_ffn: fc1's activation, and whether a linear branch fc3 multiplies it (then
+# Mixtral's form, without biases): fc2(act(fc1 x)) or fc2(act(fc1 x) * fc3 x).
+EXPERT_FFNS = {
+    "relu": (F.relu, False),
+    "gelu": (F.gelu, False),  # the exact erf form
+    "swiglu": (F.silu, True),
+}
+
+
 class Expert(nn.Module):
-    def __init__(self, C, F_, dropout):
+    def __init__(self, m):
         super().__init__()
-        self.fc1, self.fc2, self.drop = nn.Linear(C, F_), nn.Linear(F_, C), nn.Dropout(dropout)
+        C = m["n_embed"]
+        F_ = m["expert_hidden"] or 4 * C
+        self.act, gated = EXPERT_FFNS[m["expert_ffn"]]
+        self.fc1, self.fc2 = nn.Linear(C, F_, bias=not gated), nn.Linear(F_, C, bias=not gated)
+        self.fc3 = nn.Linear(C, F_, bias=False) if gated else None
+        self.drop = nn.Dropout(m["dropout"])
 
     def forward(self, x):
-        return self.drop(self.fc2(F.relu(self.fc1(x))))
+        h = self.act(self.fc1(x))
+        if self.fc3 is not None:
+            h = h * self.fc3(x)
+        return self.drop(self.fc2(h))
+
+
+# ---- router ----
+# router.gating: from the router logits [N, E], the scores selection ranks and the weights of
+# the chosen experts, a function of their ids [N, K].
+def topk_softmax(logits, r):  # makeMoE: softmax over the k kept logits
+    return logits, lambda index: F.softmax(logits.gather(-1, index), dim=-1)
+
+
+def softmax_topk(logits, r):  # Mixtral, Megablocks: softmax over all experts, keep the k largest
+    probs = F.softmax(logits, dim=-1)
+
+    def weights(index):
+        w = probs.gather(-1, index)
+        return w / w.sum(dim=-1, keepdim=True) if r["renormalize"] else w
+    return probs, weights
+
+
+GATINGS = {"topk_softmax": topk_softmax, "softmax_topk": softmax_topk}
+
+# What the router decides for N tokens: clean logits [N, E] (the balancing losses read them),
+# the scores selection ranked (with the balancing bias) [N, E], the chosen ids [N, K] and their
+# weights [N, K], which slots the capacity keeps ([N, K] bool, or None: all), the slots each
+# expert was chosen for [E], and the capacity (0: none applied).
+Plan = namedtuple("Plan", "clean scores index gates keep load capacity")
+
+
+def capacity_keep(index, gates, E, capacity):
+    """router.capacity_factor: an expert chosen for more than `capacity` slots keeps those with
+    the largest weights (ties: the earlier slot, slots in token order)."""
+    flat_index, flat_gates = index.flatten(), gates.detach().flatten()
+    keep = torch.ones_like(flat_index, dtype=torch.bool)
+    for e in range(E):
+        slots = (flat_index == e).nonzero(as_tuple=True)[0].tolist()  # n*K + k, increasing
+        if len(slots) > capacity:
+            ranked = sorted(slots, key=lambda s: (-flat_gates[s].item(), s))
+            keep[ranked[capacity:]] = False
+    return keep.view_as(index)
 
 
 class Router(nn.Module):
-    def __init__(self, C, E):
+    def __init__(self, C, r):
         super().__init__()
+        self.r = r
+        E = r["num_experts"]
         self.route, self.noise = nn.Linear(C, E), nn.Linear(C, E)
+        self.last_load = None  # slots per expert in the last training forward
+        if r["bias_update_rate"] > 0:  # DeepSeek-V3's loss-free balancing: selection only
+            self.register_buffer("balance_bias", torch.zeros(E))
+
+    def forward(self, x, noise=None, use_noise=True):
+        r, (N, E), K = self.r, (x.shape[0], self.r["num_experts"]), self.r["top_k"]
+        clean = self.route(x)
+        logits = clean
+        if use_noise:  # noisy top-k: N(0, 1) noise scaled by softplus(noise(x))
+            if noise is None:
+                noise = torch.randn_like(clean)
+            logits = clean + noise * F.softplus(self.noise(x))
+        scores, weights_of = GATINGS[r["gating"]](logits, r)
+        ranked = scores if r["bias_update_rate"] <= 0 else scores + self.balance_bias
+        index = ranked.detach().topk(K, dim=-1).indices  # descending
+        gates = weights_of(index)
+        load = torch.bincount(index.flatten(), minlength=E)
+        if self.training:
+            self.last_load = load
+        keep, capacity = None, 0
+        if r["capacity_factor"] > 0 and (self.training or r["capacity_at_eval"]):
+            capacity = math.ceil(r["capacity_factor"] * (K * N) / E)
+            keep = capacity_keep(index, gates, E, capacity)
+        return Plan(clean, ranked.detach(), index, gates, keep, load, capacity)
+
+    @torch.no_grad()
+    def update_balance_bias(self):
+        """After a training step: each expert's bias moves by bias_update_rate toward balance
+        (up when the last training forward gave it fewer slots than the mean, down when more)."""
+        if self.r["bias_update_rate"] <= 0 or self.last_load is None:
+            return
+        load = self.last_load
+        diff = load.sum() - load * load.numel()  # the mean compared in integers
+        self.balance_bias += torch.sign(diff).float() * torch.tensor(self.r["bias_update_rate"], dtype=torch.float32)
+
+
+# ---- balancing losses: router.<coef> -> the loss of one layer's plan, averaged over layers ----
+def switch_aux_loss(plan):  # Switch Transformer: E · Σ_i f_i P_i, f from the chosen slots
+    E = plan.clean.shape[-1]
+    f = plan.load.float() / plan.load.sum()
+    return E * (f * F.softmax(plan.clean, dim=-1).mean(dim=0)).sum()
+
+
+def router_z_loss(plan):  # ST-MoE: mean over tokens of logsumexp(logits)²
+    return torch.logsumexp(plan.clean, dim=-1).square().mean()
+
+
+BALANCE_LOSSES = {"aux_loss_coef": switch_aux_loss, "z_loss_coef": router_z_loss}
 
 
 class MoE(nn.Module):
-    def __init__(self, C, E, K, F_, dropout):
+    def __init__(self, m, r):
         super().__init__()
-        self.K = K
-        self.router = Router(C, E)
-        self.experts = nn.ModuleList([Expert(C, F_, dropout) for _ in range(E)])
+        self.router = Router(m["n_embed"], r)
+        self.experts = nn.ModuleList([Expert(m) for _ in range(r["num_experts"])])
+        self.shared = nn.ModuleList([Expert(m) for _ in range(m["shared_experts"])])  # every token
 
     def forward(self, x, noise=None, use_noise=True, record=None):
         B, T, C = x.shape
         xf = x.reshape(-1, C)
-        logits = self.router.route(xf)
-        if use_noise:
-            if noise is None:
-                noise = torch.randn_like(logits)
-            logits = logits + noise * F.softplus(self.router.noise(xf))
-        top_vals, top_idx = logits.topk(self.K, dim=-1)  # descending
-        gates = F.softmax(top_vals, dim=-1)  # softmax over the kept logits only
+        plan = self.router(xf, noise, use_noise)
         if record is not None:
-            record.append((top_idx, gates, logits))
+            record.append(plan)
         out = torch.zeros_like(xf)
         for e, expert in enumerate(self.experts):
-            hit = top_idx == e  # (N, K)
+            hit = plan.index == e  # (N, K)
+            if plan.keep is not None:
+                hit = hit & plan.keep
             rows = hit.any(dim=-1).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            w = (gates * hit).sum(dim=-1)[rows].unsqueeze(1)
+            w = (plan.gates * hit).sum(dim=-1)[rows].unsqueeze(1)
             out.index_add_(0, rows, expert(xf[rows]) * w)
-        return out.view(B, T, C)
+        for expert in self.shared:
+            out = out + expert(xf)
+        return out.view(B, T, C), plan
 
 
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         m, r = cfg["model"], cfg["router"]
-        C, H = m["n_embed"], m["n_head"]
-        scale = (C if m["attn_scale"] == "embed" else C // H) ** -0.5
-        F_ = m["expert_hidden"] or 4 * C
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.attn = Attention(C, H, scale, m["dropout"])
-        self.moe = MoE(C, r["num_experts"], r["top_k"], F_, m["dropout"])
+        self.ln1 = nn.LayerNorm(m["n_embed"])
+        self.attn = Attention(m)
+        self.ln2 = nn.LayerNorm(m["n_embed"])
+        self.moe = MoE(m, r)
+
+
+Output = namedtuple("Output", "logits loss objective")
 
 
 class Twin(nn.Module):
+    """moe's Model; parameters registered in moe's order (moe_init relies on it)."""
+
     def __init__(self, cfg, V):
         super().__init__()
+        cfg = resolved(cfg)
         m = cfg["model"]
         self.cfg = cfg
         self.tok_emb = nn.Embedding(V, m["n_embed"])
@@ -135,21 +290,130 @@ class Twin(nn.Module):
             if isinstance(mod, nn.Linear):
                 nn.init.kaiming_normal_(mod.weight)
 
-    def forward(self, idx, targets=None, noise=None, use_noise=True, record=None):
+    def forward(self, idx, targets=None, noise=None, use_noise=None, record=None):
+        """noise: per layer [B*T, E] or None (drawn); use_noise None: the router's rule
+        (router.noisy, in training or with noise_at_eval). record: a list that gets each
+        layer's Plan."""
+        r = self.cfg["router"]
+        if use_noise is None:
+            use_noise = r["noisy"] and (self.training or r["noise_at_eval"])
         B, T = idx.shape
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(T))
+        plans = []
         for l, b in enumerate(self.blocks):
             x = x + b.attn(b.ln1(x))
-            x = x + b.moe(b.ln2(x), None if noise is None else noise[l], use_noise, record)
+            y, plan = b.moe(b.ln2(x), None if noise is None else noise[l], use_noise, record)
+            x = x + y
+            plans.append(plan)
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        if targets is None:
+            return Output(logits, None, None)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        objective = loss
+        for coef_name, term in BALANCE_LOSSES.items():
+            if r[coef_name] > 0:
+                objective = objective + r[coef_name] * sum(term(p) for p in plans) / len(plans)
+        return Output(logits, loss, objective)
+
+    def update_balance_bias(self):
+        for b in self.blocks:
+            b.moe.router.update_balance_bias()
 
 
 def make_optimizer(model, cfg):
     o = cfg["optimizer"]
     return torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
                              weight_decay=o["weight_decay"])
+
+
+# ---- moe's init, to the bit: its Rng (src/tensor/rng.cpp) for the fills Model::init makes ----
+def philox4x32_10(seed, stream, counters):
+    """The four words of the Philox4x32-10 blocks of `counters` (uint64 array)."""
+    mask = np.uint64(0xFFFFFFFF)
+    c0, c1 = counters & mask, counters >> np.uint64(32)
+    c2 = np.full_like(counters, stream & 0xFFFFFFFF)
+    c3 = np.full_like(counters, stream >> 32)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c0, c1, c2, c3
+
+
+STREAM_INIT = 1  # kStreamInit (include/moe/tensor/streams.hpp)
+
+
+class MoeRng:
+    """Number i of a fill is block (seed, stream, counter + i); a fill of n advances by n."""
+
+    def __init__(self, seed, stream):
+        self.seed, self.stream, self.counter = seed, stream, 0
+
+    def _blocks(self, n):
+        counters = np.arange(self.counter, self.counter + n, dtype=np.uint64)
+        self.counter += n
+        return philox4x32_10(self.seed, self.stream, counters)
+
+    def normal(self, n, std):
+        """mean 0 + std·z in float, z = Box-Muller on words 0 and 1 in double with the C
+        library's log and cos (math.log and math.cos call the same functions)."""
+        w0, w1, _, _ = self._blocks(n)
+        z = np.array([math.sqrt(-2.0 * math.log((float(a) + 1.0) / 16777217.0)) *
+                      math.cos(6.283185307179586 * (float(b) / 16777216.0))
+                      for a, b in zip((w0 >> np.uint64(8)).tolist(), (w1 >> np.uint64(8)).tolist())], dtype=np.float32)
+        return np.float32(0) + np.float32(std) * z  # 0 + (-0) is +0, as in C++
+
+    def uniform(self, n, lo, hi):
+        """fma(hi - lo, u, lo) in float, u = 24 bits of word 0 / 2^24. In double the product is
+        exact and, for lo = -hi (its only use here), so is the sum: one rounding, as fma's."""
+        u = (self._blocks(n)[0] >> np.uint64(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+        span = np.float32(hi) - np.float32(lo)
+        return (np.float64(span) * u.astype(np.float64) + np.float64(lo)).astype(np.float32)
+
+
+def kaiming_bias_bound(fan_in):  # PyTorch's Linear default, 1/sqrt(fan_in), in float as moe computes it
+    return np.float32(1.0) / np.sqrt(np.float32(fan_in))
+
+
+# model.init: how each kind fills an Embedding, a Linear weight and a Linear bias, from
+# (rng, n, fan_in, fan_out, init_std). LayerNorms start at weight 1, bias 0 for every kind.
+INITS = {
+    "kaiming_normal": {  # makeMoE: PyTorch's Embedding and Linear-bias defaults kept
+        "embedding": lambda rng, n, fi, fo, std: rng.normal(n, 1.0),
+        "weight": lambda rng, n, fi, fo, std: rng.normal(n, math.sqrt(2.0 / fi)),
+        "bias": lambda rng, n, fi, fo, std: rng.uniform(n, -kaiming_bias_bound(fi), kaiming_bias_bound(fi)),
+    },
+    "xavier": {
+        "embedding": lambda rng, n, fi, fo, std: rng.normal(n, std),
+        "weight": lambda rng, n, fi, fo, std: rng.normal(n, math.sqrt(2.0 / (fi + fo))),
+        "bias": lambda rng, n, fi, fo, std: np.zeros(n, np.float32),
+    },
+    "normal": {
+        "embedding": lambda rng, n, fi, fo, std: rng.normal(n, std),
+        "weight": lambda rng, n, fi, fo, std: rng.normal(n, std),
+        "bias": lambda rng, n, fi, fo, std: np.zeros(n, np.float32),
+    },
+}
+
+
+@torch.no_grad()
+def moe_init(model, rng):
+    """What moe's Model::init(rng) gives for model.init and model.init_std, parameter by
+    parameter in registration order (named_parameters' order here)."""
+    m = model.cfg["model"]
+    fill = INITS[m["init"]]
+    owner = {id(p): (mod, name) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)}
+    for p in model.parameters():
+        mod, name = owner[id(p)]
+        n = p.numel()
+        if isinstance(mod, nn.LayerNorm):
+            v = np.full(n, 1.0 if name == "weight" else 0.0, np.float32)
+        elif isinstance(mod, nn.Embedding):
+            v = fill["embedding"](rng, n, 0, 0, m["init_std"])
+        else:
+            v = fill[name](rng, n, mod.in_features, mod.out_features, m["init_std"])
+        p.copy_(torch.from_numpy(np.asarray(v, np.float32).reshape(p.shape)))
 
 
 # ---- safetensors writer (the format is small enough to write by hand) ----
@@ -174,77 +438,223 @@ def save_safetensors(path, tensors, metadata):
     os.replace(tmp, path)
 
 
-def fixtures(args):
-    torch.set_num_threads(1)
-    cfg = load_config(None)
-    cfg["model"].update({"block_size": 8, "n_embed": 16, "n_head": 4, "n_layer": 2, "dropout": 0.0,
-                         "expert_hidden": 32, "attn_scale": "embed"})
-    cfg["router"].update({"num_experts": 4, "top_k": 2})
-    cfg["training"].update({"batch_size": 3})
-    V, B, T, L, E, K = 11, 3, 8, 2, 4, 2
-    for seed in range(args.seed, args.seed + 100):
-        torch.manual_seed(seed)
-        model = Twin(cfg, V)
-        idx = torch.randint(V, (B, T))
-        targets = torch.randint(V, (B, T))
-        noise = [torch.randn(B * T, E) for _ in range(L)]
-        record = []
-        with torch.no_grad():
-            model(idx, targets, noise, True, record)
-        gaps = []
-        for _, _, logits in record:
-            s = logits.sort(dim=-1, descending=True).values
-            gaps.append((s[:, K - 1] - s[:, K]).min().item())
-        counts = [torch.bincount(r[0].flatten(), minlength=E).tolist() for r in record]
-        if min(gaps) > 1e-3 and all(min(c) > 0 for c in counts):
-            break
-    print(f"seed {seed}: smallest top-k gap {min(gaps):.4f}; routed slots per expert per layer {counts}")
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = {}
-    for n, p in params.items():
-        out["param." + n] = p.numpy().copy()
+# ---- golden fixtures ----
+FIXTURE_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+V, B = 11, 3  # vocabulary and batch of every fixture
+ADAMW_STEPS, ADAMW_LR = 5, 1e-2  # AdamW steps on the fixture's batch (betas, eps, weight decay: the defaults)
+MIN_GAP = 1e-3  # smallest margin of a routing decision (top-k, capacity) the fixtures accept
+
+# The makeMoE baseline (twin_tiny.safetensors, tests/test_model.cpp): an evaluation forward.
+TINY = merged(DEFAULTS, {"model": {"block_size": 8, "n_embed": 16, "n_head": 4, "n_layer": 2, "dropout": 0.0,
+                                   "expert_hidden": 32, "attn_scale": "embed"},
+                         "router": {"num_experts": 4, "top_k": 2}, "training": {"batch_size": 3}})
+# The variants (twin_<name>.safetensors, tests/test_twin.cpp): VARIANT_BASE with the changes,
+# in a training forward (dropout 0) or an evaluation one. The router noise (when the router
+# adds some) is fixed by the fixture, or with drawn_noise drawn as moe draws it from
+# Rng(NOISE_SEED, NOISE_STREAM), new numbers every forward.
+Variant = namedtuple("Variant", "changes training drawn_noise", defaults=(True, False))
+VARIANT_BASE = merged(TINY, {"model": {"expert_hidden": 16}})
+VARIANTS = {
+    "gelu": Variant({"model": {"expert_ffn": "gelu"}}),
+    "swiglu": Variant({"model": {"expert_ffn": "swiglu"}}),
+    "shared1": Variant({"model": {"shared_experts": 1}}),
+    "shared2_swiglu": Variant({"model": {"shared_experts": 2, "expert_ffn": "swiglu"}}),
+    "softmax_topk": Variant({"router": {"gating": "softmax_topk"}}),
+    "softmax_topk_renorm": Variant({"router": {"gating": "softmax_topk", "renormalize": True}}),
+    "capacity": Variant({"router": {"capacity_factor": 0.75}}),
+    "capacity_eval": Variant({"router": {"capacity_factor": 1.0, "capacity_at_eval": True}}, training=False),
+    "capacity_not_at_eval": Variant({"router": {"capacity_factor": 0.75}}, training=False),  # no drops
+    "aux_loss": Variant({"router": {"aux_loss_coef": 0.1}}),
+    "z_loss": Variant({"router": {"z_loss_coef": 0.01}}),
+    "balance_bias": Variant({"router": {"bias_update_rate": 0.05}}),
+    "attn_head": Variant({"model": {"attn_scale": "head"}}),
+    "noiseless": Variant({"router": {"noisy": False}}),
+    "noise_at_eval": Variant({"router": {"noise_at_eval": True}}, training=False, drawn_noise=True),
+    "all": Variant({"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
+                    "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0,
+                               "aux_loss_coef": 0.01, "z_loss_coef": 1e-3, "bias_update_rate": 0.01}}),
+}
+NOISE_SEED, NOISE_STREAM = 99, 3
+# model.init kinds for twin_init.safetensors: moe's init of VARIANT_BASE with a shared SwiGLU
+# expert (embeddings, LayerNorms, Linears with and without bias).
+INIT_KINDS = {"kaiming_normal": {}, "xavier": {}, "normal": {"init_std": 0.05}}
+INIT_SEED, INIT_STREAM = 1234, 5
+
+
+def routing_margins(plan, K):
+    """The smallest margin of the plan's decisions: between the k-th and (k+1)-th score of a
+    token, and between the last kept and first dropped weight of an expert over capacity."""
+    s = plan.scores.sort(dim=-1, descending=True).values
+    gaps = [(s[:, K - 1] - s[:, K]).min().item()] if s.shape[1] > K else []
+    if plan.keep is not None:
+        g, kept = plan.gates.detach().flatten(), plan.keep.flatten()
+        for e in range(s.shape[1]):
+            slots = plan.index.flatten() == e
+            if (slots & ~kept).any():
+                gaps.append((g[slots & kept].min() - g[slots & ~kept].max()).item())
+    return min(gaps, default=math.inf)
+
+
+def backward(model, objective):
+    """objective.backward(), with a zero gradient for every parameter it does not reach (the
+    noise Linear without router noise, an expert without tokens): in moe every parameter has
+    a gradient, so AdamW's weight decay reaches them all, where PyTorch's skips them."""
+    objective.backward()
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def run_case(cfg, seed, training, drawn_noise):
+    """Weights, a batch and router noise from `seed`; a forward and backward, then AdamW steps
+    (with the balancing-bias update after each). Returns the tensors of a fixture and what
+    the seed search checks."""
+    r = resolved(cfg)["router"]
+    L, E, K = cfg["model"]["n_layer"], r["num_experts"], r["top_k"]
+    fixed_noise, with_bias = r["noisy"] and not drawn_noise, r["bias_update_rate"] > 0
+    T = cfg["model"]["block_size"]
+    torch.manual_seed(seed)
+    model = Twin(cfg, V)
+    idx = torch.randint(V, (B, T))
+    targets = torch.randint(V, (B, T))
+    noise = [torch.randn(B * T, E) for _ in range(L)] if fixed_noise else None
+    rng = MoeRng(NOISE_SEED, NOISE_STREAM)
+
+    def forward_noise():  # the fixed noise, or moe's next draw of each layer's (N, E)
+        return [torch.from_numpy(rng.normal(B * T * E, 1.0).reshape(B * T, E)) for _ in range(L)] if drawn_noise else noise
+    use_noise = True if fixed_noise else None  # moe adds fixed noise always, else by the router's rule
+    if with_bias:  # a starting bias of a few update steps, so that the first forward selects with it
+        for b in model.blocks:
+            b.moe.router.balance_bias.copy_((torch.rand(E) - 0.5) * (20 * r["bias_update_rate"]))
+    model.train(training)
+    out = {"param." + n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    out.update({"buffer." + n: t.numpy().copy() for n, t in model.named_buffers()})
     out["idx"] = idx.numpy().astype(np.int32)
     out["targets"] = targets.numpy().astype(np.int32)
-    for l in range(L):
+    for l in range(L if fixed_noise else 0):
         out[f"noise.{l}"] = noise[l].numpy()
+    state = {n: t.clone() for n, t in model.state_dict().items()}
 
     record = []
     model.zero_grad()
-    logits, loss = model(idx, targets, noise, True, record)
-    loss.backward()
-    out["logits"] = logits.detach().numpy()
-    out["loss"] = np.array([loss.item()], dtype=np.float32)
+    first_noise = forward_noise()
+    res = model(idx, targets, first_noise, use_noise, record)
+    backward(model, res.objective)
+    out["logits"] = res.logits.detach().numpy()
+    out["loss"] = np.array([res.loss.item()], dtype=np.float32)
+    if res.objective is not res.loss:
+        out["objective"] = np.array([res.objective.item()], dtype=np.float32)
     for n, p in model.named_parameters():
         out["grad." + n] = p.grad.numpy().copy()
-    for l, (top_idx, gates, _) in enumerate(record):
-        out[f"router.{l}.topk"] = top_idx.numpy().astype(np.int32)
-        out[f"router.{l}.gates"] = gates.detach().numpy()
+    first = list(record)
+    for l, plan in enumerate(first):
+        out[f"router.{l}.topk"] = plan.index.numpy().astype(np.int32)
+        out[f"router.{l}.gates"] = plan.gates.detach().numpy()
+        if plan.keep is not None:
+            out[f"router.{l}.dropped"] = np.array([int((~plan.keep).sum())], dtype=np.int32)
 
     # The float32 noise floor: the same weights in float64.
     m64 = Twin(cfg, V).double()
-    m64.load_state_dict({n: p.double() for n, p in params.items()})
-    l64 = m64(idx, targets, [n.double() for n in noise], True)[1]
-    l64.backward()
+    m64.load_state_dict({n: t.double() for n, t in state.items()})
+    m64.train(training)
+    o64 = m64(idx, targets, None if first_noise is None else [n.double() for n in first_noise], use_noise)
+    backward(m64, o64.objective)
     gdiff = max((p.grad.float() - torch.from_numpy(out["grad." + n])).abs().max().item() for n, p in m64.named_parameters())
-    print(f"float32 vs float64: loss {loss.item():.8f} vs {l64.item():.8f}; max gradient difference {gdiff:.2e}")
+    floor = f"float32 vs float64: objective {res.objective.item():.8f} vs {o64.objective.item():.8f}; " \
+            f"max gradient difference {gdiff:.2e}"
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    losses = []
-    for _ in range(5):
+    opt = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    losses, objectives = [], []
+    for _ in range(ADAMW_STEPS):
         opt.zero_grad()
-        _, l = model(idx, targets, noise, True)
-        losses.append(l.item())
-        l.backward()
+        o = model(idx, targets, forward_noise(), use_noise, record)
+        losses.append(o.loss.item())
+        objectives.append(o.objective.item())
+        backward(model, o.objective)
         opt.step()
+        model.update_balance_bias()
     out["adamw.losses"] = np.array(losses, dtype=np.float32)
+    if res.objective is not res.loss:
+        out["adamw.objectives"] = np.array(objectives, dtype=np.float32)
     for n, p in model.named_parameters():
         out["final." + n] = p.detach().numpy().copy()
-    print("AdamW losses", " ".join(f"{x:.6f}" for x in losses))
+    out.update({"final_buffer." + n: t.numpy().copy() for n, t in model.named_buffers()})
+
+    checks = {
+        "margin": min(routing_margins(p, K) for p in record),
+        "counts": [torch.bincount(p.index.flatten(), minlength=E).tolist() for p in first],
+        "dropped": sum(int((~p.keep).sum()) for p in first if p.keep is not None),
+        "bias_moved": 0,
+    }
+    for l, p in enumerate(first if with_bias else []):  # tokens whose choice the starting bias changed
+        plain = (p.scores - torch.from_numpy(out[f"buffer.blocks.{l}.moe.router.balance_bias"])).topk(K).indices
+        checks["bias_moved"] += int((plain.sort(dim=-1).values != p.index.sort(dim=-1).values).any(dim=-1).sum())
+    return out, checks, floor, (losses, objectives)
+
+
+def write_fixture(name, cfg, training, first_seed, drawn_noise=False, legacy=False):
+    """Searches seeds from first_seed for a case whose routing decisions all have a margin
+    (float32 differences cannot flip them), every expert gets slots, the capacity drops some
+    and the starting balancing bias changes some choices (where those apply); writes it."""
+    with_bias = resolved(cfg)["router"]["bias_update_rate"] > 0
+    for seed in range(first_seed, first_seed + 100):
+        out, checks, floor, (losses, objectives) = run_case(cfg, seed, training, drawn_noise)
+        if (checks["margin"] > MIN_GAP and all(min(c) > 0 for c in checks["counts"])
+                and (checks["dropped"] > 0 or "router.0.dropped" not in out) and (checks["bias_moved"] > 0 or not with_bias)):
+            break
+    else:
+        sys.exit(f"{name}: no seed in [{first_seed}, {first_seed + 100}) gives clear routing decisions")
+    print(f"{name}: seed {seed}: smallest routing margin {checks['margin']:.4f}; routed slots per expert per layer "
+          f"{checks['counts']}; dropped {checks['dropped']}; choices moved by the starting bias {checks['bias_moved']}")
+    print(f"  {floor}")
+    print("  AdamW losses", " ".join(f"{x:.6f}" for x in losses),
+          *(["objectives", " ".join(f"{x:.6f}" for x in objectives)] if "adamw.objectives" in out else []))
     meta = {"config": json.dumps(cfg), "vocab_size": str(V), "batch_size": str(B), "seed": str(seed),
             "generator": "scripts/torch_twin.py fixtures", "torch": torch.__version__}
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "twin_tiny.safetensors")
-    save_safetensors(os.path.normpath(path), out, meta)
-    print(f"wrote {os.path.normpath(path)}: {len(out)} tensors, {os.path.getsize(path)} bytes")
+    if not legacy:  # the baseline's test reads only the keys above
+        meta.update({"variant": name, "training": "1" if training else "0", "adamw_lr": repr(ADAMW_LR),
+                     "adamw_steps": str(ADAMW_STEPS)})
+        if drawn_noise:
+            meta.update({"noise_seed": str(NOISE_SEED), "noise_stream": str(NOISE_STREAM)})
+    path = os.path.join(FIXTURE_DIR, f"twin_{name}.safetensors")
+    save_safetensors(path, out, meta)
+    print(f"  wrote {path}: {len(out)} tensors, {os.path.getsize(path)} bytes")
+
+
+def write_init_fixture():
+    """moe's Model::init for each model.init kind, reproduced to the bit (twin_init.safetensors)."""
+    out, meta = {}, {"vocab_size": str(V), "init_seed": str(INIT_SEED), "init_stream": str(INIT_STREAM),
+                     "generator": "scripts/torch_twin.py fixtures", "torch": torch.__version__}
+    for kind, fields in INIT_KINDS.items():
+        cfg = merged(VARIANT_BASE, {"model": {"expert_ffn": "swiglu", "shared_experts": 1, "init": kind, **fields}})
+        model = Twin(cfg, V)
+        rng = MoeRng(INIT_SEED, INIT_STREAM)
+        moe_init(model, rng)
+        for n, p in model.named_parameters():
+            out[f"init.{kind}.{n}"] = p.detach().numpy().copy()
+        meta[f"config.{kind}"] = json.dumps(cfg)
+        meta[f"draws.{kind}"] = str(rng.counter)
+        w = model.blocks[0].moe.experts[0].fc1.weight
+        print(f"init {kind}: {rng.counter} numbers drawn; blocks.0.moe.experts.0.fc1.weight std {w.std().item():.4f}, "
+              f"tok_emb std {model.tok_emb.weight.std().item():.4f}, lm_head.bias max |.| {model.lm_head.bias.abs().max().item():.4f}")
+    path = os.path.join(FIXTURE_DIR, "twin_init.safetensors")
+    save_safetensors(path, out, meta)
+    print(f"  wrote {path}: {len(out)} tensors, {os.path.getsize(path)} bytes")
+
+
+def fixtures(args):
+    torch.set_num_threads(1)
+    names = args.only or ["tiny", *VARIANTS, "init"]
+    for name in names:
+        if name == "tiny":
+            write_fixture("tiny", TINY, False, args.seed, legacy=True)
+        elif name == "init":
+            write_init_fixture()
+        elif name in VARIANTS:
+            v = VARIANTS[name]
+            write_fixture(name, merged(VARIANT_BASE, v.changes), v.training, args.seed, v.drawn_noise)
+        else:
+            sys.exit(f"unknown fixture {name!r}: one of tiny, init, {', '.join(VARIANTS)}")
 
 
 def load_data(cfg):
@@ -269,6 +679,8 @@ def setup(args):
     torch.manual_seed(cfg["training"]["seed"])
     train, val, V = load_data(cfg)
     model = Twin(cfg, V)
+    if args.moe_init:  # the weights `moe train` starts from: model.init from the init stream
+        moe_init(model, MoeRng(cfg["training"]["seed"], STREAM_INIT))
     return cfg, train, val, model, make_optimizer(model, cfg)
 
 
@@ -279,10 +691,11 @@ def bench(args):
     for i in range(args.steps + 3):
         xb, yb = get_batch(train, B, T)
         t0 = time.perf_counter()
-        _, loss = model(xb, yb)
+        objective = model(xb, yb).objective
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         opt.step()
+        model.update_balance_bias()
         if i >= 3:  # warm-up steps are not timed
             times.append((time.perf_counter() - t0) * 1000)
     n_params = sum(p.numel() for p in model.parameters())
@@ -295,7 +708,6 @@ def train_run(args):
     B, T = cfg["training"]["batch_size"], cfg["model"]["block_size"]
     steps = args.steps if args.steps is not None else cfg["training"]["max_steps"]
     every, iters = cfg["logging"]["eval_interval"], cfg["logging"]["eval_iters"]
-    noise_at_eval = cfg["router"]["noise_at_eval"]
     print(f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
     start, times = time.perf_counter(), []
     for it in range(steps):
@@ -304,17 +716,18 @@ def train_run(args):
             with torch.no_grad():
                 res = []
                 for split in (train, val):
-                    res.append(sum(model(*get_batch(split, B, T), use_noise=noise_at_eval)[1].item()
+                    res.append(sum(model(*get_batch(split, B, T)).loss.item()
                                    for _ in range(iters)) / iters)
             model.train()
             print(f"step {it}: train loss {res[0]:.4f}, val loss {res[1]:.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
         t0 = time.perf_counter()
         xb, yb = get_batch(train, B, T)
-        _, loss = model(xb, yb)
+        objective = model(xb, yb).objective
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         opt.step()
+        model.update_balance_bias()
         times.append((time.perf_counter() - t0) * 1000)
     print(f"wall {time.perf_counter() - start:.1f} s, median step {statistics.median(times):.1f} ms")
 
@@ -322,14 +735,17 @@ def train_run(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
-    f = sub.add_parser("fixtures", help="write tests/fixtures/twin_tiny.safetensors")
-    f.add_argument("--seed", type=int, default=1)
+    f = sub.add_parser("fixtures", help="write the golden fixtures into tests/fixtures/")
+    f.add_argument("--seed", type=int, default=1, help="first seed each fixture's search tries")
+    f.add_argument("--only", nargs="+", metavar="NAME", help="these fixtures only: tiny, init or a variant")
     for name in ("bench", "train"):
         p = sub.add_parser(name)
         p.add_argument("--config", default=None)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--steps", type=int, default=20 if name == "bench" else None,
                        help="timed steps" if name == "bench" else "training steps (default: the config's max_steps)")
+        p.add_argument("--moe-init", action="store_true",
+                       help="start from moe's init (model.init, drawn as moe draws it) instead of PyTorch's makeMoE init")
     args = ap.parse_args()
     {"fixtures": fixtures, "bench": bench, "train": train_run}[args.mode](args)
 

@@ -17,7 +17,11 @@
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/trainer.hpp"
 
+#include "fixture_util.hpp"
+
 using namespace moe;
+using moe_test::read_f32;
+using moe_test::read_i32;
 namespace fs = std::filesystem;
 
 namespace {
@@ -26,18 +30,6 @@ double max_abs_diff(const float* a, const float* b, int64_t n) {
   double m = 0;
   for (int64_t i = 0; i < n; ++i) m = std::max(m, double(std::fabs(a[i] - b[i])));
   return m;
-}
-
-std::vector<float> read_f32(const SafeTensorsFile& f, const std::string& name, const Shape& s) {
-  std::vector<float> v(static_cast<size_t>(s.numel()));
-  f.copy_f32(name, s, v.data());
-  return v;
-}
-
-std::vector<int32_t> read_i32(const SafeTensorsFile& f, const std::string& name, int64_t n) {
-  std::vector<int32_t> v(static_cast<size_t>(n));
-  f.copy_i32(name, v.data(), n);
-  return v;
 }
 
 // Parameters equal bit for bit (the alignment padding between them is not compared).
