@@ -59,7 +59,7 @@ DEFAULTS = {
 OPTION_DEFAULTS = {
     "model": {"expert_ffn": "relu", "shared_experts": 0, "init": "kaiming_normal", "init_std": 0.02},
     "router": {"gating": "topk_softmax", "renormalize": False, "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
-               "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0},
+               "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0, "jitter": 0.0},
 }
 
 
@@ -186,8 +186,12 @@ class Router(nn.Module):
         if r["bias_update_rate"] > 0:  # DeepSeek-V3's loss-free balancing: selection only
             self.register_buffer("balance_bias", torch.zeros(E))
 
-    def forward(self, x, noise=None, use_noise=True):
+    def forward(self, x, noise=None, use_noise=True, jitter=None):
         r, (N, E), K = self.r, (x.shape[0], self.r["num_experts"]), self.r["top_k"]
+        if self.training and r["jitter"] > 0:  # Megablocks: the router's input times U(1 - ε, 1 + ε)
+            if jitter is None:
+                jitter = 1 + (torch.rand_like(x) * 2 - 1) * r["jitter"]
+            x = x * jitter
         clean = self.route(x)
         logits = clean
         if use_noise:  # noisy top-k: N(0, 1) noise scaled by softplus(noise(x))
@@ -239,10 +243,10 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([Expert(m) for _ in range(r["num_experts"])])
         self.shared = nn.ModuleList([Expert(m) for _ in range(m["shared_experts"])])  # every token
 
-    def forward(self, x, noise=None, use_noise=True, record=None):
+    def forward(self, x, noise=None, use_noise=True, record=None, jitter=None):
         B, T, C = x.shape
         xf = x.reshape(-1, C)
-        plan = self.router(xf, noise, use_noise)
+        plan = self.router(xf, noise, use_noise, jitter)
         if record is not None:
             record.append(plan)
         out = torch.zeros_like(xf)
@@ -290,10 +294,11 @@ class Twin(nn.Module):
             if isinstance(mod, nn.Linear):
                 nn.init.kaiming_normal_(mod.weight)
 
-    def forward(self, idx, targets=None, noise=None, use_noise=None, record=None):
+    def forward(self, idx, targets=None, noise=None, use_noise=None, record=None, jitter=None):
         """noise: per layer [B*T, E] or None (drawn); use_noise None: the router's rule
         (router.noisy, in training or with noise_at_eval). record: a list that gets each
-        layer's Plan."""
+        layer's Plan. jitter: per layer [B*T, C] factors of the router's input, or None (drawn,
+        when training with router.jitter)."""
         r = self.cfg["router"]
         if use_noise is None:
             use_noise = r["noisy"] and (self.training or r["noise_at_eval"])
@@ -302,7 +307,8 @@ class Twin(nn.Module):
         plans = []
         for l, b in enumerate(self.blocks):
             x = x + b.attn(b.ln1(x))
-            y, plan = b.moe(b.ln2(x), None if noise is None else noise[l], use_noise, record)
+            y, plan = b.moe(b.ln2(x), None if noise is None else noise[l], use_noise, record,
+                            None if jitter is None else jitter[l])
             x = x + y
             plans.append(plan)
         logits = self.lm_head(self.ln_f(x))
@@ -469,10 +475,11 @@ VARIANTS = {
     "balance_bias": Variant({"router": {"bias_update_rate": 0.05}}),
     "attn_head": Variant({"model": {"attn_scale": "head"}}),
     "noiseless": Variant({"router": {"noisy": False}}),
+    "jitter": Variant({"router": {"jitter": 0.1}}),
     "noise_at_eval": Variant({"router": {"noise_at_eval": True}}, training=False, drawn_noise=True),
     "all": Variant({"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
                     "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0,
-                               "aux_loss_coef": 0.01, "z_loss_coef": 1e-3, "bias_update_rate": 0.01}}),
+                               "aux_loss_coef": 0.01, "z_loss_coef": 1e-3, "bias_update_rate": 0.01, "jitter": 0.1}}),
 }
 NOISE_SEED, NOISE_STREAM = 99, 3
 # model.init kinds for twin_init.safetensors: moe's init of VARIANT_BASE with a shared SwiGLU
@@ -518,6 +525,8 @@ def run_case(cfg, seed, training, drawn_noise):
     idx = torch.randint(V, (B, T))
     targets = torch.randint(V, (B, T))
     noise = [torch.randn(B * T, E) for _ in range(L)] if fixed_noise else None
+    C, eps = cfg["model"]["n_embed"], r["jitter"]
+    jitter = [1 + (torch.rand(B * T, C) * 2 - 1) * eps for _ in range(L)] if training and eps > 0 else None
     rng = MoeRng(NOISE_SEED, NOISE_STREAM)
 
     def forward_noise():  # the fixed noise, or moe's next draw of each layer's (N, E)
@@ -533,12 +542,14 @@ def run_case(cfg, seed, training, drawn_noise):
     out["targets"] = targets.numpy().astype(np.int32)
     for l in range(L if fixed_noise else 0):
         out[f"noise.{l}"] = noise[l].numpy()
+    for l in range(L if jitter else 0):
+        out[f"jitter.{l}"] = jitter[l].numpy()
     state = {n: t.clone() for n, t in model.state_dict().items()}
 
     record = []
     model.zero_grad()
     first_noise = forward_noise()
-    res = model(idx, targets, first_noise, use_noise, record)
+    res = model(idx, targets, first_noise, use_noise, record, jitter)
     backward(model, res.objective)
     out["logits"] = res.logits.detach().numpy()
     out["loss"] = np.array([res.loss.item()], dtype=np.float32)
@@ -557,7 +568,8 @@ def run_case(cfg, seed, training, drawn_noise):
     m64 = Twin(cfg, V).double()
     m64.load_state_dict({n: t.double() for n, t in state.items()})
     m64.train(training)
-    o64 = m64(idx, targets, None if first_noise is None else [n.double() for n in first_noise], use_noise)
+    o64 = m64(idx, targets, None if first_noise is None else [n.double() for n in first_noise], use_noise, None,
+              None if jitter is None else [j.double() for j in jitter])
     backward(m64, o64.objective)
     gdiff = max((p.grad.float() - torch.from_numpy(out["grad." + n])).abs().max().item() for n, p in m64.named_parameters())
     floor = f"float32 vs float64: objective {res.objective.item():.8f} vs {o64.objective.item():.8f}; " \
@@ -567,7 +579,7 @@ def run_case(cfg, seed, training, drawn_noise):
     losses, objectives = [], []
     for _ in range(ADAMW_STEPS):
         opt.zero_grad()
-        o = model(idx, targets, forward_noise(), use_noise, record)
+        o = model(idx, targets, forward_noise(), use_noise, record, jitter)
         losses.append(o.loss.item())
         objectives.append(o.objective.item())
         backward(model, o.objective)

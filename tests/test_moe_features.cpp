@@ -260,3 +260,66 @@ TEST_CASE("router health: loads sum to 1, entropy within [0, log E], max violati
     CHECK(l["router_entropy"].get<double>() <= std::log(4.0) + 1e-9);
   }
 }
+
+TEST_CASE("gradient check: the MoE layer with router jitter and noise, each gating", "[moe][gradcheck][jitter]") {
+  // The whole layer: jitter and noise drawn from a generator made afresh for every evaluation,
+  // the gating op, the grouped experts (gelu: no kinks); points whose routing flips are skipped.
+  const Gating gating = GENERATE(Gating::kTopkSoftmax, Gating::kSoftmaxTopk);
+  const bool renormalize = gating == Gating::kSoftmaxTopk ? GENERATE(false, true) : false;
+  INFO(name_of(gating) << (renormalize ? " renormalised" : ""));
+  Config cfg = small_config();
+  cfg.model.expert_ffn = ExpertFfn::kGelu;
+  cfg.router.jitter = 0.2;
+  cfg.router.noisy = true;
+  cfg.router.gating = gating;
+  cfg.router.renormalize = renormalize;
+  ParamStore ps;
+  std::vector<ParamRoleInfo> roles;
+  ParamBuilder pb(ps, roles);
+  const MoELayer moe = MoELayer::make(pb, "moe.", cfg);
+  ps.finalize();
+  const std::vector<float> w = random_vector(ps.numel(), 11, -0.4f, 0.4f);
+  std::copy(w.begin(), w.end(), ps.data());
+  Rng unused;
+  std::vector<int64_t> load(4);
+  MoEContext ctx;
+  ctx.last_load = load.data();
+  ctx.unused_rng = &unused;
+  const int64_t N = 6, C = 16;
+  REQUIRE_GRADCHECK({random_vector(N * C, 7)}, {{1, N, C}}, [&](Graph& g, const std::vector<Tensor>& in) {
+    Rng noise(5, 3);
+    std::vector<std::vector<int32_t>> chosen(1);
+    ForwardOptions fo;
+    fo.training = true;
+    fo.noise_rng = &noise;
+    fo.chosen = &chosen;
+    return Probe{moe.forward(g, ps, in[0], 0, ctx, fo, nullptr), chosen[0]};
+  });
+}
+
+TEST_CASE("a forward draws from the noise stream exactly the numbers Model::noise_per_forward declares", "[moe][rng]") {
+  // Batched evaluation and the MPI shards place each batch's numbers by this count: a router
+  // that drew more or fewer than it declares would shift every later batch's.
+  for (const bool noisy : {false, true})
+    for (const double jitter : {0.0, 0.1})
+      for (const bool training : {false, true}) {
+        INFO("noisy " << noisy << " jitter " << jitter << " training " << training);
+        Config cfg = small_config();
+        cfg.router.noisy = noisy;
+        cfg.router.noise_at_eval = true;
+        cfg.router.jitter = jitter;
+        Model m(cfg, 11);
+        Rng init(1, 1), noise(2, 3);
+        m.init(init);
+        const int64_t B = 2, T = 8;
+        const std::vector<int32_t> x = batch(B * T, 11, 3);
+        ForwardOptions fo;
+        fo.training = training;
+        fo.noise_rng = &noise;
+        Graph g;
+        m.forward(g, x.data(), x.data(), B, T, fo);
+        CHECK(int64_t(noise.state().counter) == m.noise_per_forward(B * T, training));
+        CHECK(m.noise_per_forward(B * T, training) ==
+              2 * B * T * ((training && jitter > 0 ? 16 : 0) + (noisy ? 4 : 0)));
+      }
+}

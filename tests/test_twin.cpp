@@ -77,6 +77,10 @@ void check_variant(const std::string& variant) {
   std::vector<std::vector<float>> noise;
   if (f.has("noise.0"))
     for (int64_t l = 0; l < L; ++l) noise.push_back(read_f32(f, "noise." + std::to_string(l), {B * T, E}));
+  std::vector<std::vector<float>> jitter;  // the router's input factors (router.jitter), fixed by the twin
+  if (f.has("jitter.0"))
+    for (int64_t l = 0; l < L; ++l)
+      jitter.push_back(read_f32(f, "jitter." + std::to_string(l), {B * T, cfg.model.n_embed}));
 
   // Or the noise moe draws, which the twin drew the same way (its Philox and Box-Muller).
   const auto& meta = f.metadata();
@@ -86,6 +90,7 @@ void check_variant(const std::string& variant) {
   ForwardOptions fo;
   fo.training = meta.at("training") == "1";  // dropout is 0: the router's rules only
   if (!noise.empty()) fo.fixed_noise = &noise;
+  if (!jitter.empty()) fo.fixed_jitter = &jitter;
   if (meta.count("noise_seed")) fo.noise_rng = &noise_rng;
   std::vector<std::vector<int32_t>> chosen(static_cast<size_t>(L));
   fo.chosen = &chosen;
@@ -146,7 +151,7 @@ TEST_CASE("Every model and router option matches the PyTorch twin", "[model][gol
   const std::string variant =
       GENERATE(as<std::string>{}, "gelu", "swiglu", "shared1", "shared2_swiglu", "softmax_topk", "softmax_topk_renorm",
                "capacity", "capacity_eval", "capacity_not_at_eval", "aux_loss", "z_loss", "balance_bias", "attn_head",
-               "noiseless", "noise_at_eval", "all");
+               "noiseless", "noise_at_eval", "jitter", "all");
   INFO("variant " << variant << " (" << fixture_path(variant) << ")");
   check_variant(variant);
 }
