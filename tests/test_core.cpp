@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "moe/kernels/vmath.hpp"
 #include "moe/tensor/graph.hpp"
 #include "moe/tensor/params.hpp"
 #include "moe/tensor/rng.hpp"
@@ -201,11 +202,12 @@ TEST_CASE("fill_uniform and fill_keep_mask (8 or 16 counters at a time) give the
   set_rng_avx512(was);
 }
 
-TEST_CASE("fill_normal's vector log and cos are within their bounds of glibc's on every input", "[core][rng]") {
+TEST_CASE("log_doubles and cos_doubles are within their bounds of glibc's on every input fill_normal gives them",
+          "[core][rng][kernels]") {
   // Every u1 = (k + 1)/(2^24 + 1) and every 2π·u2 = 2π·k/2^24 the generator can make: the bound
   // fill_normal's exactness rests on (it computes float(sqrt(-2 log u1)·cos 2π u2) with them
   // and falls back on glibc's where the bounds leave the float in doubt).
-  if (!detail::noise_math_vectorized()) return;
+  if (!vmath_vectorized()) return;
   const int64_t K = int64_t(1) << 24, chunk = 1 << 16;
   const auto ulps = [](double mine, double theirs) {
     if (mine == theirs) return 0.0;
@@ -221,18 +223,18 @@ TEST_CASE("fill_normal's vector log and cos are within their bounds of glibc's o
       u[size_t(j)] = (double(k) + 1.0) / 16777217.0;
       a[size_t(j)] = 6.283185307179586 * (double(k) / 16777216.0);
     }
-    detail::noise_log(u.data(), l.data(), chunk);
-    detail::noise_cos(a.data(), co.data(), chunk);
+    log_doubles(u.data(), l.data(), chunk);
+    cos_doubles(a.data(), co.data(), chunk);
     for (int64_t j = 0; j < chunk; ++j) {
       worst_log = std::max(worst_log, ulps(l[size_t(j)], std::log(u[size_t(j)])));
       worst_cos = std::max(worst_cos, ulps(co[size_t(j)], std::cos(a[size_t(j)])));
     }
   }
   INFO("worst log " << worst_log << " ulp, worst cos " << worst_cos << " ulp");
-  CHECK(worst_log <= detail::kNoiseLogUlps);
-  CHECK(worst_cos <= detail::kNoiseCosUlps);
+  CHECK(worst_log <= kLogDoublesUlps);
+  CHECK(worst_cos <= kCosDoublesUlps);
   std::vector<double> ones{1.0, 1.0, 1.0, 1.0}, out(4, -1.0);
-  detail::noise_log(ones.data(), out.data(), 4);
+  log_doubles(ones.data(), out.data(), 4);
   CHECK(out[0] == 0.0);
 }
 

@@ -12,15 +12,6 @@ namespace moe {
 
 namespace detail {
 struct UniformSink;  // where a uniform fill puts its numbers: floats or a keep-mask (rng.cpp)
-
-// The log and cos fill_normal computes its normals with in x86-64-v3 builds (four at a time),
-// for the tests: out[i] = log(u[i]) or cos(a[i]) for i < n rounded down to 4, u in (0, 1], a in
-// [0, 2π]. On the inputs the generator makes, (k + 1)/(2^24 + 1) and 2π·k/2^24 for k < 2^24,
-// each is within this many units in the last place of glibc's (the tests check every one).
-bool noise_math_vectorized();
-void noise_log(const double* u, double* out, int64_t n);
-void noise_cos(const double* a, double* out, int64_t n);
-constexpr double kNoiseLogUlps = 2, kNoiseCosUlps = 2;
 }  // namespace detail
 
 struct RngState {
