@@ -59,7 +59,8 @@ DEFAULTS = {
 OPTION_DEFAULTS = {
     "model": {"expert_ffn": "relu", "shared_experts": 0, "init": "kaiming_normal", "init_std": 0.02},
     "router": {"gating": "topk_softmax", "renormalize": False, "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
-               "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0, "jitter": 0.0},
+               "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0, "jitter": 0.0,
+               "route_scale": 1.0, "n_groups": 1, "topk_groups": 1},
 }
 
 
@@ -154,7 +155,31 @@ def softmax_topk(logits, r):  # Mixtral, Megablocks: softmax over all experts, k
     return probs, weights
 
 
-GATINGS = {"topk_softmax": topk_softmax, "softmax_topk": softmax_topk}
+def sigmoid_topk(logits, r):  # DeepSeek-V3: sigmoid scores, the chosen ones renormalised, scaled
+    scores = torch.sigmoid(logits)
+
+    def weights(index):
+        w = scores.gather(-1, index)
+        return w / w.sum(dim=-1, keepdim=True) * r["route_scale"]
+    return scores, weights
+
+
+GATINGS = {"topk_softmax": topk_softmax, "softmax_topk": softmax_topk, "sigmoid_topk": sigmoid_topk}
+
+
+def group_limited(ranked, r):
+    """router.n_groups: experts in groups of E / n_groups; a group scores the sum of its two
+    best ranked scores (its one, in groups of one); outside the topk_groups best groups the
+    experts cannot be chosen."""
+    G = r["n_groups"]
+    if G == 1:
+        return ranked
+    N, E = ranked.shape
+    grouped = ranked.view(N, G, E // G)
+    group_score = grouped.topk(min(2, E // G), dim=-1).values.sum(dim=-1)  # (N, G)
+    open_ = torch.zeros(N, G, dtype=torch.bool)
+    open_.scatter_(1, group_score.topk(r["topk_groups"], dim=-1).indices, True)
+    return grouped.masked_fill(~open_.unsqueeze(-1), -math.inf).view(N, E)
 
 # What the router decides for N tokens: clean logits [N, E] (the balancing losses read them),
 # the scores selection ranked (with the balancing bias) [N, E], the chosen ids [N, K] and their
@@ -200,7 +225,7 @@ class Router(nn.Module):
             logits = clean + noise * F.softplus(self.noise(x))
         scores, weights_of = GATINGS[r["gating"]](logits, r)
         ranked = scores if r["bias_update_rate"] <= 0 else scores + self.balance_bias
-        index = ranked.detach().topk(K, dim=-1).indices  # descending
+        index = group_limited(ranked.detach(), r).topk(K, dim=-1).indices  # descending
         gates = weights_of(index)
         load = torch.bincount(index.flatten(), minlength=E)
         if self.training:
@@ -476,6 +501,9 @@ VARIANTS = {
     "attn_head": Variant({"model": {"attn_scale": "head"}}),
     "noiseless": Variant({"router": {"noisy": False}}),
     "jitter": Variant({"router": {"jitter": 0.1}}),
+    "sigmoid_topk": Variant({"router": {"gating": "sigmoid_topk", "route_scale": 2.5}}),
+    "sigmoid_groups": Variant({"router": {"gating": "sigmoid_topk", "num_experts": 8, "n_groups": 4,
+                                          "topk_groups": 2}}),
     "noise_at_eval": Variant({"router": {"noise_at_eval": True}}, training=False, drawn_noise=True),
     "all": Variant({"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
                     "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0,
@@ -488,11 +516,20 @@ INIT_KINDS = {"kaiming_normal": {}, "xavier": {}, "normal": {"init_std": 0.05}}
 INIT_SEED, INIT_STREAM = 1234, 5
 
 
-def routing_margins(plan, K):
+def routing_margins(plan, K, r):
     """The smallest margin of the plan's decisions: between the k-th and (k+1)-th score of a
-    token, and between the last kept and first dropped weight of an expert over capacity."""
-    s = plan.scores.sort(dim=-1, descending=True).values
-    gaps = [(s[:, K - 1] - s[:, K]).min().item()] if s.shape[1] > K else []
+    token (among its open groups), between the last open and first closed group's score, and
+    between the last kept and first dropped weight of an expert over capacity."""
+    open_scores = group_limited(plan.scores, r)
+    s = open_scores.sort(dim=-1, descending=True).values
+    finite = s[:, K].isfinite() if s.shape[1] > K else None
+    gaps = [(s[:, K - 1] - s[:, K])[finite].min().item()] if finite is not None and finite.any() else []
+    G = r["n_groups"]
+    if G > 1:
+        N, E = plan.scores.shape
+        gs = plan.scores.view(N, G, E // G).topk(min(2, E // G), dim=-1).values.sum(dim=-1)
+        gs = gs.sort(dim=-1, descending=True).values
+        gaps.append((gs[:, r["topk_groups"] - 1] - gs[:, r["topk_groups"]]).min().item())
     if plan.keep is not None:
         g, kept = plan.gates.detach().flatten(), plan.keep.flatten()
         for e in range(s.shape[1]):
@@ -593,7 +630,7 @@ def run_case(cfg, seed, training, drawn_noise):
     out.update({"final_buffer." + n: t.numpy().copy() for n, t in model.named_buffers()})
 
     checks = {
-        "margin": min(routing_margins(p, K) for p in record),
+        "margin": min(routing_margins(p, K, r) for p in record),
         "counts": [torch.bincount(p.index.flatten(), minlength=E).tolist() for p in first],
         "dropped": sum(int((~p.keep).sum()) for p in first if p.keep is not None),
         "bias_moved": 0,

@@ -163,6 +163,18 @@ TEST_CASE("Config errors name the field, the value and what is allowed", "[io][c
   CHECK_THAT(config_error({{"model", {{"attn_scale", "both"}}}}), Contains("model.attn_scale = \"both\"") && Contains("\"embed\""));
   CHECK_THAT(config_error({{"model", {{"init", "he"}}}}),
              Contains("model.init = \"he\": must be one of \"kaiming_normal\" \"xavier\" \"normal\""));
+  CHECK_THAT(config_error({{"router", {{"gating", "sigmoid"}}}}),
+             Contains("router.gating = \"sigmoid\": must be one of \"topk_softmax\" \"softmax_topk\" \"sigmoid_topk\""));
+  // Group-limited routing and the sigmoid gating's scale.
+  CHECK_THAT(config_error({{"router", {{"num_experts", 8}, {"n_groups", 3}}}}),
+             Contains("router.num_experts = 8 must be a multiple of router.n_groups = 3"));
+  CHECK_THAT(config_error({{"router", {{"num_experts", 8}, {"n_groups", 4}, {"topk_groups", 5}}}}),
+             Contains("router.topk_groups = 5 must be at most router.n_groups = 4"));
+  CHECK_THAT(config_error({{"router", {{"num_experts", 8}, {"top_k", 3}, {"n_groups", 4}, {"topk_groups", 1}}}}),
+             Contains("router.top_k = 3 must be at most the experts of the chosen groups"));
+  CHECK_THAT(config_error({{"router", {{"route_scale", 2.0}}}}),
+             Contains("router.route_scale applies to router.gating = \"sigmoid_topk\" only"));
+  CHECK_THAT(config_error({{"router", {{"jitter", 1.5}}}}), Contains("router.jitter = 1.5: must be in [0, 1)"));
 
   // validate() checks a struct built in code the same way.
   Config c;

@@ -261,18 +261,21 @@ TEST_CASE("router health: loads sum to 1, entropy within [0, log E], max violati
   }
 }
 
-TEST_CASE("gradient check: the MoE layer with router jitter and noise, each gating", "[moe][gradcheck][jitter]") {
+TEST_CASE("gradient check: the MoE layer with router jitter and noise, each gating, group-limited", "[moe][gradcheck][jitter]") {
   // The whole layer: jitter and noise drawn from a generator made afresh for every evaluation,
   // the gating op, the grouped experts (gelu: no kinks); points whose routing flips are skipped.
-  const Gating gating = GENERATE(Gating::kTopkSoftmax, Gating::kSoftmaxTopk);
+  const Gating gating = GENERATE(Gating::kTopkSoftmax, Gating::kSoftmaxTopk, Gating::kSigmoidTopk);
   const bool renormalize = gating == Gating::kSoftmaxTopk ? GENERATE(false, true) : false;
-  INFO(name_of(gating) << (renormalize ? " renormalised" : ""));
+  const int64_t groups = gating == Gating::kSigmoidTopk ? GENERATE(1, 2) : 1;  // group-limited: 2 groups of 2, 1 open
+  INFO(name_of(gating) << (renormalize ? " renormalised" : "") << ", groups " << groups);
   Config cfg = small_config();
   cfg.model.expert_ffn = ExpertFfn::kGelu;
   cfg.router.jitter = 0.2;
   cfg.router.noisy = true;
   cfg.router.gating = gating;
   cfg.router.renormalize = renormalize;
+  if (gating == Gating::kSigmoidTopk) cfg.router.route_scale = 1.5;
+  cfg.router.n_groups = groups;
   ParamStore ps;
   std::vector<ParamRoleInfo> roles;
   ParamBuilder pb(ps, roles);

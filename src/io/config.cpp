@@ -160,6 +160,9 @@ const std::vector<Field>& fields() {
       field("router", "capacity_factor", &Config::router, &RouterConfig::capacity_factor, non_negative_number()),
       field("router", "capacity_at_eval", &Config::router, &RouterConfig::capacity_at_eval),
       field("router", "bias_update_rate", &Config::router, &RouterConfig::bias_update_rate, non_negative_number()),
+      field("router", "route_scale", &Config::router, &RouterConfig::route_scale, positive_number()),
+      field("router", "n_groups", &Config::router, &RouterConfig::n_groups, positive()),
+      field("router", "topk_groups", &Config::router, &RouterConfig::topk_groups, positive()),
       field("router", "jitter", &Config::router, &RouterConfig::jitter, in_range(0, 1, false, true)),
       field("optimizer", "lr", &Config::optimizer, &OptimizerConfig::lr, positive_number()),
       field("optimizer", "beta1", &Config::optimizer, &OptimizerConfig::beta1, in_range(0, 1, false, true)),
@@ -269,6 +272,19 @@ void validate(const Config& c, const std::string& src) {
   if (c.router.top_k > c.router.num_experts)
     fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most router.num_experts = " +
          std::to_string(c.router.num_experts));
+  const int64_t experts = c.router.num_experts, G = c.router.n_groups;
+  if (experts % G != 0)
+    fail("router.num_experts = " + std::to_string(experts) + " must be a multiple of router.n_groups = " +
+         std::to_string(G));
+  if (G > 64) fail("router.n_groups = " + std::to_string(G) + " must be at most 64");
+  if (c.router.topk_groups > G)
+    fail("router.topk_groups = " + std::to_string(c.router.topk_groups) + " must be at most router.n_groups = " +
+         std::to_string(G));
+  if (G > 1 && c.router.top_k > c.router.topk_groups * (experts / G))
+    fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most the experts of the chosen groups, " +
+         "router.topk_groups * num_experts / n_groups = " + std::to_string(c.router.topk_groups * (experts / G)));
+  if (c.router.route_scale != 1 && c.router.gating != Gating::kSigmoidTopk)
+    fail("router.route_scale applies to router.gating = \"sigmoid_topk\" only");
   if (c.router.renormalize && c.router.gating != Gating::kSoftmaxTopk)
     fail("router.renormalize applies to router.gating = \"softmax_topk\" only (topk_softmax weights already sum to 1)");
   if (c.optimizer.min_lr > c.optimizer.lr)

@@ -11,23 +11,61 @@
 
 namespace moe {
 
+namespace {
+
+// Selection by insertion (K and E are small): puts id into idx[0..filled), at most K ids by
+// descending score. Strictly greater wins, so ties keep the lower id.
+template <class Score>
+void insert_top(int32_t* idx, int64_t& filled, int64_t K, int32_t id, const Score& score) {
+  const float v = score(id);
+  int64_t pos = filled;
+  while (pos > 0 && v > score(idx[pos - 1])) --pos;
+  if (pos >= K) return;
+  for (int64_t j = std::min(filled, K - 1); j > pos; --j) idx[j] = idx[j - 1];
+  idx[pos] = id;
+  if (filled < K) ++filled;
+}
+
+}  // namespace
+
 void topk_select(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K) {
 #pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {
     const float* x = scores + n * E;
     auto score = [&](int32_t e) { return bias ? x[e] + bias[e] : x[e]; };
     int32_t* idx = index + n * K;
-    // Selection by insertion: K and E are small. Strictly greater wins, so ties keep the lower id.
     int64_t filled = 0;
-    for (int32_t e = 0; e < E; ++e) {
-      const float v = score(e);
-      int64_t pos = filled;
-      while (pos > 0 && v > score(idx[pos - 1])) --pos;
-      if (pos >= K) continue;
-      for (int64_t j = std::min(filled, K - 1); j > pos; --j) idx[j] = idx[j - 1];
-      idx[pos] = e;
-      if (filled < K) ++filled;
+    for (int32_t e = 0; e < E; ++e) insert_top(idx, filled, K, e, score);
+  }
+}
+
+void topk_select_grouped(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K,
+                         int64_t G, int64_t open) {
+  if (G == 1) return topk_select(index, scores, bias, N, E, K);
+  const int64_t per = E / G;
+#pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* x = scores + n * E;
+    auto score = [&](int32_t e) { return bias ? x[e] + bias[e] : x[e]; };
+    float group_score[64];
+    int32_t best[64];  // the open groups, by descending score
+    for (int64_t g = 0; g < G; ++g) {
+      float b1 = -INFINITY, b2 = -INFINITY;
+      for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+        const float v = score(e);
+        if (v > b1) b2 = b1, b1 = v;
+        else if (v > b2) b2 = v;
+      }
+      group_score[g] = per == 1 ? b1 : b1 + b2;
     }
+    int64_t filled = 0;
+    for (int32_t g = 0; g < G; ++g) insert_top(best, filled, open, g, [&](int32_t h) { return group_score[h]; });
+    uint64_t is_open = 0;
+    for (int64_t j = 0; j < open; ++j) is_open |= uint64_t(1) << best[j];
+    int32_t* idx = index + n * K;
+    filled = 0;
+    for (int32_t e = 0; e < E; ++e)
+      if (is_open >> (e / per) & 1) insert_top(idx, filled, K, e, score);
   }
 }
 

@@ -16,18 +16,32 @@ void group_plan(RoutingPlan& p, int64_t capacity) {
   p.dropped = capacity > 0 ? apply_capacity(p.offsets, p.token, p.gate_pos, p.weights, p.E, capacity) : 0;
 }
 
-void gate_forward(Gating gating, bool renormalize, int32_t* index, float* weights, float* probs, float* gathered,
+GateSpec GateSpec::of(const RouterConfig& rc) {
+  return {rc.gating, rc.renormalize, float(rc.route_scale), rc.n_groups, rc.topk_groups};
+}
+
+void gate_forward(const GateSpec& spec, int32_t* index, float* weights, float* probs, float* gathered,
                   const float* logits, const float* bias, int64_t N, int64_t E, int64_t K) {
-  switch (gating) {
+  const auto select = [&](const float* scores) {
+    topk_select_grouped(index, scores, bias, N, E, K, spec.groups, spec.open_groups);
+  };
+  switch (spec.gating) {
     case Gating::kTopkSoftmax:
-      topk_select(index, logits, bias, N, E, K);
+      select(logits);
       topk_softmax_forward(weights, index, logits, N, E, K);
       return;
     case Gating::kSoftmaxTopk:
       softmax_forward(probs, logits, N, E, false);
-      topk_select(index, probs, bias, N, E, K);
-      gather_cols_forward(renormalize ? gathered : weights, probs, index, N, E, K);
-      if (renormalize) normalize_rows_forward(weights, gathered, N, K);
+      select(probs);
+      gather_cols_forward(spec.renormalize ? gathered : weights, probs, index, N, E, K);
+      if (spec.renormalize) normalize_rows_forward(weights, gathered, N, K);
+      return;
+    case Gating::kSigmoidTopk:
+      for (int64_t i = 0; i < N * E; ++i) probs[i] = act::sigmoid(logits[i]);
+      select(probs);
+      gather_cols_forward(gathered, probs, index, N, E, K);
+      normalize_rows_forward(weights, gathered, N, K);
+      for (int64_t i = 0; i < N * K; ++i) weights[i] *= spec.route_scale;
       return;
   }
 }
@@ -35,22 +49,44 @@ void gate_forward(Gating gating, bool renormalize, int32_t* index, float* weight
 namespace {
 
 // The gating as one op: weights [N, K] from logits [N, E], their gradient into the logits.
-// The backward runs what the separate ops' backward passes ran, in their order: for
-// softmax_topk the renormalisation's, the gather's (into zeroed probabilities' gradients),
-// then the softmax's.
-Tensor gate(Graph& g, const Tensor& logits, Gating gating, bool renormalize, const float* bias, int64_t K,
-            int32_t* index) {
+// For softmax_topk the backward runs what the separate ops' backward passes ran, in their
+// order: the renormalisation's, the gather's (into zeroed probabilities' gradients), then the
+// softmax's.
+Tensor gate(Graph& g, const Tensor& logits, const GateSpec& spec, const float* bias, int64_t K, int32_t* index) {
   const int64_t N = logits.size(0), E = logits.size(1);
   MOE_CHECK(K >= 1 && K <= E, "gate", "K=" + std::to_string(K) + " must be in [1, E=" + std::to_string(E) + "]");
   Tensor w = g.output({N, K}, logits);
-  const bool soft = gating == Gating::kSoftmaxTopk;
-  float* probs = soft ? g.arena().alloc_floats(N * E) : nullptr;
-  float* gathered = soft && renormalize ? g.arena().alloc_floats(N * K) : nullptr;
-  gate_forward(gating, renormalize, index, w.data, probs, gathered, logits.data, bias, N, E, K);
+  const Gating kind = spec.gating;
+  const bool renormalize = spec.renormalize;
+  const bool with_probs = kind != Gating::kTopkSoftmax;
+  const bool with_gathered = kind == Gating::kSigmoidTopk || (kind == Gating::kSoftmaxTopk && renormalize);
+  float* probs = with_probs ? g.arena().alloc_floats(N * E) : nullptr;
+  float* gathered = with_gathered ? g.arena().alloc_floats(N * K) : nullptr;
+  gate_forward(spec, index, w.data, probs, gathered, logits.data, bias, N, E, K);
   if (!w.requires_grad()) return w;
-  if (!soft) {
-    g.record([=] { topk_softmax_backward(logits.grad, w.grad, w.data, index, N, E, K); });
-    return w;
+  switch (kind) {
+    case Gating::kTopkSoftmax:
+      g.record([=] { topk_softmax_backward(logits.grad, w.grad, w.data, index, N, E, K); });
+      return w;
+    case Gating::kSigmoidTopk: {
+      // w_k = r · s_k / S, S = Σ_k s_k: ds_j = (dw_j - Σ_k dw_k w_k / r) · r / S, then through the sigmoid.
+      const float r = spec.route_scale;
+      g.record([=] {
+        for (int64_t n = 0; n < N; ++n) {
+          const float* s = gathered + n * K;
+          const float* dw = w.grad + n * K;
+          float sum = 0, dot = 0;
+          for (int64_t k = 0; k < K; ++k) sum += s[k], dot += dw[k] * w.data[n * K + k];
+          for (int64_t k = 0; k < K; ++k) {
+            const float ds = (dw[k] - dot / r) * r / sum;
+            logits.grad[n * E + index[n * K + k]] += ds * s[k] * (1.f - s[k]);
+          }
+        }
+      });
+      return w;
+    }
+    case Gating::kSoftmaxTopk:
+      break;
   }
   float* dprobs = g.arena().alloc_floats(N * E);
   float* dgathered = renormalize ? g.arena().alloc_floats(N * K) : nullptr;
@@ -77,6 +113,7 @@ Tensor gate(Graph& g, const Tensor& logits, Gating gating, bool renormalize, con
 Router Router::make(ParamBuilder& pb, const std::string& prefix, int64_t C, const RouterConfig& rc) {
   Router r;
   r.rc_ = rc;
+  r.gate_ = GateSpec::of(rc);
   r.C_ = C;
   r.route = Linear::make(pb, prefix + "route", C, rc.num_experts, true);
   r.noise = Linear::make(pb, prefix + "noise", C, rc.num_experts, true);
@@ -126,7 +163,7 @@ Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, 
     logits = add(g, r.clean, mul(g, n, noise_scale));
   }
   int32_t* index = g.arena().alloc_ints(N * K);
-  r.weights = gate(g, logits, rc_.gating, rc_.renormalize, bias, K, index);  // (N, K)
+  r.weights = gate(g, logits, gate_, bias, K, index);  // (N, K)
   r.plan = {N, E, K, index, r.weights.data, g.arena().alloc_ints(E + 1), g.arena().alloc_ints(N * K),
             g.arena().alloc_ints(N * K), g.arena().alloc_ints(E)};
   group_plan(r.plan, capacity(N, opt.training));
@@ -153,8 +190,7 @@ RoutingPlan Router::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, co
   }
   RoutingPlan plan{n,           E, K, w.index.data(), w.gates.data(), w.offsets.data(), w.token.data(),
                    w.gate_pos.data(), w.chosen.data()};
-  gate_forward(rc_.gating, rc_.renormalize, w.index.data(), w.gates.data(), w.probs.data(), w.gathered.data(), logits,
-               bias, n, E, K);
+  gate_forward(gate_, w.index.data(), w.gates.data(), w.probs.data(), w.gathered.data(), logits, bias, n, E, K);
   group_plan(plan, capacity(n, false));
   return plan;
 }

@@ -21,7 +21,7 @@ namespace moe {
 enum class ExpertFfn { kRelu, kGelu, kSwiglu };
 enum class AttnScale { kHead, kEmbed };
 enum class InitKind { kKaimingNormal, kXavier, kNormal };
-enum class Gating { kTopkSoftmax, kSoftmaxTopk };
+enum class Gating { kTopkSoftmax, kSoftmaxTopk, kSigmoidTopk };
 enum class LrSchedule { kConstant, kCosine };
 
 template <class E>
@@ -40,7 +40,7 @@ struct EnumNames<InitKind> {
 };
 template <>
 struct EnumNames<Gating> {
-  static constexpr std::array<const char*, 2> names{"topk_softmax", "softmax_topk"};
+  static constexpr std::array<const char*, 3> names{"topk_softmax", "softmax_topk", "sigmoid_topk"};
 };
 template <>
 struct EnumNames<LrSchedule> {
@@ -76,7 +76,8 @@ struct RouterConfig {
   bool noisy = true;           // noisy top-k gating (in training)
   bool noise_at_eval = false;  // makeMoE also adds the noise at evaluation and generation
   // "topk_softmax": softmax over the k kept logits (makeMoE); "softmax_topk": softmax over all
-  // experts, then the k largest probabilities (Mixtral, Megablocks), rescaled to sum 1 if renormalize.
+  // experts, then the k largest probabilities (Mixtral, Megablocks), rescaled to sum 1 if renormalize;
+  // "sigmoid_topk" (DeepSeek-V3): s = sigmoid(logits), the k largest, weights s / Σ s · route_scale.
   Gating gating = Gating::kTopkSoftmax;
   bool renormalize = false;
   double aux_loss_coef = 0;      // Switch load-balancing loss E * sum_i f_i P_i, averaged over layers
@@ -84,6 +85,10 @@ struct RouterConfig {
   double capacity_factor = 0;    // capacity = ceil(factor * k * tokens / E) per expert; 0: dropless
   bool capacity_at_eval = false; // apply the capacity outside training too
   double bias_update_rate = 0;   // DeepSeek-V3 aux-loss-free balancing step gamma; 0: off
+  double route_scale = 1;        // sigmoid_topk: the weights' scale
+  int64_t n_groups = 1;          // group-limited routing: experts in n_groups groups of E / n_groups
+  int64_t topk_groups = 1;       // ... and only the topk_groups groups of best score (the sum of a
+                                 // group's two best selection scores) can be chosen
   double jitter = 0;             // Megablocks: in training, the router's input times U(1 - jitter, 1 + jitter); 0: off
 };
 

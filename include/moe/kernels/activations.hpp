@@ -17,6 +17,7 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 inline float relu(float v) { return v > 0.f ? v : 0.f; }
 inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * kInvSqrt2)); }  // exact erf form
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 // torch.nn.functional.softplus with beta 1, threshold 20: linear above the threshold.
 constexpr float kSoftplusThreshold = 20.f;
 inline float softplus(float v) { return v > kSoftplusThreshold ? v : std::log1p(std::exp(v)); }

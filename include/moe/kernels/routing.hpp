@@ -8,6 +8,12 @@ namespace moe {
 // Per row of scores [N, E]: the ids of the K largest of scores + bias (bias [E], may be null),
 // in descending order, into index [N, K]. Ties: the lower expert id first.
 void topk_select(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K);
+// Group-limited topk_select (DeepSeek-V3): the E experts form G groups of E / G in id order; a
+// group's score is the sum of its two best scores + bias (its one, in groups of one); per row
+// only the `open` groups of best score (ties: the lower group) are open, and the K largest of
+// their experts are chosen. G == 1 is topk_select. G <= 64.
+void topk_select_grouped(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K,
+                         int64_t G, int64_t open);
 // weights [N, K] = per row, softmax over the logits at the K ids in index.
 void topk_softmax_forward(float* weights, const int32_t* index, const float* logits, int64_t N, int64_t E, int64_t K);
 // dlogits[n, index[n,k]] += softmax backward of the kept weights.

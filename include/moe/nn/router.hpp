@@ -7,8 +7,11 @@
 // n ⊙ softplus(noise(x')), n ~ N(0, 1). Gating (router.gating):
 // - topk_softmax: the K largest logits, softmax over them (makeMoE);
 // - softmax_topk: softmax over all experts, the K largest probabilities, rescaled to sum 1
-//   with router.renormalize (Mixtral).
-// The balancing bias (router.bias_update_rate) shifts the choice only, never the weights.
+//   with router.renormalize (Mixtral);
+// - sigmoid_topk: s = sigmoid(logits), the K largest, weights s / Σ_chosen s · route_scale
+//   (DeepSeek-V3).
+// The balancing bias (router.bias_update_rate) shifts the choice only, never the weights. With
+// router.n_groups > 1 the choice is group-limited (topk_select_grouped).
 #pragma once
 
 #include <string>
@@ -36,9 +39,20 @@ struct RoutingPlan {
 // (0: none): an expert keeps its `capacity` slots of largest weight.
 void group_plan(RoutingPlan& plan, int64_t capacity);
 
+// How the router turns logits into its choice and weights: the router options that the
+// gating reads.
+struct GateSpec {
+  Gating gating = Gating::kTopkSoftmax;
+  bool renormalize = false;   // softmax_topk
+  float route_scale = 1;      // sigmoid_topk
+  int64_t groups = 1, open_groups = 1;  // group-limited choice (router.n_groups, topk_groups)
+  static GateSpec of(const RouterConfig& rc);
+};
+
 // The gating: index [N, K] and weights [N, K] from logits [N, E] and the selection bias (may be
-// null). probs [N, E] and gathered [N, K] hold softmax_topk's intermediates (unused otherwise).
-void gate_forward(Gating gating, bool renormalize, int32_t* index, float* weights, float* probs, float* gathered,
+// null). probs [N, E] and gathered [N, K] hold the intermediates of softmax_topk (probabilities,
+// and the chosen ones before renormalising) and sigmoid_topk (sigmoids, and the chosen ones).
+void gate_forward(const GateSpec& spec, int32_t* index, float* weights, float* probs, float* gathered,
                   const float* logits, const float* bias, int64_t N, int64_t E, int64_t K);
 
 class Router {
@@ -70,6 +84,7 @@ class Router {
 
  private:
   RouterConfig rc_;
+  GateSpec gate_;
   int64_t C_ = 0;
 };
 
