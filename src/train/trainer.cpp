@@ -57,24 +57,50 @@ void set_thread_count(const Config& cfg) {
     omp_set_num_threads(std::max(1, omp_get_num_procs() / dist::local_size()));
 }
 
-// What a run tells: config.json, metrics.jsonl and the progress lines, in its run directory.
-// Only rank 0 writes; on the other ranks every call but
+// Runs f on rank 0 alone (where the run's files are written). Collective over several
+// processes: when f throws, every rank throws its message, so each stops with the reason
+// instead of waiting for rank 0 in the next collective.
+template <class F>
+void on_rank0(ParallelTraining& par, F&& f) {
+  if (par.ranks() == 1) return f();
+  std::string error;
+  if (par.rank() == 0) {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  // The message travels as a sum of doubles in which only rank 0's are non-zero.
+  double size = double(error.size());
+  par.sum(&size, 1);
+  if (size == 0) return;
+  std::vector<double> chars(size_t(size), 0.0);
+  for (size_t i = 0; i < error.size(); ++i) chars[i] = double(static_cast<unsigned char>(error[i]));
+  par.sum(chars.data(), int64_t(chars.size()));
+  throw std::runtime_error(std::string(chars.begin(), chars.end()));
+}
+
+// What a run tells: config.json, metrics.jsonl and the progress lines, in its run directory,
+// which it keeps locked until it ends. Only rank 0 writes; on the other ranks every call but
 // the constructor does nothing.
 class RunLog {
  public:
-  // Rank 0, for a fresh run, empties the run directory of an earlier run's checkpoints
-  // (prepare_fresh_run_dir), writes config.json and opens metrics.jsonl for appending.
-  RunLog(const Config& cfg, const TrainOptions& opt, const ParallelTraining& par)
+  // Collective. Rank 0 locks the run directory (RunDirLock) before it changes anything in it,
+  // then, for a fresh run, empties it of an earlier run's checkpoints (prepare_fresh_run_dir),
+  // writes config.json and opens metrics.jsonl for appending.
+  RunLog(const Config& cfg, const TrainOptions& opt, ParallelTraining& par)
       : cfg_(cfg), quiet_(opt.quiet || par.rank() > 0) {
     const std::filesystem::path out = cfg.logging.out_dir;
-    if (par.rank() > 0) return;
-    if (opt.resume.empty()) prepare_fresh_run_dir(out, opt.overwrite);
-    std::filesystem::create_directories(out);
-    std::ofstream f(out / "config.json");
-    f << config_to_json(cfg).dump(2) << "\n";
-    if (!f) throw std::runtime_error("cannot write " + (out / "config.json").string());
-    metrics_.open(out / "metrics.jsonl", std::ios::app);
-    if (!metrics_) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
+    on_rank0(par, [&] {
+      lock_.emplace(out);
+      if (opt.resume.empty()) prepare_fresh_run_dir(out, opt.overwrite);
+      std::ofstream f(out / "config.json");
+      f << config_to_json(cfg).dump(2) << "\n";
+      if (!f) throw std::runtime_error("cannot write " + (out / "config.json").string());
+      metrics_.open(out / "metrics.jsonl", std::ios::app);
+      if (!metrics_) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
+    });
   }
 
   // The lines that open a run: processes, config, model size; the step it resumes at.
@@ -147,6 +173,7 @@ class RunLog {
  private:
   const Config& cfg_;
   const bool quiet_;
+  std::optional<RunDirLock> lock_;  // rank 0: held until the run ends, however it ends
   std::ofstream metrics_;           // stays closed on the other ranks: writes to it do nothing
   int64_t first_step_ = 0;
   Clock::time_point t_loop_;
@@ -370,7 +397,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   res.active_parameters = model.active_param_count();
   if (opt.dry_run) return res;
 
-  RunLog log(cfg, opt, par);
+  RunLog log(cfg, opt, par);  // from here on the run directory is this run's alone
   Training run(cfg, model, par, data, opt.resume, resumed.state);
   log.header(opt, model, data, par, run.state.step);
 
