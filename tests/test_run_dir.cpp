@@ -36,6 +36,14 @@ std::map<std::string, std::string> snapshot(const fs::path& dir) {
   return files;
 }
 
+// d/run holding a finished 12-step run (checkpoints, metrics, config) of the config d/c.json.
+std::string finished_run(const TempDir& d) {
+  write_file(d / "c.json", config_json(12));
+  const std::string run = d / "run";
+  REQUIRE(run_moe("train --config " + (d / "c.json") + " --out " + run).code == 0);
+  return run;
+}
+
 }  // namespace
 
 TEST_CASE("a second lock on a run directory fails naming the holder; the lock ends with its holder",
@@ -58,9 +66,7 @@ TEST_CASE("a second lock on a run directory fails naming the holder; the lock en
 TEST_CASE("a locked run directory refuses fresh, --overwrite and --resume runs and keeps every file",
           "[cli][reliability][lock]") {
   TempDir d("lock_refuse");
-  write_file(d / "c.json", config_json(12));
-  const std::string run = d / "run";
-  REQUIRE(run_moe("train --config " + (d / "c.json") + " --out " + run).code == 0);
+  const std::string run = finished_run(d);
   {
     RunDirLock held(run);  // as a run of this process would hold it
     const auto before = snapshot(run);
@@ -129,9 +135,7 @@ TEST_CASE("a lock file left by a killed run does not block the next run", "[cli]
 TEST_CASE("under mpirun a locked run directory stops every rank with the holder's process id",
           "[mpi][lock]") {
   TempDir d("lock_mpi");
-  write_file(d / "c.json", config_json(12));
-  const std::string run = d / "run";
-  REQUIRE(run_moe("train --config " + (d / "c.json") + " --out " + run).code == 0);
+  const std::string run = finished_run(d);
   RunDirLock held(run);
   const auto before = snapshot(run);
   const Run r = run_shell("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 120 mpirun -np 2 "
