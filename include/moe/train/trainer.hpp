@@ -49,6 +49,9 @@ struct TrainResult {
 extern std::atomic<int> g_stop_signal;
 void install_stop_signal_handlers();
 
+// Trains cfg's model into its run directory (cfg.logging.out_dir, or opt.out_dir), which the
+// run keeps locked until it returns or throws (RunDirLock, moe/train/run_dir.hpp): a second
+// run on the same directory throws naming this process. Collective under mpirun.
 TrainResult train(const Config& cfg, const TrainOptions& opt);
 
 struct StepResult {
