@@ -1,15 +1,13 @@
 #include "moe/io/safetensors.hpp"
 #include "moe/io/json_excerpt.hpp"
+#include "moe/testing/fault_injection.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
-#include <csignal>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -97,21 +95,6 @@ uint64_t fnv1a64_update(uint64_t h, const uint8_t* p, size_t n) {
 
 uint64_t fnv1a64(const uint8_t* p, size_t n) { return fnv1a64_update(kFnvOffset, p, n); }
 
-namespace {
-
-// Test hook for the crash tests: with MOE_TEST_KILL_AFTER_WRITES=N in the environment, the
-// process kills itself (SIGKILL, as kill -9 would) after its N-th tensor write, mid-save.
-void crash_test_point() {
-  static const long limit = [] {
-    const char* v = std::getenv("MOE_TEST_KILL_AFTER_WRITES");
-    return v ? std::atol(v) : 0L;
-  }();
-  static std::atomic<long> writes{0};
-  if (limit > 0 && ++writes >= limit) ::kill(::getpid(), SIGKILL);
-}
-
-}  // namespace
-
 void save_safetensors(const std::string& path, const std::vector<TensorEntry>& tensors,
                       const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
@@ -158,7 +141,7 @@ void save_safetensors(const std::string& path, const std::vector<TensorEntry>& t
   if (!write_all(fd, lenbytes, 8) || !write_all(fd, hs.data(), hs.size())) fail("write");
   for (const TensorEntry& t : tensors) {
     if (!step && !write_all(fd, t.data, t.nbytes)) fail("write");
-    crash_test_point();
+    testing::FaultInjection::after_tensor_write();
   }
   if (!step && ::fsync(fd) != 0) fail("fsync");
   if (::close(fd) != 0) fail("close");

@@ -13,7 +13,10 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "moe/data/dataset.hpp"
 #include "moe/dist/comm.hpp"
@@ -22,6 +25,7 @@
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/evaluate.hpp"
 #include "moe/train/parallel.hpp"
+#include "moe/train/run_dir.hpp"
 
 namespace moe {
 
@@ -41,38 +45,253 @@ std::string format_duration(double s) {
   return buf;
 }
 
-// Makes `to` name the same bytes as `from`, atomically: a hard link (or, where the file system
-// has none, a copy) to a temporary name, then a rename over `to`.
-void link_atomically(const std::filesystem::path& from, const std::filesystem::path& to) {
-  namespace fs = std::filesystem;
-  fs::path tmp = to;
-  tmp += ".tmp";
-  std::error_code ec;
-  fs::remove(tmp, ec);
-  fs::create_hard_link(from, tmp, ec);
-  if (ec) fs::copy_file(from, tmp, fs::copy_options::overwrite_existing);
-  fs::rename(tmp, to);
+using Clock = std::chrono::steady_clock;
+
+// training.threads when set. Otherwise, when several processes of the run share this machine's
+// cores, each takes its share unless OMP_NUM_THREADS says otherwise, since more threads than
+// cores make every OpenMP barrier wait for a thread that is not running.
+void set_thread_count(const Config& cfg) {
+  if (cfg.training.threads > 0)
+    omp_set_num_threads(int(cfg.training.threads));
+  else if (dist::local_size() > 1 && !std::getenv("OMP_NUM_THREADS"))
+    omp_set_num_threads(std::max(1, omp_get_num_procs() / dist::local_size()));
 }
 
-// A fresh run must not silently mix with, or overwrite, another run's checkpoints.
-void prepare_fresh_run_dir(const std::filesystem::path& out, bool overwrite) {
-  namespace fs = std::filesystem;
-  if (!fs::is_directory(out)) return;
-  std::vector<fs::path> old;
-  for (const auto& e : fs::directory_iterator(out)) {
-    const std::string name = e.path().filename().string();
-    if (e.path().extension() == ".safetensors" || name == "metrics.jsonl") old.push_back(e.path());
+// Runs f on rank 0 alone (where the run's files are written). Collective over several
+// processes: when f throws, every rank throws its message, so each stops with the reason
+// instead of waiting for rank 0 in the next collective.
+template <class F>
+void on_rank0(ParallelTraining& par, F&& f) {
+  if (par.ranks() == 1) return f();
+  std::string error;
+  if (par.rank() == 0) {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
-  const bool has_checkpoints = std::any_of(old.begin(), old.end(), [](const fs::path& p) {
-    return p.extension() == ".safetensors";
-  });
-  if (has_checkpoints && !overwrite)
-    throw std::runtime_error("run directory " + out.string() +
-                             " already holds checkpoints of an earlier run; continue it with --resume " +
-                             (out / "last.safetensors").string() +
-                             ", start afresh with --overwrite, or choose another --out");
-  for (const fs::path& p : old) fs::remove(p);
+  // The message travels as a sum of doubles in which only rank 0's are non-zero.
+  double size = double(error.size());
+  par.sum(&size, 1);
+  if (size == 0) return;
+  std::vector<double> chars(size_t(size), 0.0);
+  for (size_t i = 0; i < error.size(); ++i) chars[i] = double(static_cast<unsigned char>(error[i]));
+  par.sum(chars.data(), int64_t(chars.size()));
+  throw std::runtime_error(std::string(chars.begin(), chars.end()));
 }
+
+// What a run tells: config.json, metrics.jsonl and the progress lines, in its run directory,
+// which it keeps locked until it ends. Only rank 0 writes; on the other ranks every call but
+// the constructor does nothing.
+class RunLog {
+ public:
+  // Collective. Rank 0 locks the run directory (RunDirLock) before it changes anything in it,
+  // then, for a fresh run, empties it of an earlier run's checkpoints (prepare_fresh_run_dir),
+  // writes config.json and opens metrics.jsonl for appending.
+  RunLog(const Config& cfg, const TrainOptions& opt, ParallelTraining& par)
+      : cfg_(cfg), quiet_(opt.quiet || par.rank() > 0) {
+    const std::filesystem::path out = cfg.logging.out_dir;
+    on_rank0(par, [&] {
+      lock_.emplace(out);
+      if (opt.resume.empty()) prepare_fresh_run_dir(out, opt.overwrite);
+      std::ofstream f(out / "config.json");
+      f << config_to_json(cfg).dump(2) << "\n";
+      if (!f) throw std::runtime_error("cannot write " + (out / "config.json").string());
+      metrics_.open(out / "metrics.jsonl", std::ios::app);
+      if (!metrics_) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
+    });
+  }
+
+  // The lines that open a run: processes, config, model size; the step it resumes at.
+  void header(const TrainOptions& opt, const Model& model, const Dataset& data, const ParallelTraining& par,
+              int64_t first_step) {
+    const int64_t R = par.ranks(), B = cfg_.training.batch_size;
+    if (opt.expert_parallel && R == 1 && !opt.quiet)
+      spdlog::warn("--expert-parallel has no effect in one process: start moe with mpirun -np N (N > 1)");
+    if (quiet_) return;
+    if (R > 1)
+      spdlog::info("{} over {} processes ({} on this machine, {} thread(s) each): batch {} per process, {} in all",
+                   par.expert_parallel() ? "expert parallel" : "data parallel", R, dist::local_size(),
+                   omp_get_max_threads(), B, R * B);
+    spdlog::info("config:\n{}", config_to_json(cfg_).dump(2));
+    spdlog::info("model: {} parameters ({} active per token), vocabulary {}, {} train / {} val tokens",
+                 model.params().parameter_count(), model.active_param_count(), model.vocab_size(),
+                 data.train().size(), data.val().size());
+    if (!opt.resume.empty()) spdlog::info("resumed from {} at step {}", opt.resume, first_step);
+  }
+
+  // The training loop starts at first_step: the ETA counts from here.
+  void start_loop(int64_t first_step) {
+    first_step_ = first_step;
+    t_loop_ = Clock::now();
+  }
+
+  void evaluation(int64_t step, const EvalEstimate& est) {
+    metrics_ << nlohmann::json{{"step", step}, {"train_loss", est.train_loss}, {"val_loss", est.val_loss}}.dump()
+             << "\n" << std::flush;
+    if (!quiet_) spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}", step, est.train_loss, est.val_loss);
+  }
+
+  // Step `step` took `ms` and `tokens`. At a logged step, the metrics line and the progress line,
+  // with the throughput and the router's figures (stats) over the steps since the last one;
+  // then stats starts again.
+  void step(int64_t step, const StepResult& sr, double ms, double tokens, RoutingStats& stats, bool log_now) {
+    window_tokens_ += tokens;
+    window_seconds_ += ms / 1000.0;
+    if (!log_now) return;
+    const int64_t max_steps = cfg_.training.max_steps;
+    const double tok_s = window_tokens_ / std::max(1e-9, window_seconds_);
+    // Wall clock so far (evaluations and checkpoints included) per step done in this run.
+    const double elapsed = std::chrono::duration<double>(Clock::now() - t_loop_).count();
+    const double eta = elapsed / double(step + 1 - first_step_) * double(max_steps - step - 1);
+    nlohmann::json j{{"step", step + 1}, {"loss", sr.loss}, {"lr", sr.lr}, {"grad_norm", sr.grad_norm},
+                     {"tokens_per_s", tok_s}};
+    j["tokens_per_expert"] = stats.tokens_per_expert;
+    const nlohmann::json health = stats.health();
+    j["router"] = health;
+    double worst_violation = 0, dropped = 0;
+    for (const auto& layer : health) {
+      worst_violation = std::max(worst_violation, layer["max_violation"].get<double>());
+      dropped += layer["dropped_frac"].get<double>() / double(health.size());
+    }
+    metrics_ << j.dump() << "\n" << std::flush;
+    if (!quiet_)
+      spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | max load {:+.0f}%{} | {:.0f} tok/s | ETA {}",
+                   step + 1, max_steps, sr.loss, sr.lr, sr.grad_norm, 100 * worst_violation,
+                   cfg_.router.capacity_factor > 0 ? fmt::format(" | dropped {:.1f}%", 100 * dropped) : "",
+                   tok_s, format_duration(eta));
+    window_tokens_ = window_seconds_ = 0;
+    stats = RoutingStats();
+  }
+
+  void done(bool interrupted, int64_t step, const std::filesystem::path& last) {
+    if (!quiet_)
+      spdlog::info("{} at step {}: checkpoint {}", interrupted ? "interrupted" : "done", step, last.string());
+  }
+
+ private:
+  const Config& cfg_;
+  const bool quiet_;
+  std::optional<RunDirLock> lock_;  // rank 0: held until the run ends, however it ends
+  std::ofstream metrics_;           // stays closed on the other ranks: writes to it do nothing
+  int64_t first_step_ = 0;
+  Clock::time_point t_loop_;
+  double window_tokens_ = 0, window_seconds_ = 0;  // since the last logged step
+};
+
+// What a run trains besides the model: AdamW, the generators of the batches, the dropout and
+// the router noise (each rank drawing its share), the step and the best validation loss, and
+// the training step that moves them. Its checkpoints hold all of these.
+class Training {
+ public:
+  // Initialises the model's weights, or loads them, the moments and the generators' states
+  // from the checkpoint `resume` (whose state is `resumed`).
+  Training(const Config& cfg, Model& model, ParallelTraining& par, const Dataset& data, const std::string& resume,
+           const TrainState& resumed)
+      : cfg_(cfg),
+        model_(model),
+        par_(par),
+        data_(data),
+        adamw_(cfg.optimizer, model.params()),
+        sampler_(data.train(), cfg.training.batch_size, cfg.model.block_size, Rng(cfg.training.seed, kStreamData)),
+        dropout_rng_(cfg.training.seed, kStreamDropout),
+        noise_rng_(cfg.training.seed, kStreamNoise) {
+    // Each rank draws its rows' share of one global batch of R·B rows, and their share of the
+    // dropout and noise numbers, so R ranks draw what one process with batch R·B would.
+    const int R = par.ranks();
+    sampler_.set_shard(par.rank(), R);
+    dropout_rng_.set_shard(uint64_t(par.rank()), uint64_t(R));
+    noise_rng_.set_shard(uint64_t(par.rank()), uint64_t(R));
+    if (resume.empty()) {
+      Rng init_rng(cfg.training.seed, kStreamInit);
+      model.init(init_rng);
+    } else {
+      state = resumed;
+      load_checkpoint_tensors(resume, model, &adamw_);
+      sampler_.set_state(state.data_rng);
+      dropout_rng_.set_state(state.dropout_rng);
+      noise_rng_.set_state(state.noise_rng);
+    }
+    step_.emplace(cfg, model, adamw_, par, sampler_, dropout_rng_, noise_rng_, g_, &stats);
+  }
+
+  // Step `step`; state.step moves past it. With grad_norm, the result holds the gradient norm.
+  StepResult run_step(int64_t step, bool grad_norm) {
+    const StepResult sr = step_->run(step, grad_norm);
+    state.step = step + 1;
+    return sr;
+  }
+
+  // The losses over cfg.logging.eval_iters batches of each split, the same on every rank.
+  // Collective: each rank runs its share of the batches; the sums make the estimate.
+  EvalEstimate evaluate() {
+    par_.share_experts(nullptr);
+    // The step's graphs, idle now, run the first two threads' forwards. Evaluations and steps
+    // lay out their memory differently: the graphs give their pages back before and after,
+    // so that the peak is the larger of the two layouts, not their union (a few ms a time).
+    const auto release = [&] {
+      g_.release();
+      step_->recompute_graph().release();
+    };
+    release();
+    EvalEstimate est = estimate_loss(model_, data_, cfg_, g_, par_.rank(), par_.ranks(), 0, &step_->recompute_graph());
+    release();
+    if (par_.ranks() > 1) {
+      double both[2] = {est.train_loss, est.val_loss};
+      par_.sum(both, 2);
+      est.train_loss = both[0], est.val_loss = both[1];
+    }
+    return est;
+  }
+
+  // Collective: every rank saves at the same steps; rank 0 writes the file.
+  void save(const std::filesystem::path& path) {
+    par_.share_experts(&adamw_);
+    if (par_.rank() > 0) return;
+    state.data_rng = sampler_.state();
+    state.dropout_rng = dropout_rng_.state();
+    state.noise_rng = noise_rng_.state();
+    save_checkpoint(path.string(), model_, &adamw_, data_.tokenizer().vocab(), state);
+  }
+
+  // Collective. After the evaluation of step `step`: best.safetensors when val_loss is the best yet.
+  void save_if_best(int64_t step, double val_loss, const std::filesystem::path& out) {
+    if (!(val_loss < state.best_val_loss)) return;
+    state.best_val_loss = val_loss;
+    state.step = step;
+    save(out / "best.safetensors");
+  }
+
+  // Collective. After a step: step_N.safetensors (N = state.step), and last.safetensors, which
+  // always names the newest, linked to it.
+  void save_step(const std::filesystem::path& out) {
+    const std::filesystem::path step_file = out / ("step_" + std::to_string(state.step) + ".safetensors");
+    save(step_file);
+    if (par_.rank() == 0) link_atomically(step_file, out / "last.safetensors");
+  }
+
+  // A signal reaches each rank at its own moment: they stop together when any has seen one.
+  bool stop_requested() const {
+    double any = g_stop_signal.load() != 0 ? 1 : 0;
+    if (par_.ranks() > 1) par_.sum(&any, 1);
+    return any > 0;
+  }
+
+  TrainState state;    // the next step, the best validation loss; generators' states when saved
+  RoutingStats stats;  // the router's figures since the last logged step
+
+ private:
+  const Config& cfg_;
+  Model& model_;
+  ParallelTraining& par_;
+  const Dataset& data_;
+  AdamW adamw_;
+  BatchSampler sampler_;
+  Rng dropout_rng_, noise_rng_;
+  Graph g_;
+  std::optional<TrainStep> step_;  // made after the weights are in place
+};
 
 }  // namespace
 
@@ -85,54 +304,6 @@ double median(std::vector<double> v) {
 void install_stop_signal_handlers() {
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
-}
-
-GroupUpdate::GroupUpdate(AdamW& adamw, ParamStore& params)
-    : adamw_(adamw),
-      params_(params),
-      partial_(size_t((params.numel() + kSquaresChunk - 1) / kSquaresChunk)),
-      carry_(size_t(kSquaresChunk)) {}
-
-void GroupUpdate::begin(float lr, bool norm) {
-  adamw_.begin_step(lr);
-  end_ = params_.numel();
-  norm_ = norm;
-}
-
-void GroupUpdate::from(int first_param) { complete(params_.info(first_param).offset); }
-
-void GroupUpdate::complete(int64_t b) {
-  const int64_t e = end_;
-  if (b >= e) return;
-  float* g = params_.grad();  // g[i - b]: the gradient of float i
-  if (norm_) {
-    // Chunks from the one holding b up: all but perhaps the lowest are complete now.
-    const int64_t K = kSquaresChunk, n = params_.numel(), c_lo = b / K, c_hi = (e - 1) / K;
-    const int64_t first_full = c_lo * K == b ? c_lo : c_lo + 1;
-    double* partial = partial_.data();
-    const float* carry = carry_.data();
-#pragma omp parallel for schedule(static)
-    for (int64_t c = first_full; c <= c_hi; ++c) {
-      const int64_t cs = c * K, ce = std::min(cs + K, n);
-      double s = add_squares(0.0, g + (cs - b), std::min(ce, e) - cs);
-      if (ce > e) s = add_squares(s, carry + (e - cs), ce - e);  // from the groups done before
-      partial[c] = s;
-    }
-    if (first_full > c_lo) {  // the chunk holding b continues below it: keep this group's part
-      const int64_t cs = c_lo * K, hi = std::min(cs + K, e);
-      std::copy(g, g + (hi - b), carry_.begin() + (b - cs));
-    }
-  }
-  adamw_.update(params_, {b, e}, g, true);
-  end_ = b;
-}
-
-double GroupUpdate::finish() {
-  complete(0);
-  if (!norm_) return std::numeric_limits<double>::quiet_NaN();
-  double total = 0;
-  for (double s : partial_) total += s;
-  return std::sqrt(total);
 }
 
 TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTraining& par, BatchSampler& sampler,
@@ -202,18 +373,15 @@ StepResult TrainStep::run(int64_t step, bool grad_norm) {
 }
 
 TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
-  using clock = std::chrono::steady_clock;
-  const auto t_start = clock::now();
+  const auto t_start = Clock::now();
   Config cfg = cfg_in;
-  TrainState state;
   CheckpointHeader resumed;
   if (!opt.resume.empty()) {
     resumed = read_checkpoint_header(opt.resume);
     check_resume_compatible(resumed.config, cfg, opt.resume);
-    state = resumed.state;
   }
   if (!opt.out_dir.empty()) cfg.logging.out_dir = opt.out_dir;
-  if (cfg.training.threads > 0) omp_set_num_threads(int(cfg.training.threads));
+  set_thread_count(cfg);
 
   const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, T);
@@ -223,178 +391,55 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   Model model(cfg, int64_t(data.tokenizer().vocab().size()));
   ParallelTraining par(model, opt.expert_parallel);  // one process unless started by mpirun
   const int64_t R = par.ranks();
-  const bool lead = par.rank() == 0;  // writes the logs, metrics and checkpoints
-  const bool quiet = opt.quiet || !lead;
-  // Several processes on one machine share its cores: unless told otherwise (training.threads
-  // or OMP_NUM_THREADS), each takes its share, since more threads than cores make every
-  // OpenMP barrier wait for a thread that is not running.
-  if (cfg.training.threads == 0 && dist::local_size() > 1 && !std::getenv("OMP_NUM_THREADS"))
-    omp_set_num_threads(std::max(1, omp_get_num_procs() / dist::local_size()));
   TrainResult res;
   res.ranks = par.ranks();
   res.parameters = model.params().parameter_count();
   res.active_parameters = model.active_param_count();
   if (opt.dry_run) return res;
-  AdamW adamw(cfg.optimizer, model.params());
-  BatchSampler sampler(data.train(), B, T, Rng(cfg.training.seed, kStreamData));
-  Rng dropout_rng(cfg.training.seed, kStreamDropout), noise_rng(cfg.training.seed, kStreamNoise);
-  // Each rank draws its rows' share of one global batch of R·B rows, and their share of the
-  // dropout and noise numbers, so R ranks draw what one process with batch R·B would.
-  sampler.set_shard(par.rank(), R);
-  dropout_rng.set_shard(uint64_t(par.rank()), uint64_t(R));
-  noise_rng.set_shard(uint64_t(par.rank()), uint64_t(R));
-  if (opt.resume.empty()) {
-    Rng init_rng(cfg.training.seed, kStreamInit);
-    model.init(init_rng);
-  } else {
-    load_checkpoint_tensors(opt.resume, model, &adamw);
-    sampler.set_state(state.data_rng);
-    dropout_rng.set_state(state.dropout_rng);
-    noise_rng.set_state(state.noise_rng);
-  }
 
-  namespace fs = std::filesystem;
-  const fs::path out = cfg.logging.out_dir;
-  std::ofstream metrics;  // stays closed on the other ranks: writes to it do nothing
-  if (lead) {
-    if (opt.resume.empty()) prepare_fresh_run_dir(out, opt.overwrite);
-    fs::create_directories(out);
-    {
-      std::ofstream f(out / "config.json");
-      f << config_to_json(cfg).dump(2) << "\n";
-      if (!f) throw std::runtime_error("cannot write " + (out / "config.json").string());
-    }
-    metrics.open(out / "metrics.jsonl", std::ios::app);
-    if (!metrics) throw std::runtime_error("cannot open " + (out / "metrics.jsonl").string() + " for writing");
-  }
+  RunLog log(cfg, opt, par);  // from here on the run directory is this run's alone
+  Training run(cfg, model, par, data, opt.resume, resumed.state);
+  log.header(opt, model, data, par, run.state.step);
 
-  if (opt.expert_parallel && R == 1 && !opt.quiet)
-    spdlog::warn("--expert-parallel has no effect in one process: start moe with mpirun -np N (N > 1)");
-  if (!quiet) {
-    if (R > 1)
-      spdlog::info("{} over {} processes ({} on this machine, {} thread(s) each): batch {} per process, {} in all",
-                   par.expert_parallel() ? "expert parallel" : "data parallel", R, dist::local_size(),
-                   omp_get_max_threads(), B, R * B);
-    spdlog::info("config:\n{}", config_to_json(cfg).dump(2));
-    spdlog::info("model: {} parameters ({} active per token), vocabulary {}, {} train / {} val tokens",
-                 model.params().parameter_count(), model.active_param_count(), model.vocab_size(),
-                 data.train().size(), data.val().size());
-    if (!opt.resume.empty()) spdlog::info("resumed from {} at step {}", opt.resume, state.step);
-  }
-
-  auto save = [&](const fs::path& path) {
-    par.share_experts(&adamw);  // collective: every rank saves at the same steps
-    if (!lead) return;
-    state.data_rng = sampler.state();
-    state.dropout_rng = dropout_rng.state();
-    state.noise_rng = noise_rng.state();
-    save_checkpoint(path.string(), model, &adamw, data.tokenizer().vocab(), state);
-  };
-
-  // A signal reaches each rank at its own moment: they stop together when any has seen one.
-  auto stop_requested = [&] {
-    double any = g_stop_signal.load() != 0 ? 1 : 0;
-    if (R > 1) par.sum(&any, 1);
-    return any > 0;
-  };
-
-  res.last_val_loss = std::numeric_limits<double>::quiet_NaN();
-  Graph g;
-  RoutingStats stats;  // over the logging window
-  TrainStep train_step(cfg, model, adamw, par, sampler, dropout_rng, noise_rng, g, &stats);
-  std::vector<double> step_ms;
+  const std::filesystem::path out = cfg.logging.out_dir;
   const int64_t max_steps = cfg.training.max_steps;
-  double window_tokens = 0, window_seconds = 0;
-  const int64_t first_step = state.step;
-  const auto t_loop = clock::now();
-  for (int64_t step = state.step; step < max_steps; ++step) {
+  res.last_val_loss = std::numeric_limits<double>::quiet_NaN();
+  std::vector<double> step_ms;
+  log.start_loop(run.state.step);
+  for (int64_t step = run.state.step; step < max_steps; ++step) {
     if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
-      par.share_experts(nullptr);
-      // Each rank runs its share of the batches; the sums make the estimate on every rank.
-      // The step's graphs, idle now, run the first two threads' forwards. Evaluations and steps
-      // lay out their memory differently: the graphs give their pages back before and after,
-      // so that the peak is the larger of the two layouts, not their union (a few ms a time).
-      const auto release = [&] {
-        g.release();
-        train_step.recompute_graph().release();
-      };
-      release();
-      EvalEstimate est = estimate_loss(model, data, cfg, g, par.rank(), par.ranks(), 0, &train_step.recompute_graph());
-      release();
-      if (R > 1) {
-        double both[2] = {est.train_loss, est.val_loss};
-        par.sum(both, 2);
-        est.train_loss = both[0], est.val_loss = both[1];
-      }
+      const EvalEstimate est = run.evaluate();
       res.last_val_loss = est.val_loss;
-      metrics << nlohmann::json{{"step", step}, {"train_loss", est.train_loss}, {"val_loss", est.val_loss}}.dump()
-              << "\n" << std::flush;
-      if (!quiet)
-        spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}", step, est.train_loss, est.val_loss);
-      if (est.val_loss < state.best_val_loss) {
-        state.best_val_loss = est.val_loss;
-        state.step = step;
-        save(out / "best.safetensors");
-      }
-      if (stop_requested()) {  // a signal during the evaluation: stop before the next step
+      log.evaluation(step, est);
+      run.save_if_best(step, est.val_loss, out);
+      if (run.stop_requested()) {  // a signal during the evaluation: stop before the next step
         res.interrupted = true;
         break;
       }
     }
 
     const bool log_now = (step + 1) % cfg.logging.log_interval == 0 || step + 1 == max_steps;
-    const auto t0 = clock::now();
-    const StepResult sr = train_step.run(step, log_now);
-    const double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
-    step_ms.push_back(ms);
-    window_tokens += double(R * B * T);
-    window_seconds += ms / 1000.0;
+    const auto t0 = Clock::now();
+    const StepResult sr = run.run_step(step, log_now);
+    step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
     res.last_train_loss = sr.loss;
-    state.step = step + 1;
+    log.step(step, sr, step_ms.back(), double(R * B * T), run.stats, log_now);
 
-    if (log_now) {
-      const double tok_s = window_tokens / std::max(1e-9, window_seconds);
-      // Wall clock so far (evaluations and checkpoints included) per step done in this run.
-      const double elapsed = std::chrono::duration<double>(clock::now() - t_loop).count();
-      const double eta = elapsed / double(step + 1 - first_step) * double(max_steps - step - 1);
-      nlohmann::json j{{"step", step + 1}, {"loss", sr.loss}, {"lr", sr.lr}, {"grad_norm", sr.grad_norm},
-                       {"tokens_per_s", tok_s}};
-      j["tokens_per_expert"] = stats.tokens_per_expert;
-      const nlohmann::json health = stats.health();
-      j["router"] = health;
-      double worst_violation = 0, dropped = 0;
-      for (const auto& layer : health) {
-        worst_violation = std::max(worst_violation, layer["max_violation"].get<double>());
-        dropped += layer["dropped_frac"].get<double>() / double(health.size());
-      }
-      metrics << j.dump() << "\n" << std::flush;
-      if (!quiet)
-        spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | max load {:+.0f}%{} | {:.0f} tok/s | ETA {}",
-                     step + 1, max_steps, sr.loss, sr.lr, sr.grad_norm, 100 * worst_violation,
-                     cfg.router.capacity_factor > 0 ? fmt::format(" | dropped {:.1f}%", 100 * dropped) : "",
-                     tok_s, format_duration(eta));
-      window_tokens = window_seconds = 0;
-      stats = RoutingStats();
-    }
-    if (cfg.logging.checkpoint_interval > 0 && (step + 1) % cfg.logging.checkpoint_interval == 0) {
-      const fs::path step_file = out / ("step_" + std::to_string(step + 1) + ".safetensors");
-      save(step_file);
-      if (lead) link_atomically(step_file, out / "last.safetensors");  // last.safetensors: always the newest
-    }
+    if (cfg.logging.checkpoint_interval > 0 && (step + 1) % cfg.logging.checkpoint_interval == 0)
+      run.save_step(out);
     if (sr.stop) {
       res.interrupted = true;
       break;
     }
   }
-  save(out / "last.safetensors");
-  if (!quiet)
-    spdlog::info("{} at step {}: checkpoint {}", res.interrupted ? "interrupted" : "done", state.step,
-                 (out / "last.safetensors").string());
-  res.steps_done = state.step;
-  res.best_val_loss = state.best_val_loss;
+  run.save(out / "last.safetensors");
+  log.done(res.interrupted, run.state.step, out / "last.safetensors");
+
+  res.steps_done = run.state.step;
+  res.best_val_loss = run.state.best_val_loss;
   res.median_step_ms = median(step_ms);
   if (!step_ms.empty()) res.reduce_ms_per_step = 1000 * par.reduce_seconds() / double(step_ms.size());
-  res.wall_seconds = std::chrono::duration<double>(clock::now() - t_start).count();
+  res.wall_seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   return res;
 }
 

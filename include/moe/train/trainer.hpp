@@ -12,6 +12,7 @@
 #include "moe/io/config.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
+#include "moe/optim/group_update.hpp"
 #include "moe/train/parallel.hpp"
 
 namespace moe {
@@ -48,6 +49,9 @@ struct TrainResult {
 extern std::atomic<int> g_stop_signal;
 void install_stop_signal_handlers();
 
+// Trains cfg's model into its run directory (cfg.logging.out_dir, or opt.out_dir), which the
+// run keeps locked until it returns or throws (RunDirLock, moe/train/run_dir.hpp): a second
+// run on the same directory throws naming this process. Collective under mpirun.
 TrainResult train(const Config& cfg, const TrainOptions& opt);
 
 struct StepResult {
@@ -57,31 +61,6 @@ struct StepResult {
   // Some rank had seen a stop signal (g_stop_signal) when its forward pass ended: every rank
   // gets the same answer, so all stop after this step. A later signal shows in the next step.
   bool stop = false;
-};
-
-// AdamW applied to each group of parameters (Model::grad_groups) as soon as the backward pass
-// completes its gradients, which all groups hold in one shared region (ParamStore::
-// share_grads): the gradients take one group's memory, and are updated while still in cache.
-// For a step without clipping in one process. The gradient norm, when asked for, has the bits
-// of sum_of_squares over the whole unshared block: each of its chunks is summed once all of
-// its gradients exist, the part from groups updated earlier kept aside until then.
-class GroupUpdate final : public GradientsReady {
- public:
-  GroupUpdate(AdamW& adamw, ParamStore& params);
-  void begin(float lr, bool norm);  // before the forward
-  void from(int first_param) override;
-  // After the backward: updates the first group; returns the gradient norm, or NaN when begin
-  // was not asked for it. Every gradient is zero again.
-  double finish();
-
- private:
-  void complete(int64_t begin);  // the floats [begin, end_) have their final gradients
-  AdamW& adamw_;
-  ParamStore& params_;
-  int64_t end_ = 0;  // floats from here on are updated
-  bool norm_ = false;
-  std::vector<double> partial_;  // per chunk of kSquaresChunk floats
-  std::vector<float> carry_;     // gradients of [end_, the end of its chunk)
 };
 
 // One training step: the next batch, forward, backward, the gradients summed over the ranks,
