@@ -18,6 +18,7 @@
 #include "moe/train/trainer.hpp"
 
 #include "fixture_util.hpp"
+#include "io_test_util.hpp"
 
 using namespace moe;
 using moe_test::read_f32;
@@ -256,7 +257,8 @@ TEST_CASE("Checkpoint round trip restores weights, moments and state", "[model][
   st.data_rng = {1, 2, 3};
   st.dropout_rng = {4, 5, 6};
   st.noise_rng = {7, 8, 9};
-  const fs::path dir = fs::temp_directory_path() / "moe_test_ckpt";
+  const moe_test::TempDir tmp_dir("ckpt");  // per process: suites running at once do not share it
+  const fs::path dir = tmp_dir.path;
   fs::create_directories(dir);
   const std::string path = (dir / "c.safetensors").string();
   save_checkpoint(path, a, &opt, {10, 65, 66}, st);
@@ -310,7 +312,8 @@ TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit",
   const bool features = GENERATE(false, true);
   INFO((features ? "every MoE option on" : "makeMoE"));
   Config cfg = features ? all_features_config() : tiny_config();
-  const fs::path dir = fs::temp_directory_path() / "moe_test_resume";
+  const moe_test::TempDir tmp_dir("resume");  // per process: suites running at once do not share it
+  const fs::path dir = tmp_dir.path;
   fs::remove_all(dir);
   TrainOptions straight;
   straight.quiet = true;
@@ -350,7 +353,8 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   INFO((features ? "every MoE option on" : "makeMoE"));
   Config cfg = features ? all_features_config() : tiny_config();
   cfg.training.max_steps = 6;
-  const fs::path dir = fs::temp_directory_path() / "moe_test_threads";
+  const moe_test::TempDir tmp_dir("threads");  // per process: suites running at once do not share it
+  const fs::path dir = tmp_dir.path;
   fs::remove_all(dir);
   TrainOptions opt;
   opt.quiet = true;

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cli_util.hpp"
+#include "io_test_util.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/train/bench.hpp"
 
@@ -54,7 +55,8 @@ Run run(const std::string& args) { return moe_test::run_moe(args); }
 }  // namespace
 
 TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
-  const fs::path dir = fs::temp_directory_path() / "moe_test_cli";
+  const moe_test::TempDir tmp_dir("cli");  // per process: suites running at once do not share it
+  const fs::path dir = tmp_dir.path;
   fs::remove_all(dir);
   fs::create_directories(dir);
   const std::string data = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt";
