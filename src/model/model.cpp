@@ -309,6 +309,7 @@ Tensor Model::moe_ffn(Graph& g, const BlockParams& bp, const Tensor& x, int64_t 
     if (rc.renormalize) top.weights = normalize_rows(g, top.weights);
   }
   if (opt.chosen) (*opt.chosen)[size_t(layer)].assign(top.index, top.index + N * K_);
+  if (opt.chosen_weights) (*opt.chosen_weights)[size_t(layer)].assign(top.weights.data, top.weights.data + N * K_);
 
   int32_t* offsets = g.arena().alloc_ints(E_ + 1);
   int32_t* token = g.arena().alloc_ints(N * K_);
