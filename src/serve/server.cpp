@@ -292,6 +292,7 @@ struct Server {
     if (!(g.sampling.temperature >= 0 && g.sampling.temperature <= 10))
       throw HttpError(400, "temperature must be in [0, 10]");
     if (g.sampling.top_k < 0) throw HttpError(400, "top_k must be >= 0");
+    if (prompt.size() > 100000) throw HttpError(400, "the prompt is longer than 100000 bytes");
     if (!body.contains("checkpoint") || !body["checkpoint"].is_string())
       throw HttpError(400, "missing field 'checkpoint' (a .safetensors path under the runs directory)");
     auto e = models.get(checkpoint(body["checkpoint"].get<std::string>()));

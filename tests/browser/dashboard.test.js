@@ -3,9 +3,8 @@
 // Usage: node dashboard.test.js URL RUNS_DIR LIVE_REST_JSONL   (see test_dashboard.sh)
 'use strict';
 const fs = require('fs');
-const os = require('os');
 const path = require('path');
-const { chromium } = require('playwright-core');
+const { launch } = require('./chromium');
 
 const [url, runs, liveRest] = process.argv.slice(2);
 const shots = process.env.MOE_SCREENSHOTS;
@@ -55,15 +54,7 @@ async function status(pathAndQuery, init) {
 }
 
 (async () => {
-  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-chromium-'));
-  // A fresh profile (playwright passes it as --user-data-dir).
-  const browser = await chromium.launchPersistentContext(profile, {
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    viewport: { width: 1280, height: 900 },
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-           '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  const { context: browser, close } = await launch();
   try {
     const page = await browser.newPage();
     page.on('pageerror', e => check(false, 'page error: ' + e.message));
@@ -170,8 +161,7 @@ async function status(pathAndQuery, init) {
     }
     check((await status('/api/runs'))[0] === 200, 'the server still serves after bad requests');
   } finally {
-    await browser.close();
-    fs.rmSync(profile, { recursive: true, force: true });
+    await close();
   }
   console.log(`dashboard: ${passed} passed, ${failed} failed`);
   process.exit(failed ? 1 : 0);

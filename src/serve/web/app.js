@@ -67,7 +67,7 @@ function lineChart(box, title, series, { scatter = false, xLabel = 'step', log =
   box._plot = new uPlot({
     title, width: 460, height: 240,
     scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
-    axes: [{ label: xLabel }, {}],
+    axes: [{ label: xLabel }, { size: 64 }],
     series: [{ label: xLabel }, ...series.map((s, i) => ({
       label: s.label, stroke: PALETTE[i % PALETTE.length], spanGaps: true,
       width: scatter ? 0 : 1.5, points: { show: scatter || undefined, size: scatter ? 7 : 4 },
@@ -84,7 +84,9 @@ function chartBox(parent, id) {
 // A heatmap of rows × columns (values[r][c]) with labels; colour scale from 0 to max (or
 // centred on 1 for lifts, on a log scale).
 function heatmap(parent, title, rowLabels, colLabels, values, { lift = false, cell = 18 } = {}) {
-  const left = 70, top = 34, W = left + colLabels.length * cell + 10, H = top + rowLabels.length * cell + 10;
+  const longest = Math.max(1, ...colLabels.map(l => String(l).length));
+  const left = 70, top = 22 + Math.ceil(longest * 4.5);
+  const W = Math.max(left + colLabels.length * cell + 10, title.length * 6.5 + 8), H = top + rowLabels.length * cell + 10;
   const canvas = el('canvas', { width: W, height: H });
   const box = el('div', { class: 'heatmap' }, canvas);
   parent.append(box);
@@ -97,7 +99,11 @@ function heatmap(parent, title, rowLabels, colLabels, values, { lift = false, ce
   const max = Math.max(1e-12, ...values.flat().filter(Number.isFinite));
   let cells = 0;
   values.forEach((row, r) => row.forEach((v, c) => {
-    if (!Number.isFinite(v)) return;
+    if (!Number.isFinite(v)) {  // nothing to show (e.g. a class absent from the text)
+      ctx.fillStyle = '#e0e0e0';
+      ctx.fillRect(left + c * cell, top + r * cell, cell - 1, cell - 1);
+      return;
+    }
     let t;  // 0..1: white to the colour
     if (lift) {
       const l = Math.log2(Math.max(v, 1 / 16));  // -4..4 around lift 1
@@ -343,13 +349,15 @@ async function inspectPage(params) {
   const maps = el('div', { id: 'inspect-maps' });
   page.append(maps);
   const experts = [...Array(r.experts).keys()].map(e => 'expert ' + e);
+  // Lifts of what the text does not contain are left blank.
+  const present = (values, corpus) => values.map((v, i) => (corpus[i] > 0 ? v : null));
   for (const layer of r.layers) {
     maps.append(el('h3', {}, `layer ${layer.layer}: slot share ` +
       layer.experts.map(e => (100 * e.slot_share).toFixed(1) + '%').join(' ') + ` | mean gate ` +
       layer.experts.map(e => e.mean_gate.toFixed(2)).join(' ')));
-    heatmap(maps, 'expert × class', experts, r.classes, layer.experts.map(e => e.class_lift), { lift: true });
-    heatmap(maps, 'expert × word position', experts, r.positions, layer.experts.map(e => e.position_lift), { lift: true });
-    heatmap(maps, 'expert × character', experts, r.vocab, layer.experts.map(e => e.char_lift), { lift: true, cell: 12 });
+    heatmap(maps, 'expert × class', experts, r.classes, layer.experts.map(e => present(e.class_lift, r.corpus.classes)), { lift: true });
+    heatmap(maps, 'expert × word position', experts, r.positions, layer.experts.map(e => present(e.position_lift, r.corpus.positions)), { lift: true });
+    heatmap(maps, 'expert × character', experts, r.vocab, layer.experts.map(e => present(e.char_lift, r.corpus.chars)), { lift: true, cell: 12 });
   }
   const t = el('table', { id: 'transitions' }, el('tr', {}, ...['layers', 'mutual information (bits)', 'of H(next)',
     'next first choice predicted', 'commonest'].map(h => el('th', {}, h))));
