@@ -13,6 +13,8 @@ skip() { echo "test_dashboard: SKIPPED: $*" >&2; exit 77; }
 fail() { echo "test_dashboard: FAILED: $*" >&2; exit 1; }
 [ -x /usr/bin/chromium ] || skip "no /usr/bin/chromium (bash scripts/setup.sh --serve)"
 command -v node > /dev/null || skip "no node (bash scripts/setup.sh --serve)"
+# playwright-core needs node 20 or newer (Debian 12's own nodejs is 18).
+[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || skip "node $(node --version) is older than 20, which playwright-core needs"
 [ -d "$root/src/serve/web/node_modules/playwright-core" ] || skip "no src/serve/web/node_modules (bash scripts/setup.sh --serve)"
 [ -f "$root/src/serve/web/node_modules/uplot/dist/uPlot.iife.min.js" ] || skip "no uPlot in src/serve/web/node_modules"
 
