@@ -1,4 +1,4 @@
-// moe: the command-line front end (train, generate, eval).
+// moe: the command-line front end (train, generate, eval, inspect, bench, serve).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -17,7 +18,11 @@
 #include "moe/data/tokenizer.hpp"
 #include "moe/dist/comm.hpp"
 #include "moe/generate/generator.hpp"
+#include "moe/inspect/inspect.hpp"
 #include "moe/io/config.hpp"
+#ifdef MOE_HAVE_SERVE
+#include "moe/serve/server.hpp"
+#endif
 #include "moe/train/bench.hpp"
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/evaluate.hpp"
@@ -40,22 +45,6 @@ std::string openmp_wait() {
   for (const char* name : {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"})
     if (const char* v = std::getenv(name)) return std::string(name) + "=" + v;
   return "libgomp's default";
-}
-
-// A model and its tokenizer, from a checkpoint.
-struct Loaded {
-  CheckpointHeader header;
-  Tokenizer tokenizer;
-  std::unique_ptr<Model> model;
-};
-
-Loaded load_for_inference(const std::string& path) {
-  Loaded l;
-  l.header = read_checkpoint_header(path);
-  l.tokenizer = Tokenizer::from_vocab(l.header.vocab);
-  l.model = std::make_unique<Model>(l.header.config, int64_t(l.header.vocab.size()));
-  load_checkpoint_tensors(path, *l.model, nullptr);
-  return l;
 }
 
 int run_train(const std::string& config_path, const std::string& resume, const std::string& out_dir,
@@ -87,7 +76,7 @@ int run_train(const std::string& config_path, const std::string& resume, const s
 
 int run_generate(const std::string& ckpt, const std::string& prompt_arg, const std::string& prompt_file,
                  int64_t max_new, GenerateOptions gopt) {
-  Loaded l = load_for_inference(ckpt);
+  InferenceModel l = load_for_inference(ckpt);
   const std::string prompt = prompt_file.empty() ? prompt_arg : read_file(prompt_file);
   std::vector<int32_t> ids;
   try {
@@ -108,7 +97,7 @@ int run_generate(const std::string& ckpt, const std::string& prompt_arg, const s
 
 int run_eval(const std::string& ckpt, const std::string& data_path, const std::string& split, bool as_json,
              int64_t batch_size) {
-  Loaded l = load_for_inference(ckpt);
+  InferenceModel l = load_for_inference(ckpt);
   const Config& cfg = l.header.config;
   const std::string path = data_path.empty() ? cfg.data.path : data_path;
   // Encoded with the checkpoint's vocabulary; split as in training.
@@ -138,6 +127,30 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
       std::printf("\n");
     }
   }
+  return 0;
+}
+
+int run_inspect(const std::string& ckpt, const std::string& data_path, const std::string& split, bool as_json,
+                const std::string& out_dir, const InspectOptions& opt) {
+  InferenceModel l = load_for_inference(ckpt);
+  const Config& cfg = l.header.config;
+  const std::string path = data_path.empty() ? cfg.data.path : data_path;
+  Dataset data = Dataset::load(path, cfg.data.train_fraction, cfg.model.block_size, &l.tokenizer);
+  nlohmann::json report = inspect_split(*l.model, l.tokenizer, split == "train" ? data.train() : data.val(), opt);
+  report["checkpoint"] = ckpt;
+  report["data"] = path;
+  report["split"] = split;
+  if (!out_dir.empty()) {
+    std::filesystem::create_directories(out_dir);
+    const std::string file = out_dir + "/inspect.json";
+    std::ofstream f(file);
+    if (!(f << report.dump() << "\n")) throw std::runtime_error("cannot write " + file);
+    spdlog::info("wrote {} (heatmaps: bash scripts/py.sh scripts/plot_inspect.py {})", file, file);
+  }
+  if (as_json)
+    std::cout << report.dump(2) << "\n";
+  else
+    std::cout << inspect_summary(report);
   return 0;
 }
 
@@ -242,6 +255,33 @@ int run(int argc, char** argv) {
   eval_cmd->add_option("--batch-size", eval_batch, "windows per forward pass (default: training batch size)");
   eval_cmd->add_flag("--json", as_json, "print JSON");
 
+  std::string inspect_out;
+  InspectOptions iopt;
+  auto* inspect_cmd = app.add_subcommand("inspect", "what each expert takes over a whole split: characters, "
+                                                    "classes, word positions, agreement across layers");
+  inspect_cmd->add_option("--checkpoint", ckpt, "checkpoint file (.safetensors)")->required();
+  inspect_cmd->add_option("--data", data_path, "text file (default: the config's data.path)");
+  inspect_cmd->add_option("--split", split, "val or train")->check(CLI::IsMember({"val", "train"}));
+  inspect_cmd->add_option("--batch-size", iopt.batch_size, "windows per forward pass (default: training batch size)");
+  inspect_cmd->add_option("--top-chars", iopt.top_chars, "characters listed per expert, by lift");
+  inspect_cmd->add_flag("--json", as_json, "print the whole report as JSON");
+  inspect_cmd->add_option("--out", inspect_out, "also write DIR/inspect.json (for scripts/plot_inspect.py)");
+
+  struct {
+    std::string runs = "runs", host = "127.0.0.1", web, data;
+    int port = 8080;
+    int64_t max_new = 2000;
+    int samplers = 2;
+  } sv;
+  auto* serve_cmd = app.add_subcommand("serve", "a local web dashboard over run and sweep directories (read-only)");
+  serve_cmd->add_option("--runs", sv.runs, "directory of runs and sweeps (default: runs)");
+  serve_cmd->add_option("--port", sv.port, "port (0: any free port; the address is printed)");
+  serve_cmd->add_option("--host", sv.host, "address to bind (default 127.0.0.1: this machine only)");
+  serve_cmd->add_option("--web", sv.web, "front-end directory (default: src/serve/web of the source tree)");
+  serve_cmd->add_option("--data", sv.data, "text for the Inspect page (default: each checkpoint's data.path)");
+  serve_cmd->add_option("--max-new-tokens", sv.max_new, "longest sample a request may ask for");
+  serve_cmd->add_option("--max-samplers", sv.samplers, "sampling requests served at once");
+
   std::string bench_config;
   int64_t bench_steps = 20, bench_chars = 500;
   int bench_threads = 0;
@@ -266,6 +306,15 @@ int run(int argc, char** argv) {
     need(gopt.context_keep >= 0, "--context-keep", double(gopt.context_keep), ">= 0");
   }
   if (*eval_cmd) need(eval_batch >= 1 || eval_cmd->count("--batch-size") == 0, "--batch-size", double(eval_batch), ">= 1");
+  if (*inspect_cmd) {
+    need(iopt.batch_size >= 1 || inspect_cmd->count("--batch-size") == 0, "--batch-size", double(iopt.batch_size), ">= 1");
+    need(iopt.top_chars >= 0, "--top-chars", double(iopt.top_chars), ">= 0");
+  }
+  if (*serve_cmd) {
+    need(sv.port >= 0 && sv.port <= 65535, "--port", double(sv.port), "in [0, 65535]");
+    need(sv.max_new >= 1, "--max-new-tokens", double(sv.max_new), ">= 1");
+    need(sv.samplers >= 1, "--max-samplers", double(sv.samplers), ">= 1");
+  }
   if (*bench_cmd) {
     need(bench_steps >= 1, "--steps", double(bench_steps), ">= 1");
     need(bench_threads >= 0, "--threads", double(bench_threads), ">= 0 (0: the default)");
@@ -283,6 +332,18 @@ int run(int argc, char** argv) {
     if (*train_cmd) return run_train(config_path, resume, out_dir, overwrite, dry_run, expert_parallel);
     if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
     if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
+    if (*inspect_cmd) return run_inspect(ckpt, data_path, split, as_json, inspect_out, iopt);
+    if (*serve_cmd) {
+#ifdef MOE_HAVE_SERVE
+      ServeOptions so;
+      so.runs_dir = sv.runs, so.host = sv.host, so.port = sv.port, so.web_dir = sv.web, so.data = sv.data;
+      so.max_new_tokens = sv.max_new, so.max_samplers = sv.samplers;
+      serve(so);
+      return 0;
+#else
+      throw std::runtime_error("this moe was built without cpp-httplib: run bash scripts/setup.sh --serve and build again");
+#endif
+    }
     if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moe: error: %s\n", e.what());

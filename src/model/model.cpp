@@ -352,7 +352,7 @@ const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, con
                 " more exceed block_size " + std::to_string(T_max_));
   MOE_CHECK(cache.work.out.size() == size_t(V_) && cache.k.size() == size_t(L_ * T_max_ * C_), "Model::decode",
             "the cache was not made by this model's new_cache()");
-  MOE_CHECK(!opt.fixed_noise && !opt.fixed_jitter && !opt.stats && !opt.chosen, "Model::decode",
+  MOE_CHECK(!opt.fixed_noise && !opt.fixed_jitter && !opt.stats && !opt.chosen && !opt.chosen_weights, "Model::decode",
             "fixed router noise or jitter, routing statistics and chosen ids are options of Model::forward only");
   KVCache::Work& w = cache.work;
   float* x = w.x.data();

@@ -193,6 +193,7 @@ Tensor MoELayer::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_
   const Router::Routed r = router.forward(g, ps, xf, layer, ctx.bias, opt);
   const RoutingPlan& plan = r.plan;
   if (opt.chosen) (*opt.chosen)[size_t(layer)].assign(plan.index, plan.index + N * plan.K);
+  if (opt.chosen_weights) (*opt.chosen_weights)[size_t(layer)].assign(plan.weights, plan.weights + N * plan.K);
   if (opt.stats) record_router_health(g, *opt.stats, layer, r.clean.data, N, E, plan.chosen, plan.dropped);
 
   // Slots per expert, chosen (before any capacity drops) and kept: counts[r][e] and

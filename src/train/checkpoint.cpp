@@ -156,4 +156,13 @@ void check_resume_compatible(const Config& saved, const Config& now, const std::
                            "\nresume with the checkpoint's config, or start a new run");
 }
 
+InferenceModel load_for_inference(const std::string& path) {
+  InferenceModel l;
+  l.header = read_checkpoint_header(path);
+  l.tokenizer = Tokenizer::from_vocab(l.header.vocab);
+  l.model = std::make_unique<Model>(l.header.config, int64_t(l.header.vocab.size()));
+  load_checkpoint_tensors(path, *l.model, nullptr);
+  return l;
+}
+
 }  // namespace moe

@@ -101,7 +101,8 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
   return est;
 }
 
-SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g) {
+SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g,
+                               const RoutedBatchObserver& observe) {
   const Config& cfg = model.config();
   const int64_t T = cfg.model.block_size;
   const WindowBatcher windows(ids, batch_size, T);  // throws if the split is shorter than T + 1
@@ -117,19 +118,28 @@ SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, 
   std::vector<std::vector<int32_t>> ys = xs;
   std::vector<RoutingStats> stats(static_cast<size_t>(threads));
   std::vector<double> sums(static_cast<size_t>(threads));  // Σ of the batch's per-token losses
+  std::vector<int64_t> rows(static_cast<size_t>(threads));
+  using PerLayer = std::vector<std::vector<int32_t>>;
+  std::vector<PerLayer> chosen(size_t(threads), PerLayer(size_t(cfg.model.n_layer)));
+  std::vector<std::vector<std::vector<float>>> weights(size_t(threads),
+                                                       std::vector<std::vector<float>>(size_t(cfg.model.n_layer)));
   std::vector<Graph> others(size_t(threads - 1));
   double total = 0;
   for (int64_t first = 0; first < batches; first += threads) {
     const int64_t n = std::min(threads, batches - first);
     on_threads(n, g, nullptr, others, [&](int64_t t, Graph& gt) {
       const int64_t i = first + t;
-      const int64_t B = windows.batch(i, xs[size_t(t)].data(), ys[size_t(t)].data());
+      const int64_t B = rows[size_t(t)] = windows.batch(i, xs[size_t(t)].data(), ys[size_t(t)].data());
       Rng noise_rng(cfg.training.seed, kStreamEvalNoise);
       noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise, uint64_t(i) * noise_per_batch});
       stats[size_t(t)].reset(cfg.model.n_layer, cfg.router.num_experts);
       ForwardOptions fo;
       fo.noise_rng = &noise_rng;
       fo.stats = &stats[size_t(t)];
+      if (observe) {
+        fo.chosen = &chosen[size_t(t)];
+        fo.chosen_weights = &weights[size_t(t)];
+      }
       gt.clear();
       NoGradGuard no_grad(gt);
       sums[size_t(t)] =
@@ -138,6 +148,9 @@ SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, 
     for (int64_t t = 0; t < n; ++t) {
       total += sums[size_t(t)];
       ev.routing.add(stats[size_t(t)]);
+      if (observe)
+        observe(RoutedBatch{(first + t) * batch_size, rows[size_t(t)], T, xs[size_t(t)].data(), &chosen[size_t(t)],
+                            &weights[size_t(t)]});
     }
   }
   g.clear();

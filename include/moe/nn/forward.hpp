@@ -58,6 +58,8 @@ struct ForwardOptions {
   RoutingStats* stats = nullptr;
   // Top-k ids chosen per layer ([B*T*K] each), written when non-null (tests).
   std::vector<std::vector<int32_t>>* chosen = nullptr;
+  // Their gate weights per layer ([B*T*K] each, same order), written when non-null (moe inspect).
+  std::vector<std::vector<float>>* chosen_weights = nullptr;
   // The training forward of a run over several processes (see Model::set_parallel): the
   // routing counts behind the aux loss, the balancing bias and the expert dropout are those
   // of the global batch, and with expert parallelism the routed rows travel to the rank

@@ -6,9 +6,11 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "moe/data/tokenizer.hpp"
 #include "moe/io/config.hpp"
 #include "moe/io/safetensors.hpp"
 #include "moe/model/model.hpp"
@@ -46,6 +48,14 @@ CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std
 // header's config. Throws naming the path and the tensor on any mismatch.
 void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer);
 void load_checkpoint_tensors(const SafeTensorsFile& file, Model& model, AdamW* optimizer);
+
+// A model and its tokenizer, loaded from a checkpoint (weights only) for inference.
+struct InferenceModel {
+  CheckpointHeader header;
+  Tokenizer tokenizer;
+  std::unique_ptr<Model> model;
+};
+InferenceModel load_for_inference(const std::string& path);
 
 // Throws, listing the differing fields, unless `now` may continue a run saved with `saved`
 // (only the run directory, step budget, thread count and reporting intervals may change).

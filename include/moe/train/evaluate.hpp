@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "moe/data/dataset.hpp"
@@ -40,7 +41,19 @@ struct SplitEvaluation {
   RoutingStats routing;        // tokens per expert per layer
 };
 
+// One batch of evaluate_split as its routers saw it (moe inspect).
+struct RoutedBatch {
+  int64_t first_window = 0;  // row b holds ids [(first_window + b)·T, (first_window + b)·T + T)
+  int64_t B = 0, T = 0;
+  const int32_t* x = nullptr;                                 // [B*T] inputs
+  const std::vector<std::vector<int32_t>>* chosen = nullptr;  // per layer [B*T*K] expert ids
+  const std::vector<std::vector<float>>* weights = nullptr;   // per layer [B*T*K] their gate weights
+};
+using RoutedBatchObserver = std::function<void(const RoutedBatch&)>;
+
 // Every window [i*T, i*T + T] of ids (inputs, targets shifted by one), batch_size at a time.
-SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g);
+// When given, observe sees every batch's routing, in batch order, whatever the thread count.
+SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g,
+                               const RoutedBatchObserver& observe = nullptr);
 
 }  // namespace moe
