@@ -204,6 +204,20 @@ std::string fmt_number(double v) {
 
 }  // namespace
 
+#ifndef MOE_HAVE_SERVE
+// `moe serve`: the server and its libraries live in moe-serve, beside this binary (see
+// CMakeLists.txt), which gets the same arguments.
+void exec_moe_serve(char** argv) {
+  std::error_code ec;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return;
+  const std::string server = (self.parent_path() / "moe-serve").string();
+  if (!std::filesystem::exists(server, ec)) return;
+  argv[0] = const_cast<char*>(server.c_str());
+  execv(server.c_str(), argv);
+}
+#endif
+
 int run(int argc, char** argv) {
   CLI::App app{"moe: train, sample and evaluate character-level sparse Mixture-of-Experts language models"};
   app.require_subcommand(1);
@@ -341,7 +355,9 @@ int run(int argc, char** argv) {
       serve(so);
       return 0;
 #else
-      throw std::runtime_error("this moe was built without cpp-httplib: run bash scripts/setup.sh --serve and build again");
+      exec_moe_serve(argv);  // returns only when there is none
+      throw std::runtime_error("moe serve needs moe-serve beside moe, built with cpp-httplib: run bash scripts/setup.sh "
+                               "--serve and build again");
 #endif
     }
     if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json);
