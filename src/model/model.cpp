@@ -138,7 +138,9 @@ int64_t Model::noise_per_forward(int64_t rows, bool training) const {
   return n;
 }
 
-int Model::expert_owner(int64_t e) const { return expert_parallel_ ? int(e / (E_ / ranks_)) : 0; }
+int Model::expert_owner(int64_t e) const {
+  return MoEContext{nullptr, nullptr, rank_, ranks_, expert_parallel_}.expert_owner(e, E_);
+}
 
 std::vector<int> Model::grad_groups() const {
   std::vector<int> first{0};
@@ -317,7 +319,7 @@ KVCache Model::new_cache() const {
   c.k.assign(size_t(L_) * T * C, 0.f);
   c.v.assign(size_t(L_) * T * C, 0.f);
   KVCache::Work& w = c.work;
-  for (auto* b : {&w.x, &w.normed, &w.heads, &w.sub, &w.jittered}) b->resize(T * C);
+  for (auto* b : {&w.x, &w.normed, &w.heads, &w.sub}) b->resize(T * C);
   w.qkv.resize(T * 3 * C);
   for (auto* b : {&w.mean, &w.rstd, &w.scores}) b->resize(T);
   for (auto* b : {&w.clean, &w.noise, &w.logits, &w.probs}) b->resize(T * E);

@@ -94,7 +94,6 @@ struct KVCache {
     std::vector<float> x, normed, qkv, heads, sub;  // [n, C] residual stream, its norm, [n, 3C],
                                                     // attention by head, a sublayer's output [n, C]
     std::vector<float> mean, rstd, scores;          // [n], [n], [T]
-    std::vector<float> jittered;                    // the router's input with jitter [n, C]
     std::vector<float> clean, noise, logits, probs, gates, gathered;  // router: [n, E] (gates, gathered [n, K])
     std::vector<int32_t> index, offsets, token, gate_pos;   // top-k ids [n, K], groups per expert
     std::vector<int32_t> chosen;                            // slots per expert before drops [E]
