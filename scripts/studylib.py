@@ -1,0 +1,135 @@
+"""Shared pieces of the studies (scripts/arch_study.py, scripts/router_study.py): configs derived
+from a base by dotted overrides, equal-wall-time step budgets, `moe train` + whole-split `moe eval`,
+and the Markdown/JSON/plot output. Standard library only, but for the plot (matplotlib).
+
+Equal wall time: each variant first trains a few steps (`calibrate`) to measure its median step
+time on this machine; its real run then gets max_steps = budget / step time. The row records the
+steps, the measured wall time and the exact command, so a row can be run again as it stands.
+"""
+import copy
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+
+def derive(base, overrides):
+    """A copy of config `base` with {"section.field": value} overrides applied."""
+    cfg = copy.deepcopy(base)
+    for key, value in overrides.items():
+        section, field = key.split(".", 1)
+        cfg.setdefault(section, {})[field] = value
+    return cfg
+
+
+def write_config(cfg, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path
+
+
+def train(moe, cfg_path, run_dir, extra=()):
+    """Runs `moe train`; returns (wall seconds, median step ms, the command as text)."""
+    cmd = [moe, "train", "--config", cfg_path, "--out", run_dir, "--overwrite", *extra]
+    t0 = time.time()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.time() - t0
+    m = re.search(r"median step ([0-9.]+) ms", out.stdout + out.stderr)
+    if not m:
+        sys.exit(f"study: no 'median step' in the output of {shlex.join(cmd)}")
+    return wall, float(m.group(1)), shlex.join(cmd)
+
+
+def calibrate(moe, cfg, work_dir, steps=30, extra=()):
+    """Median step time (ms) of config `cfg` over a short run of `steps` steps."""
+    probe = derive(cfg, {"training.max_steps": steps, "logging.eval_interval": 10 * steps,
+                         "logging.log_interval": steps, "logging.checkpoint_interval": 0})
+    path = write_config(probe, os.path.join(work_dir, "calibrate.json"))
+    _, step_ms, _ = train(moe, path, os.path.join(work_dir, "calibrate"), extra)
+    return step_ms
+
+
+def steps_for(budget_s, step_ms):
+    return max(1, int(budget_s * 1000.0 / step_ms))
+
+
+def evaluate(moe, checkpoint, extra=()):
+    """`moe eval --json` over the whole validation split."""
+    out = subprocess.run([moe, "eval", "--checkpoint", checkpoint, "--json", *extra], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def router_summary(ev):
+    """Mean and worst max violation and, where the eval reports it, experts per token, over MoE layers."""
+    layers = ev.get("router") or []
+    if not layers:
+        return {"max_violation_mean": None, "max_violation_worst": None, "experts_per_token": None}
+    viol = [l["max_violation"] for l in layers]
+    ept = [l["experts_per_token"]["mean"] if isinstance(l.get("experts_per_token"), dict)
+           else l.get("experts_per_token") for l in layers]
+    ept = [x for x in ept if x is not None]
+    return {"max_violation_mean": sum(viol) / len(viol), "max_violation_worst": max(viol),
+            "experts_per_token": sum(ept) / len(ept) if ept else None}
+
+
+def run_variant(moe, base, name, overrides, run_dir, budget_s, seed, extra_train=()):
+    """Calibrates, trains at the budget and evaluates one variant; returns its row."""
+    cfg = derive(base, {**overrides, "training.seed": seed})
+    step_ms = calibrate(moe, cfg, run_dir, extra=extra_train)
+    steps = steps_for(budget_s, step_ms)
+    cfg = derive(cfg, {"training.max_steps": steps, "logging.eval_interval": steps})
+    cfg_path = write_config(cfg, os.path.join(run_dir, "config.json"))
+    print(f"  {name} seed {seed}: {step_ms:.1f} ms/step -> {steps} steps", file=sys.stderr, flush=True)
+    wall, median_ms, cmd = train(moe, cfg_path, run_dir, extra_train)
+    ev = evaluate(moe, os.path.join(run_dir, "last.safetensors"))
+    tokens = steps * cfg["training"]["batch_size"] * cfg["model"]["block_size"]
+    return {"variant": name, "seed": seed, "overrides": overrides, "steps": steps, "tokens": tokens,
+            "train_wall_s": wall, "median_step_ms": median_ms, "tokens_per_s": tokens / wall,
+            "val_loss": ev["loss"], **router_summary(ev), "command": cmd, "eval": ev}
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def write_outputs(out_dir, title, rows, columns, plot_name="study.png", ylabel="whole-split val loss"):
+    """study.json, study.md (a table, one line per row and a mean per variant) and a bar plot."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "study.json"), "w") as f:
+        json.dump([{k: v for k, v in r.items() if k != "eval"} for r in rows], f, indent=2)
+    lines = [f"# {title}", "", "| " + " | ".join(c for c, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r) for _, fmt in columns) + " |")
+    lines += ["", "Commands (each row's config is in its run directory):", ""]
+    lines += [f"- {r['variant']}, seed {r['seed']}: `{r['command']}`" for r in rows]
+    with open(os.path.join(out_dir, "study.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("study: matplotlib missing, no plot (run with /usr/bin/python3)", file=sys.stderr)
+        return
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    for i, n in enumerate(names):
+        losses = [r["val_loss"] for r in rows if r["variant"] == n]
+        ax.barh(i, mean(losses), color="#8fb3d9")
+        ax.plot(losses, [i] * len(losses), "k.", ms=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    lo = min(r["val_loss"] for r in rows)
+    hi = max(r["val_loss"] for r in rows)
+    ax.set_xlim(lo - 0.1 * (hi - lo + 0.01), hi + 0.1 * (hi - lo + 0.01))
+    ax.set_xlabel(ylabel + " (bar: mean, dots: seeds)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, plot_name), dpi=110)
