@@ -314,6 +314,31 @@ TEST_CASE("Generation with rope rolls its cache: deterministic, any thread count
   REQUIRE_THROWS_WITH(Generator(model, go), Catch::Contains("--context-keep does not apply"));
 }
 
+TEST_CASE("Parameter counts follow the README's formula with every attention and norm option", "[model]") {
+  // makemoe.json's sizes (V = 65): 8,996,545 parameters, 2,674,369 active, by default.
+  Config base;
+  base.model.expert_hidden = 512;
+  const int64_t V = 65, C = 128, T = 32, L = 8, H = 8, D = 16, E = 8, F = 512, K = 2;
+  for (const bool rope : {false, true})
+    for (const bool rms : {false, true})
+      for (const int64_t kv : {int64_t(0), int64_t(2), int64_t(1)})
+        for (const bool qk : {false, true}) {
+          Config c = base;
+          c.model.position = rope ? PositionKind::kRope : PositionKind::kLearned;
+          c.model.norm = rms ? NormKind::kRmsNorm : NormKind::kLayerNorm;
+          c.model.n_kv_head = kv;
+          c.model.qk_norm = qk;
+          const int64_t H_kv = kv ? kv : H, norm = rms ? C : 2 * C, expert = 2 * C * F + F + C;
+          const int64_t shared = V * C + (rope ? 0 : T * C) + norm + C * V + V +
+                                 L * (C * (C + 2 * H_kv * D) + C * C + C + 2 * norm + (qk ? 2 * D : 0) + 2 * (C * E + E));
+          const Model m(c, V);
+          INFO("rope " << rope << " rmsnorm " << rms << " n_kv_head " << kv << " qk_norm " << qk);
+          CHECK(m.params().parameter_count() == shared + L * E * expert);
+          CHECK(m.active_param_count() == shared + L * K * expert);
+          if (!rope && !rms && !kv && !qk) CHECK(m.params().parameter_count() == 8996545);
+        }
+}
+
 TEST_CASE("Generation is deterministic by seed, exact window mode matches recomputation", "[model][generate]") {
   Config cfg = tiny_config();
   Model model(cfg, 13);

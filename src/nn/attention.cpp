@@ -64,6 +64,9 @@ void Attention::decode(const ParamStore& ps, KVCache& cache, int64_t layer, int6
     // Position p's key and value into slot p % T_max (with learned positions p < T_max), before
     // its query reads them: a later row of a prefill may overwrite a key an earlier row saw.
     const int64_t p = p0 + i, first = std::max<int64_t>(0, p - T_max + 1), len = p - first + 1;
+    // The slot of the window's j-th key, oldest first (no division in the loops).
+    const int64_t slot0 = first % T_max;
+    const auto slot = [&](int64_t j) { return slot0 + j < T_max ? slot0 + j : slot0 + j - T_max; };
     std::memcpy(kc + p % T_max * KC, q_k_v + i * W + C, sizeof(float) * size_t(KC));
     std::memcpy(vc + p % T_max * KC, q_k_v + i * W + C + KC, sizeof(float) * size_t(KC));
     const float* q = q_k_v + i * W;
@@ -71,7 +74,7 @@ void Attention::decode(const ParamStore& ps, KVCache& cache, int64_t layer, int6
       const int64_t kv = h / G * D;  // the head's key and value columns
       float mx = -INFINITY;
       for (int64_t j = 0; j < len; ++j) {
-        const float* k = kc + (first + j) % T_max * KC + kv;
+        const float* k = kc + slot(j) * KC + kv;
         float dot = 0;
         for (int64_t d = 0; d < D; ++d) dot += q[h * D + d] * k[d];
         s[j] = dot * scale;
@@ -83,7 +86,7 @@ void Attention::decode(const ParamStore& ps, KVCache& cache, int64_t layer, int6
       for (int64_t j = 0; j < len; ++j) z += s[j];
       float* out = y + i * C + h * D;
       for (int64_t j = 0; j < len; ++j) {
-        const float* v = vc + (first + j) % T_max * KC + kv;
+        const float* v = vc + slot(j) * KC + kv;
         for (int64_t d = 0; d < D; ++d) out[d] += s[j] / z * v[d];
       }
     }
