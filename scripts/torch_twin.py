@@ -57,7 +57,8 @@ DEFAULTS = {
 # moe's defaults (include/moe/io/config.hpp) of the options beyond makeMoE: filled in by
 # resolved(), so that a fixture's stored config names only what it changes.
 OPTION_DEFAULTS = {
-    "model": {"expert_ffn": "relu", "shared_experts": 0, "init": "kaiming_normal", "init_std": 0.02},
+    "model": {"expert_ffn": "relu", "shared_experts": 0, "init": "kaiming_normal", "init_std": 0.02,
+              "norm": "layernorm", "position": "learned", "rope_theta": 10000.0, "n_kv_head": 0, "qk_norm": False},
     "router": {"gating": "topk_softmax", "renormalize": False, "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
                "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0, "jitter": 0.0,
                "route_scale": 1.0, "n_groups": 1, "topk_groups": 1},
@@ -84,6 +85,24 @@ def resolved(cfg):
     return merged(OPTION_DEFAULTS, cfg)
 
 
+# ---- norms (model.norm; also the QK-norm of each head, model.qk_norm) ----
+NORM_EPS = 1e-5  # moe's Norm::kEps, LayerNorm's default
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, no bias."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(C))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM_EPS) * self.weight
+
+
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
+
+
 # ---- attention ----
 ATTN_SCALES = {  # model.attn_scale: the width whose inverse square root scales q·k
     "head": lambda C, H: C // H,
@@ -91,20 +110,48 @@ ATTN_SCALES = {  # model.attn_scale: the width whose inverse square root scales 
 }
 
 
+def rope_tables(T, D, theta, dtype):
+    """cos, sin [T, D/2] of the angles t·theta^(-2i/D), computed in double (as moe does)."""
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x, cos, sin):
+    """model.position = "rope", the rotate-half pairing (GPT-NeoX, Hugging Face Llama): channel
+    i of a head pairs with channel i + D/2. x (B, H, T, D)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, m):
         super().__init__()
         C, H = m["n_embed"], m["n_head"]
-        self.H, self.scale = H, 1.0 / math.sqrt(ATTN_SCALES[m["attn_scale"]](C, H))
-        self.qkv = nn.Linear(C, 3 * C, bias=False)  # rows: q, k, v; head h at rows h*D..(h+1)*D
+        self.H, self.H_kv, self.scale = H, m["n_kv_head"] or H, 1.0 / math.sqrt(ATTN_SCALES[m["attn_scale"]](C, H))
+        D = C // H
+        # rows: q (H heads), k and v (H_kv heads each); head h at rows h*D..(h+1)*D of each,
+        # query head h reads key/value head h // (H / H_kv) (grouped-query attention)
+        self.qkv = nn.Linear(C, C + 2 * self.H_kv * D, bias=False)
+        if m["qk_norm"]:
+            self.q_norm, self.k_norm = RMSNorm(D), RMSNorm(D)
+        self.qk_norm, self.rope_theta = m["qk_norm"], m["rope_theta"] if m["position"] == "rope" else None
         self.proj = nn.Linear(C, C)
         self.drop = nn.Dropout(m["dropout"])
 
     def forward(self, x):
         B, T, C = x.shape
-        D = C // self.H
-        q, k, v = self.qkv(x).split(C, dim=-1)
-        q, k, v = (t.view(B, T, self.H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        H, H_kv = self.H, self.H_kv
+        D = C // H
+        q, k, v = self.qkv(x).split([C, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k, v = (t.view(B, T, H_kv, D).transpose(1, 2) for t in (k, v))  # (B, H_kv, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            cos, sin = rope_tables(T, D, self.rope_theta, q.dtype)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k, v = (t.repeat_interleave(H // H_kv, dim=1) for t in (k, v))
         att = (q @ k.transpose(-2, -1)) * self.scale
         mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
         att = self.drop(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1))
@@ -293,9 +340,10 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         m, r = cfg["model"], cfg["router"]
-        self.ln1 = nn.LayerNorm(m["n_embed"])
+        norm = NORMS[m["norm"]]
+        self.ln1 = norm(m["n_embed"])
         self.attn = Attention(m)
-        self.ln2 = nn.LayerNorm(m["n_embed"])
+        self.ln2 = norm(m["n_embed"])
         self.moe = MoE(m, r)
 
 
@@ -311,9 +359,11 @@ class Twin(nn.Module):
         m = cfg["model"]
         self.cfg = cfg
         self.tok_emb = nn.Embedding(V, m["n_embed"])
-        self.pos_emb = nn.Embedding(m["block_size"], m["n_embed"])
+        self.learned_positions = m["position"] == "learned"  # rope: none here, q and k rotated
+        if self.learned_positions:
+            self.pos_emb = nn.Embedding(m["block_size"], m["n_embed"])
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(m["n_layer"])])
-        self.ln_f = nn.LayerNorm(m["n_embed"])
+        self.ln_f = NORMS[m["norm"]](m["n_embed"])
         self.lm_head = nn.Linear(m["n_embed"], V)
         for mod in self.modules():  # makeMoE: Kaiming-normal Linear weights, other defaults kept
             if isinstance(mod, nn.Linear):
@@ -328,7 +378,9 @@ class Twin(nn.Module):
         if use_noise is None:
             use_noise = r["noisy"] and (self.training or r["noise_at_eval"])
         B, T = idx.shape
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T))
+        x = self.tok_emb(idx)
+        if self.learned_positions:
+            x = x + self.pos_emb(torch.arange(T))
         plans = []
         for l, b in enumerate(self.blocks):
             x = x + b.attn(b.ln1(x))
@@ -438,7 +490,7 @@ def moe_init(model, rng):
     for p in model.parameters():
         mod, name = owner[id(p)]
         n = p.numel()
-        if isinstance(mod, nn.LayerNorm):
+        if isinstance(mod, (nn.LayerNorm, RMSNorm)):
             v = np.full(n, 1.0 if name == "weight" else 0.0, np.float32)
         elif isinstance(mod, nn.Embedding):
             v = fill["embedding"](rng, n, 0, 0, m["init_std"])
@@ -505,6 +557,13 @@ VARIANTS = {
     "sigmoid_groups": Variant({"router": {"gating": "sigmoid_topk", "num_experts": 8, "n_groups": 4,
                                           "topk_groups": 2}}),
     "noise_at_eval": Variant({"router": {"noise_at_eval": True}}, training=False, drawn_noise=True),
+    "rmsnorm": Variant({"model": {"norm": "rmsnorm"}}),
+    "rope": Variant({"model": {"position": "rope"}}),
+    "gqa": Variant({"model": {"n_kv_head": 2}}),  # of n_head 4
+    "mqa": Variant({"model": {"n_kv_head": 1}}),
+    "qk_norm": Variant({"model": {"qk_norm": True}}),
+    "modern": Variant({"model": {"norm": "rmsnorm", "position": "rope", "rope_theta": 500.0, "n_kv_head": 2,
+                                 "qk_norm": True, "n_embed": 32}}),  # head size 8
     "all": Variant({"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
                     "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0,
                                "aux_loss_coef": 0.01, "z_loss_coef": 1e-3, "bias_update_rate": 0.01, "jitter": 0.1}}),

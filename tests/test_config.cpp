@@ -36,6 +36,12 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK(c.model.attn_scale == AttnScale::kHead);
   CHECK(c.model.init == InitKind::kKaimingNormal);
   CHECK(c.model.init_std == 0.02);
+  CHECK(c.model.norm == NormKind::kLayerNorm);
+  CHECK(c.model.position == PositionKind::kLearned);
+  CHECK(c.model.rope_theta == 10000);
+  CHECK(c.model.n_kv_head == 0);
+  CHECK(c.kv_heads() == c.model.n_head);
+  CHECK_FALSE(c.model.qk_norm);
   CHECK(c.router.num_experts == 8);
   CHECK(c.router.top_k == 2);
   CHECK(c.router.noisy);
@@ -175,6 +181,26 @@ TEST_CASE("Config errors name the field, the value and what is allowed", "[io][c
   CHECK_THAT(config_error({{"router", {{"route_scale", 2.0}}}}),
              Contains("router.route_scale applies to router.gating = \"sigmoid_topk\" only"));
   CHECK_THAT(config_error({{"router", {{"jitter", 1.5}}}}), Contains("router.jitter = 1.5: must be in [0, 1)"));
+  // Attention and norm options.
+  CHECK_THAT(config_error({{"model", {{"norm", "batchnorm"}}}}),
+             Contains("model.norm = \"batchnorm\": must be one of \"layernorm\" \"rmsnorm\""));
+  CHECK_THAT(config_error({{"model", {{"position", "alibi"}}}}),
+             Contains("model.position = \"alibi\": must be one of \"learned\" \"rope\""));
+  CHECK_THAT(config_error({{"model", {{"rope_theta", 0}}}}), Contains("model.rope_theta = 0.0: must be a number > 0"));
+  CHECK_THAT(config_error({{"model", {{"rope_theta", -5}}}}), Contains("model.rope_theta = -5.0: must be a number > 0"));
+  CHECK_THAT(config_error({{"model", {{"n_kv_head", -1}}}}), Contains("model.n_kv_head = -1: must be >= 0"));
+  CHECK_THAT(config_error({{"model", {{"n_head", 8}, {"n_kv_head", 3}}}}),
+             Contains("model.n_head = 8 must be a multiple of model.n_kv_head = 3"));
+  CHECK_THAT(config_error({{"model", {{"n_head", 8}, {"n_kv_head", 16}}}}),
+             Contains("model.n_kv_head = 16 must be at most model.n_head = 8"));
+  CHECK_THAT(config_error({{"model", {{"n_embed", 24}, {"n_head", 8}, {"position", "rope"}}}}),
+             Contains("model.position = \"rope\" needs an even head size (n_embed / n_head), got 3"));
+  CHECK_NOTHROW(config_from_json({{"model", {{"n_embed", 24}, {"n_head", 8}}}}, "odd head, learned positions"));
+  const Config gqa = config_from_json({{"model", {{"n_head", 8}, {"n_kv_head", 2}, {"position", "rope"}, {"norm", "rmsnorm"},
+                                                  {"qk_norm", true}, {"rope_theta", 500}}}},
+                                      "gqa");
+  CHECK(gqa.kv_heads() == 2);
+  CHECK(config_from_json(config_to_json(gqa), "round trip").model.position == PositionKind::kRope);
 
   // validate() checks a struct built in code the same way.
   Config c;

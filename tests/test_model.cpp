@@ -203,6 +203,142 @@ TEST_CASE("KV-cache decoding equals full-context recomputation", "[model][genera
   REQUIRE_THROWS_WITH(model.decode(fresh, &bad, 1, fo), Catch::Contains("outside the vocabulary"));
 }
 
+// tiny_config with the attention and norm options of model: n_head 4 (head size 4).
+Config attention_config(const nlohmann::json& model) {
+  Config c = tiny_config();
+  c.model.n_head = 4;
+  nlohmann::json j = config_to_json(c);
+  j["model"].update(model);
+  return config_from_json(j, "attention_config");
+}
+
+TEST_CASE("KV-cache decoding equals the graph forward with rope, GQA, MQA, RMSNorm and QK-norm", "[model][generate]") {
+  const nlohmann::json model = GENERATE(nlohmann::json{{"position", "rope"}}, nlohmann::json{{"n_kv_head", 2}},
+                                        nlohmann::json{{"n_kv_head", 1}, {"qk_norm", true}},
+                                        nlohmann::json{{"norm", "rmsnorm"}},
+                                        nlohmann::json{{"position", "rope"}, {"rope_theta", 50.0}, {"n_kv_head", 2},
+                                                       {"qk_norm", true}, {"norm", "rmsnorm"}});
+  INFO("model options " << model.dump());
+  const Config cfg = attention_config(model);
+  Model model_(cfg, 13);
+  Rng init(1, 1);
+  model_.init(init);
+  const int64_t T = cfg.model.block_size;
+  const std::vector<int32_t> seq = {1, 5, 2, 12, 0, 7, 7, 3};
+  KVCache cache = model_.new_cache();
+  // The cache holds n_kv_head heads: n_head / n_kv_head times smaller.
+  CHECK(cache.k.size() == size_t(cfg.model.n_layer * T * cfg.kv_heads() * cfg.head_size()));
+  ForwardOptions fo;
+  Graph g;
+  for (int64_t len = 3; len <= T; ++len) {
+    const float* inc = len == 3 ? model_.decode(cache, seq.data(), 3, fo) : model_.decode(cache, &seq[size_t(len - 1)], 1, fo);
+    g.clear();
+    NoGradGuard ng(g);
+    const Model::Output full = model_.forward(g, seq.data(), nullptr, 1, len, fo);
+    const double d = max_abs_diff(inc, full.logits.data + (len - 1) * 13, 13);
+    INFO("length " << len << " max abs diff " << d);
+    REQUIRE(d < 1e-5);
+  }
+}
+
+TEST_CASE("With rope the KV cache rolls: one layer decodes past block_size as the forward of the last window",
+          "[model][generate][rope]") {
+  // One layer: a key depends on its token and (through the rotation) on its distance to the
+  // query only, so the rolling cache at position p must give the logits of a forward over the
+  // last block_size tokens from position 0, up to the rounding of the rotations' angles.
+  Config cfg = attention_config({{"position", "rope"}, {"n_kv_head", 2}, {"qk_norm", true}});
+  cfg.model.n_layer = 1;
+  Model model(cfg, 13);
+  Rng init(2, 1);
+  model.init(init);
+  const int64_t T = cfg.model.block_size;
+  std::vector<int32_t> seq;
+  for (int i = 0; i < 4 * T; ++i) seq.push_back(int32_t((i * 7 + i / 3) % 13));
+  KVCache cache = model.new_cache();
+  ForwardOptions fo;
+  Graph g;
+  int64_t len = 0;
+  double worst = 0;
+  // Prefills of 3 and then of 5 that wrap around the ring, one position at a time between.
+  while (len < int64_t(seq.size())) {
+    const int64_t n = len == 0 ? 3 : (len == 2 * T - 2 ? 5 : 1);
+    const float* inc = model.decode(cache, seq.data() + len, n, fo);
+    len += n;
+    REQUIRE(cache.len == len);
+    const int64_t w = std::min(len, T);
+    g.clear();
+    NoGradGuard ng(g);
+    const Model::Output full = model.forward(g, seq.data() + len - w, nullptr, 1, w, fo);
+    const double d = max_abs_diff(inc, full.logits.data + (w - 1) * 13, 13);
+    worst = std::max(worst, d);
+    INFO("position " << len - 1 << " max abs diff " << d);
+    REQUIRE(d < 1e-4);
+  }
+  WARN("rolling rope cache against the window's forward: worst logit difference " << worst);
+  REQUIRE_THROWS_WITH(model.decode(cache, seq.data(), T + 1, fo), Catch::Contains("block_size"));
+}
+
+TEST_CASE("Generation with rope rolls its cache: deterministic, any thread count; --context-keep refused",
+          "[model][generate][rope]") {
+  const Config cfg = attention_config({{"position", "rope"}, {"n_kv_head", 1}});
+  Model model(cfg, 13);
+  Rng init(3, 1);
+  model.init(init);
+  GenerateOptions go;
+  go.seed = 11;
+  const auto run = [&] {
+    std::vector<int32_t> out;
+    Generator(model, go).generate({1, 2, 3, 4, 5}, 40, [&](int32_t id) { out.push_back(id); });
+    return out;
+  };
+  const std::vector<int32_t> two = run();
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const std::vector<int32_t> one = run();
+  omp_set_num_threads(saved);
+  CHECK(one == two);
+  CHECK(two.size() == 40);
+  // Greedy: the same tokens as decoding them one by one on a cache of our own.
+  go.sampling.temperature = 0;
+  std::vector<int32_t> greedy;
+  Generator(model, go).generate({1, 2, 3}, 30, [&](int32_t id) { greedy.push_back(id); });
+  KVCache cache = model.new_cache();
+  const std::vector<int32_t> prompt = {1, 2, 3};
+  const float* logits = model.decode(cache, prompt.data(), 3, ForwardOptions{});
+  for (size_t i = 0; i < greedy.size(); ++i) {
+    const int32_t best = int32_t(std::max_element(logits, logits + 13) - logits);
+    REQUIRE(greedy[i] == best);
+    logits = model.decode(cache, &best, 1, ForwardOptions{});
+  }
+  go.context_keep = 4;
+  REQUIRE_THROWS_WITH(Generator(model, go), Catch::Contains("--context-keep does not apply"));
+}
+
+TEST_CASE("Parameter counts follow the README's formula with every attention and norm option", "[model]") {
+  // makemoe.json's sizes (V = 65): 8,996,545 parameters, 2,674,369 active, by default.
+  Config base;
+  base.model.expert_hidden = 512;
+  const int64_t V = 65, C = 128, T = 32, L = 8, H = 8, D = 16, E = 8, F = 512, K = 2;
+  for (const bool rope : {false, true})
+    for (const bool rms : {false, true})
+      for (const int64_t kv : {int64_t(0), int64_t(2), int64_t(1)})
+        for (const bool qk : {false, true}) {
+          Config c = base;
+          c.model.position = rope ? PositionKind::kRope : PositionKind::kLearned;
+          c.model.norm = rms ? NormKind::kRmsNorm : NormKind::kLayerNorm;
+          c.model.n_kv_head = kv;
+          c.model.qk_norm = qk;
+          const int64_t H_kv = kv ? kv : H, norm = rms ? C : 2 * C, expert = 2 * C * F + F + C;
+          const int64_t shared = V * C + (rope ? 0 : T * C) + norm + C * V + V +
+                                 L * (C * (C + 2 * H_kv * D) + C * C + C + 2 * norm + (qk ? 2 * D : 0) + 2 * (C * E + E));
+          const Model m(c, V);
+          INFO("rope " << rope << " rmsnorm " << rms << " n_kv_head " << kv << " qk_norm " << qk);
+          CHECK(m.params().parameter_count() == shared + L * E * expert);
+          CHECK(m.active_param_count() == shared + L * K * expert);
+          if (!rope && !rms && !kv && !qk) CHECK(m.params().parameter_count() == 8996545);
+        }
+}
+
 TEST_CASE("Generation is deterministic by seed, exact window mode matches recomputation", "[model][generate]") {
   Config cfg = tiny_config();
   Model model(cfg, 13);

@@ -27,9 +27,10 @@ const std::string kData = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.t
 
 // Everything that draws random numbers or couples the ranks is on: dropout (attention,
 // residual and inside the experts), router noise, the aux and z losses, the balancing bias.
-std::string config_json(int64_t batch, int64_t steps, int64_t experts = 4) {
+// model_extra: more model fields (`, "name": value` each).
+std::string config_json(int64_t batch, int64_t steps, int64_t experts = 4, const std::string& model_extra = "") {
   return R"({"data": {"path": ")" + kData + R"("},
-    "model": {"block_size": 16, "n_embed": 32, "n_head": 4, "n_layer": 2, "dropout": 0.1},
+    "model": {"block_size": 16, "n_embed": 32, "n_head": 4, "n_layer": 2, "dropout": 0.1)" + model_extra + R"(},
     "router": {"num_experts": )" + std::to_string(experts) + R"(, "top_k": 2, "noisy": true,
                "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "bias_update_rate": 0.001},
     "optimizer": {"lr": 3e-3, "grad_clip": 1.0},
@@ -80,9 +81,13 @@ double eval_loss(const std::string& checkpoint) {
 }  // namespace
 
 TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert parallel", "[mpi]") {
+  // And with the attention and norm options (the attention is replicated on every rank).
+  const std::string extra = GENERATE(as<std::string>{}, "",
+                                     R"(, "position": "rope", "n_kv_head": 2, "norm": "rmsnorm", "qk_norm": true)");
+  INFO("model options" << extra);
   TempDir d("mpi_same");
-  write_file(d / "b8.json", config_json(8, 20));
-  write_file(d / "b4.json", config_json(4, 20));
+  write_file(d / "b8.json", config_json(8, 20, 4, extra));
+  write_file(d / "b4.json", config_json(4, 20, 4, extra));
   const Run one = moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "one"));
   INFO(one.out);
   REQUIRE(one.code == 0);

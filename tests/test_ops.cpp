@@ -111,6 +111,74 @@ TEST_CASE("gradient checks: dense algebra", "[ops][gradcheck]") {
                       [](Graph& g, const std::vector<Tensor>& in) { return Probe{layernorm(g, in[0], in[1], in[2]), {}}; },
                       test::GradCheckOptions{1e-2, 2e-3, 2e-2, 1234, {}});
   }
+  SECTION("rmsnorm") {
+    REQUIRE_GRADCHECK((std::vector<std::vector<float>>{random_vector(3 * 6, 1, -2, 2), random_vector(6, 2)}),
+                      (std::vector<Shape>{{3, 6}, {6}}),
+                      [](Graph& g, const std::vector<Tensor>& in) { return Probe{rmsnorm(g, in[0], in[1]), {}}; },
+                      test::GradCheckOptions{1e-2, 2e-3, 2e-2, 1234, {}});
+  }
+}
+
+TEST_CASE("gradient checks: the queries and keys of a fused projection (qk_rmsnorm, rope)", "[ops][gradcheck][qk]") {
+  // H = 4 query heads and H_kv = 2 key/value heads of D = 6: qkv [B, T, (4 + 2·2)·6].
+  const int64_t B = 2, T = 5, H = 4, H_kv = 2, D = 6, W = (H + 2 * H_kv) * D;
+  SECTION("qk_rmsnorm") {
+    REQUIRE_GRADCHECK(
+        (std::vector<std::vector<float>>{random_vector(B * T * W, 1, -2, 2), random_vector(D, 2), random_vector(D, 3)}),
+        (std::vector<Shape>{{B, T, W}, {D}, {D}}),
+        [&](Graph& g, const std::vector<Tensor>& in) { return Probe{qk_rmsnorm(g, in[0], in[1], in[2], H, H_kv), {}}; },
+        test::GradCheckOptions{1e-2, 2e-3, 2e-2, 1234, {}});
+  }
+  SECTION("rope") {
+    REQUIRE_GRADCHECK({random_vector(B * T * W, 1, -2, 2)}, {{B, T, W}}, [&](Graph& g, const std::vector<Tensor>& in) {
+      return Probe{rope(g, in[0], H, H_kv, 100.0), {}};
+    });
+  }
+}
+
+TEST_CASE("rope rotates each pair (i, i + D/2) by t·theta^(-2i/D); qk_rmsnorm normalises each head", "[ops][qk]") {
+  // One query head and one key head of D = 4 (and a value head, copied), at positions 0 and 1.
+  const int64_t D = 4, W = 3 * D;
+  std::vector<float> x(size_t(2 * W));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = float(i % 5) - 1.5f;
+  Graph g;
+  const Tensor in = g.constant({1, 2, W}, x.data());
+  const Tensor r = rope(g, in, 1, 1, 100.0);
+  for (int64_t c = 0; c < W; ++c) CHECK(r.data[c] == x[size_t(c)]);  // position 0: unchanged
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t i = 0; i < D / 2; ++i) {
+      const double a = std::pow(100.0, -2.0 * double(i) / double(D));  // angle at position 1
+      const float* row = x.data() + W + h * D;
+      CHECK(r.data[W + h * D + i] == Approx(row[i] * std::cos(a) - row[i + D / 2] * std::sin(a)).margin(1e-6));
+      CHECK(r.data[W + h * D + i + D / 2] == Approx(row[i + D / 2] * std::cos(a) + row[i] * std::sin(a)).margin(1e-6));
+    }
+  for (int64_t c = 2 * D; c < W; ++c) CHECK(r.data[W + c] == x[size_t(W + c)]);  // values untouched
+  std::vector<float> ones(size_t(D), 1.f);
+  const Tensor n = qk_rmsnorm(g, in, g.constant({D}, ones.data()), g.constant({D}, ones.data()), 1, 1);
+  for (int64_t row = 0; row < 2; ++row)
+    for (int64_t h = 0; h < 2; ++h) {
+      double ss = 0;
+      for (int64_t c = 0; c < D; ++c) ss += double(n.data[row * W + h * D + c]) * n.data[row * W + h * D + c];
+      CHECK(ss / double(D) == Approx(1.0).epsilon(1e-4));  // mean square 1 (eps aside)
+    }
+}
+
+TEST_CASE("rmsnorm kernels give the same bits on 1 and 2 threads", "[ops][rmsnorm]") {
+  const int64_t N = 301, C = 96;
+  const auto x = random_vector(N * C, 1), w = random_vector(C, 2), dy = random_vector(N * C, 3);
+  std::vector<float> y[2], dx[2], dw[2];
+  const int saved = omp_get_max_threads();
+  for (int t = 0; t < 2; ++t) {
+    omp_set_num_threads(t + 1);
+    std::vector<float> rstd(static_cast<size_t>(N));
+    y[t].resize(size_t(N * C)), dx[t].assign(size_t(N * C), 0.f), dw[t].assign(size_t(C), 0.f);
+    rmsnorm_forward(y[t].data(), rstd.data(), x.data(), w.data(), N, C, 1e-5f);
+    rmsnorm_backward(dx[t].data(), dw[t].data(), dy.data(), x.data(), w.data(), rstd.data(), N, C);
+  }
+  omp_set_num_threads(saved);
+  CHECK(y[0] == y[1]);
+  CHECK(dx[0] == dx[1]);
+  CHECK(dw[0] == dw[1]);
 }
 
 TEST_CASE("gradient checks: elementwise and layout", "[ops][gradcheck]") {
@@ -313,15 +381,16 @@ TEST_CASE("Regens make an op's output again, bit for bit, where it was", "[ops]"
   std::vector<float> qkv_v = random_vector(2 * 3 * 24, 6);
   Tensor qkv = g.constant({2, 3, 24}, qkv_v.data());
   Rng rng(4, 1);
-  Regen again[6];
+  Regen again[7];
   const int32_t rows[4] = {5, 0, 2, 2}, offsets[3] = {0, 1, 4};
-  const Tensor outs[6] = {linear(g, x, w, b, &again[0]),
+  const Tensor outs[7] = {linear(g, x, w, b, &again[0]),
                           layernorm(g, x, nw, nb, 1e-5f, &again[1]),
                           dropout(g, scale(g, x, 1.f), 0.3f, true, rng, true, &again[2]),
                           add_into(g, x, scale(g, x, 2.f), &again[3]),
                           gather_row_groups(g, x, rows, offsets, 2, &again[4]),
-                          causal_attention(g, qkv, 2, 0.5f, 0.2f, true, rng, &again[5])};
-  for (int i = 0; i < 6; ++i) {
+                          causal_attention(g, qkv, 2, 2, 0.5f, 0.2f, true, rng, &again[5]),
+                          rmsnorm(g, x, nw, 1e-5f, &again[6])};
+  for (int i = 0; i < 7; ++i) {
     INFO("op " << i);
     const Tensor& y = outs[i];
     const std::vector<float> want(y.data, y.data + y.numel());
@@ -369,7 +438,7 @@ TEST_CASE("fused causal attention equals the composed ops, and its gradients che
       Tensor qkv = g.new_tensor({B, T, 3 * C}, true);
       std::copy(x.begin(), x.end(), qkv.data);
       Rng rng(11, 2);
-      Tensor y = fused ? causal_attention(g, qkv, H, 0.4f, p, p > 0, rng) : composed(g, qkv, p, rng);
+      Tensor y = fused ? causal_attention(g, qkv, H, H, 0.4f, p, p > 0, rng) : composed(g, qkv, p, rng);
       REQUIRE(y.shape == Shape{B, T, C});
       outs[fused].assign(y.data, y.data + y.numel());
       Tensor loss = sum(g, mul(g, y, g.constant(y.shape, seed_grad.data())));
@@ -381,8 +450,60 @@ TEST_CASE("fused causal attention equals the composed ops, and its gradients che
   }
   REQUIRE_GRADCHECK({random_vector(B * T * 3 * C, 7)}, {{B, T, 3 * C}}, [&](Graph& g, const std::vector<Tensor>& in) {
     Rng rng(3, 1);
-    return Probe{causal_attention(g, in[0], H, 0.4f, 0.25f, true, rng), {}};
+    return Probe{causal_attention(g, in[0], H, H, 0.4f, 0.25f, true, rng), {}};
   });
+}
+
+TEST_CASE("grouped-query attention equals attention with each key/value head repeated", "[ops][attention]") {
+  // H = 4 query heads over H_kv = 2 (groups of two) and 1 (multi-query): the same outputs as
+  // the fused op on a qkv whose k and v hold head h / (H / H_kv) in place of head h, and the
+  // gradient of a shared key/value head the sum of its copies'. T = 11: a block of eight rows
+  // and a rest.
+  const int64_t B = 2, T = 11, H = 4, D = 8, C = H * D;
+  for (const int64_t H_kv : {2, 1}) {
+    INFO("H_kv " << H_kv);
+    const int64_t W = C + 2 * H_kv * D, G = H / H_kv;
+    const auto x = random_vector(B * T * W, 5, -1.5f, 1.5f);
+    const auto seed_grad = random_vector(B * T * C, 6);
+    std::vector<float> full(size_t(B * T * 3 * C));  // every head's own k and v
+    for (int64_t n = 0; n < B * T; ++n) {
+      std::copy(x.begin() + n * W, x.begin() + n * W + C, full.begin() + n * 3 * C);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t part = 0; part < 2; ++part)
+          std::copy_n(x.begin() + n * W + C + part * H_kv * D + h / G * D, D,
+                      full.begin() + n * 3 * C + C + part * C + h * D);
+    }
+    for (float p : {0.f, 0.3f}) {
+      INFO("dropout " << p);
+      std::vector<float> outs[2], grads[2];
+      for (int grouped = 0; grouped < 2; ++grouped) {
+        Graph g;
+        const int64_t width = grouped ? W : 3 * C;
+        Tensor qkv = g.new_tensor({B, T, width}, true);
+        std::copy_n(grouped ? x.data() : full.data(), B * T * width, qkv.data);
+        Rng rng(11, 2);
+        Tensor y = causal_attention(g, qkv, H, grouped ? H_kv : H, 0.4f, p, p > 0, rng);
+        outs[grouped].assign(y.data, y.data + y.numel());
+        g.backward(sum(g, mul(g, y, g.constant(y.shape, seed_grad.data()))));
+        grads[grouped].assign(qkv.grad, qkv.grad + qkv.numel());
+      }
+      CHECK(outs[0] == outs[1]);  // each query head's sums are the same, in the same order
+      for (int64_t n = 0; n < B * T; ++n) {
+        for (int64_t c = 0; c < C; ++c) REQUIRE(grads[1][size_t(n * W + c)] == grads[0][size_t(n * 3 * C + c)]);
+        for (int64_t part = 0; part < 2; ++part)
+          for (int64_t j = 0; j < H_kv; ++j)
+            for (int64_t d = 0; d < D; ++d) {
+              float sum_of_copies = 0;
+              for (int64_t h = j * G; h < (j + 1) * G; ++h) sum_of_copies += grads[0][size_t(n * 3 * C + C + part * C + h * D + d)];
+              REQUIRE(grads[1][size_t(n * W + C + part * H_kv * D + j * D + d)] == Approx(sum_of_copies).margin(1e-6));
+            }
+      }
+    }
+    REQUIRE_GRADCHECK({random_vector(B * T * W, 7)}, {{B, T, W}}, [&](Graph& g, const std::vector<Tensor>& in) {
+      Rng rng(3, 1);
+      return Probe{causal_attention(g, in[0], H, H_kv, 0.4f, 0.25f, true, rng), {}};
+    });
+  }
 }
 
 TEST_CASE("linear_act equals linear then the activation, bit for bit, and its gradients check", "[ops][linear_act]") {

@@ -151,7 +151,8 @@ TEST_CASE("Every model and router option matches the PyTorch twin", "[model][gol
   const std::string variant =
       GENERATE(as<std::string>{}, "gelu", "swiglu", "shared1", "shared2_swiglu", "softmax_topk", "softmax_topk_renorm",
                "capacity", "capacity_eval", "capacity_not_at_eval", "aux_loss", "z_loss", "balance_bias", "attn_head",
-               "noiseless", "noise_at_eval", "jitter", "sigmoid_topk", "sigmoid_groups", "all");
+               "noiseless", "noise_at_eval", "jitter", "sigmoid_topk", "sigmoid_groups", "all", "rmsnorm", "rope", "gqa",
+               "mqa", "qk_norm", "modern");
   INFO("variant " << variant << " (" << fixture_path(variant) << ")");
   check_variant(variant);
 }

@@ -257,7 +257,8 @@ int run(int argc, char** argv) {
   gen_cmd->add_option("--seed", gopt.seed, "random seed (same seed, same text)");
   gen_cmd->add_option("--context-keep", gopt.context_keep,
                       "when the context is full, keep this many characters (block_size: exact full-window "
-                      "recomputation; default block_size/2)");
+                      "recomputation; default block_size/2). Learned positions only: with model.position "
+                      "\"rope\" the cache rolls and this does not apply");
 
   std::string data_path, split = "val";
   bool as_json = false;

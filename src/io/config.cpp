@@ -149,6 +149,11 @@ const std::vector<Field>& fields() {
       field("model", "attn_scale", &Config::model, &ModelConfig::attn_scale),
       field("model", "init", &Config::model, &ModelConfig::init),
       field("model", "init_std", &Config::model, &ModelConfig::init_std, positive_number()),
+      field("model", "norm", &Config::model, &ModelConfig::norm),
+      field("model", "position", &Config::model, &ModelConfig::position),
+      field("model", "rope_theta", &Config::model, &ModelConfig::rope_theta, positive_number()),
+      field("model", "n_kv_head", &Config::model, &ModelConfig::n_kv_head, non_negative()),
+      field("model", "qk_norm", &Config::model, &ModelConfig::qk_norm),
       field("router", "num_experts", &Config::router, &RouterConfig::num_experts, positive()),
       field("router", "top_k", &Config::router, &RouterConfig::top_k, positive()),
       field("router", "noisy", &Config::router, &RouterConfig::noisy),
@@ -269,6 +274,16 @@ void validate(const Config& c, const std::string& src) {
   if (c.model.n_embed % c.model.n_head != 0)
     fail("model.n_embed = " + std::to_string(c.model.n_embed) + " must be divisible by model.n_head = " +
          std::to_string(c.model.n_head));
+  const int64_t kv = c.kv_heads();
+  if (kv > c.model.n_head)
+    fail("model.n_kv_head = " + std::to_string(kv) + " must be at most model.n_head = " + std::to_string(c.model.n_head) +
+         " (0 means n_head)");
+  if (c.model.n_head % kv != 0)
+    fail("model.n_head = " + std::to_string(c.model.n_head) + " must be a multiple of model.n_kv_head = " +
+         std::to_string(kv) + " (each key/value head serves n_head / n_kv_head query heads)");
+  if (c.model.position == PositionKind::kRope && c.model.n_embed % c.model.n_head == 0 && c.head_size() % 2 != 0)
+    fail("model.position = \"rope\" needs an even head size (n_embed / n_head), got " +
+         std::to_string(c.head_size()) + ": rope rotates pairs of channels");
   if (c.router.top_k > c.router.num_experts)
     fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most router.num_experts = " +
          std::to_string(c.router.num_experts));

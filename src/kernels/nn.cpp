@@ -163,6 +163,89 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
   }
 }
 
+namespace {
+// Where row n of an RMSNorm's rows starts (see rmsnorm_forward).
+inline int64_t norm_row(int64_t n, int64_t C, int64_t G, int64_t ld) { return ld == 0 ? n * C : n / G * ld + n % G * C; }
+}  // namespace
+
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int64_t N, int64_t C, float eps,
+                     int64_t G, int64_t ld) {
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t at = norm_row(n, C, G, ld);
+    const float* x = inp + at;
+    float* y = out + at;
+    float ss = 0;
+    for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
+    const float s = 1.f / std::sqrt(ss / float(C) + eps);
+    rstd[n] = s;
+    for (int64_t c = 0; c < C; ++c) y[c] = x[c] * s * w[c];
+  }
+}
+
+void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                      int64_t N, int64_t C, int64_t G, int64_t ld) {
+  if (dinp) {
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t at = norm_row(n, C, G, ld);
+      const float *x = inp + at, *dy = dout + at;
+      const float s = rstd[n];
+      float m = 0;  // mean of dy·w·xhat
+      for (int64_t c = 0; c < C; ++c) m += dy[c] * w[c] * x[c] * s;
+      m /= float(C);
+      float* dx = dinp + at;
+      for (int64_t c = 0; c < C; ++c) dx[c] += (dy[c] * w[c] - x[c] * s * m) * s;
+    }
+  }
+  if (dw) {
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
+    for (int64_t c = 0; c < C; ++c) {
+      float acc = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t at = norm_row(n, C, G, ld) + c;
+        acc += dout[at] * inp[at] * rstd[n];
+      }
+      dw[c] += acc;
+    }
+  }
+}
+
+void rope_tables(float* cos, float* sin, int64_t first, int64_t n, int64_t D, double theta) {
+  const int64_t half = D / 2;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = double(first + t) * std::pow(theta, -2.0 * double(i) / double(D));
+      cos[t * half + i] = float(std::cos(angle));
+      sin[t * half + i] = float(std::sin(angle));
+    }
+}
+
+void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* x = inp + h * D;
+    float* y = out + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      y[i] = a * cos[i] - b * sin[i];
+      y[i + half] = b * cos[i] + a * sin[i];
+    }
+  }
+}
+
+void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* dy = dout + h * D;
+    float* dx = dinp + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      dx[i] += dy[i] * cos[i] + dy[i + half] * sin[i];
+      dx[i + half] += dy[i + half] * cos[i] - dy[i] * sin[i];
+    }
+  }
+}
+
 void softmax_forward(float* out, const float* inp, int64_t N, int64_t C, bool causal) {
 #pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
   for (int64_t n = 0; n < N; ++n) {

@@ -31,17 +31,17 @@ Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) 
   T_max_ = cfg.model.block_size;
   // Registered in forward order: the blocks' gradients complete in reverse (grad_groups).
   ParamBuilder pb(params_, roles_);
-  emb_ = Embeddings::make(pb, V_, C_, T_max_);
+  emb_ = Embeddings::make(pb, V_, C_, T_max_, cfg.model.position == PositionKind::kLearned);
   for (int64_t l = 0; l < L_; ++l) {
     const std::string p = "blocks." + std::to_string(l) + ".";
     Block b;
-    b.ln1 = LayerNorm::make(pb, p + "ln1", C_);
-    b.attn = Attention::make(pb, p + "attn.", C_, cfg.model.n_head, cfg.attention_scale());
-    b.ln2 = LayerNorm::make(pb, p + "ln2", C_);
+    b.ln1 = Norm::make(pb, p + "ln1", C_, cfg.model.norm);
+    b.attn = Attention::make(pb, p + "attn.", cfg);
+    b.ln2 = Norm::make(pb, p + "ln2", C_, cfg.model.norm);
     b.moe = MoELayer::make(pb, p + "moe.", cfg);
     blocks_.push_back(std::move(b));
   }
-  ln_f_ = LayerNorm::make(pb, "ln_f", C_);
+  ln_f_ = Norm::make(pb, "ln_f", C_, cfg.model.norm);
   lm_head_ = Linear::make(pb, "lm_head", C_, V_, true);
   params_.finalize();
   if (cfg.router.bias_update_rate > 0) balance_bias_.assign(size_t(L_ * E_), 0.f);
@@ -316,12 +316,16 @@ KVCache Model::new_cache() const {
   KVCache c;
   const int64_t K = cfg_.router.top_k, F = cfg_.expert_hidden_size();
   const auto T = size_t(T_max_), C = size_t(C_), E = size_t(E_), TK = size_t(T_max_ * K);
-  c.k.assign(size_t(L_) * T * C, 0.f);
-  c.v.assign(size_t(L_) * T * C, 0.f);
+  const auto H = size_t(cfg_.model.n_head), KC = size_t(cfg_.kv_heads() * cfg_.head_size());
+  c.k.assign(size_t(L_) * T * KC, 0.f);
+  c.v.assign(size_t(L_) * T * KC, 0.f);
   KVCache::Work& w = c.work;
   for (auto* b : {&w.x, &w.normed, &w.heads, &w.sub}) b->resize(T * C);
-  w.qkv.resize(T * 3 * C);
-  for (auto* b : {&w.mean, &w.rstd, &w.scores}) b->resize(T);
+  w.qkv.resize(T * (C + 2 * KC));
+  for (auto* b : {&w.mean, &w.scores}) b->resize(T);
+  w.rstd.resize(std::max(T, H));  // rows of the block's norm, or one row's heads (qk_norm)
+  if (cfg_.model.position == PositionKind::kRope)
+    for (auto* b : {&w.rope_cos, &w.rope_sin}) b->resize(T * size_t(cfg_.head_size() / 2));
   for (auto* b : {&w.clean, &w.noise, &w.logits, &w.probs}) b->resize(T * E);
   for (auto* b : {&w.gates, &w.gathered}) b->resize(TK);
   for (auto* b : {&w.index, &w.token, &w.gate_pos}) b->resize(TK);
@@ -349,10 +353,15 @@ KVCache Model::new_cache() const {
 }
 
 const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, const ForwardOptions& opt) {
-  MOE_CHECK(n >= 1 && cache.len + n <= T_max_, "Model::decode",
-            "cache holds " + std::to_string(cache.len) + " positions; " + std::to_string(n) +
-                " more exceed block_size " + std::to_string(T_max_));
-  MOE_CHECK(cache.work.out.size() == size_t(V_) && cache.k.size() == size_t(L_ * T_max_ * C_), "Model::decode",
+  // With rope the cache rolls (positions go on past block_size); learned positions end there.
+  const bool rolling = cfg_.model.position == PositionKind::kRope;
+  MOE_CHECK(n >= 1 && (rolling ? n <= T_max_ : cache.len + n <= T_max_), "Model::decode",
+            rolling ? std::to_string(n) + " positions at once exceed block_size " + std::to_string(T_max_)
+                    : "cache holds " + std::to_string(cache.len) + " positions; " + std::to_string(n) +
+                          " more exceed block_size " + std::to_string(T_max_));
+  MOE_CHECK(cache.work.out.size() == size_t(V_) &&
+                cache.k.size() == size_t(L_ * T_max_ * cfg_.kv_heads() * cfg_.head_size()),
+            "Model::decode",
             "the cache was not made by this model's new_cache()");
   MOE_CHECK(!opt.fixed_noise && !opt.fixed_jitter && !opt.stats && !opt.chosen && !opt.chosen_weights, "Model::decode",
             "fixed router noise or jitter, routing statistics and chosen ids are options of Model::forward only");

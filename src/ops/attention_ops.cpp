@@ -1,4 +1,5 @@
-// Fused causal multi-head attention: one parallel loop over (batch, head) forward and backward.
+// Fused causal multi-head attention: one parallel loop over (batch, key/value head) forward and
+// backward, the query heads of a group (grouped-query attention) one after the other.
 #include <omp.h>
 
 #include <algorithm>
@@ -216,20 +217,20 @@ struct AttentionOutput {
   const float *qkv, *probs;
   const uint16_t* mask;
   float* work;
-  int64_t B, T, C, H, Tp, slot;
+  int64_t B, T, C, H, H_kv, Tp, slot;
   float keep;
   void operator()() const {
-    const int64_t D = C / H, C3 = 3 * C, tri = T * (T + 1) / 2;
+    const int64_t D = C / H, W = C + 2 * H_kv * D, tri = T * (T + 1) / 2;
 #pragma omp parallel for schedule(static) if (B * H * T * T * D > kParallelMinWork)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
+      const int64_t b = bh / H, h = bh % H, j = h / (H / H_kv);
       const float* P = probs + bh * tri;
       const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
       float* S = work + omp_get_thread_num() * slot + D * Tp;
       for (int64_t t0 = 0; t0 < T; t0 += kRows) {
         const int64_t R = std::min(kRows, T - t0);
         for (int64_t r = 0; r < R; ++r) dropped_weights(P + (t0 + r) * (t0 + r + 1) / 2, t0 + r, M, keep, S + r * Tp);
-        attend_rows(S, Tp, t0, R, qkv + b * T * C3 + h * D + 2 * C, C3, D, y + (b * T + t0) * C + h * D, C);
+        attend_rows(S, Tp, t0, R, qkv + b * T * W + C + (H_kv + j) * D, W, D, y + (b * T + t0) * C + h * D, C);
       }
     }
   }
@@ -237,15 +238,17 @@ struct AttentionOutput {
 
 }  // namespace
 
-Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng,
-                        Regen* regen) {
-  MOE_CHECK(qkv.ndim() == 3 && qkv.size(2) % 3 == 0, "causal_attention",
-        "qkv must be [B, T, 3C], got " + qkv.shape.str());
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  MOE_CHECK(H >= 1 && C % H == 0, "causal_attention",
-        "C=" + std::to_string(C) + " must be divisible by H=" + std::to_string(H));
+Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, float scale, float p, bool training,
+                        Rng& rng, Regen* regen) {
+  MOE_CHECK(H >= 1 && H_kv >= 1 && H % H_kv == 0, "causal_attention",
+            "H=" + std::to_string(H) + " must be a multiple of H_kv=" + std::to_string(H_kv));
+  MOE_CHECK(qkv.ndim() == 3 && qkv.size(2) % (H + 2 * H_kv) == 0, "causal_attention",
+            "qkv must be [B, T, (H + 2·H_kv)·D] for H=" + std::to_string(H) + ", H_kv=" + std::to_string(H_kv) +
+                ", got " + qkv.shape.str());
+  const int64_t B = qkv.size(0), T = qkv.size(1), W = qkv.size(2), D = W / (H + 2 * H_kv), C = H * D;
+  const int64_t G = H / H_kv;  // query heads per key/value head
   MOE_CHECK(p >= 0.f && p < 1.f, "causal_attention", "dropout probability must be in [0, 1), got " + std::to_string(p));
-  const int64_t D = C / H, C3 = 3 * C, TT = T * T, tri = T * (T + 1) / 2;
+  const int64_t TT = T * T, tri = T * (T + 1) / 2;
   Tensor y = regen ? g.scratch_output({B, T, C}, qkv) : g.output({B, T, C}, qkv);
   // Attention weights before dropout, kept for the backward: the lower triangles (row t of
   // (batch, head) bh from bh·tri + t(t+1)/2, t+1 weights), as the mask below.
@@ -269,18 +272,21 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
   std::fill(work, work + work_floats, 0.f);
 
 #pragma omp parallel for schedule(static) if (B * H * TT * D > kParallelMinWork)
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H;
-    const float* base = qkv.data + b * T * C3 + h * D;  // q at +0, k at +C, v at +2C per row
-    float* P = probs + bh * tri;
-    const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
+  for (int64_t bj = 0; bj < B * H_kv; ++bj) {
+    const int64_t b = bj / H_kv, j = bj % H_kv;
+    const float* kb = qkv.data + b * T * W + C + j * D;  // key head j; its values at + H_kv·D
     float* kt = work + omp_get_thread_num() * slot;
     float* S = kt + D * Tp;
-    transpose_rows(base + C, C3, T, D, kt, Tp);
+    transpose_rows(kb, W, T, D, kt, Tp);
+   for (int64_t h = j * G; h < (j + 1) * G; ++h) {
+    const int64_t bh = b * H + h;
+    const float* base = qkv.data + b * T * W + h * D;  // query head h
+    float* P = probs + bh * tri;
+    const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
     // Rows t0 .. t0+R-1 at a time.
     for (int64_t t0 = 0; t0 < T; t0 += kRows) {
       const int64_t R = std::min(kRows, T - t0);
-      dots_block(base + t0 * C3, C3, t0, R, kt, Tp, D, S, Tp);
+      dots_block(base + t0 * W, W, t0, R, kt, Tp, D, S, Tp);
       for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
       // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
       float z[kRows] = {};
@@ -295,25 +301,33 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
         for (int64_t s = 0; s <= t; ++s) row[s] = w[s] * inv;
         dropped_weights(row, t, M, keep, w);
       }
-      attend_rows(S, Tp, t0, R, base + 2 * C, C3, D, y.data + (b * T + t0) * C + h * D, C);
+      attend_rows(S, Tp, t0, R, kb + H_kv * D, W, D, y.data + (b * T + t0) * C + h * D, C);
     }
+   }
   }
-  if (regen) *regen = make_regen(g, AttentionOutput{y.data, qkv.data, probs, mask, work, B, T, C, H, Tp, slot, keep});
+  if (regen)
+    *regen = make_regen(g, AttentionOutput{y.data, qkv.data, probs, mask, work, B, T, C, H, H_kv, Tp, slot, keep});
 
   if (y.requires_grad()) {
     g.record([=] {
 #pragma omp parallel for schedule(static) if (B * H * TT * D > kParallelMinWork)
-      for (int64_t bh = 0; bh < B * H; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        const float* base = qkv.data + b * T * C3 + h * D;
-        float* gbase = qkv.grad + b * T * C3 + h * D;
-        const float* P = probs + bh * tri;
-        const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
+      for (int64_t bj = 0; bj < B * H_kv; ++bj) {
+        const int64_t b = bj / H_kv, j = bj % H_kv;
+        const float* kb = qkv.data + b * T * W + C + j * D;  // key head j; its values at + H_kv·D
+        float* gk = qkv.grad + b * T * W + C + j * D;
         float* vt = work + omp_get_thread_num() * slot;
         float* DP = vt + D * Tp;
         float* WT = DP + kRows * Tp;  // WT[s·Tp + t]: P'[t, s], the weight after dropout
         float* ST = WT + T * Tp;      // ST[s·Tp + t]: dS[t, s]
-        transpose_rows(base + 2 * C, C3, T, D, vt, Tp);
+        transpose_rows(kb + H_kv * D, W, T, D, vt, Tp);
+        // The query heads of the group one after the other: each adds its terms into the
+        // group's key and value gradients after the previous one's.
+       for (int64_t h = j * G; h < (j + 1) * G; ++h) {
+        const int64_t bh = b * H + h;
+        const float* base = qkv.data + b * T * W + h * D;
+        float* gbase = qkv.grad + b * T * W + h * D;
+        const float* P = probs + bh * tri;
+        const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
         const float* dy0 = y.grad + b * T * C + h * D;  // row t at + t·C
         for (int64_t t0 = 0; t0 < T; t0 += kRows) {
           const int64_t R = std::min(kRows, T - t0);
@@ -340,15 +354,16 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, flo
             }
           }
           // dq[t] += Σ_s dS k[s].
-          add_weighted_block(DP, Tp, t0, R, base + C, C3, D, gbase + t0 * C3, C3);
+          add_weighted_block(DP, Tp, t0, R, kb, W, D, gbase + t0 * W, W);
         }
         // dv[s] += Σ_{t>=s} P'[t, s] dy[t] and dk[s] += Σ_{t>=s} dS[t, s] q[t], each in order of
         // t (as adding row t's terms for t = 0, 1, ... did).
         for (int64_t s0 = 0; s0 < T; s0 += kRows) {
           const int64_t R = std::min(kRows, T - s0);
-          add_weighted_block_from_diagonal(WT + s0 * Tp, Tp, s0, R, T, dy0, C, D, gbase + s0 * C3 + 2 * C, C3);
-          add_weighted_block_from_diagonal(ST + s0 * Tp, Tp, s0, R, T, base, C3, D, gbase + s0 * C3 + C, C3);
+          add_weighted_block_from_diagonal(WT + s0 * Tp, Tp, s0, R, T, dy0, C, D, gk + H_kv * D + s0 * W, W);
+          add_weighted_block_from_diagonal(ST + s0 * Tp, Tp, s0, R, T, base, W, D, gk + s0 * W, W);
         }
+       }
       }
     });
   }

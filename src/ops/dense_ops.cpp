@@ -1,4 +1,4 @@
-// Dense algebra ops: linear, bmm, add, add_bias, mul, scale, embedding, layernorm.
+// Dense algebra ops: linear, bmm, add, add_bias, mul, scale, embedding, layernorm, rmsnorm.
 #include <omp.h>
 
 #include <algorithm>
@@ -456,6 +456,15 @@ struct LayernormRun {
   void operator()() const { layernorm_forward(y, mean, rstd, x, w, b, N, C, eps); }
 };
 
+// What rmsnorm's Regen recomputes: the output, and the statistics (the same values again).
+struct RmsnormRun {
+  float *y, *rstd;
+  const float *x, *w;
+  int64_t N, C;
+  float eps;
+  void operator()() const { rmsnorm_forward(y, rstd, x, w, N, C, eps); }
+};
+
 }  // namespace
 
 Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps, Regen* regen) {
@@ -470,6 +479,19 @@ Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, fl
   if (regen) *regen = make_regen(g, run);
   if (y.requires_grad())
     g.record([=] { layernorm_backward(x.grad, w.grad, b.grad, y.grad, x.data, w.data, mean, rstd, N, C); });
+  return y;
+}
+
+Tensor rmsnorm(Graph& g, const Tensor& x, const Tensor& w, float eps, Regen* regen) {
+  const int64_t C = x.cols(), N = x.rows();
+  MOE_CHECK(w.ndim() == 1 && w.size(0) == C, "rmsnorm",
+            "weight " + w.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());
+  Tensor y = regen ? g.scratch_output(x.shape, x, w) : g.output(x.shape, x, w);
+  float* rstd = g.arena().alloc_floats(N);
+  const RmsnormRun run{y.data, rstd, x.data, w.data, N, C, eps};
+  run();
+  if (regen) *regen = make_regen(g, run);
+  if (y.requires_grad()) g.record([=] { rmsnorm_backward(x.grad, w.grad, y.grad, x.data, w.data, rstd, N, C); });
   return y;
 }
 

@@ -6,6 +6,10 @@
 // context_keep = block_size every token sees the full window, exactly like recomputing the
 // last block_size tokens from scratch (and costs as much once the window is full); the
 // default block_size / 2 makes each token cost about two positions on average.
+//
+// With model.position = "rope" the cache rolls instead (Model::decode): every token costs one
+// position and sees the last block_size, whose keys were cached, rotated, at their absolute
+// positions; context_keep does not apply (setting it is an error).
 #pragma once
 
 #include <cstdint>
@@ -20,7 +24,7 @@ namespace moe {
 struct GenerateOptions {
   SamplingOptions sampling;
   uint64_t seed = 1337;
-  int64_t context_keep = 0;  // 0: block_size / 2
+  int64_t context_keep = 0;  // 0: block_size / 2 (learned positions only)
 };
 
 class Generator {

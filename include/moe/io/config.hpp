@@ -23,6 +23,8 @@ enum class AttnScale { kHead, kEmbed };
 enum class InitKind { kKaimingNormal, kXavier, kNormal };
 enum class Gating { kTopkSoftmax, kSoftmaxTopk, kSigmoidTopk };
 enum class LrSchedule { kConstant, kCosine };
+enum class NormKind { kLayerNorm, kRmsNorm };
+enum class PositionKind { kLearned, kRope };
 
 template <class E>
 struct EnumNames;
@@ -46,6 +48,14 @@ template <>
 struct EnumNames<LrSchedule> {
   static constexpr std::array<const char*, 2> names{"constant", "cosine"};
 };
+template <>
+struct EnumNames<NormKind> {
+  static constexpr std::array<const char*, 2> names{"layernorm", "rmsnorm"};
+};
+template <>
+struct EnumNames<PositionKind> {
+  static constexpr std::array<const char*, 2> names{"learned", "rope"};
+};
 template <class E>
 const char* name_of(E value) {
   return EnumNames<E>::names[size_t(value)];
@@ -68,6 +78,11 @@ struct ModelConfig {
   AttnScale attn_scale = AttnScale::kHead;  // head: head_size^-0.5; embed: n_embed^-0.5 (makeMoE)
   InitKind init = InitKind::kKaimingNormal;
   double init_std = 0.02;             // for "normal" (and embeddings outside kaiming_normal)
+  NormKind norm = NormKind::kLayerNorm;  // every norm of the model (ln1, ln2, ln_f): LayerNorm or RMSNorm
+  PositionKind position = PositionKind::kLearned;  // learned: a pos_emb table; rope: q and k rotated
+  double rope_theta = 10000;          // rope: the base of the rotation frequencies
+  int64_t n_kv_head = 0;              // key/value heads (grouped-query attention); 0: n_head
+  bool qk_norm = false;               // RMSNorm on each head's query and key (before rope)
 };
 
 struct RouterConfig {
@@ -136,6 +151,7 @@ struct Config {
   LoggingConfig logging;
 
   int64_t head_size() const { return model.n_embed / model.n_head; }
+  int64_t kv_heads() const { return model.n_kv_head > 0 ? model.n_kv_head : model.n_head; }
   int64_t expert_hidden_size() const { return model.expert_hidden > 0 ? model.expert_hidden : 4 * model.n_embed; }
   float attention_scale() const;
   // Weight matrices of one expert: fc1 and fc2, and SwiGLU's fc3.

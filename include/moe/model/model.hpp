@@ -1,6 +1,6 @@
 // Model: the makeMoE transformer, composed of the modules in moe/nn/: token + position
-// embeddings, pre-norm blocks of causal multi-head attention and a sparse MoE feed-forward
-// (router, experts), a final LayerNorm and the LM head. Parameters live in one ParamStore under
+// embeddings (or RoPE in the attention), pre-norm blocks of causal multi-head attention and a
+// sparse MoE feed-forward (router, experts), a final norm (LayerNorm or RMSNorm) and the LM head. Parameters live in one ParamStore under
 // PyTorch-style dotted names (see scripts/torch_twin.py for the twin with the same names).
 #pragma once
 
@@ -24,9 +24,9 @@ namespace moe {
 
 // One transformer block: x + attention(ln1 x), then that + moe(ln2 of it).
 struct Block {
-  LayerNorm ln1;
+  Norm ln1;
   Attention attn;
-  LayerNorm ln2;
+  Norm ln2;
   MoELayer moe;
 };
 
@@ -66,7 +66,9 @@ class Model {
   // Runs the kernels of Model::forward's ops directly on the cache's buffers, without an
   // autograd graph, in the same order (the logits can differ from Model::forward's in the last
   // bits only where a one-row product sums in one pass what the GEMM sums in blocks).
-  // cache.len + n must be <= block_size; the cache must come from new_cache().
+  // The cache must come from new_cache(). With learned positions cache.len + n must be
+  // <= block_size; with rope n must be <= block_size and positions go on past it, each one
+  // attending to the last block_size (the cache rolls: see KVCache).
   const float* decode(KVCache& cache, const int32_t* tokens, int64_t n, const ForwardOptions& opt);
   KVCache new_cache() const;
 
@@ -114,7 +116,7 @@ class Model {
   ParamStore params_;
   Embeddings emb_;
   std::vector<Block> blocks_;
-  LayerNorm ln_f_;
+  Norm ln_f_;
   Linear lm_head_;
   std::vector<float> balance_bias_;  // [L, E] when router.bias_update_rate > 0, else empty
   std::vector<int64_t> last_load_;    // [L, E]: slots per expert in the last training forward

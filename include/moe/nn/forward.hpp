@@ -87,13 +87,15 @@ struct RouterLosses {
 
 // Key/value cache for incremental generation of one sequence, with the buffers Model::decode
 // works in (sized by Model::new_cache for block_size positions, so decoding allocates nothing).
+// With model.position = "rope" the cache is a ring: position p in slot p % T, the last T kept.
 struct KVCache {
-  int64_t len = 0;              // positions filled
-  std::vector<float> k, v;      // [L, T, C] each, T = block_size
+  int64_t len = 0;              // positions decoded (the next one's position)
+  std::vector<float> k, v;      // [L, T, H_kv·D] each, T = block_size
   struct Work {
-    std::vector<float> x, normed, qkv, heads, sub;  // [n, C] residual stream, its norm, [n, 3C],
+    std::vector<float> x, normed, qkv, heads, sub;  // [n, C] residual stream, its norm, [n, C + 2·H_kv·D],
                                                     // attention by head, a sublayer's output [n, C]
-    std::vector<float> mean, rstd, scores;          // [n], [n], [T]
+    std::vector<float> mean, rstd, scores;          // [n], [max(n, H)], [T]
+    std::vector<float> rope_cos, rope_sin;          // rope: [n, D/2] each
     std::vector<float> clean, noise, logits, probs, gates, gathered;  // router: [n, E] (gates, gathered [n, K])
     std::vector<int32_t> index, offsets, token, gate_pos;   // top-k ids [n, K], groups per expert
     std::vector<int32_t> chosen;                            // slots per expert before drops [E]

@@ -81,6 +81,9 @@ Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape&
 // With regen, the output is regenerated (see Regen).
 Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps = 1e-5f,
                  Regen* regen = nullptr);
+// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · w, no bias. With regen, the
+// output is regenerated (see Regen).
+Tensor rmsnorm(Graph& g, const Tensor& x, const Tensor& w, float eps = 1e-5f, Regen* regen = nullptr);
 
 // ---- elementwise (src/ops/elementwise_ops.cpp) ----
 Tensor relu(Graph& g, const Tensor& x);
@@ -126,14 +129,28 @@ Tensor merge_heads(Graph& g, const Tensor& x);
 Tensor slice_cols(Graph& g, const Tensor& x, int64_t begin, int64_t width);
 
 // ---- fused attention (src/ops/attention_ops.cpp) ----
-// Causal multi-head self-attention from a fused projection qkv [B, T, 3C] (columns: q, k, v;
-// head h at columns h*D..(h+1)*D of each, D = C / H): per (batch, head), scores q·kᵀ·scale,
+// Causal multi-head self-attention from a fused projection qkv [B, T, C + 2·H_kv·D] (columns:
+// q [C = H·D], k and v [H_kv·D] each; head h at columns h*D..(h+1)*D of q, and its key and value
+// head h / (H / H_kv) likewise in k and v: grouped-query attention when H_kv < H, the usual
+// 3C columns when H_kv == H): per (batch, head), scores q·kᵀ·scale,
 // causal softmax, dropout with probability p on the weights when training (one rng draw
 // per weight, in [B, H, T, T] order), and the weighted sum of v. Output [B, T, C], heads
 // side by side. One kernel forward and one backward, parallel over (batch, head). With regen,
 // the output is regenerated (see Regen) from the weights the op keeps and qkv's v columns.
-Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, float scale, float p, bool training, Rng& rng,
-                        Regen* regen = nullptr);
+Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, float scale, float p, bool training,
+                        Rng& rng, Regen* regen = nullptr);
+
+// ---- the queries and keys of a fused projection (src/ops/qk_ops.cpp) ----
+// qkv [B, T, (H + 2·H_kv)·D]: per row the H query heads, the H_kv key heads, then the H_kv value
+// heads, D channels each. Both ops return a new tensor of that shape whose value columns are
+// a copy of qkv's.
+// QK-norm: RMSNorm over each query head with gain wq [D], each key head with gain wk [D].
+Tensor qk_rmsnorm(Graph& g, const Tensor& qkv, const Tensor& wq, const Tensor& wk, int64_t H, int64_t H_kv,
+                  float eps = 1e-5f);
+// RoPE: the query and key heads of row (b, t) rotated by position t (rope_forward in
+// moe/kernels/nn.hpp: the rotate-half pairing, frequencies theta^(-2i/D)). Linear in qkv:
+// the backward is the inverse rotation.
+Tensor rope(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, double theta);
 
 // ---- softmax and loss (src/ops/softmax_ops.cpp) ----
 // Softmax over the last dimension.
