@@ -66,18 +66,23 @@ def main():
     fig.savefig(os.path.join(out, "lr.png"), dpi=120)
     plt.close(fig)
 
-    counts = [r["tokens_per_expert"] for r in train if r.get("tokens_per_expert")]
+    # Per layer, null for a dense block (no router): only the MoE layers are drawn.
+    with_counts = [r for r in train if r.get("tokens_per_expert") and any(c is not None for c in r["tokens_per_expert"])]
+    counts = []
+    if with_counts:
+        moe_layers = [l for l, c in enumerate(with_counts[0]["tokens_per_expert"]) if c is not None]
+        counts = [[r["tokens_per_expert"][l] for l in moe_layers] for r in with_counts]
     if counts:
-        a = np.array(counts, dtype=float)  # [window, layer, expert]
+        a = np.array(counts, dtype=float)  # [window, MoE layer, expert]
         a /= np.maximum(a.sum(axis=2, keepdims=True), 1)
         layers, experts = a.shape[1], a.shape[2]
         fig, axes = plt.subplots(layers, 1, figsize=(8, 1.2 + 0.25 * experts * layers), squeeze=False)
-        steps = [r["step"] for r in train if r.get("tokens_per_expert")]
+        steps = [r["step"] for r in with_counts]
         for l in range(layers):
             ax = axes[l][0]
             im = ax.imshow(a[:, l, :].T, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
                            extent=(steps[0], steps[-1], experts - 0.5, -0.5))
-            ax.set_ylabel(f"layer {l}\nexpert")
+            ax.set_ylabel(f"layer {moe_layers[l]}\nexpert")
             fig.colorbar(im, ax=ax, label="fraction")
         axes[-1][0].set_xlabel("step")
         axes[0][0].set_title(f"{name}: tokens per expert (uniform = {1 / experts:.3f})")

@@ -58,7 +58,8 @@ DEFAULTS = {
 # resolved(), so that a fixture's stored config names only what it changes.
 OPTION_DEFAULTS = {
     "model": {"expert_ffn": "relu", "shared_experts": 0, "init": "kaiming_normal", "init_std": 0.02,
-              "norm": "layernorm", "position": "learned", "rope_theta": 10000.0, "n_kv_head": 0, "qk_norm": False},
+              "norm": "layernorm", "position": "learned", "rope_theta": 10000.0, "n_kv_head": 0, "qk_norm": False,
+              "moe_every": 1, "dense_first": 0, "dense_hidden": 0, "tie_embeddings": False},
     "router": {"gating": "topk_softmax", "renormalize": False, "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
                "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0, "jitter": 0.0,
                "route_scale": 1.0, "n_groups": 1, "topk_groups": 1},
@@ -170,10 +171,10 @@ EXPERT_FFNS = {
 
 
 class Expert(nn.Module):
-    def __init__(self, m):
+    def __init__(self, m, hidden=None):
         super().__init__()
         C = m["n_embed"]
-        F_ = m["expert_hidden"] or 4 * C
+        F_ = hidden or m["expert_hidden"] or 4 * C
         self.act, gated = EXPERT_FFNS[m["expert_ffn"]]
         self.fc1, self.fc2 = nn.Linear(C, F_, bias=not gated), nn.Linear(F_, C, bias=not gated)
         self.fc3 = nn.Linear(C, F_, bias=False) if gated else None
@@ -336,15 +337,24 @@ class MoE(nn.Module):
         return out.view(B, T, C), plan
 
 
+def moe_block(m, l):
+    """model.moe_every, model.dense_first (DeepSeek-V3's moe_layer_freq and first_k_dense_replace,
+    nanoMoE's stride): block l is MoE when l >= dense_first and l % moe_every == 0."""
+    return l >= m["dense_first"] and l % m["moe_every"] == 0
+
+
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, l):
         super().__init__()
         m, r = cfg["model"], cfg["router"]
         norm = NORMS[m["norm"]]
         self.ln1 = norm(m["n_embed"])
         self.attn = Attention(m)
         self.ln2 = norm(m["n_embed"])
-        self.moe = MoE(m, r)
+        if moe_block(m, l):
+            self.moe = MoE(m, r)
+        else:  # a dense block: one feed-forward of the expert kind, model.dense_hidden wide
+            self.ffn = Expert(m, m["dense_hidden"] or 4 * m["n_embed"])
 
 
 Output = namedtuple("Output", "logits loss objective")
@@ -362,12 +372,14 @@ class Twin(nn.Module):
         self.learned_positions = m["position"] == "learned"  # rope: none here, q and k rotated
         if self.learned_positions:
             self.pos_emb = nn.Embedding(m["block_size"], m["n_embed"])
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(m["n_layer"])])
+        self.blocks = nn.ModuleList([Block(cfg, l) for l in range(m["n_layer"])])
         self.ln_f = NORMS[m["norm"]](m["n_embed"])
         self.lm_head = nn.Linear(m["n_embed"], V)
         for mod in self.modules():  # makeMoE: Kaiming-normal Linear weights, other defaults kept
             if isinstance(mod, nn.Linear):
                 nn.init.kaiming_normal_(mod.weight)
+        if m["tie_embeddings"]:  # the head's weight is the token embedding matrix (named once: tok_emb)
+            self.lm_head.weight = self.tok_emb.weight
 
     def forward(self, idx, targets=None, noise=None, use_noise=None, record=None, jitter=None):
         """noise: per layer [B*T, E] or None (drawn); use_noise None: the router's rule
@@ -381,9 +393,12 @@ class Twin(nn.Module):
         x = self.tok_emb(idx)
         if self.learned_positions:
             x = x + self.pos_emb(torch.arange(T))
-        plans = []
+        plans = []  # the MoE blocks'
         for l, b in enumerate(self.blocks):
             x = x + b.attn(b.ln1(x))
+            if not hasattr(b, "moe"):
+                x = x + b.ffn(b.ln2(x))
+                continue
             y, plan = b.moe(b.ln2(x), None if noise is None else noise[l], use_noise, record,
                             None if jitter is None else jitter[l])
             x = x + y
@@ -393,14 +408,15 @@ class Twin(nn.Module):
             return Output(logits, None, None)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         objective = loss
-        for coef_name, term in BALANCE_LOSSES.items():
-            if r[coef_name] > 0:
+        for coef_name, term in BALANCE_LOSSES.items():  # averaged over the MoE layers
+            if r[coef_name] > 0 and plans:
                 objective = objective + r[coef_name] * sum(term(p) for p in plans) / len(plans)
         return Output(logits, loss, objective)
 
     def update_balance_bias(self):
         for b in self.blocks:
-            b.moe.router.update_balance_bias()
+            if hasattr(b, "moe"):
+                b.moe.router.update_balance_bias()
 
 
 def make_optimizer(model, cfg):
@@ -486,7 +502,10 @@ def moe_init(model, rng):
     parameter in registration order (named_parameters' order here)."""
     m = model.cfg["model"]
     fill = INITS[m["init"]]
-    owner = {id(p): (mod, name) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)}
+    owner = {}  # the first module that holds it: a tied head's weight is the embedding's
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            owner.setdefault(id(p), (mod, name))
     for p in model.parameters():
         mod, name = owner[id(p)]
         n = p.numel()
@@ -567,6 +586,18 @@ VARIANTS = {
     "all": Variant({"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
                     "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0,
                                "aux_loss_coef": 0.01, "z_loss_coef": 1e-3, "bias_update_rate": 0.01, "jitter": 0.1}}),
+    # Where the MoE layers go (blocks 0 and 2 MoE, 1 and 3 dense), a dense first block, an
+    # all-dense model (its router options reach nothing), a tied LM head, and all of them with
+    # the balancing losses and bias, which count the MoE layers only.
+    "moe_every2": Variant({"model": {"n_layer": 4, "moe_every": 2, "dense_hidden": 24}}),
+    "dense_first1": Variant({"model": {"dense_first": 1}}),
+    "all_dense": Variant({"model": {"dense_first": 2, "expert_ffn": "swiglu"},
+                          "router": {"aux_loss_coef": 0.1, "bias_update_rate": 0.05}}),
+    "tied": Variant({"model": {"tie_embeddings": True}}),
+    "layout_all": Variant({"model": {"n_layer": 5, "moe_every": 2, "dense_first": 1, "dense_hidden": 24,
+                                     "expert_ffn": "gelu", "tie_embeddings": True},
+                           "router": {"aux_loss_coef": 0.1, "z_loss_coef": 0.01, "bias_update_rate": 0.05,
+                                      "jitter": 0.1}}),
 }
 NOISE_SEED, NOISE_STREAM = 99, 3
 # model.init kinds for twin_init.safetensors: moe's init of VARIANT_BASE with a shared SwiGLU
@@ -612,33 +643,35 @@ def run_case(cfg, seed, training, drawn_noise):
     """Weights, a batch and router noise from `seed`; a forward and backward, then AdamW steps
     (with the balancing-bias update after each). Returns the tensors of a fixture and what
     the seed search checks."""
-    r = resolved(cfg)["router"]
+    m, r = resolved(cfg)["model"], resolved(cfg)["router"]
     L, E, K = cfg["model"]["n_layer"], r["num_experts"], r["top_k"]
+    moe_layers = [l for l in range(L) if moe_block(m, l)]  # noise, jitter and plans: theirs only
     fixed_noise, with_bias = r["noisy"] and not drawn_noise, r["bias_update_rate"] > 0
     T = cfg["model"]["block_size"]
     torch.manual_seed(seed)
     model = Twin(cfg, V)
     idx = torch.randint(V, (B, T))
     targets = torch.randint(V, (B, T))
-    noise = [torch.randn(B * T, E) for _ in range(L)] if fixed_noise else None
+    per_moe_layer = lambda draw: [draw() if l in moe_layers else None for l in range(L)]  # noqa: E731
+    noise = per_moe_layer(lambda: torch.randn(B * T, E)) if fixed_noise else None
     C, eps = cfg["model"]["n_embed"], r["jitter"]
-    jitter = [1 + (torch.rand(B * T, C) * 2 - 1) * eps for _ in range(L)] if training and eps > 0 else None
+    jitter = per_moe_layer(lambda: 1 + (torch.rand(B * T, C) * 2 - 1) * eps) if training and eps > 0 else None
     rng = MoeRng(NOISE_SEED, NOISE_STREAM)
 
     def forward_noise():  # the fixed noise, or moe's next draw of each layer's (N, E)
-        return [torch.from_numpy(rng.normal(B * T * E, 1.0).reshape(B * T, E)) for _ in range(L)] if drawn_noise else noise
+        return per_moe_layer(lambda: torch.from_numpy(rng.normal(B * T * E, 1.0).reshape(B * T, E))) if drawn_noise else noise
     use_noise = True if fixed_noise else None  # moe adds fixed noise always, else by the router's rule
     if with_bias:  # a starting bias of a few update steps, so that the first forward selects with it
-        for b in model.blocks:
-            b.moe.router.balance_bias.copy_((torch.rand(E) - 0.5) * (20 * r["bias_update_rate"]))
+        for l in moe_layers:
+            model.blocks[l].moe.router.balance_bias.copy_((torch.rand(E) - 0.5) * (20 * r["bias_update_rate"]))
     model.train(training)
     out = {"param." + n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     out.update({"buffer." + n: t.numpy().copy() for n, t in model.named_buffers()})
     out["idx"] = idx.numpy().astype(np.int32)
     out["targets"] = targets.numpy().astype(np.int32)
-    for l in range(L if fixed_noise else 0):
+    for l in moe_layers if fixed_noise else []:
         out[f"noise.{l}"] = noise[l].numpy()
-    for l in range(L if jitter else 0):
+    for l in moe_layers if jitter else []:
         out[f"jitter.{l}"] = jitter[l].numpy()
     state = {n: t.clone() for n, t in model.state_dict().items()}
 
@@ -654,7 +687,7 @@ def run_case(cfg, seed, training, drawn_noise):
     for n, p in model.named_parameters():
         out["grad." + n] = p.grad.numpy().copy()
     first = list(record)
-    for l, plan in enumerate(first):
+    for l, plan in zip(moe_layers, first):
         out[f"router.{l}.topk"] = plan.index.numpy().astype(np.int32)
         out[f"router.{l}.gates"] = plan.gates.detach().numpy()
         if plan.keep is not None:
@@ -664,8 +697,8 @@ def run_case(cfg, seed, training, drawn_noise):
     m64 = Twin(cfg, V).double()
     m64.load_state_dict({n: t.double() for n, t in state.items()})
     m64.train(training)
-    o64 = m64(idx, targets, None if first_noise is None else [n.double() for n in first_noise], use_noise, None,
-              None if jitter is None else [j.double() for j in jitter])
+    as_double = lambda ts: None if ts is None else [None if t is None else t.double() for t in ts]  # noqa: E731
+    o64 = m64(idx, targets, as_double(first_noise), use_noise, None, as_double(jitter))
     backward(m64, o64.objective)
     gdiff = max((p.grad.float() - torch.from_numpy(out["grad." + n])).abs().max().item() for n, p in m64.named_parameters())
     floor = f"float32 vs float64: objective {res.objective.item():.8f} vs {o64.objective.item():.8f}; " \
@@ -689,12 +722,12 @@ def run_case(cfg, seed, training, drawn_noise):
     out.update({"final_buffer." + n: t.numpy().copy() for n, t in model.named_buffers()})
 
     checks = {
-        "margin": min(routing_margins(p, K, r) for p in record),
+        "margin": min((routing_margins(p, K, r) for p in record), default=math.inf),
         "counts": [torch.bincount(p.index.flatten(), minlength=E).tolist() for p in first],
         "dropped": sum(int((~p.keep).sum()) for p in first if p.keep is not None),
         "bias_moved": 0,
     }
-    for l, p in enumerate(first if with_bias else []):  # tokens whose choice the starting bias changed
+    for l, p in zip(moe_layers, first) if with_bias else []:  # tokens whose choice the starting bias changed
         plain = (p.scores - torch.from_numpy(out[f"buffer.blocks.{l}.moe.router.balance_bias"])).topk(K).indices
         checks["bias_moved"] += int((plain.sort(dim=-1).values != p.index.sort(dim=-1).values).any(dim=-1).sum())
     return out, checks, floor, (losses, objectives)
@@ -704,7 +737,8 @@ def write_fixture(name, cfg, training, first_seed, drawn_noise=False, legacy=Fal
     """Searches seeds from first_seed for a case whose routing decisions all have a margin
     (float32 differences cannot flip them), every expert gets slots, the capacity drops some
     and the starting balancing bias changes some choices (where those apply); writes it."""
-    with_bias = resolved(cfg)["router"]["bias_update_rate"] > 0
+    m = resolved(cfg)["model"]
+    with_bias = resolved(cfg)["router"]["bias_update_rate"] > 0 and any(moe_block(m, l) for l in range(m["n_layer"]))
     for seed in range(first_seed, first_seed + 100):
         out, checks, floor, (losses, objectives) = run_case(cfg, seed, training, drawn_noise)
         if (checks["margin"] > MIN_GAP and all(min(c) > 0 for c in checks["counts"])

@@ -1,6 +1,7 @@
 // Config: makeMoE defaults, JSON round trip, and errors that name the field, value and fix.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -42,6 +43,10 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK(c.model.n_kv_head == 0);
   CHECK(c.kv_heads() == c.model.n_head);
   CHECK_FALSE(c.model.qk_norm);
+  CHECK(c.model.moe_every == 1);
+  CHECK(c.model.dense_first == 0);
+  CHECK(c.model.dense_hidden == 0);
+  CHECK_FALSE(c.model.tie_embeddings);
   CHECK(c.router.num_experts == 8);
   CHECK(c.router.top_k == 2);
   CHECK(c.router.noisy);
@@ -202,10 +207,50 @@ TEST_CASE("Config errors name the field, the value and what is allowed", "[io][c
   CHECK(gqa.kv_heads() == 2);
   CHECK(config_from_json(config_to_json(gqa), "round trip").model.position == PositionKind::kRope);
 
+  // Where the MoE layers go, the dense blocks' width.
+  CHECK_THAT(config_error({{"model", {{"moe_every", 0}}}}), Contains("model.moe_every = 0: must be a positive integer"));
+  CHECK_THAT(config_error({{"model", {{"moe_every", -2}}}}), Contains("model.moe_every = -2: must be a positive integer"));
+  CHECK_THAT(config_error({{"model", {{"dense_first", -1}}}}), Contains("model.dense_first = -1: must be >= 0"));
+  CHECK_THAT(config_error({{"model", {{"dense_first", 9}}}}),
+             Contains("model.dense_first = 9 must be at most model.n_layer = 8 (n_layer: an all-dense model)"));
+  CHECK_THAT(config_error({{"model", {{"dense_hidden", -64}, {"moe_every", 2}}}}),
+             Contains("model.dense_hidden = -64: must be >= 0"));
+  CHECK_THAT(config_error({{"model", {{"dense_hidden", 256}}}}),
+             Contains("model.dense_hidden = 256 applies to dense blocks only, and every block is MoE"));
+  CHECK_THAT(config_error({{"model", {{"n_layer", 4}, {"moe_every", 8}, {"dense_first", 1}}}}),
+             Contains("model.moe_every = 8 with model.dense_first = 1 leaves no MoE block among the 4") &&
+                 Contains("for an all-dense model set model.dense_first = model.n_layer"));
+  CHECK_THAT(config_error({{"model", {{"tie_embeddings", 1}}}}), Contains("model.tie_embeddings = 1: must be a boolean"));
+
   // validate() checks a struct built in code the same way.
   Config c;
   c.model.n_head = 3;
   CHECK_THROWS_WITH(validate(c), Contains("model.n_embed = 128 must be divisible by model.n_head = 3"));
+}
+
+TEST_CASE("model.moe_every and model.dense_first place the MoE blocks as DeepSeek-V3 and nanoMoE do", "[io][config]") {
+  // Block l is MoE when l >= dense_first and l % moe_every == 0.
+  const auto layout = [](int64_t n_layer, int64_t every, int64_t first) {
+    Config c;
+    c.model.n_layer = n_layer, c.model.moe_every = every, c.model.dense_first = first;
+    validate(c);
+    std::string s;
+    for (int64_t l = 0; l < n_layer; ++l) s += c.moe_block(l) ? 'M' : 'd';
+    CHECK(int64_t(std::count(s.begin(), s.end(), 'M')) == c.moe_blocks());
+    return s;
+  };
+  CHECK(layout(8, 1, 0) == "MMMMMMMM");  // the default: every block
+  CHECK(layout(8, 2, 0) == "MdMdMdMd");  // nanoMoE's stride 2
+  CHECK(layout(8, 1, 3) == "dddMMMMM");  // DeepSeek-V3's first three dense
+  CHECK(layout(8, 2, 3) == "ddddMdMd");  // both: DeepSeek's rule counts from block 0
+  CHECK(layout(4, 8, 0) == "Mddd");
+  CHECK(layout(4, 1, 4) == "dddd");      // all dense
+  CHECK(layout(4, 3, 4) == "dddd");
+  // The closed-form count agrees with the rule far beyond any model (validate needs it before
+  // it has refused absurd sizes).
+  Config big;
+  big.model.n_layer = int64_t(1) << 60, big.model.moe_every = 3, big.model.dense_first = 5;
+  CHECK(big.moe_blocks() == ((int64_t(1) << 60) - 1) / 3 + 1 - 2);
 }
 
 TEST_CASE("load_config names the file, and the line and column of invalid JSON", "[io][config]") {

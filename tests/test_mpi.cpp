@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cli_util.hpp"
@@ -107,6 +108,35 @@ TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert
   const double e1 = eval_loss(d / "one/last.safetensors");
   CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - e1) < 1e-4);
   CHECK(std::abs(eval_loss(d / "ep/last.safetensors") - e1) < 1e-4);
+}
+
+TEST_CASE("dense blocks and a tied head under 2 ranks: data and expert parallel train like 1 rank", "[mpi]") {
+  // Blocks MoE, dense, MoE (the dense feed-forward replicated like attention, its gradients
+  // summed), a tied head; then an all-dense model data parallel, and refused expert parallel.
+  TempDir d("mpi_layout");
+  const std::string mixed = R"(, "n_layer": 3, "moe_every": 2, "dense_hidden": 48, "tie_embeddings": true)";
+  const std::string dense = R"(, "dense_first": 2)";
+  write_file(d / "b8.json", config_json(8, 12, 4, mixed));
+  write_file(d / "b4.json", config_json(4, 12, 4, mixed));
+  write_file(d / "dense8.json", config_json(8, 12, 4, dense));
+  write_file(d / "dense4.json", config_json(4, 12, 4, dense));
+  for (const auto& [name, config, ranks, flags] :
+       {std::tuple{"one", "b8", 1, ""}, std::tuple{"dp", "b4", 2, ""}, std::tuple{"ep", "b4", 2, " --expert-parallel"},
+        std::tuple{"dense_one", "dense8", 1, ""}, std::tuple{"dense_dp", "dense4", 2, ""}}) {
+    const Run r = moe_on(ranks, "train --config " + (d / (std::string(config) + ".json")) + " --out " + (d / name) + flags);
+    INFO(name << ": " << r.out);
+    REQUIRE(r.code == 0);
+  }
+  const std::vector<double> l1 = losses(d / "one/metrics.jsonl");
+  check_same_losses(l1, losses(d / "dp/metrics.jsonl"), 12);
+  check_same_losses(l1, losses(d / "ep/metrics.jsonl"), 12);
+  const double e1 = eval_loss(d / "one/last.safetensors");
+  CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - e1) < 1e-4);
+  CHECK(std::abs(eval_loss(d / "ep/last.safetensors") - e1) < 1e-4);
+  check_same_losses(losses(d / "dense_one/metrics.jsonl"), losses(d / "dense_dp/metrics.jsonl"), 12);
+  const Run ep = moe_on(2, "train --config " + (d / "dense4.json") + " --out " + (d / "dense_ep") + " --expert-parallel");
+  CHECK(ep.code != 0);
+  CHECK_THAT(ep.out, Catch::Contains("expert parallelism needs MoE blocks, and this model is all dense"));
 }
 
 TEST_CASE("resume with a different number of ranks continues the same run", "[mpi]") {

@@ -127,4 +127,9 @@ TEST_CASE("analytic FLOPs of the makeMoE reference step", "[bench]") {
   Config c;
   CHECK(forward_flops(c, 65) == 2776760320.0);
   CHECK(3 * forward_flops(c, 65) / 1e9 == Approx(8.33).epsilon(0.001));  // the reference's "about 8.3 GFLOP"
+  // Blocks 0, 2, 4, 6 MoE, the others dense (fc1 and fc2 of 4·128, 262144 a token): four
+  // layers' router and experts (528384) traded for four dense feed-forwards. A tied head costs the same.
+  c.model.moe_every = 2;
+  c.model.tie_embeddings = true;
+  CHECK(forward_flops(c, 65) == 2776760320.0 - 4 * (528384.0 - 262144.0) * 16 * 32);
 }

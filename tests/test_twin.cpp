@@ -72,15 +72,22 @@ void check_variant(const std::string& variant) {
   Model model(cfg, V);
   ParamStore& ps = model.params();
   for (const ParamInfo& p : ps.infos()) f.copy_f32("param." + p.name, p.shape, ps.data() + p.offset);
+  int64_t twin_params = 0;  // the same parameters, none more (a tied head has no weight of its own)
+  for (const std::string& name : f.names()) twin_params += name.rfind("param.", 0) == 0;
+  REQUIRE(twin_params == ps.count());
   for (const Model::Buffer& b : model.buffers()) f.copy_f32("buffer." + b.name, {b.size}, model.buffer_data() + b.offset);
   const std::vector<int32_t> idx = read_i32(f, "idx", B * T), targets = read_i32(f, "targets", B * T);
-  std::vector<std::vector<float>> noise;
-  if (f.has("noise.0"))
-    for (int64_t l = 0; l < L; ++l) noise.push_back(read_f32(f, "noise." + std::to_string(l), {B * T, E}));
-  std::vector<std::vector<float>> jitter;  // the router's input factors (router.jitter), fixed by the twin
-  if (f.has("jitter.0"))
-    for (int64_t l = 0; l < L; ++l)
-      jitter.push_back(read_f32(f, "jitter." + std::to_string(l), {B * T, cfg.model.n_embed}));
+  // Per block, the MoE blocks' only (a dense block has no router; its entry stays empty).
+  std::vector<std::vector<float>> noise(static_cast<size_t>(L));
+  std::vector<std::vector<float>> jitter(static_cast<size_t>(L));  // the router's input factors (router.jitter)
+  bool fixed_noise = false, fixed_jitter = false;
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string n = "noise." + std::to_string(l), j = "jitter." + std::to_string(l);
+    INFO("block " << l << (cfg.moe_block(l) ? " (MoE)" : " (dense)"));
+    CHECK((f.has(n) || f.has(j)) <= cfg.moe_block(l));
+    if (f.has(n)) noise[size_t(l)] = read_f32(f, n, {B * T, E}), fixed_noise = true;
+    if (f.has(j)) jitter[size_t(l)] = read_f32(f, j, {B * T, cfg.model.n_embed}), fixed_jitter = true;
+  }
 
   // Or the noise moe draws, which the twin drew the same way (its Philox and Box-Muller).
   const auto& meta = f.metadata();
@@ -89,8 +96,8 @@ void check_variant(const std::string& variant) {
 
   ForwardOptions fo;
   fo.training = meta.at("training") == "1";  // dropout is 0: the router's rules only
-  if (!noise.empty()) fo.fixed_noise = &noise;
-  if (!jitter.empty()) fo.fixed_jitter = &jitter;
+  if (fixed_noise) fo.fixed_noise = &noise;
+  if (fixed_jitter) fo.fixed_jitter = &jitter;
   if (meta.count("noise_seed")) fo.noise_rng = &noise_rng;
   std::vector<std::vector<int32_t>> chosen(static_cast<size_t>(L));
   fo.chosen = &chosen;
@@ -100,6 +107,12 @@ void check_variant(const std::string& variant) {
   const Model::Output out = model.forward(g, idx.data(), targets.data(), B, T, fo);
   for (int64_t l = 0; l < L; ++l) {
     const std::string layer = "router." + std::to_string(l);
+    REQUIRE(f.has(layer + ".topk") == cfg.moe_block(l));
+    if (!cfg.moe_block(l)) {
+      CHECK(chosen[size_t(l)].empty());
+      CHECK(stats.tokens_per_expert[size_t(l)].empty());
+      continue;
+    }
     INFO("layer " << l << " top-k choices");
     REQUIRE(chosen[size_t(l)] == read_i32(f, layer + ".topk", B * T * K));
     const int64_t dropped = f.has(layer + ".dropped") ? read_i32(f, layer + ".dropped", 1)[0] : 0;
@@ -152,7 +165,8 @@ TEST_CASE("Every model and router option matches the PyTorch twin", "[model][gol
       GENERATE(as<std::string>{}, "gelu", "swiglu", "shared1", "shared2_swiglu", "softmax_topk", "softmax_topk_renorm",
                "capacity", "capacity_eval", "capacity_not_at_eval", "aux_loss", "z_loss", "balance_bias", "attn_head",
                "noiseless", "noise_at_eval", "jitter", "sigmoid_topk", "sigmoid_groups", "all", "rmsnorm", "rope", "gqa",
-               "mqa", "qk_norm", "modern");
+               "mqa", "qk_norm", "modern", "moe_every2",
+               "dense_first1", "all_dense", "tied", "layout_all");
   INFO("variant " << variant << " (" << fixture_path(variant) << ")");
   check_variant(variant);
 }

@@ -107,7 +107,7 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
   SplitEvaluation ev = evaluate_split(*l.model, part, batch_size > 0 ? batch_size : cfg.training.batch_size, g);
   const nlohmann::json health = ev.routing.health();
   nlohmann::json usage = nlohmann::json::array();
-  for (const auto& layer : health) usage.push_back(layer["load"]);
+  for (const auto& layer : health) usage.push_back(layer.is_null() ? layer : layer["load"]);  // null: a dense block
   if (as_json) {
     nlohmann::json j{{"checkpoint", ckpt}, {"data", path},          {"split", split},
                      {"tokens", ev.tokens}, {"loss", ev.loss},      {"perplexity", ev.perplexity},
@@ -120,6 +120,10 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
     std::printf("router health per layer (load: fraction of routed slots per expert):\n");
     for (size_t l2 = 0; l2 < health.size(); ++l2) {
       const auto& h = health[l2];
+      if (h.is_null()) {
+        std::printf("  layer %zu: dense (no router)\n", l2);
+        continue;
+      }
       std::printf("  layer %zu: max violation %.3f | dropped %.3f | entropy %.3f | aux %.4f | z %.3f | load",
                   l2, h["max_violation"].get<double>(), h["dropped_frac"].get<double>(),
                   h["router_entropy"].get<double>(), h["aux_loss"].get<double>(), h["z_loss"].get<double>());

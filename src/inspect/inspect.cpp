@@ -59,14 +59,19 @@ std::string printable(const Tokenizer& tok, int32_t id) {
 
 nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan ids, const InspectOptions& opt) {
   const Config& cfg = model.config();
-  const int64_t L = cfg.model.n_layer, E = cfg.router.num_experts, K = cfg.router.top_k, V = model.vocab_size();
+  const int64_t E = cfg.router.num_experts, K = cfg.router.top_k, V = model.vocab_size();
+  // The MoE blocks (a dense block has no router): layer i of the report is block moe[i].
+  std::vector<int64_t> moe;
+  for (int64_t l = 0; l < cfg.model.n_layer; ++l)
+    if (cfg.moe_block(l)) moe.push_back(l);
+  const auto L = int64_t(moe.size());
   const std::vector<uint32_t>& vocab = tokenizer.vocab();
   std::vector<std::vector<ExpertCounts>> counts(static_cast<size_t>(L), std::vector<ExpertCounts>(static_cast<size_t>(E)));
   for (auto& layer : counts)
     for (auto& c : layer) c.chars.assign(size_t(V), 0);
   std::vector<int64_t> corpus_chars(size_t(V), 0);
   std::array<int64_t, kPositions> corpus_positions{};
-  // joint[l][a * E + b]: tokens whose first choice is a in layer l and b in layer l + 1.
+  // joint[l][a * E + b]: tokens whose first choice is a in MoE layer l and b in the next one.
   std::vector<std::vector<int64_t>> joint(size_t(std::max<int64_t>(L - 1, 0)), std::vector<int64_t>(size_t(E * E), 0));
   int64_t tokens = 0;
 
@@ -82,8 +87,8 @@ nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan
       ++corpus_positions[size_t(pos)];
       ++tokens;
       for (int64_t l = 0; l < L; ++l) {
-        const int32_t* chosen = (*rb.chosen)[size_t(l)].data() + n * K;
-        const float* w = (*rb.weights)[size_t(l)].data() + n * K;
+        const int32_t* chosen = (*rb.chosen)[size_t(moe[size_t(l)])].data() + n * K;
+        const float* w = (*rb.weights)[size_t(moe[size_t(l)])].data() + n * K;
         for (int64_t k = 0; k < K; ++k) {
           ExpertCounts& c = counts[size_t(l)][size_t(chosen[k])];
           ++c.slots;
@@ -91,7 +96,7 @@ nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan
           ++c.chars[size_t(id)];
           ++c.positions[size_t(pos)];
         }
-        if (l + 1 < L) ++joint[size_t(l)][size_t(chosen[0] * E + (*rb.chosen)[size_t(l + 1)][size_t(n * K)])];
+        if (l + 1 < L) ++joint[size_t(l)][size_t(chosen[0] * E + (*rb.chosen)[size_t(moe[size_t(l + 1)])][size_t(n * K)])];
       }
     }
   });
@@ -111,7 +116,7 @@ nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan
   nlohmann::json report;
   report["tokens"] = tokens;
   report["loss"] = ev.loss;
-  report["layers_count"] = L;
+  report["layers_count"] = cfg.model.n_layer;  // blocks; "layers" lists the MoE ones
   report["experts"] = E;
   report["top_k"] = K;
   report["classes"] = kCharClasses;
@@ -168,12 +173,12 @@ nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan
                          {"position_lift", position_lift},
                          {"char_lift", char_lift}});
     }
-    layers.push_back({{"layer", l}, {"experts", experts}});
+    layers.push_back({{"layer", moe[size_t(l)]}, {"experts", experts}});
   }
   report["layers"] = layers;
 
-  // Layer l's first choice against layer l + 1's: mutual information, and how often the most
-  // likely successor of each expert is right (against always guessing the commonest one).
+  // MoE layer l's first choice against the next one's: mutual information, and how often the
+  // most likely successor of each expert is right (against always guessing the commonest one).
   nlohmann::json transitions = nlohmann::json::array();
   for (int64_t l = 0; l + 1 < L; ++l) {
     const std::vector<int64_t>& j = joint[size_t(l)];
@@ -196,8 +201,8 @@ nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan
     }
     for (double p : pb)
       if (p > 0) hb -= p * std::log2(p);
-    transitions.push_back({{"from", l},
-                           {"to", l + 1},
+    transitions.push_back({{"from", moe[size_t(l)]},
+                           {"to", moe[size_t(l + 1)]},
                            {"mutual_information_bits", mi},
                            {"next_entropy_bits", hb},
                            {"normalized_mi", hb > 0 ? mi / hb : 0.0},
@@ -216,6 +221,7 @@ std::string inspect_summary(const nlohmann::json& r) {
                 (long long)r["tokens"].get<int64_t>(), r["loss"].get<double>(), (long long)r["experts"].get<int64_t>(),
                 (long long)r["top_k"].get<int64_t>());
   out << line;
+  if (r["layers"].empty()) out << "no MoE layers (an all-dense model): nothing routed\n";
   for (const auto& layer : r["layers"]) {
     out << "layer " << layer["layer"].get<int64_t>() << ":\n";
     for (const auto& e : layer["experts"]) {

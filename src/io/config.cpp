@@ -34,6 +34,14 @@ int64_t Config::expert_matrices() const {
   throw std::logic_error("expert_matrices: unknown model.expert_ffn");
 }
 
+int64_t Config::moe_blocks() const {
+  // The multiples of moe_every in [dense_first, n_layer), in closed form: validate() counts
+  // them before it has refused absurd sizes.
+  const int64_t k = model.moe_every;
+  const auto multiples_below = [k](int64_t n) { return n <= 0 ? 0 : n / k + (n % k != 0); };  // in [0, n)
+  return std::max<int64_t>(0, multiples_below(model.n_layer) - multiples_below(model.dense_first));
+}
+
 int64_t expert_capacity(const RouterConfig& r, int64_t rows) {
   return int64_t(std::ceil(r.capacity_factor * double(r.top_k * rows) / double(r.num_experts)));
 }
@@ -154,6 +162,10 @@ const std::vector<Field>& fields() {
       field("model", "rope_theta", &Config::model, &ModelConfig::rope_theta, positive_number()),
       field("model", "n_kv_head", &Config::model, &ModelConfig::n_kv_head, non_negative()),
       field("model", "qk_norm", &Config::model, &ModelConfig::qk_norm),
+      field("model", "moe_every", &Config::model, &ModelConfig::moe_every, positive()),
+      field("model", "dense_first", &Config::model, &ModelConfig::dense_first, non_negative()),
+      field("model", "dense_hidden", &Config::model, &ModelConfig::dense_hidden, non_negative()),
+      field("model", "tie_embeddings", &Config::model, &ModelConfig::tie_embeddings),
       field("router", "num_experts", &Config::router, &RouterConfig::num_experts, positive()),
       field("router", "top_k", &Config::router, &RouterConfig::top_k, positive()),
       field("router", "noisy", &Config::router, &RouterConfig::noisy),
@@ -284,6 +296,18 @@ void validate(const Config& c, const std::string& src) {
   if (c.model.position == PositionKind::kRope && c.model.n_embed % c.model.n_head == 0 && c.head_size() % 2 != 0)
     fail("model.position = \"rope\" needs an even head size (n_embed / n_head), got " +
          std::to_string(c.head_size()) + ": rope rotates pairs of channels");
+  const int64_t layers = c.model.n_layer, moe_blocks = c.moe_blocks();
+  if (c.model.dense_first > layers)
+    fail("model.dense_first = " + std::to_string(c.model.dense_first) + " must be at most model.n_layer = " +
+         std::to_string(layers) + " (n_layer: an all-dense model)");
+  if (moe_blocks == 0 && c.model.dense_first < layers)
+    fail("model.moe_every = " + std::to_string(c.model.moe_every) + " with model.dense_first = " +
+         std::to_string(c.model.dense_first) + " leaves no MoE block among the " + std::to_string(layers) +
+         " (block i is MoE when i >= dense_first and i % moe_every == 0); for an all-dense model set "
+         "model.dense_first = model.n_layer");
+  if (c.model.dense_hidden > 0 && moe_blocks == layers)
+    fail("model.dense_hidden = " + std::to_string(c.model.dense_hidden) +
+         " applies to dense blocks only, and every block is MoE (set model.moe_every > 1 or model.dense_first > 0)");
   if (c.router.top_k > c.router.num_experts)
     fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most router.num_experts = " +
          std::to_string(c.router.num_experts));
@@ -310,13 +334,16 @@ void validate(const Config& c, const std::string& src) {
   // Computed in double, so the check itself cannot overflow.
   const double B = double(c.training.batch_size), T = double(c.model.block_size), C = double(c.model.n_embed),
                H = double(c.model.n_head), L = double(c.model.n_layer), E = double(c.router.num_experts),
-               F = c.model.expert_hidden > 0 ? double(c.model.expert_hidden) : 4 * C;
+               F = c.model.expert_hidden > 0 ? double(c.model.expert_hidden) : 4 * C,
+               Fd = c.model.dense_hidden > 0 ? double(c.model.dense_hidden) : 4 * C,
+               M = double(c.expert_matrices()), Lm = double(moe_blocks);
   const double kMaxElements = double(int64_t(1) << 40);
   const std::pair<const char*, double> sizes[] = {
-      {"batch_size * block_size * max(3 * n_embed, expert hidden size, num_experts) activations",
-       B * T * std::max({3 * C, F, E})},
+      {"batch_size * block_size * max(3 * n_embed, expert and dense hidden sizes, num_experts) activations",
+       B * T * std::max({3 * C, F, Fd, E})},
       {"batch_size * n_head * block_size^2 attention scores", B * H * T * T},
-      {"parameters", T * C + L * (4 * C * C + 2 * C * E + E * double(c.expert_matrices()) * C * F)},
+      {"parameters", T * C + L * 4 * C * C +
+                         Lm * (2 * C * E + (E + double(c.model.shared_experts)) * M * C * F) + (L - Lm) * M * C * Fd},
   };
   for (const auto& [what, n] : sizes)
     if (n > kMaxElements)

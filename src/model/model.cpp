@@ -38,28 +38,36 @@ Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) 
     b.ln1 = Norm::make(pb, p + "ln1", C_, cfg.model.norm);
     b.attn = Attention::make(pb, p + "attn.", cfg);
     b.ln2 = Norm::make(pb, p + "ln2", C_, cfg.model.norm);
-    b.moe = MoELayer::make(pb, p + "moe.", cfg);
+    b.sparse = cfg.moe_block(l);
+    if (b.sparse)
+      b.moe = MoELayer::make(pb, p + "moe.", cfg);
+    else
+      b.ffn = Expert::make(pb, p + "ffn.", C_, cfg.dense_hidden_size(), cfg.model.expert_ffn);
+    moe_index_.push_back(b.sparse ? L_moe_++ : -1);
     blocks_.push_back(std::move(b));
   }
   ln_f_ = Norm::make(pb, "ln_f", C_, cfg.model.norm);
-  lm_head_ = Linear::make(pb, "lm_head", C_, V_, true);
+  // Tied: the head's weight is the token embedding matrix [V, C], which is a Linear's [out, in].
+  lm_head_ = cfg.model.tie_embeddings ? Linear::tied(pb, "lm_head", emb_.tok, C_, V_, true)
+                                      : Linear::make(pb, "lm_head", C_, V_, true);
   params_.finalize();
-  if (cfg.router.bias_update_rate > 0) balance_bias_.assign(size_t(L_ * E_), 0.f);
-  last_load_.assign(size_t(L_ * E_), 0);
+  if (cfg.router.bias_update_rate > 0) balance_bias_.assign(size_t(L_moe_ * E_), 0.f);
+  last_load_.assign(size_t(L_moe_ * E_), 0);
 }
 
 std::vector<Model::Buffer> Model::buffers() const {
   std::vector<Buffer> out;
   if (!balance_bias_.empty())
     for (int64_t l = 0; l < L_; ++l)
-      out.push_back({"blocks." + std::to_string(l) + ".moe.router.balance_bias", l * E_, E_});
+      if (moe_index_[size_t(l)] >= 0)
+        out.push_back({"blocks." + std::to_string(l) + ".moe.router.balance_bias", moe_index_[size_t(l)] * E_, E_});
   return out;
 }
 
 void Model::update_balance_bias() {
   if (balance_bias_.empty()) return;
   const float rate = float(cfg_.router.bias_update_rate);
-  for (int64_t l = 0; l < L_; ++l) {
+  for (int64_t l = 0; l < L_moe_; ++l) {  // the MoE blocks
     const int64_t* load = last_load_.data() + l * E_;
     int64_t total = 0;
     for (int64_t e = 0; e < E_; ++e) total += load[e];
@@ -79,6 +87,12 @@ int64_t Model::active_param_count() const {
         for (int id : {lp->weight, lp->bias})
           if (id >= 0) routed += params_.get(id).numel();
   return params_.parameter_count() - routed + routed / E_ * cfg_.router.top_k;
+}
+
+std::vector<int64_t> Model::experts_per_layer() const {
+  std::vector<int64_t> out;
+  for (const Block& b : blocks_) out.push_back(b.sparse ? E_ : 0);
+  return out;
 }
 
 void Model::init(Rng& rng) {
@@ -129,12 +143,16 @@ void Model::set_parallel(int rank, int ranks, bool expert_parallel) {
   if (expert_parallel && E_ % ranks != 0)
     throw std::runtime_error("expert parallelism over " + std::to_string(ranks) + " processes needs router.num_experts (" +
                              std::to_string(E_) + ") to be a multiple of " + std::to_string(ranks));
+  if (expert_parallel && L_moe_ == 0)
+    throw std::runtime_error("expert parallelism needs MoE blocks, and this model is all dense (model.dense_first = "
+                             "model.n_layer): train it data parallel (without --expert-parallel)");
   rank_ = rank, ranks_ = ranks, expert_parallel_ = expert_parallel;
 }
 
 int64_t Model::noise_per_forward(int64_t rows, bool training) const {
   int64_t n = 0;
-  for (const Block& b : blocks_) n += b.moe.router.noise_draws(rows, training);
+  for (const Block& b : blocks_)
+    if (b.sparse) n += b.moe.router.noise_draws(rows, training);
   return n;
 }
 
@@ -160,9 +178,11 @@ std::vector<int> Model::param_expert() const {
 }
 
 MoEContext Model::moe_context(int64_t l) {
+  const int64_t m = moe_index_[size_t(l)];
+  MOE_CHECK(m >= 0, "Model::moe_context", "block " + std::to_string(l) + " is dense");
   MoEContext ctx;
-  ctx.bias = balance_bias_.empty() ? nullptr : balance_bias_.data() + l * E_;
-  ctx.last_load = last_load_.data() + l * E_;
+  ctx.bias = balance_bias_.empty() ? nullptr : balance_bias_.data() + m * E_;
+  ctx.last_load = last_load_.data() + m * E_;
   ctx.rank = rank_, ctx.ranks = ranks_, ctx.expert_parallel = expert_parallel_;
   ctx.unused_rng = &unused_rng_;
   return ctx;
@@ -185,7 +205,9 @@ Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& 
   const Tensor d = dropout(g, o, p, opt.training, drop, true, mem.next());  // over proj's output
   const Tensor y = add_into(g, x, d, mem.next());
   const Tensor hn = b.ln2.forward(g, params_, y, mem.next());
-  const Tensor f = b.moe.forward(g, params_, hn, l, moe_context(l), opt, losses);
+  const Tensor f = b.sparse ? b.moe.forward(g, params_, hn, l, moe_context(l), opt, losses)
+                            : b.ffn.forward(g, params_, hn.view({hn.rows(), C_}), cfg_.model.expert_ffn, p, opt.training,
+                                            drop).view(hn.shape);  // over fc2's output, as an expert's
   mem.record();
   Graph::KeepGradsIn outlives_block(g, out_grad, x.numel());
   return add_into(g, y, f);
@@ -247,10 +269,22 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
         "sequence length " + std::to_string(T) + " must be in [1, block_size=" + std::to_string(T_max_) + "]");
   MOE_CHECK(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
         "training with dropout needs a dropout generator");
-  if (opt.stats && opt.stats->empty()) opt.stats->reset(L_, E_);
+  if (opt.stats && opt.stats->empty()) opt.stats->reset(experts_per_layer());
   RouterLosses router_losses;
   router_losses.aux.items = g.arena().alloc_objects<Tensor>(L_);
   router_losses.z.items = g.arena().alloc_objects<Tensor>(L_);
+  // The head's weight. Tied, the head's gradient of the shared matrix goes to memory of its own,
+  // added into the embedding's by a closure recorded before the embeddings, which the backward
+  // pass runs last: with the gradients of each group in one shared region (ParamStore::
+  // share_grads), the matrix's gradient must not be there while the blocks' are.
+  Tensor head_weight = params_.get(lm_head_.weight);
+  if (cfg_.model.tie_embeddings && g.grad_enabled()) {
+    const Tensor table = head_weight;
+    head_weight.grad = g.grad_memory(table.numel());
+    g.record([table, d = head_weight.grad, n = table.numel()] {
+      for (int64_t i = 0; i < n; ++i) table.grad[i] += d[i];
+    });
+  }
   Tensor x = emb_.forward(g, params_, idx, B, T);  // (B, T, C)
   // Recorded before the ops that use parameters first.. (registered in forward order), this
   // runs in the backward pass right after the last of their gradient contributions.
@@ -298,14 +332,14 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   }
   mark_ready(ln_f_.weight);
   Output out;
-  out.logits = lm_head_.forward(g, params_, ln_f_.forward(g, params_, x));  // (B, T, V)
+  out.logits = linear(g, ln_f_.forward(g, params_, x), head_weight, lm_head_.bias_tensor(params_));  // (B, T, V)
   if (!targets) return out;
   out.loss = cross_entropy(g, out.logits, targets, &out.token_losses);
   out.objective = out.loss;
-  // Each balancing loss is averaged over the layers, then weighted by its coefficient.
+  // Each balancing loss is averaged over the MoE layers, then weighted by its coefficient.
   const auto add_term = [&](const LossList& terms, double coef) {
     for (int64_t i = 0; i < terms.size; ++i)
-      out.objective = add(g, out.objective, scale(g, terms.items[i], float(coef / double(L_))));
+      out.objective = add(g, out.objective, scale(g, terms.items[i], float(coef / double(L_moe_))));
   };
   add_term(router_losses.aux, cfg_.router.aux_loss_coef);
   add_term(router_losses.z, cfg_.router.z_loss_coef);
@@ -315,6 +349,7 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
 KVCache Model::new_cache() const {
   KVCache c;
   const int64_t K = cfg_.router.top_k, F = cfg_.expert_hidden_size();
+  const int64_t Fd = L_moe_ < L_ ? cfg_.dense_hidden_size() : 0;  // a dense block's width
   const auto T = size_t(T_max_), C = size_t(C_), E = size_t(E_), TK = size_t(T_max_ * K);
   const auto H = size_t(cfg_.model.n_head), KC = size_t(cfg_.kv_heads() * cfg_.head_size());
   c.k.assign(size_t(L_) * T * KC, 0.f);
@@ -334,12 +369,12 @@ KVCache Model::new_cache() const {
   w.active.resize(E);
   // Expert rows: the routed slots (T*K), or every position for a shared expert (T <= T*K).
   for (auto* b : {&w.rows, &w.expert_out}) b->resize(TK * C);
-  for (auto* b : {&w.hidden, &w.hidden3}) b->resize(TK * size_t(F));
+  for (auto* b : {&w.hidden, &w.hidden3}) b->resize(std::max(TK * size_t(F), T * size_t(Fd)));
   w.out.resize(size_t(V_));
   w.weight_t_offset.assign(size_t(params_.count()), -1);
   int64_t total = 0;
   for (int id = 0; id < params_.count(); ++id)
-    if (roles_[size_t(id)].role == ParamRole::kLinearWeight) {
+    if (roles_[size_t(id)].role == ParamRole::kLinearWeight || id == lm_head_.weight) {  // tied: the embedding
       w.weight_t_offset[size_t(id)] = total;
       total += params_.get(id).numel();
     }
@@ -378,7 +413,11 @@ const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, con
     b.attn.decode(params_, cache, l, n);
     add_sub();
     b.ln2.decode(params_, w, x, n);
-    b.moe.decode(params_, w, n, moe_context(l).bias, opt);
+    if (b.sparse)
+      b.moe.decode(params_, w, n, moe_context(l).bias, opt);
+    else
+      b.ffn.decode(params_, w, cfg_.model.expert_ffn, w.normed.data(), n, w.hidden.data(), w.hidden3.data(),
+                   w.sub.data());
     add_sub();
   }
   cache.len += n;

@@ -4,9 +4,12 @@
 
 namespace moe {
 
-void RoutingStats::reset(int64_t layers, int64_t experts) {
-  const size_t L = size_t(layers);
-  tokens_per_expert.assign(L, std::vector<int64_t>(size_t(experts), 0));
+void RoutingStats::reset(int64_t layers, int64_t experts) { reset(std::vector<int64_t>(size_t(layers), experts)); }
+
+void RoutingStats::reset(const std::vector<int64_t>& experts) {
+  const size_t L = experts.size();
+  tokens_per_expert.resize(L);
+  for (size_t l = 0; l < L; ++l) tokens_per_expert[l].assign(size_t(experts[l]), 0);
   assigned.assign(L, 0);
   dropped.assign(L, 0);
   tokens.assign(L, 0);
@@ -34,6 +37,10 @@ nlohmann::json RoutingStats::health() const {
   nlohmann::json layers = nlohmann::json::array();
   for (size_t l = 0; l < tokens_per_expert.size(); ++l) {
     const auto& counts = tokens_per_expert[l];
+    if (counts.empty()) {  // a dense block
+      layers.push_back(nullptr);
+      continue;
+    }
     int64_t total = 0, most = 0;
     for (int64_t c : counts) total += c, most = std::max(most, c);
     nlohmann::json load = nlohmann::json::array();
@@ -47,6 +54,12 @@ nlohmann::json RoutingStats::health() const {
                       {"z_loss", per(z_sum[l], tokens[l])},
                       {"max_violation", total ? double(most) / mean_load - 1 : 0.0}});
   }
+  return layers;
+}
+
+nlohmann::json RoutingStats::counts() const {
+  nlohmann::json layers = nlohmann::json::array();
+  for (const auto& c : tokens_per_expert) layers.push_back(c.empty() ? nlohmann::json(nullptr) : nlohmann::json(c));
   return layers;
 }
 

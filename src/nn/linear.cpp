@@ -16,6 +16,15 @@ Linear Linear::make(ParamBuilder& pb, const std::string& name, int64_t in, int64
   return lp;
 }
 
+Linear Linear::tied(ParamBuilder& pb, const std::string& name, int weight, int64_t in, int64_t out, bool with_bias) {
+  Linear lp;
+  lp.in = in;
+  lp.out = out;
+  lp.weight = weight;
+  if (with_bias) lp.bias = pb.add(name + ".bias", {out}, false, {ParamRole::kLinearBias, in, out});
+  return lp;
+}
+
 Tensor Linear::forward(Graph& g, const ParamStore& ps, const Tensor& x, Regen* regen) const {
   return linear(g, x, ps.get(weight), bias_tensor(ps), regen);
 }

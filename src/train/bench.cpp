@@ -23,12 +23,14 @@ double forward_flops(const Config& cfg, int64_t V) {
                K = double(cfg.router.top_k), F = double(cfg.expert_hidden_size());
   // Per token: each of the k chosen and the shared experts, two C x F matrices (three for SwiGLU).
   const double expert_matrices = double(cfg.expert_matrices());
-  const double per_layer = 2 * C * 3 * C      // qkv
+  const double attention = 2 * C * 3 * C     // qkv
                            + 2 * C * C        // output projection
-                           + 2 * 2 * T * C    // q·kᵀ and att·v over all heads
-                           + 2 * 2 * C * E    // router and noise logits
-                           + (K + double(cfg.model.shared_experts)) * expert_matrices * 2 * C * F;  // experts
-  const double per_token = double(cfg.model.n_layer) * per_layer + 2 * C * double(V);
+                           + 2 * 2 * T * C;   // q·kᵀ and att·v over all heads
+  const double moe = 2 * 2 * C * E            // router and noise logits
+                     + (K + double(cfg.model.shared_experts)) * expert_matrices * 2 * C * F;  // experts
+  const double dense = expert_matrices * 2 * C * double(cfg.dense_hidden_size());  // a dense block's feed-forward
+  const double L = double(cfg.model.n_layer), L_moe = double(cfg.moe_blocks());
+  const double per_token = L * attention + L_moe * moe + (L - L_moe) * dense + 2 * C * double(V);
   return per_token * double(cfg.training.batch_size) * T;
 }
 

@@ -107,7 +107,7 @@ SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, 
   const int64_t T = cfg.model.block_size;
   const WindowBatcher windows(ids, batch_size, T);  // throws if the split is shorter than T + 1
   SplitEvaluation ev;
-  ev.routing.reset(cfg.model.n_layer, cfg.router.num_experts);
+  ev.routing.reset(model.experts_per_layer());
   // Rounds of one batch per thread, each with its own graph, noise generator (batch i's noise
   // starts where the batches before it leave it) and router statistics; the rounds' losses
   // and statistics are added in batch order, so every figure has its bits for any thread count.
@@ -132,7 +132,7 @@ SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, 
       const int64_t B = rows[size_t(t)] = windows.batch(i, xs[size_t(t)].data(), ys[size_t(t)].data());
       Rng noise_rng(cfg.training.seed, kStreamEvalNoise);
       noise_rng.set_state({uint64_t(cfg.training.seed), kStreamEvalNoise, uint64_t(i) * noise_per_batch});
-      stats[size_t(t)].reset(cfg.model.n_layer, cfg.router.num_experts);
+      stats[size_t(t)].reset(model.experts_per_layer());
       ForwardOptions fo;
       fo.noise_rng = &noise_rng;
       fo.stats = &stats[size_t(t)];

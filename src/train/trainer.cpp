@@ -147,19 +147,22 @@ class RunLog {
     const double eta = elapsed / double(step + 1 - first_step_) * double(max_steps - step - 1);
     nlohmann::json j{{"step", step + 1}, {"loss", sr.loss}, {"lr", sr.lr}, {"grad_norm", sr.grad_norm},
                      {"tokens_per_s", tok_s}};
-    j["tokens_per_expert"] = stats.tokens_per_expert;
-    const nlohmann::json health = stats.health();
+    j["tokens_per_expert"] = stats.counts();
+    const nlohmann::json health = stats.health();  // null for a dense block
     j["router"] = health;
     double worst_violation = 0, dropped = 0;
+    const double moe_layers = double(cfg_.moe_blocks());
     for (const auto& layer : health) {
+      if (layer.is_null()) continue;
       worst_violation = std::max(worst_violation, layer["max_violation"].get<double>());
-      dropped += layer["dropped_frac"].get<double>() / double(health.size());
+      dropped += layer["dropped_frac"].get<double>() / moe_layers;
     }
     metrics_ << j.dump() << "\n" << std::flush;
     if (!quiet_)
-      spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | max load {:+.0f}%{} | {:.0f} tok/s | ETA {}",
-                   step + 1, max_steps, sr.loss, sr.lr, sr.grad_norm, 100 * worst_violation,
-                   cfg_.router.capacity_factor > 0 ? fmt::format(" | dropped {:.1f}%", 100 * dropped) : "",
+      spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f}{}{} | {:.0f} tok/s | ETA {}",
+                   step + 1, max_steps, sr.loss, sr.lr, sr.grad_norm,
+                   moe_layers > 0 ? fmt::format(" | max load {:+.0f}%", 100 * worst_violation) : "",
+                   cfg_.router.capacity_factor > 0 && moe_layers > 0 ? fmt::format(" | dropped {:.1f}%", 100 * dropped) : "",
                    tok_s, format_duration(eta));
     window_tokens_ = window_seconds_ = 0;
     stats = RoutingStats();

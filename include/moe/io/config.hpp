@@ -83,6 +83,13 @@ struct ModelConfig {
   double rope_theta = 10000;          // rope: the base of the rotation frequencies
   int64_t n_kv_head = 0;              // key/value heads (grouped-query attention); 0: n_head
   bool qk_norm = false;               // RMSNorm on each head's query and key (before rope)
+  // Which blocks are MoE (DeepSeek-V2/V3's first_k_dense_replace and moe_layer_freq, nanoMoE's
+  // stride): block i when i >= dense_first and i % moe_every == 0; the others have one dense
+  // feed-forward (expert_ffn, dense_hidden wide). dense_first = n_layer: an all-dense model.
+  int64_t moe_every = 1;
+  int64_t dense_first = 0;
+  int64_t dense_hidden = 0;           // a dense block's feed-forward width; 0: 4 * n_embed
+  bool tie_embeddings = false;        // the LM head's weight is the token embedding matrix
 };
 
 struct RouterConfig {
@@ -153,6 +160,10 @@ struct Config {
   int64_t head_size() const { return model.n_embed / model.n_head; }
   int64_t kv_heads() const { return model.n_kv_head > 0 ? model.n_kv_head : model.n_head; }
   int64_t expert_hidden_size() const { return model.expert_hidden > 0 ? model.expert_hidden : 4 * model.n_embed; }
+  int64_t dense_hidden_size() const { return model.dense_hidden > 0 ? model.dense_hidden : 4 * model.n_embed; }
+  // Whether block l (0-based) is an MoE block: l >= model.dense_first and l % model.moe_every == 0.
+  bool moe_block(int64_t l) const { return l >= model.dense_first && l % model.moe_every == 0; }
+  int64_t moe_blocks() const;  // how many of the n_layer blocks are
   float attention_scale() const;
   // Weight matrices of one expert: fc1 and fc2, and SwiGLU's fc3.
   int64_t expert_matrices() const;

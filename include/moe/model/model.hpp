@@ -22,12 +22,16 @@
 
 namespace moe {
 
-// One transformer block: x + attention(ln1 x), then that + moe(ln2 of it).
+// One transformer block: x + attention(ln1 x), then that + ffn(ln2 of it), where the
+// feed-forward is the MoE layer in an MoE block (Config::moe_block) and one dense Expert
+// ("blocks.{l}.ffn.", model.dense_hidden wide, no router) in the others.
 struct Block {
   Norm ln1;
   Attention attn;
   Norm ln2;
+  bool sparse = true;  // an MoE block: moe is used, ffn is empty
   MoELayer moe;
+  Expert ffn;
 };
 
 class Model {
@@ -38,8 +42,11 @@ class Model {
   int64_t vocab_size() const { return V_; }
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }
-  // Parameters that one token actually uses (shared parts + top_k experts per layer).
+  // Parameters that one token actually uses (shared parts + top_k experts per MoE layer).
   int64_t active_param_count() const;
+  // Per block, its routed experts: router.num_experts in an MoE block, 0 in a dense one (the
+  // layout of RoutingStats).
+  std::vector<int64_t> experts_per_layer() const;
 
   // The groups of parameters whose gradients complete together in the backward pass, by the
   // id of each one's first: the embeddings (id 0, complete last), each block, the head. The
@@ -73,7 +80,8 @@ class Model {
   KVCache new_cache() const;
 
   // State that is not a parameter but is saved in checkpoints: the aux-loss-free balancing
-  // biases ("blocks.{l}.moe.router.balance_bias", [E]) when router.bias_update_rate > 0.
+  // biases ("blocks.{l}.moe.router.balance_bias", [E], one per MoE block) when
+  // router.bias_update_rate > 0.
   struct Buffer {
     std::string name;
     int64_t offset, size;  // within buffer_data()
@@ -107,7 +115,7 @@ class Model {
                float* out_grad = nullptr);
   // Block l as ForwardOptions::recompute describes.
   Tensor recomputed_block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses);
-  // What layer l's MoE reads and writes of the model's state.
+  // What layer l's MoE reads and writes of the model's state (an MoE block's).
   MoEContext moe_context(int64_t l);
 
   Config cfg_;
@@ -118,8 +126,10 @@ class Model {
   std::vector<Block> blocks_;
   Norm ln_f_;
   Linear lm_head_;
-  std::vector<float> balance_bias_;  // [L, E] when router.bias_update_rate > 0, else empty
-  std::vector<int64_t> last_load_;    // [L, E]: slots per expert in the last training forward
+  std::vector<int64_t> moe_index_;    // [L]: block l's place among the MoE blocks, -1 for a dense block
+  int64_t L_moe_ = 0;                 // MoE blocks
+  std::vector<float> balance_bias_;  // [L_moe, E] when router.bias_update_rate > 0, else empty
+  std::vector<int64_t> last_load_;    // [L_moe, E]: slots per expert in the last training forward
   int rank_ = 0, ranks_ = 1;
   bool expert_parallel_ = false;
   Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn

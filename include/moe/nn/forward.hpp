@@ -21,13 +21,17 @@ struct RoutingStats {
   std::vector<double> z_sum;        // [layer]: Σ over tokens of logsumexp(router logits)²
   std::vector<double> aux_sum;      // [layer]: Σ over forwards of Σ_i f_i P_i (aux loss / E)
   void reset(int64_t layers, int64_t experts);
+  // experts[l]: layer l's routed experts, 0 for a dense block (no router: its figures stay empty).
+  void reset(const std::vector<int64_t>& experts);
   bool empty() const { return tokens_per_expert.empty(); }
   // Adds other's figures to these (same layers and experts): from the forwards of other, what
   // gathering them here after these would give.
   void add(const RoutingStats& other);
   // Per layer: {"load": fraction of slots per expert, "dropped_frac", "router_entropy",
-  // "aux_loss", "z_loss", "max_violation" (max load / mean load - 1)}.
+  // "aux_loss", "z_loss", "max_violation" (max load / mean load - 1)}; null for a dense block.
   nlohmann::json health() const;
+  // tokens_per_expert as JSON: per layer the slots per expert, null for a dense block.
+  nlohmann::json counts() const;
 };
 
 // Told during the backward pass when gradients are final, so that communicating them can

@@ -42,6 +42,9 @@ struct Linear {
   int64_t in = 0, out = 0;
 
   static Linear make(ParamBuilder& pb, const std::string& name, int64_t in, int64_t out, bool bias);
+  // A Linear whose weight is parameter `weight` of another module, [out, in] (tied weights):
+  // only its bias, when it has one, is registered (as name + ".bias").
+  static Linear tied(ParamBuilder& pb, const std::string& name, int weight, int64_t in, int64_t out, bool bias);
   // The bias tensor, or an empty one.
   Tensor bias_tensor(const ParamStore& ps) const { return bias >= 0 ? ps.get(bias) : Tensor{}; }
   // x [..., in] -> [..., out]. With regen, the output is made again in the backward pass (Regen).

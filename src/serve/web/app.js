@@ -177,7 +177,8 @@ function runCharts(lines, charts, heatBox) {
   lineChart(chartBox(charts, 'chart-grad'), 'gradient norm', [{ label: 'grad norm', points: pts(train, l => l.grad_norm) }]);
   lineChart(chartBox(charts, 'chart-tps'), 'tokens/s', [{ label: 'tokens/s', points: pts(train, l => l.tokens_per_s) }]);
   const layers = train.length && train[0].router ? train[0].router.length : 0;
-  const perLayer = (key) => [...Array(layers).keys()].map(i => ({
+  // A dense block's entry is null (no router): its layer gets no series, the others keep their numbers.
+  const perLayer = (key) => [...Array(layers).keys()].filter(i => train.some(l => l.router && l.router[i])).map(i => ({
     label: 'layer ' + i, points: pts(train, l => (l.router && l.router[i] ? l.router[i][key] : null)) }));
   lineChart(chartBox(charts, 'chart-entropy'), 'router entropy (nats)', perLayer('router_entropy'));
   lineChart(chartBox(charts, 'chart-violation'), 'max load violation', perLayer('max_violation'));
@@ -186,6 +187,7 @@ function runCharts(lines, charts, heatBox) {
   heatBox.innerHTML = '';
   const withLoad = train.filter(l => l.router);
   for (let i = 0; i < layers; i++) {
+    if (!withLoad[0].router[i]) continue;  // null: a dense block, no router
     const E = withLoad[0].router[i].load.length;
     const values = [...Array(E).keys()].map(e => withLoad.map(l => l.router[i].load[e]));
     heatmap(heatBox, `layer ${i}: share of routed slots per expert, by step`, [...Array(E).keys()].map(e => 'expert ' + e),
