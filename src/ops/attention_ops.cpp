@@ -278,32 +278,32 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
     float* kt = work + omp_get_thread_num() * slot;
     float* S = kt + D * Tp;
     transpose_rows(kb, W, T, D, kt, Tp);
-   for (int64_t h = j * G; h < (j + 1) * G; ++h) {
-    const int64_t bh = b * H + h;
-    const float* base = qkv.data + b * T * W + h * D;  // query head h
-    float* P = probs + bh * tri;
-    const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
-    // Rows t0 .. t0+R-1 at a time.
-    for (int64_t t0 = 0; t0 < T; t0 += kRows) {
-      const int64_t R = std::min(kRows, T - t0);
-      dots_block(base + t0 * W, W, t0, R, kt, Tp, D, S, Tp);
-      for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
-      // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
-      float z[kRows] = {};
-      for (int64_t s = 0; s < t0 + R; ++s)
-        for (int64_t r = 0; r < R; ++r) z[r] += S[r * Tp + s];
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t t = t0 + r;
-        // The weights into P's triangle, then through the dropout mask in the scores' rows.
-        float* w = S + r * Tp;
-        float* row = P + t * (t + 1) / 2;
-        const float inv = 1.f / z[r];
-        for (int64_t s = 0; s <= t; ++s) row[s] = w[s] * inv;
-        dropped_weights(row, t, M, keep, w);
+    for (int64_t h = j * G; h < (j + 1) * G; ++h) {
+      const int64_t bh = b * H + h;
+      const float* base = qkv.data + b * T * W + h * D;  // query head h
+      float* P = probs + bh * tri;
+      const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
+      // Rows t0 .. t0+R-1 at a time.
+      for (int64_t t0 = 0; t0 < T; t0 += kRows) {
+        const int64_t R = std::min(kRows, T - t0);
+        dots_block(base + t0 * W, W, t0, R, kt, Tp, D, S, Tp);
+        for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
+        // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
+        float z[kRows] = {};
+        for (int64_t s = 0; s < t0 + R; ++s)
+          for (int64_t r = 0; r < R; ++r) z[r] += S[r * Tp + s];
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t t = t0 + r;
+          // The weights into P's triangle, then through the dropout mask in the scores' rows.
+          float* w = S + r * Tp;
+          float* row = P + t * (t + 1) / 2;
+          const float inv = 1.f / z[r];
+          for (int64_t s = 0; s <= t; ++s) row[s] = w[s] * inv;
+          dropped_weights(row, t, M, keep, w);
+        }
+        attend_rows(S, Tp, t0, R, kb + H_kv * D, W, D, y.data + (b * T + t0) * C + h * D, C);
       }
-      attend_rows(S, Tp, t0, R, kb + H_kv * D, W, D, y.data + (b * T + t0) * C + h * D, C);
     }
-   }
   }
   if (regen)
     *regen = make_regen(g, AttentionOutput{y.data, qkv.data, probs, mask, work, B, T, C, H, H_kv, Tp, slot, keep});
@@ -322,48 +322,48 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
         transpose_rows(kb + H_kv * D, W, T, D, vt, Tp);
         // The query heads of the group one after the other: each adds its terms into the
         // group's key and value gradients after the previous one's.
-       for (int64_t h = j * G; h < (j + 1) * G; ++h) {
-        const int64_t bh = b * H + h;
-        const float* base = qkv.data + b * T * W + h * D;
-        float* gbase = qkv.grad + b * T * W + h * D;
-        const float* P = probs + bh * tri;
-        const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
-        const float* dy0 = y.grad + b * T * C + h * D;  // row t at + t·C
-        for (int64_t t0 = 0; t0 < T; t0 += kRows) {
-          const int64_t R = std::min(kRows, T - t0);
-          // dP[s] = dy · v[s] for the block's rows.
-          dots_block(dy0 + t0 * C, C, t0, R, vt, Tp, D, DP, Tp);
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t t = t0 + r;
-            const float* row = P + t * (t + 1) / 2;
-            float* dp = DP + r * Tp;
-            // Through the dropout mask.
-            const uint8_t* kept = M.bits ? M.row(t) : nullptr;
-            float dot_pdp = 0.f;
-            for (int64_t s = 0; s <= t; ++s) {
-              const float m = kept ? dropout_factor(kept[s], keep) : 1.f;
-              const float d_pd = dp[s];
-              WT[s * Tp + t] = row[s] * m;
-              dp[s] = d_pd * m;
-              dot_pdp += row[s] * dp[s];
+        for (int64_t h = j * G; h < (j + 1) * G; ++h) {
+          const int64_t bh = b * H + h;
+          const float* base = qkv.data + b * T * W + h * D;
+          float* gbase = qkv.grad + b * T * W + h * D;
+          const float* P = probs + bh * tri;
+          const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
+          const float* dy0 = y.grad + b * T * C + h * D;  // row t at + t·C
+          for (int64_t t0 = 0; t0 < T; t0 += kRows) {
+            const int64_t R = std::min(kRows, T - t0);
+            // dP[s] = dy · v[s] for the block's rows.
+            dots_block(dy0 + t0 * C, C, t0, R, vt, Tp, D, DP, Tp);
+            for (int64_t r = 0; r < R; ++r) {
+              const int64_t t = t0 + r;
+              const float* row = P + t * (t + 1) / 2;
+              float* dp = DP + r * Tp;
+              // Through the dropout mask.
+              const uint8_t* kept = M.bits ? M.row(t) : nullptr;
+              float dot_pdp = 0.f;
+              for (int64_t s = 0; s <= t; ++s) {
+                const float m = kept ? dropout_factor(kept[s], keep) : 1.f;
+                const float d_pd = dp[s];
+                WT[s * Tp + t] = row[s] * m;
+                dp[s] = d_pd * m;
+                dot_pdp += row[s] * dp[s];
+              }
+              // dS = P (dP - Σ P dP) scale, into dp.
+              for (int64_t s = 0; s <= t; ++s) {
+                dp[s] = row[s] * (dp[s] - dot_pdp) * scale;
+                ST[s * Tp + t] = dp[s];
+              }
             }
-            // dS = P (dP - Σ P dP) scale, into dp.
-            for (int64_t s = 0; s <= t; ++s) {
-              dp[s] = row[s] * (dp[s] - dot_pdp) * scale;
-              ST[s * Tp + t] = dp[s];
-            }
+            // dq[t] += Σ_s dS k[s].
+            add_weighted_block(DP, Tp, t0, R, kb, W, D, gbase + t0 * W, W);
           }
-          // dq[t] += Σ_s dS k[s].
-          add_weighted_block(DP, Tp, t0, R, kb, W, D, gbase + t0 * W, W);
+          // dv[s] += Σ_{t>=s} P'[t, s] dy[t] and dk[s] += Σ_{t>=s} dS[t, s] q[t], each in order of
+          // t (as adding row t's terms for t = 0, 1, ... did).
+          for (int64_t s0 = 0; s0 < T; s0 += kRows) {
+            const int64_t R = std::min(kRows, T - s0);
+            add_weighted_block_from_diagonal(WT + s0 * Tp, Tp, s0, R, T, dy0, C, D, gk + H_kv * D + s0 * W, W);
+            add_weighted_block_from_diagonal(ST + s0 * Tp, Tp, s0, R, T, base, W, D, gk + s0 * W, W);
+          }
         }
-        // dv[s] += Σ_{t>=s} P'[t, s] dy[t] and dk[s] += Σ_{t>=s} dS[t, s] q[t], each in order of
-        // t (as adding row t's terms for t = 0, 1, ... did).
-        for (int64_t s0 = 0; s0 < T; s0 += kRows) {
-          const int64_t R = std::min(kRows, T - s0);
-          add_weighted_block_from_diagonal(WT + s0 * Tp, Tp, s0, R, T, dy0, C, D, gk + H_kv * D + s0 * W, W);
-          add_weighted_block_from_diagonal(ST + s0 * Tp, Tp, s0, R, T, base, W, D, gk + s0 * W, W);
-        }
-       }
       }
     });
   }

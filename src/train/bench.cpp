@@ -23,7 +23,8 @@ double forward_flops(const Config& cfg, int64_t V) {
                K = double(cfg.router.top_k), F = double(cfg.expert_hidden_size());
   // Per token: each of the k chosen and the shared experts, two C x F matrices (three for SwiGLU).
   const double expert_matrices = double(cfg.expert_matrices());
-  const double attention = 2 * C * 3 * C     // qkv
+  const double KC = double(cfg.kv_heads() * cfg.head_size());  // key (and value) columns: C, or fewer with GQA
+  const double attention = 2 * C * (C + 2 * KC)  // qkv
                            + 2 * C * C        // output projection
                            + 2 * 2 * T * C;   // q·kᵀ and att·v over all heads
   const double moe = 2 * 2 * C * E            // router and noise logits
