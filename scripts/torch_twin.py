@@ -598,6 +598,12 @@ VARIANTS = {
                                      "expert_ffn": "gelu", "tie_embeddings": True},
                            "router": {"aux_loss_coef": 0.1, "z_loss_coef": 0.01, "bias_update_rate": 0.05,
                                       "jitter": 0.1}}),
+    # The attention/norm options and the layout options together (a rope model with dense blocks and
+    # a tied head: the tied head's table is the only embedding).
+    "modern_layout": Variant({"model": {"norm": "rmsnorm", "position": "rope", "n_kv_head": 2, "qk_norm": True,
+                                        "n_embed": 32, "n_layer": 3, "dense_first": 1, "moe_every": 2,
+                                        "dense_hidden": 48, "expert_ffn": "swiglu", "tie_embeddings": True},
+                              "router": {"bias_update_rate": 0.05}}),
 }
 NOISE_SEED, NOISE_STREAM = 99, 3
 # model.init kinds for twin_init.safetensors: moe's init of VARIANT_BASE with a shared SwiGLU
