@@ -27,7 +27,13 @@ Config inspect_config() {
 }  // namespace
 
 TEST_CASE("inspect counts every routed slot of the split, with eval's loss, for any thread count", "[inspect]") {
-  const Config cfg = inspect_config();
+  // Also with dense blocks first (model.dense_first): the report lists the MoE blocks under
+  // their block numbers, eval's router figures are null for the dense ones.
+  const int64_t dense_first = GENERATE(0, 1, 3);
+  INFO("model.dense_first " << dense_first);
+  Config cfg = inspect_config();
+  cfg.model.dense_first = dense_first;
+  validate(cfg);
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, cfg.model.block_size);
   Model model(cfg, data.tokenizer().size());
   Rng init(3, 1);
@@ -42,8 +48,16 @@ TEST_CASE("inspect counts every routed slot of the split, with eval's loss, for 
   CHECK(one.dump() == r.dump());
   CHECK(r["loss"].get<double>() == ev.loss);  // the observer changes nothing
   CHECK(r["tokens"].get<int64_t>() == ev.tokens);
-  REQUIRE(r["layers"].size() == 3);
-  REQUIRE(r["transitions"].size() == 2);
+  const auto moe_layers = size_t(3 - dense_first);
+  REQUIRE(r["layers"].size() == moe_layers);
+  REQUIRE(r["transitions"].size() == (moe_layers > 0 ? moe_layers - 1 : 0));
+  const nlohmann::json health = ev.routing.health();
+  for (int64_t l = 0; l < 3; ++l) CHECK(health[size_t(l)].is_null() == (l < dense_first));
+  for (size_t i = 0; i < moe_layers; ++i) CHECK(r["layers"][i]["layer"].get<int64_t>() == dense_first + int64_t(i));
+  for (size_t i = 0; i + 1 < moe_layers; ++i) {
+    CHECK(r["transitions"][i]["from"].get<int64_t>() == dense_first + int64_t(i));
+    CHECK(r["transitions"][i]["to"].get<int64_t>() == dense_first + int64_t(i) + 1);
+  }
   for (const auto& layer : r["layers"]) {
     double share = 0;
     for (const auto& e : layer["experts"]) {

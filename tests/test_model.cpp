@@ -466,9 +466,9 @@ TEST_CASE("Checkpoint metadata: numbers that are not integers in range are refus
 }
 
 TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit", "[model][resume]") {
-  const bool features = GENERATE(false, true);
-  INFO((features ? "every MoE option on" : "makeMoE"));
-  Config cfg = features ? all_features_config() : tiny_config();
+  const int kind = GENERATE(0, 1, 2);
+  INFO((kind == 0 ? "makeMoE" : kind == 1 ? "every MoE option on" : "every MoE option, dense blocks, a tied head"));
+  const Config cfg = kind == 0 ? tiny_config() : kind == 1 ? all_features_config() : layout_config(all_features_config(), 3);
   const moe_test::TempDir tmp_dir("resume");  // per process: suites running at once do not share it
   const fs::path dir = tmp_dir.path;
   fs::remove_all(dir);

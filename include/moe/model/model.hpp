@@ -1,6 +1,8 @@
 // Model: the makeMoE transformer, composed of the modules in moe/nn/: token + position
 // embeddings (or RoPE in the attention), pre-norm blocks of causal multi-head attention and a
-// sparse MoE feed-forward (router, experts), a final norm (LayerNorm or RMSNorm) and the LM head. Parameters live in one ParamStore under
+// sparse MoE feed-forward (router, experts) or, in the blocks model.moe_every / dense_first leave
+// dense, one dense feed-forward, a final norm (LayerNorm or RMSNorm) and the LM head (its weight
+// tied to the token embedding with model.tie_embeddings). Parameters live in one ParamStore under
 // PyTorch-style dotted names (see scripts/torch_twin.py for the twin with the same names).
 #pragma once
 
