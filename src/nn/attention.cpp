@@ -25,7 +25,7 @@ Tensor Attention::forward(Graph& g, const ParamStore& ps, const Tensor& h, float
 
 void Attention::decode(const ParamStore& ps, KVCache& cache, int64_t layer, int64_t n) const {
   KVCache::Work& w = cache.work;
-  qkv.decode(ps, w, w.normed.data(), n, w.qkv.data());  // (n, 3C)
+  qkv.decode(ps, w.normed.data(), n, w.qkv.data());  // (n, 3C)
   const int64_t T_max = int64_t(w.scores.size());  // new_cache sizes the scores by block_size
   const float* q_k_v = w.qkv.data();
   float* kc = cache.k.data() + layer * T_max * C;  // (T_max, C)
@@ -58,7 +58,7 @@ void Attention::decode(const ParamStore& ps, KVCache& cache, int64_t layer, int6
         for (int64_t d = 0; d < D; ++d) out[d] += s[j] / z * vc[j * C + h * D + d];
     }
   }
-  proj.decode(ps, w, y, n, w.sub.data());
+  proj.decode(ps, y, n, w.sub.data());
 }
 
 }  // namespace moe
