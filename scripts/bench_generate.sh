@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end speed and memory of `moe generate`: the whole process (start, checkpoint load,
-# generation, exit) timed by /usr/bin/time -v, ROUNDS times; prints each run's wall seconds,
-# characters per second and peak resident memory, then the best and the median. With a second
+# generation, exit) timed by /usr/bin/time -v, ROUNDS times; prints each run's wall and CPU
+# seconds, characters per (wall) second and peak resident memory, then the best and the
+# median. On a busy machine the CPU seconds compare better than the wall seconds. With a second
 # binary, the two run in turn (A B A B ...), so that a shared machine's drift hits both, and
 # must print the same text. With perf installed, a last run is profiled and the functions
 # that took at least 1% of its samples are listed (where the time goes: the products in
@@ -24,8 +25,10 @@ for r in $(seq "$rounds"); do
     /usr/bin/time -v "$b" generate --checkpoint "$ckpt" --max-new-tokens "$chars" --seed 1 > "$work/out$i" 2> "$work/time"
     wall=$(grep "Elapsed (wall clock)" "$work/time" | awk '{print $NF}' | awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; print s }')
     kb=$(grep "Maximum resident set size" "$work/time" | awk '{print $NF}')
+    cpu=$(grep -E "(User|System) time" "$work/time" | awk '{ s += $NF } END { print s }')
     rate=$(awk -v c="$chars" -v w="$wall" 'BEGIN { printf "%.0f", c / w }')
-    printf '%-40s run %d: %6.2f s wall  %6s chars/s  %6.1f MB peak RSS\n' "$b" "$r" "$wall" "$rate" "$(awk -v k="$kb" 'BEGIN { print k / 1024 }')"
+    printf '%-40s run %d: %6.2f s wall (%6.2f s CPU)  %6s chars/s  %6.1f MB peak RSS\n' "$b" "$r" "$wall" "$cpu" "$rate" \
+      "$(awk -v k="$kb" 'BEGIN { print k / 1024 }')"
     rates[$i]+="$rate "
     rss[$i]+="$kb "
   done
