@@ -280,3 +280,26 @@ TEST_CASE("MOE_GEMM_KERNEL chooses the kernel, avx2 and avx512 only where the CP
   CHECK(bad.code == 1);
   CHECK_THAT(bad.out, Catch::Contains("MOE_GEMM_KERNEL must be portable, avx2 or avx512, got 'fast'"));
 }
+
+TEST_CASE("gemv on B stored [N, K] gives the bits of gemv on its transpose, in every kernel", "[gemm]") {
+  // What lets the decoder run on a Linear's weight as it is stored: the same sums, one fma a
+  // step in order, whichever way the rows come (tiles of 16 rows and 16 k, and their edges).
+  std::mt19937 rng(13);
+  std::uniform_int_distribution<int64_t> cols(1, 700), deep(1, 600);
+  for (GemmKernel kern : runnable_kernels())
+    for (int trial = 0; trial < 40; ++trial) {
+      const int64_t N = trial < 4 ? 512 : cols(rng), K = trial < 4 ? 128 * (trial + 1) : deep(rng);
+      const int64_t ldb = K + (trial % 3 == 0 ? 0 : trial % 5);
+      const float alpha = trial % 3 == 0 ? 1.f : 0.37f, beta = trial % 4 == 0 ? 0.f : (trial % 4 == 1 ? 1.f : -0.6f);
+      auto a = random_vector(K, uint64_t(trial) + 1);
+      auto W = random_vector(N * ldb, uint64_t(trial) + 1000);  // [N, K], rows ldb apart
+      std::vector<float> Wt(size_t(K * N));
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t k = 0; k < K; ++k) Wt[size_t(k * N + j)] = W[size_t(j * ldb + k)];
+      auto rows = random_vector(N, uint64_t(trial) + 2000), axpy = rows;
+      gemv(kern, true, N, K, alpha, a.data(), W.data(), ldb, beta, rows.data());
+      gemv(kern, false, N, K, alpha, a.data(), Wt.data(), N, beta, axpy.data());
+      INFO(gemm_kernel_name(kern) << " N " << N << " K " << K << " ldb " << ldb);
+      REQUIRE(std::memcmp(rows.data(), axpy.data(), sizeof(float) * size_t(N)) == 0);
+    }
+}

@@ -287,3 +287,38 @@ TEST_CASE("safetensors: scripts/load_checkpoint.py reads a file written here (nu
   CHECK(std::system(("/usr/bin/python3 " + script + " --verify " + path + " > " + out + " 2>&1").c_str()) != 0);
   CHECK_THAT(read_file(out), Contains("checksum mismatch"));
 }
+
+TEST_CASE("safetensors: read_f32 from the header alone reads only what is asked, and still checks the checksum",
+          "[io][safetensors]") {
+  TempDir d("st_stream");
+  const std::string path = d / "a.safetensors";
+  std::vector<float> a(300), skipped(300000), b(5);  // "skipped": more than one 1 MiB read buffer
+  for (size_t i = 0; i < a.size(); ++i) a[i] = float(i) * 0.5f;
+  for (size_t i = 0; i < skipped.size(); ++i) skipped[i] = -float(i);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = 7.f + float(i);
+  save_safetensors(path,
+                   {{"a", DType::F32, {300}, a.data(), a.size() * 4},
+                    {"skipped", DType::F32, {300000}, skipped.data(), skipped.size() * 4},
+                    {"b", DType::F32, {5}, b.data(), b.size() * 4}},
+                   {{"step", "3"}});
+  const SafeTensorsFile h = read_safetensors_header(path);
+  CHECK_FALSE(h.in_memory());
+  CHECK(h.metadata().at("step") == "3");
+  CHECK(h.info("skipped").shape == std::vector<int64_t>{300000});
+  std::vector<float> a2(300), b2(5);
+  h.read_f32({{"b", {5}, b2.data()}, {"a", {300}, a2.data()}});  // any order
+  CHECK(a2 == a);
+  CHECK(b2 == b);
+  float w[4];
+  CHECK_THROWS_WITH(h.copy_f32("b", {5}, w), Contains("only the header was read"));
+  CHECK_THROWS_WITH(h.read_f32({{"b", {4}, w}}), Contains("shape [5]") && Contains("expects [4]"));
+  // A flipped bit in a tensor not asked for is still found.
+  std::string bytes = read_file(path);
+  bytes[bytes.size() - 5 * 4 - 1000] ^= 0x10;  // inside "skipped"
+  write_file(path, bytes);
+  const SafeTensorsFile damaged = read_safetensors_header(path);
+  CHECK_THROWS_WITH(damaged.read_f32({{"a", {300}, a2.data()}}), Contains(path) && Contains("checksum mismatch"));
+  // A truncated file: its header promises more data than there is.
+  write_file(path, bytes.substr(0, bytes.size() - 8));
+  CHECK_THROWS_WITH(read_safetensors_header(path), Contains("outside the file"));
+}

@@ -3,6 +3,7 @@
 #include "moe/testing/fault_injection.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -173,22 +174,86 @@ SafeTensorsFile load_safetensors(const std::string& path) {
   return parse_safetensors(std::move(bytes), path);
 }
 
-SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path) {
-  const uint64_t size = bytes.size();
+namespace {
+
+// The header length from the file's first 8 bytes, checked against the file's size.
+uint64_t header_length(const uint8_t* first8, uint64_t size, const std::string& path) {
   if (size < 8) throw io_error(path, "too short (" + std::to_string(size) + " bytes) to be a safetensors file");
   uint64_t hlen = 0;
-  for (int i = 0; i < 8; ++i) hlen |= uint64_t(bytes[size_t(i)]) << (8 * i);
+  for (int i = 0; i < 8; ++i) hlen |= uint64_t(first8[i]) << (8 * i);
   if (hlen > size - 8)
     throw io_error(path, "header length " + std::to_string(hlen) + " exceeds the file (" + std::to_string(size) +
                              " bytes): truncated or not a safetensors file");
   if (hlen > kMaxHeader)
     throw io_error(path, "header length " + std::to_string(hlen) + " is over the 100 MiB limit: not a safetensors file?");
+  return hlen;
+}
+
+// Whether the metadata's checksum (if any) is that of the data section, given its FNV-1a-64
+// hash h; `legacy` computes the hash with the legacy basis, asked only when h does not match.
+template <class Legacy>
+void check_checksum(const std::map<std::string, std::string>& meta, uint64_t h, Legacy legacy, const std::string& path) {
+  // Files from other writers (e.g. Python's safetensors) carry no checksum: then there is none to check.
+  auto it = meta.find(kChecksumKey);
+  if (it == meta.end()) return;
+  const std::string actual = hex64(h);
+  if (it->second != actual && it->second != hex64(legacy()))
+    throw io_error(path, "checksum mismatch (stored " + it->second + ", data " + actual + "): the tensor data is corrupted");
+}
+
+// Reads n bytes at offset into buf, retrying short reads; throws naming the path.
+void read_at(int fd, void* buf, size_t n, uint64_t offset, const std::string& path) {
+  auto* p = static_cast<uint8_t*>(buf);
+  while (n > 0) {
+    const ssize_t r = ::pread(fd, p, n, off_t(offset));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) throw io_error(path, std::string("read failed") + (r < 0 ? std::string(": ") + std::strerror(errno) : " (the file is shorter than its header says: truncated?)"));
+    p += r, offset += uint64_t(r), n -= size_t(r);
+  }
+}
+
+struct Fd {
+  int fd;
+  ~Fd() { ::close(fd); }
+};
+
+}  // namespace
+
+SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path) {
+  const uint64_t hlen = header_length(bytes.data(), bytes.size(), path);
   const std::string hs(reinterpret_cast<const char*>(bytes.data()) + 8, size_t(hlen));
-  SafeTensorsFile f;
-  f.path_ = path;
   // The data section is what follows the header; drop the prefix in place (no second copy of the file).
   bytes.erase(bytes.begin(), bytes.begin() + std::ptrdiff_t(8 + hlen));
+  SafeTensorsFile f = SafeTensorsFile::parse_header(hs, bytes.size(), path);
   f.data_ = std::move(bytes);
+  f.in_memory_ = true;
+  check_checksum(f.metadata_, fnv1a64(f.data_.data(), f.data_.size()),
+                 [&] { return fnv1a64_update(kLegacyFnvOffset, f.data_.data(), f.data_.size()); }, path);
+  return f;
+}
+
+SafeTensorsFile read_safetensors_header(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw io_error(path, "is a directory, not a safetensors file");
+  const Fd f{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (f.fd < 0) throw io_error(path, "cannot open (does the checkpoint exist?)");
+  struct stat st {};
+  if (::fstat(f.fd, &st) != 0) throw io_error(path, std::string("cannot stat: ") + std::strerror(errno));
+  const auto size = uint64_t(st.st_size);
+  uint8_t first8[8] = {};
+  if (size >= 8) read_at(f.fd, first8, 8, 0, path);
+  const uint64_t hlen = header_length(first8, size, path);
+  std::string hs(size_t(hlen), '\0');
+  read_at(f.fd, hs.data(), hs.size(), 8, path);
+  SafeTensorsFile file = SafeTensorsFile::parse_header(hs, size - 8 - hlen, path);
+  file.data_offset_ = 8 + hlen;
+  return file;
+}
+
+SafeTensorsFile SafeTensorsFile::parse_header(const std::string& hs, uint64_t data_size, const std::string& path) {
+  SafeTensorsFile f;
+  f.path_ = path;
+  f.data_size_ = data_size;
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(hs);
@@ -223,15 +288,15 @@ SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string&
       const auto off = int_array<uint64_t>(v.at("data_offsets"), true, path, "tensor " + name + ": data_offsets");
       if (off.size() != 2 || off[0] > off[1])
         throw io_error(path, "tensor " + name + " has malformed data_offsets " + json_excerpt(v.at("data_offsets")));
-      if (off[1] > f.data_.size())
+      if (off[1] > data_size)
         throw io_error(path, "tensor " + name + " has data offsets [" + std::to_string(off[0]) + ", " +
-                                 std::to_string(off[1]) + ") outside the file's " + std::to_string(f.data_.size()) +
+                                 std::to_string(off[1]) + ") outside the file's " + std::to_string(data_size) +
                                  "-byte data section (truncated?)");
       uint64_t numel = 1;
       for (int64_t d : info.shape) {
         if (d < 0) throw io_error(path, "tensor " + name + " has a negative dimension");
         // Any dimension past the data section's size cannot match; stop before numel overflows.
-        if (d > 0 && numel > f.data_.size() / uint64_t(d))
+        if (d > 0 && numel > data_size / uint64_t(d))
           throw io_error(path, "tensor " + name + ": shape " + json_excerpt(v.at("shape")) + " is larger than the file");
         numel *= uint64_t(d);
       }
@@ -251,14 +316,6 @@ SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string&
   for (size_t i = 1; i < ranges.size(); ++i)
     if (ranges[i].begin < ranges[i - 1].end)
       throw io_error(path, "tensors " + ranges[i - 1].name + " and " + ranges[i].name + " overlap in the data section");
-  // Files from other writers (e.g. Python's safetensors) carry no checksum: then there is none to check.
-  auto it = f.metadata_.find(kChecksumKey);
-  if (it != f.metadata_.end()) {
-    const std::string actual = hex64(fnv1a64(f.data_.data(), f.data_.size()));
-    if (it->second != actual && it->second != hex64(fnv1a64_update(kLegacyFnvOffset, f.data_.data(), f.data_.size())))
-      throw io_error(path, "checksum mismatch (stored " + it->second + ", data " + actual +
-                               "): the tensor data is corrupted");
-  }
   return f;
 }
 
@@ -274,9 +331,13 @@ const SafeTensorsFile::Info& SafeTensorsFile::info(const std::string& name) cons
   return it->second;
 }
 
-const uint8_t* SafeTensorsFile::bytes(const std::string& name) const { return data_.data() + info(name).begin; }
+const uint8_t* SafeTensorsFile::bytes(const std::string& name) const {
+  const Info& i = info(name);
+  if (!in_memory_) throw io_error(path_, "tensor " + name + ": only the header was read");
+  return data_.data() + i.begin;
+}
 
-void SafeTensorsFile::copy_f32(const std::string& name, const Shape& expected, float* out) const {
+const SafeTensorsFile::Info& SafeTensorsFile::f32_info(const std::string& name, const Shape& expected) const {
   const Info& i = info(name);
   if (i.dtype != DType::F32) throw io_error(path_, "tensor " + name + " is " + dtype_name(i.dtype) + ", expected F32");
   bool same = int(i.shape.size()) == expected.ndim;
@@ -287,13 +348,67 @@ void SafeTensorsFile::copy_f32(const std::string& name, const Shape& expected, f
     throw io_error(path_, "tensor " + name + " has shape " + s + "], the model expects " + expected.str() +
                               " (checkpoint from another config?)");
   }
+  return i;
+}
+
+void SafeTensorsFile::copy_f32(const std::string& name, const Shape& expected, float* out) const {
+  const Info& i = f32_info(name, expected);
+  if (!in_memory_) throw io_error(path_, "tensor " + name + ": only the header was read");
   std::memcpy(out, data_.data() + i.begin, i.end - i.begin);
+}
+
+void SafeTensorsFile::read_f32(const std::vector<F32Dest>& wanted) const {
+  struct Part {
+    size_t begin, end;
+    float* out;
+  };
+  std::vector<Part> parts;
+  for (const F32Dest& d : wanted) {
+    const Info& i = f32_info(d.name, d.shape);
+    parts.push_back({i.begin, i.end, d.out});
+  }
+  if (in_memory_) {
+    for (const Part& p : parts) std::memcpy(p.out, data_.data() + p.begin, p.end - p.begin);
+    return;
+  }
+  // One pass over the data section in file order: each wanted tensor read into its place, the
+  // bytes between them through a small buffer, all of it into the checksum.
+  std::sort(parts.begin(), parts.end(), [](const Part& a, const Part& b) { return a.begin < b.begin; });
+  const Fd f{::open(path_.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (f.fd < 0) throw io_error(path_, std::string("cannot open: ") + std::strerror(errno));
+  const bool checked = metadata_.count(kChecksumKey) > 0;
+  std::vector<uint8_t> buf(checked ? size_t(1) << 20 : 0);
+  uint64_t h = kFnvOffset;
+  const auto skip = [&](uint64_t from, uint64_t to) {  // only hashed
+    for (uint64_t at = from; at < to;) {
+      const size_t n = size_t(std::min<uint64_t>(buf.size(), to - at));
+      read_at(f.fd, buf.data(), n, data_offset_ + at, path_);
+      h = fnv1a64_update(h, buf.data(), n);
+      at += n;
+    }
+  };
+  uint64_t pos = 0;
+  for (const Part& p : parts) {
+    if (p.begin < pos) throw io_error(path_, "read_f32: a tensor asked for twice");
+    if (checked) skip(pos, p.begin);
+    read_at(f.fd, p.out, p.end - p.begin, data_offset_ + p.begin, path_);
+    if (checked) h = fnv1a64_update(h, reinterpret_cast<const uint8_t*>(p.out), p.end - p.begin);
+    pos = p.end;
+  }
+  if (!checked) return;
+  skip(pos, data_size_);
+  check_checksum(metadata_, h, [&] {  // a second pass, for files written with the legacy basis
+    h = kLegacyFnvOffset;
+    skip(0, data_size_);
+    return h;
+  }, path_);
 }
 
 void SafeTensorsFile::copy_i32(const std::string& name, int32_t* out, int64_t n) const {
   const Info& i = info(name);
   if (i.dtype != DType::I32 || (i.end - i.begin) != size_t(n) * 4)
     throw io_error(path_, "tensor " + name + " is not I32 with " + std::to_string(n) + " elements");
+  if (!in_memory_) throw io_error(path_, "tensor " + name + ": only the header was read");
   std::memcpy(out, data_.data() + i.begin, i.end - i.begin);
 }
 

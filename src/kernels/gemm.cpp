@@ -188,32 +188,138 @@ struct BSrc {
   int64_t first;
 };
 
-// One row, B stored [N, K]: C[j] = alpha · a·B[j, :] + beta · C[j] for j in [j0, j1), each a
-// dot product summed over k in order.
-MOE_ALWAYS_INLINE void gemv_dot_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
-                                     const float* B, int64_t ldb, float beta, float* C) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* b = B + j * ldb;
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += a[k] * b[k];
-    C[j] = alpha * acc + (beta == 0.f ? 0.f : beta * C[j]);
-  }
+constexpr int64_t kGemvCols = 512;  // columns of one one-row call (its accumulators)
+
+// C[j] = alpha · acc[j - j0] + beta · C[j] (beta 0: not reading C), j in [j0, j1): the end
+// of every one-row loop, the same expression in each.
+MOE_ALWAYS_INLINE void gemv_store(int64_t j0, int64_t j1, float alpha, const float* acc, float beta, float* C) {
+  for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
 }
 
-constexpr int64_t kAxpyCols = 512;  // columns of one gemv_axpy call (its accumulators)
-
-// One row, B stored [K, N]: the same for j in [j0, j1), j1 - j0 <= kAxpyCols, accumulating
-// the rows of B in order.
+// One row, B stored [K, N], for j in [j0, j1), j1 - j0 <= kGemvCols: each C element summed
+// over k in order, one fma a step from 0 (the rows of B accumulated in order), then stored.
 MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
                                       const float* B, int64_t ldb, float beta, float* C) {
-  float acc[kAxpyCols] = {};
+  float acc[kGemvCols];
+  std::fill(acc, acc + (j1 - j0), 0.f);
   for (int64_t k = 0; k < K; ++k) {
     const float ak = a[k];
     const float* b = B + k * ldb;
     for (int64_t j = j0; j < j1; ++j) acc[j - j0] += ak * b[j];
   }
-  for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
+  gemv_store(j0, j1, alpha, acc, beta, C);
 }
+
+// One row, B stored [N, K] (a Linear's weight): the same sums, by the same loop on tiles of
+// 16 k steps of Bᵀ copied out (the same expression, so the same fma contraction, as
+// gemv_axpy_body; a dot product along k would leave the compiler free to vectorise it by
+// multiplying first and summing the products in order, other bits).
+MOE_ALWAYS_INLINE void gemv_rows_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
+                                      const float* B, int64_t ldb, float beta, float* C) {
+  constexpr int64_t kKb = 16;
+  const int64_t n = j1 - j0;
+  float acc[kGemvCols], bt[kKb * kGemvCols];
+  std::fill(acc, acc + n, 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kKb) {
+    const int64_t kb = std::min(kKb, K - k0);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t k = 0; k < kb; ++k) bt[k * n + j] = B[(j0 + j) * ldb + k0 + k];
+    for (int64_t k = 0; k < kb; ++k) {
+      const float ak = a[k0 + k];
+      const float* b = bt + k * n;
+      for (int64_t j = 0; j < n; ++j) acc[j] += ak * b[j];
+    }
+  }
+  gemv_store(j0, j1, alpha, acc, beta, C);
+}
+
+#ifdef MOE_X86
+// r[i] (row i, 16 columns) -> r[c] (column c, 16 rows): 16x16 floats transposed in registers.
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void transpose16_avx512(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // lane l: rows 2i, 2i+1 of columns 4l, 4l+1 (t[2i]) and 4l+2, 4l+3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + m], lane l: rows 4i..4i+3 of column 4l + m
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4l + m: lane l of r[m], r[4 + m], r[8 + m], r[12 + m]
+    const __m512 a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), b = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88), d = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+    t[m] = _mm512_shuffle_f32x4(a, c, 0x88);
+    t[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    t[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// s (16 rows' sums) + the products of 16 rows of B, rows ldb apart, over kn <= 16 values of
+// a: the tile transposed, then one fma a k. FULL: 16 rows and 16 values; else the first
+// `rows` rows and kn values (masked loads, zeros past them, no fma past kn).
+template <bool FULL>
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE __m512 rows_tile_avx512(const float* b, int64_t ldb, int64_t rows, int64_t kn,
+                                                           const float* a, __m512 s) {
+  __m512 r[16];
+  if (FULL) {
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(b + i * ldb);
+  } else {
+    const __mmask16 m = __mmask16((1u << kn) - 1);
+    for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(m, b + i * ldb) : _mm512_setzero_ps();
+  }
+  transpose16_avx512(r);
+  if (FULL) {
+    for (int k = 0; k < 16; ++k) s = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), r[k], s);
+  } else {
+    for (int k = 0; k < kn; ++k) s = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), r[k], s);
+  }
+  return s;
+}
+
+// The same with 16 rows of B at a time, two tiles of rows in flight (their fma chains
+// overlap), 16 k steps a tile transposed in registers.
+MOE_TARGET_AVX512 void gemv_rows_avx512(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
+                                        const float* B, int64_t ldb, float beta, float* C) {
+  alignas(64) float acc[kGemvCols];
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t j = j0; j < j1; j += 32) {
+    const int64_t n0 = std::min<int64_t>(16, j1 - j), n1 = std::min<int64_t>(16, j1 - j - n0);
+    const float* b0 = B + j * ldb;
+    const float* b1 = b0 + 16 * ldb;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    if (n0 == 16 && n1 == 16) {
+      // The next 32 rows, asked for ahead (a cache line of each row per 16 k steps, when the
+      // rows are contiguous): the weights stream from memory, one matrix once a token.
+      const bool ahead = ldb == K && j + 64 <= j1;
+      const char* next = reinterpret_cast<const char*>(b0 + 32 * ldb);
+      for (int64_t k = 0; k < K16; k += 16) {
+        if (ahead)
+          for (int64_t r = 0; r < 32; ++r) _mm_prefetch(next + (r * ldb + k) * int64_t(sizeof(float)), _MM_HINT_T0);
+        s0 = rows_tile_avx512<true>(b0 + k, ldb, 16, 16, a + k, s0);
+        s1 = rows_tile_avx512<true>(b1 + k, ldb, 16, 16, a + k, s1);
+      }
+    } else {
+      for (int64_t k = 0; k < K16; k += 16) {
+        s0 = rows_tile_avx512<false>(b0 + k, ldb, n0, 16, a + k, s0);
+        if (n1 > 0) s1 = rows_tile_avx512<false>(b1 + k, ldb, n1, 16, a + k, s1);
+      }
+    }
+    if (K16 < K) {
+      s0 = rows_tile_avx512<false>(b0 + K16, ldb, n0, K - K16, a + K16, s0);
+      if (n1 > 0) s1 = rows_tile_avx512<false>(b1 + K16, ldb, n1, K - K16, a + K16, s1);
+    }
+    _mm512_store_ps(acc + (j - j0), s0);
+    if (n1 > 0) _mm512_store_ps(acc + (j - j0) + 16, s1);
+  }
+  gemv_store(j0, j1, alpha, acc, beta, C);
+}
+#endif
 
 // The 6x16 tile of the portable and avx2 kernels.
 constexpr int64_t kMR16 = 6, kNR16 = 16;
@@ -415,7 +521,7 @@ struct Kernel {
   PackedFn packed;
   TileFn tile;
   TransposeFn transpose;
-  GemvFn gemv_dot, gemv_axpy;
+  GemvFn gemv_rows, gemv_axpy;  // one row, B stored [N, K] or [K, N]
 };
 
 // Every kernel's tile loop, and the one-row loops of portable and avx2: the same bodies,
@@ -427,9 +533,9 @@ struct Kernel {
     tile_body<MR, NR, MICRO>(kb, Ap, mb, b, p0, p1, N, C, ldc, init, relu);                                      \
   }
 #define MOE_GEMM_GEMV_FNS(NAME, ATTR)                                                                         \
-  ATTR void gemv_dot_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B,  \
-                            int64_t ldb, float beta, float* C) {                                             \
-    gemv_dot_body(j0, j1, K, alpha, a, B, ldb, beta, C);                                                     \
+  ATTR void gemv_rows_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, \
+                             int64_t ldb, float beta, float* C) {                                            \
+    gemv_rows_body(j0, j1, K, alpha, a, B, ldb, beta, C);                                                    \
   }                                                                                                          \
   ATTR void gemv_axpy_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, \
                              int64_t ldb, float beta, float* C) {                                            \
@@ -482,10 +588,8 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
   const int64_t parts = parallel ? std::min<int64_t>(omp_get_max_threads(), by_rows ? tiles : panels) : 1;
   // B read in place (BSrc): only a last panel short of NR columns is packed.
   const bool direct = !trans_b && tiles <= kDirectTiles;
-#pragma omp parallel num_threads(parts) if (parts > 1)
-  {
-    // This thread's rows [r0, r1) (whole tiles) and column panels [p0, p1), even shares.
-    const int64_t part = parts > 1 ? omp_get_thread_num() : 0;
+  // Part `part`'s rows [r0, r1) (whole tiles) and column panels [p0, p1), even shares.
+  const auto run_part = [&](int64_t part) {
     int64_t r0 = 0, r1 = M, p0 = 0, p1 = panels;
     if (by_rows)
       r0 = std::min(M, part * tiles / parts * MR), r1 = std::min(M, (part + 1) * tiles / parts * MR);
@@ -507,19 +611,24 @@ void gemm_packed(TileFn tile, TransposeFn transpose, bool trans_a, bool trans_b,
         tile(kb, Ap, mb, b, p0, p1, N, C + i0 * ldc, ldc, k0 == 0 ? bias : nullptr, relu && k0 + kb == K);
       }
     }
+  };
+  if (parts == 1) {  // on the calling thread, without an OpenMP region (one costs a decoded token)
+    run_part(0);
+    return;
   }
+#pragma omp parallel num_threads(parts)
+  run_part(omp_get_thread_num());
 }
 
-constexpr Kernel kPortable{gemm_packed<kMR16, kNR16>, tile_portable, transpose_portable, gemv_dot_portable,
+constexpr Kernel kPortable{gemm_packed<kMR16, kNR16>, tile_portable, transpose_portable, gemv_rows_portable,
                            gemv_axpy_portable};
 #ifdef MOE_X86
-constexpr Kernel kAvx2{gemm_packed<kMR16, kNR16>, tile_avx2, transpose_avx2, gemv_dot_avx2, gemv_axpy_avx2};
-// avx512 runs avx2's dot products: compiled for AVX-512, the compiler vectorises them 16
-// wide instead of 8 (products by vmulps summed in order, the remainder by fma), which moves
-// where the fma part starts and so changes the bits. The accumulated rows (gemv_axpy, the
-// decoder's products) are one fma per element and step at any width, so they take AVX-512:
-// about 5% faster generation. The 8x8 transposes of avx2 serve too.
-constexpr Kernel kAvx512{gemm_packed<kMR32, kNR32>, tile_avx512, transpose_avx2, gemv_dot_avx2, gemv_axpy_avx512};
+constexpr Kernel kAvx2{gemm_packed<kMR16, kNR16>, tile_avx2, transpose_avx2, gemv_rows_avx2, gemv_axpy_avx2};
+// The one-row loops are one fma per element and k step at any width, so avx512's give avx2's
+// bits: the accumulated rows compiled for AVX-512, and the rows of a Linear's weight (the
+// decoder's products) in 16x16 tiles transposed in registers. The 8x8 transposes of avx2
+// serve the packers.
+constexpr Kernel kAvx512{gemm_packed<kMR32, kNR32>, tile_avx512, transpose_avx2, gemv_rows_avx512, gemv_axpy_avx512};
 #endif
 
 const Kernel& kernel_of(GemmKernel k) {
@@ -545,14 +654,17 @@ void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, co
   if (N <= 0) return;
   const Kernel& kern = kernel_of(kernel);
   const bool parallel = !omp_in_parallel() && N * K >= 32768;
-  // Column chunks: dot products (B stored [N, K]) or accumulated rows of B (B stored [K, N]),
-  // the latter as even between the threads as 16-column steps allow (qkv's 384 columns went
-  // 256 + 128).
-  const int64_t threads = parallel ? omp_get_max_threads() : 1;
-  const int64_t cols = trans_b ? 32 : std::min(kAxpyCols, ((N + threads - 1) / threads + 15) / 16 * 16);
-  const auto fn = trans_b ? kern.gemv_dot : kern.gemv_axpy;
+  // Column chunks, as even between the threads as 16-column steps allow (qkv's 384 columns
+  // went 256 + 128): rows of B (B stored [N, K]) or accumulated rows of B (B stored [K, N]).
+  const int64_t threads = parallel ? std::max(1, omp_get_max_threads()) : 1;
+  const int64_t cols = std::min(kGemvCols, ((N + threads - 1) / threads + 15) / 16 * 16);
+  const auto fn = trans_b ? kern.gemv_rows : kern.gemv_axpy;
   const int64_t chunks = (N + cols - 1) / cols;
-#pragma omp parallel for schedule(static) if (parallel)
+  if (threads == 1) {  // no OpenMP region at all: entering one, even of one thread, costs a decoded token 8%
+    for (int64_t ch = 0; ch < chunks; ++ch) fn(ch * cols, std::min(N, (ch + 1) * cols), K, alpha, a, B, ldb, beta, C);
+    return;
+  }
+#pragma omp parallel for schedule(static)
   for (int64_t ch = 0; ch < chunks; ++ch) fn(ch * cols, std::min(N, (ch + 1) * cols), K, alpha, a, B, ldb, beta, C);
 }
 

@@ -9,19 +9,6 @@
 
 namespace moe {
 
-namespace {
-
-// dst [cols, rows] = src [rows, cols]ᵀ, in tiles that stay in cache.
-void transpose(float* dst, const float* src, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 32;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile)
-      for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) dst[c * rows + r] = src[r * cols + c];
-}
-
-}  // namespace
-
 Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) {
   validate(cfg_);
   MOE_CHECK(V_ > 0, "Model", "vocabulary is empty");
@@ -371,19 +358,6 @@ KVCache Model::new_cache() const {
   for (auto* b : {&w.rows, &w.expert_out}) b->resize(TK * C);
   for (auto* b : {&w.hidden, &w.hidden3}) b->resize(std::max(TK * size_t(F), T * size_t(Fd)));
   w.out.resize(size_t(V_));
-  w.weight_t_offset.assign(size_t(params_.count()), -1);
-  int64_t total = 0;
-  for (int id = 0; id < params_.count(); ++id)
-    if (roles_[size_t(id)].role == ParamRole::kLinearWeight || id == lm_head_.weight) {  // tied: the embedding
-      w.weight_t_offset[size_t(id)] = total;
-      total += params_.get(id).numel();
-    }
-  w.weights_t.resize(size_t(total));
-  for (int id = 0; id < params_.count(); ++id)
-    if (w.weight_t_offset[size_t(id)] >= 0) {
-      const Tensor wt = params_.get(id);  // [out, in]
-      transpose(w.weights_t.data() + w.weight_t_offset[size_t(id)], wt.data, wt.size(0), wt.size(1));
-    }
   return c;
 }
 
@@ -423,7 +397,7 @@ const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, con
   cache.len += n;
   // Only the last position's logits are needed.
   ln_f_.decode(params_, w, x + (n - 1) * C_, 1);
-  lm_head_.decode(params_, w, w.normed.data(), 1, w.out.data());
+  lm_head_.decode(params_, w.normed.data(), 1, w.out.data());
   return w.out.data();
 }
 

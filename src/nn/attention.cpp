@@ -39,7 +39,7 @@ void Attention::decode(const ParamStore& ps, KVCache& cache, int64_t layer, int6
   KVCache::Work& w = cache.work;
   const int64_t W = C + 2 * H_kv * D, KC = H_kv * D, G = H / H_kv;
   float* q_k_v = w.qkv.data();
-  qkv.decode(ps, w, w.normed.data(), n, q_k_v);  // (n, W)
+  qkv.decode(ps, w.normed.data(), n, q_k_v);  // (n, W)
   const int64_t T_max = int64_t(w.scores.size());  // new_cache sizes the scores by block_size
   float* kc = cache.k.data() + layer * T_max * KC;  // (T_max, H_kv·D)
   float* vc = cache.v.data() + layer * T_max * KC;  // (T_max, H_kv·D)
@@ -91,7 +91,7 @@ void Attention::decode(const ParamStore& ps, KVCache& cache, int64_t layer, int6
       }
     }
   }
-  proj.decode(ps, w, y, n, w.sub.data());
+  proj.decode(ps, y, n, w.sub.data());
 }
 
 }  // namespace moe

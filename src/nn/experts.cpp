@@ -29,18 +29,18 @@ Tensor Expert::forward(Graph& g, const ParamStore& ps, const Tensor& x, ExpertFf
   return dropout(g, fc2.forward(g, ps, h), p, training, rng, true);  // (n, C), over fc2's output
 }
 
-void Expert::decode(const ParamStore& ps, const KVCache::Work& w, ExpertFfn kind, const float* x, int64_t n,
-                    float* hidden, float* hidden3, float* y) const {
+void Expert::decode(const ParamStore& ps, ExpertFfn kind, const float* x, int64_t n, float* hidden, float* hidden3,
+                    float* y) const {
   const int64_t m = n * fc1.out;
-  fc1.decode(ps, w, x, n, hidden);
+  fc1.decode(ps, x, n, hidden);
   act::dispatch(expert_activation(kind), [&](auto f, auto) {
     for (int64_t i = 0; i < m; ++i) hidden[i] = f(hidden[i]);
   });
   if (kind == ExpertFfn::kSwiglu) {  // silu(fc1 x) ⊙ fc3 x, as mul() computes it
-    fc3.decode(ps, w, x, n, hidden3);
+    fc3.decode(ps, x, n, hidden3);
     for (int64_t i = 0; i < m; ++i) hidden[i] = hidden[i] * hidden3[i];
   }
-  fc2.decode(ps, w, hidden, n, y);
+  fc2.decode(ps, hidden, n, y);
 }
 
 Tensor grouped_experts(Graph& g, const ParamStore& ps, const std::vector<Expert>& experts, ExpertFfn kind,

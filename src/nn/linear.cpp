@@ -29,17 +29,15 @@ Tensor Linear::forward(Graph& g, const ParamStore& ps, const Tensor& x, Regen* r
   return linear(g, x, ps.get(weight), bias_tensor(ps), regen);
 }
 
-void Linear::decode(const ParamStore& ps, const KVCache::Work& w, const float* x, int64_t n, float* y) const {
-  const bool has_bias = bias >= 0;
-  if (has_bias) {
-    const float* b = ps.get(bias).data;
-    for (int64_t i = 0; i < n; ++i) std::memcpy(y + i * out, b, sizeof(float) * size_t(out));
+void Linear::decode(const ParamStore& ps, const float* x, int64_t n, float* y) const {
+  const float* w = ps.get(weight).data;  // [out, in]
+  const float* b = bias >= 0 ? ps.get(bias).data : nullptr;
+  if (n > 1) {
+    gemm_bias(false, true, n, out, in, x, in, w, in, b, y, out);
+    return;
   }
-  const float* wt = w.weights_t.data() + w.weight_t_offset[size_t(weight)];  // [in, out]
-  if (n == 1)
-    gemv(false, out, in, 1.f, x, wt, out, has_bias ? 1.f : 0.f, y);
-  else
-    gemm(false, false, n, out, in, 1.f, x, in, wt, out, has_bias ? 1.f : 0.f, y, out);
+  if (b) std::memcpy(y, b, sizeof(float) * size_t(out));
+  gemv(true, out, in, 1.f, x, w, in, b ? 1.f : 0.f, y);
 }
 
 }  // namespace moe

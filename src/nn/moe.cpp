@@ -1,5 +1,7 @@
 #include "moe/nn/moe.hpp"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -253,17 +255,22 @@ void MoELayer::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const f
     if (plan.offsets[e + 1] > plan.offsets[e]) active[n_active++] = int32_t(e);
   float* rows = w.rows.data();
   float* ye = w.expert_out.data();
-#pragma omp parallel if (n_active > 1)
-  {
-    gemm_reserve_thread(std::max(C_, F_));  // whichever expert this thread draws
+  const auto run = [&](int64_t a) {
+    const int64_t e = active[a], begin = plan.offsets[e], count = plan.offsets[e + 1] - begin;
+    for (int64_t s = begin; s < begin + count; ++s)
+      std::memcpy(rows + s * C_, x + int64_t(plan.token[s]) * C_, sizeof(float) * size_t(C_));
+    experts[size_t(e)].decode(ps, kind_, rows + begin * C_, count, w.hidden.data() + begin * F_,
+                              w.hidden3.data() + begin * F_, ye + begin * C_);
+  };
+  if (n_active > 1 && omp_get_max_threads() > 1) {
+#pragma omp parallel
+    {
+      gemm_reserve_thread(std::max(C_, F_));  // whichever expert this thread draws
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t a = 0; a < n_active; ++a) {
-      const int64_t e = active[a], begin = plan.offsets[e], count = plan.offsets[e + 1] - begin;
-      for (int64_t s = begin; s < begin + count; ++s)
-        std::memcpy(rows + s * C_, x + int64_t(plan.token[s]) * C_, sizeof(float) * size_t(C_));
-      experts[size_t(e)].decode(ps, w, kind_, rows + begin * C_, count, w.hidden.data() + begin * F_,
-                                w.hidden3.data() + begin * F_, ye + begin * C_);
+      for (int64_t a = 0; a < n_active; ++a) run(a);
     }
+  } else {  // one thread: no OpenMP region at all
+    for (int64_t a = 0; a < n_active; ++a) run(a);
   }
   float* acc = w.sub.data();
   std::fill(acc, acc + n * C_, 0.f);
@@ -272,7 +279,7 @@ void MoELayer::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const f
     scatter_add_weighted(acc, ye + begin * C_, plan.token + begin, plan.weights, plan.gate_pos + begin, count, C_);
   }
   for (const Expert& sp : shared) {
-    sp.decode(ps, w, kind_, x, n, w.hidden.data(), w.hidden3.data(), ye);
+    sp.decode(ps, kind_, x, n, w.hidden.data(), w.hidden3.data(), ye);
     for (int64_t i = 0; i < n * C_; ++i) acc[i] = acc[i] + ye[i];
   }
 }

@@ -175,14 +175,14 @@ RoutingPlan Router::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, co
   const int64_t E = rc_.num_experts, K = rc_.top_k;
   const float* x = w.normed.data();
   float* clean = w.clean.data();
-  route.decode(ps, w, x, n, clean);  // (n, E)
+  route.decode(ps, x, n, clean);  // (n, E)
   const float* logits = clean;
   if (noisy(false)) {  // clean + noise ⊙ softplus(noise linear), as mul() then add()
     MOE_CHECK(opt.noise_rng != nullptr, "Model::decode", "router noise needs a noise generator");
     float* nz = w.noise.data();
     opt.noise_rng->fill_normal(nz, n * E);
     float* noisy_logits = w.logits.data();
-    noise.decode(ps, w, x, n, noisy_logits);
+    noise.decode(ps, x, n, noisy_logits);
     softplus_floats(noisy_logits, noisy_logits, n * E);
     for (int64_t i = 0; i < n * E; ++i) noisy_logits[i] = nz[i] * noisy_logits[i];
     for (int64_t i = 0; i < n * E; ++i) noisy_logits[i] = noisy_logits[i] + clean[i];

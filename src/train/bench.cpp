@@ -60,8 +60,7 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
     train_step.run(i, false);  // as the steps between log lines
     if (i >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
   }
-  // The training steps' peak, before the forwards and the generation (which keeps a transposed
-  // copy of the weights) add theirs.
+  // The training steps' peak, before the forwards and the generation add theirs.
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   r.peak_rss_mb = double(ru.ru_maxrss) / 1024.0;

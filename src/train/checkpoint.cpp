@@ -79,7 +79,7 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW* o
 }
 
 CheckpointHeader read_checkpoint_header(const std::string& path) {
-  return checkpoint_header_from_metadata(load_safetensors(path).metadata(), path);
+  return checkpoint_header_from_metadata(read_safetensors_header(path).metadata(), path);
 }
 
 CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std::string>& meta,
@@ -110,23 +110,25 @@ CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std
 }
 
 void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer) {
-  load_checkpoint_tensors(load_safetensors(path), model, optimizer);
+  load_checkpoint_tensors(read_safetensors_header(path), model, optimizer);
 }
 
 void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* optimizer) {
   const std::string& path = f.path();
   ParamStore& ps = model.params();
+  std::vector<SafeTensorsFile::F32Dest> wanted;
   auto load_block = [&](const std::string& prefix, float* base) {
-    for (const ParamInfo& p : ps.infos()) f.copy_f32(prefix + p.name, p.shape, base + p.offset);
+    for (const ParamInfo& p : ps.infos()) wanted.push_back({prefix + p.name, p.shape, base + p.offset});
   };
   load_block("", ps.data());
-  for (const Model::Buffer& b : model.buffers()) f.copy_f32(b.name, Shape{b.size}, model.buffer_data() + b.offset);
+  for (const Model::Buffer& b : model.buffers()) wanted.push_back({b.name, Shape{b.size}, model.buffer_data() + b.offset});
   if (optimizer) {
     const auto& meta = f.metadata();
     optimizer->set_steps(std::stoll(meta_at(meta, "optimizer.steps", path)));
     load_block("optimizer.m.", optimizer->m().data());
     load_block("optimizer.v.", optimizer->v().data());
   }
+  f.read_f32(wanted);  // without the optimizer, the moments stay on disk
 }
 
 void check_resume_compatible(const Config& saved, const Config& now, const std::string& path) {
@@ -158,10 +160,11 @@ void check_resume_compatible(const Config& saved, const Config& now, const std::
 
 InferenceModel load_for_inference(const std::string& path) {
   InferenceModel l;
-  l.header = read_checkpoint_header(path);
+  const SafeTensorsFile f = read_safetensors_header(path);  // the weights are read into the model
+  l.header = checkpoint_header_from_metadata(f.metadata(), path);
   l.tokenizer = Tokenizer::from_vocab(l.header.vocab);
   l.model = std::make_unique<Model>(l.header.config, int64_t(l.header.vocab.size()));
-  load_checkpoint_tensors(path, *l.model, nullptr);
+  load_checkpoint_tensors(f, *l.model, nullptr);
   return l;
 }
 

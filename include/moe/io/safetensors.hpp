@@ -46,22 +46,43 @@ class SafeTensorsFile {
   std::vector<std::string> names() const;
   bool has(const std::string& name) const { return infos_.count(name) > 0; }
   const Info& info(const std::string& name) const;  // throws naming a missing tensor
-  const uint8_t* bytes(const std::string& name) const;
-  // Copies an F32 tensor, checking it has exactly `expected` shape.
+  // Whether the tensors were read (load_safetensors), or only the header (read_safetensors_header).
+  bool in_memory() const { return in_memory_; }
+  const uint8_t* bytes(const std::string& name) const;  // in memory only
+  // Copies an F32 tensor, checking it has exactly `expected` shape (in memory only).
   void copy_f32(const std::string& name, const Shape& expected, float* out) const;
-  // Copies an I32 tensor of n elements (any shape).
+  // Copies an I32 tensor of n elements (any shape; in memory only).
   void copy_i32(const std::string& name, int32_t* out, int64_t n) const;
+  // Copies the F32 tensors named, each checked as copy_f32 checks it. For a file of which only
+  // the header was read, from the file in one pass over its data section, which also goes
+  // through the checksum (checked as load_safetensors checks it, after the copies): only the
+  // tensors asked for take memory.
+  struct F32Dest {
+    std::string name;
+    Shape shape;
+    float* out;
+  };
+  void read_f32(const std::vector<F32Dest>& wanted) const;
 
  private:
   friend SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path);
+  friend SafeTensorsFile read_safetensors_header(const std::string& path);
+  // The entries and metadata of the JSON header hs, validated against a data section of
+  // data_size bytes.
+  static SafeTensorsFile parse_header(const std::string& hs, uint64_t data_size, const std::string& path);
+  const Info& f32_info(const std::string& name, const Shape& expected) const;
   std::string path_;
-  std::vector<uint8_t> data_;  // the data section
+  std::vector<uint8_t> data_;  // the data section, when in memory
+  bool in_memory_ = false;
+  uint64_t data_offset_ = 0, data_size_ = 0;  // where the data section is in the file, its bytes
   std::map<std::string, Info> infos_;
   std::map<std::string, std::string> metadata_;
 };
 
 // Reads the whole file and validates it; throws std::runtime_error naming the path and the problem.
 SafeTensorsFile load_safetensors(const std::string& path);
+// Reads and validates the header only (the checksum is checked by read_f32, which reads the data).
+SafeTensorsFile read_safetensors_header(const std::string& path);
 // The same from the file's bytes in memory; `path` names the source in every error.
 SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path);
 

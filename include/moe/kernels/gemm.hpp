@@ -59,8 +59,10 @@ void gemm_reserve_thread(int64_t max_n);
 
 // One row, without packing (token-by-token decoding, where packing would cost as much as the
 // product): c[0, N] = alpha · a[0, K] · op(B) + beta · c, beta == 0 not reading c. Each
-// element is summed over k in order, but not in gemm's k blocks and not always by fma, so its
-// bits can differ from the same row computed by gemm.
+// element is summed over k in order by one fma a step, from 0, then stored as
+// alpha · sum + beta · c: the same bits whichever way B is stored (Bᵀ, a Linear's [out, in]
+// weight, runs in tiles transposed in registers), avx512's as avx2's; not gemm's k blocks,
+// so its bits can differ from the same row computed by gemm when K > 256.
 void gemv(bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B, int64_t ldb, float beta,
           float* c);
 void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B,

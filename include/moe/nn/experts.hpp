@@ -25,8 +25,8 @@ struct Expert {
   Tensor forward(Graph& g, const ParamStore& ps, const Tensor& x, ExpertFfn kind, float p, bool training,
                  Rng& rng) const;
   // The same in evaluation on the n rows of x [n, C] into y; hidden, hidden3: [n, F] buffers.
-  void decode(const ParamStore& ps, const KVCache::Work& w, ExpertFfn kind, const float* x, int64_t n,
-              float* hidden, float* hidden3, float* y) const;
+  void decode(const ParamStore& ps, ExpertFfn kind, const float* x, int64_t n, float* hidden, float* hidden3,
+              float* y) const;
 };
 
 // Rows offsets[e]..offsets[e+1] of xs [S, C] through expert e, for every expert at once, into

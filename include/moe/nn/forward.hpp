@@ -106,11 +106,6 @@ struct KVCache {
     std::vector<int32_t> active;                            // the experts with slots [<= E]
     std::vector<float> rows, hidden, hidden3, expert_out;   // expert inputs [n*K, C], [n*K, F] x2, [n*K, C]
     std::vector<float> out;                                 // logits of the last position [V]
-    // Every Linear weight transposed to [in, out], copied by new_cache(): one-row products then
-    // run along contiguous outputs, each still summed over the inputs in order. A cache made
-    // before the parameters change decodes with the old weights.
-    std::vector<float> weights_t;
-    std::vector<int64_t> weight_t_offset;  // per parameter id: offset in weights_t, or -1
   } work;
 };
 

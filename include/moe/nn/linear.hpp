@@ -49,10 +49,9 @@ struct Linear {
   Tensor bias_tensor(const ParamStore& ps) const { return bias >= 0 ? ps.get(bias) : Tensor{}; }
   // x [..., in] -> [..., out]. With regen, the output is made again in the backward pass (Regen).
   Tensor forward(Graph& g, const ParamStore& ps, const Tensor& x, Regen* regen = nullptr) const;
-  // y [n, out] for the n rows of x [n, in], on the cache's transposed weights: bias rows first,
-  // then the product (the same products summed in the same order as forward's GEMM; one row
-  // takes the one-row loop).
-  void decode(const ParamStore& ps, const KVCache::Work& w, const float* x, int64_t n, float* y) const;
+  // y [n, out] for the n rows of x [n, in]: forward's GEMM (bias rows, then the products), or
+  // for one row the one-row loop, on the weight as it is stored (no copy).
+  void decode(const ParamStore& ps, const float* x, int64_t n, float* y) const;
 };
 
 }  // namespace moe

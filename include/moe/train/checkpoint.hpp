@@ -38,18 +38,21 @@ struct CheckpointHeader {
 void save_checkpoint(const std::string& path, const Model& model, const AdamW* optimizer,
                      const std::vector<uint32_t>& vocab, const TrainState& state);
 
-// Reads the header (config, vocab, state) without the tensors.
+// Reads the header (config, vocab, state) without the tensors (nor their checksum).
 CheckpointHeader read_checkpoint_header(const std::string& path);
 // The same from a loaded file's metadata; `path` names the source in every error.
 CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std::string>& meta,
                                                  const std::string& path);
 
 // Loads weights (and moments when optimizer is non-null) into a model built from the
-// header's config. Throws naming the path and the tensor on any mismatch.
+// header's config. Throws naming the path and the tensor on any mismatch. From a path (or a
+// file of which only the header was read), it reads the file once, keeping only what it loads
+// (the checksum still covers every byte).
 void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer);
 void load_checkpoint_tensors(const SafeTensorsFile& file, Model& model, AdamW* optimizer);
 
-// A model and its tokenizer, loaded from a checkpoint (weights only) for inference.
+// A model and its tokenizer, loaded from a checkpoint (weights only) for inference: the file is
+// read once, the AdamW moments (two thirds of it) only through the checksum.
 struct InferenceModel {
   CheckpointHeader header;
   Tokenizer tokenizer;
