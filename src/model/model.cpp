@@ -390,7 +390,7 @@ const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, con
     if (b.sparse)
       b.moe.decode(params_, w, n, moe_context(l).bias, opt);
     else
-      b.ffn.decode(params_, w, cfg_.model.expert_ffn, w.normed.data(), n, w.hidden.data(), w.hidden3.data(),
+      b.ffn.decode(params_, cfg_.model.expert_ffn, w.normed.data(), n, w.hidden.data(), w.hidden3.data(),
                    w.sub.data());
     add_sub();
   }
