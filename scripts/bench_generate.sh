@@ -8,6 +8,7 @@
 # that took at least 1% of its samples are listed (where the time goes: the products in
 # gemv/gemm, attention, the router's kernels, loading, the kernel's share).
 # Usage: scripts/bench_generate.sh MOE_BINARY CHECKPOINT [CHARS=5000] [ROUNDS=3] [OTHER_MOE_BINARY]
+# More `moe generate` options in GENERATE_ARGS (e.g. GENERATE_ARGS="--context-keep 32").
 # A makemoe.json checkpoint for it: a copy of configs/makemoe.json with training.max_steps 300,
 # `moe train --config COPY --out DIR` (the speed does not depend on how long it trained).
 set -euo pipefail
@@ -22,7 +23,7 @@ declare -A rates rss
 for r in $(seq "$rounds"); do
   for i in "${!bins[@]}"; do
     b=${bins[$i]}
-    /usr/bin/time -v "$b" generate --checkpoint "$ckpt" --max-new-tokens "$chars" --seed 1 > "$work/out$i" 2> "$work/time"
+    /usr/bin/time -v "$b" generate --checkpoint "$ckpt" --max-new-tokens "$chars" --seed 1 ${GENERATE_ARGS:-} > "$work/out$i" 2> "$work/time"
     wall=$(grep "Elapsed (wall clock)" "$work/time" | awk '{print $NF}' | awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; print s }')
     kb=$(grep "Maximum resident set size" "$work/time" | awk '{print $NF}')
     cpu=$(grep -E "(User|System) time" "$work/time" | awk '{ s += $NF } END { print s }')
@@ -44,7 +45,7 @@ for i in "${!bins[@]}"; do
 done
 if command -v perf > /dev/null; then
   echo "where the time goes (${bins[0]}, perf, functions with >= 1% of the samples):"
-  perf record -q -o "$work/perf.data" "${bins[0]}" generate --checkpoint "$ckpt" --max-new-tokens "$chars" --seed 1 \
+  perf record -q -o "$work/perf.data" "${bins[0]}" generate --checkpoint "$ckpt" --max-new-tokens "$chars" --seed 1 ${GENERATE_ARGS:-} \
     > /dev/null 2>&1
   perf report -i "$work/perf.data" --no-children --percent-limit 1 --stdio 2> /dev/null | grep -E '^ +[0-9]' |
     awk '{ $2 = ""; $3 = ""; print }'
