@@ -80,13 +80,19 @@ double Model::last_experts_per_token() const {
 
 void Model::update_router_state() {
   update_balance_bias();
+  if (last_tokens_[0] == 0) return;  // no training forward since the last update
   if (float* l1 = buffer_at(l1_at_)) {
     // ReMoE: λ grows while the gates are denser than top_k of E, shrinks while sparser.
-    const double active = last_experts_per_token() / double(E_);
-    const double sparsity = 1 - active, target = 1 - double(cfg_.router.top_k) / double(E_);
+    // Sparsity below the target 1 - top_k / E is more than top_k active gates per token, in integers.
+    int64_t slots = 0, tokens = 0;
+    for (int64_t l = 0; l < L_; ++l) {
+      tokens += last_tokens_[size_t(l)];
+      for (int64_t e = 0; e < E_; ++e) slots += last_load_[size_t(l * E_ + e)];
+    }
+    const int64_t target = cfg_.router.top_k * tokens;
     const auto growth = float(cfg_.router.relu_l1_growth);
-    if (target > sparsity) *l1 *= growth;
-    else if (target < sparsity) *l1 /= growth;
+    if (slots > target) *l1 *= growth;
+    else if (slots < target) *l1 /= growth;
   }
   if (float* thresholds = buffer_at(thresholds_at_)) {
     const auto m = float(cfg_.router.threshold_ema);
@@ -95,6 +101,7 @@ void Model::update_router_state() {
       t = t < 0.f ? last_kth_[size_t(i)] : m * t + (1.f - m) * last_kth_[size_t(i)];
     }
   }
+  std::fill(last_tokens_.begin(), last_tokens_.end(), 0);
 }
 
 void Model::update_balance_bias() {

@@ -206,7 +206,16 @@ Tensor MoELayer::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_
   float* kth = opt.training && ctx.last_kth ? g.arena().alloc_floats(E) : nullptr;  // expert choice: this batch's
   const Router::Routed r = router.forward(g, ps, xf, layer, {ctx.bias, ctx.thresholds, kth}, opt);
   const RoutingPlan& plan = r.plan;
-  if (opt.chosen) (*opt.chosen)[size_t(layer)].assign(plan.index, plan.index + N * plan.K);
+  if (opt.chosen) {  // relu and expert choice: per token and expert, e where it runs, else -1
+    auto& ids = (*opt.chosen)[size_t(layer)];
+    if (router.variable()) {
+      ids.assign(size_t(N * plan.K), -1);
+      for (int64_t i = 0; i < N * plan.K; ++i)
+        if (plan.weights[i] != 0.f) ids[size_t((i / plan.K) * plan.K + plan.index[i])] = plan.index[i];
+    } else {
+      ids.assign(plan.index, plan.index + N * plan.K);
+    }
+  }
   if (opt.chosen_weights) (*opt.chosen_weights)[size_t(layer)].assign(plan.weights, plan.weights + N * plan.K);
   if (opt.stats)
     record_router_health(g, *opt.stats, layer, r.clean.data, N, E, plan.chosen, plan.dropped,
