@@ -380,14 +380,14 @@ StepResult TrainStep::run(int64_t step, bool grad_norm) {
 TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   const auto t_start = Clock::now();
   Config cfg = cfg_in;
+  if (!opt.init.empty() && !opt.resume.empty())
+    throw std::invalid_argument("--init and --resume do not go together: --resume continues a run (weights, optimizer, "
+                                "step), --init starts a fresh one from a checkpoint's weights");
   CheckpointHeader resumed;
   if (!opt.resume.empty()) {
     resumed = read_checkpoint_header(opt.resume);
     check_resume_compatible(resumed.config, cfg, opt.resume);
   }
-  if (!opt.init.empty() && !opt.resume.empty())
-    throw std::invalid_argument("--init and --resume do not go together: --resume continues a run (weights, optimizer, "
-                                "step), --init starts a fresh one from a checkpoint's weights");
   CheckpointHeader init_header;
   if (!opt.init.empty()) init_header = read_checkpoint_header(opt.init);
   if (!opt.out_dir.empty()) cfg.logging.out_dir = opt.out_dir;
