@@ -145,4 +145,5 @@ TEST_CASE("moe upcycle: every expert a copy of the dense FFN; with weights summi
   CHECK(upcycle_source_name("blocks.3.moe.experts.7.fc2.bias") == "blocks.3.moe.experts.0.fc2.bias");
   CHECK(upcycle_source_name("blocks.0.moe.router.route.weight").empty());
   CHECK(upcycle_source_name("blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight");
+  CHECK(upcycle_source_name("blocks.2.moe.experts.3.fc3.weight", "ffn.") == "blocks.2.ffn.fc3.weight");
 }

@@ -19,10 +19,10 @@ const std::regex kExpert(R"(blocks\.(\d+)\.moe\.experts\.\d+\.(.*))");
 
 }  // namespace
 
-std::string upcycle_source_name(const std::string& name) {
+std::string upcycle_source_name(const std::string& name, const std::string& ffn) {
   if (name.find(".moe.router.") != std::string::npos) return "";
   std::smatch m;
-  if (std::regex_match(name, m, kExpert)) return "blocks." + m[1].str() + ".moe.experts.0." + m[2].str();
+  if (std::regex_match(name, m, kExpert)) return "blocks." + m[1].str() + "." + ffn + m[2].str();
   return name;
 }
 
@@ -53,8 +53,11 @@ void upcycle(const std::string& from, const Config& cfg, const std::string& out,
   model.init(init);  // the router (and anything not copied) as `moe train` would start it
   Rng noise(uint64_t(opt.seed), kStreamUpcycle);
   ParamStore& ps = model.params();
+  // Where the source's FFN lives: its expert 0. (A dense-FFN layout, "blocks.{i}.ffn.*", is the
+  // prefix "ffn." here, with the num_experts check above accepting it.)
+  const std::string ffn = "moe.experts.0.";
   for (const ParamInfo& p : ps.infos()) {
-    const std::string name = upcycle_source_name(p.name);
+    const std::string name = upcycle_source_name(p.name, ffn);
     if (name.empty()) continue;
     if (!src.has(name)) fail("it has no tensor " + name + " (for " + p.name + ")");
     const std::vector<int64_t>& shape = src.info(name).shape;

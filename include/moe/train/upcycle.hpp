@@ -16,10 +16,10 @@ struct UpcycleOptions {
 };
 
 // The source tensor of an MoE model's parameter `name` in the dense source: an expert's
-// ("blocks.{i}.moe.experts.{e}.{rest}") comes from the source's one FFN, the source's expert 0
-// ("blocks.{i}.moe.experts.0.{rest}"); the router's ("*.moe.router.*") from nowhere (""):
-// fresh; everything else from the same name.
-std::string upcycle_source_name(const std::string& name);
+// ("blocks.{i}.moe.experts.{e}.{rest}") comes from the source's one FFN, "blocks.{i}.{ffn}{rest}"
+// (ffn "moe.experts.0." for a one-expert model, "ffn." for a dense-FFN block); the router's
+// ("*.moe.router.*") from nowhere (""): fresh; everything else from the same name.
+std::string upcycle_source_name(const std::string& name, const std::string& ffn = "moe.experts.0.");
 
 // Reads the dense checkpoint `from` (router.num_experts 1), builds the MoE model of `cfg`,
 // initialised as `moe train` would (training.seed), copies the dense weights in, and writes a
