@@ -128,7 +128,7 @@ def one_run(args, base, name, router, kind, seed, run_dir):
         row["commands"].append(train(args.moe, dense, dense_dir))
         ms = median_step_ms(args.moe, cfg, args.calibrate, run_dir)
         cfg["training"]["max_steps"] = max(1, int((1 - args.dense_fraction) * budget_ms / ms))
-        up = os.path.join(run_dir, "upcycled.safetensors")
+        up = os.path.join(dense_dir, "upcycled.safetensors")  # not in run_dir: a fresh run there empties it
         cfg_path = write_config(cfg, os.path.join(run_dir, "config.json"))
         cmd = [args.moe, "upcycle", "--from", os.path.join(dense_dir, "last.safetensors"), "--config", cfg_path,
                "--out", up, "--noise", "1e-3", "--seed", str(seed)]

@@ -11,6 +11,7 @@
 #include "io_test_util.hpp"
 #include "moe/io/config.hpp"
 #include "moe/model/model.hpp"
+#include "moe/tensor/graph.hpp"
 #include "moe/tensor/streams.hpp"
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/trainer.hpp"
@@ -146,4 +147,42 @@ TEST_CASE("moe upcycle: every expert a copy of the dense FFN; with weights summi
   CHECK(upcycle_source_name("blocks.0.moe.router.route.weight").empty());
   CHECK(upcycle_source_name("blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight");
   CHECK(upcycle_source_name("blocks.2.moe.experts.3.fc3.weight", "ffn.") == "blocks.2.ffn.fc3.weight");
+}
+
+TEST_CASE("relu and expert choice's causal rule: KV-cache decoding equals full-context recomputation",
+          "[routers][generate]") {
+  // Expert choice decodes by its thresholds, as the evaluation forward routes: the same experts
+  // for a token whatever comes after it.
+  for (const json& router : {json{{"num_experts", 4}, {"top_k", 2}, {"gating", "relu"}},
+                             json{{"num_experts", 4}, {"top_k", 2}, {"gating", "expert_choice"}, {"capacity_factor", 1.0}}}) {
+    INFO(router.dump());
+    const Config cfg = config_from_json(tiny_json(router), "test");
+    Model model(cfg, 13);
+    Rng init(1, 1);
+    model.init(init);
+    for (const Model::Buffer& b : model.buffers())  // thresholds that take some experts, not all
+      if (b.name.find("threshold") != std::string::npos)
+        for (int64_t i = 0; i < b.size; ++i) model.buffer_data()[b.offset + i] = 0.2f + 0.02f * float(i);
+    const std::vector<int32_t> seq = {1, 5, 2, 12, 0, 7, 7, 3};
+    KVCache cache = model.new_cache();
+    ForwardOptions fo;
+    RoutingStats stats;
+    for (int64_t len = 1; len <= 8; ++len) {
+      const float* inc = model.decode(cache, &seq[size_t(len - 1)], 1, fo);
+      Graph g;
+      NoGradGuard ng(g);
+      ForwardOptions with_stats;
+      with_stats.stats = &stats;
+      const Model::Output full = model.forward(g, seq.data(), nullptr, 1, len, with_stats);
+      double d = 0;
+      for (int64_t v = 0; v < 13; ++v) d = std::max(d, double(std::fabs(inc[v] - full.logits.data[(len - 1) * 13 + v])));
+      INFO("length " << len << " max abs diff " << d);
+      REQUIRE(d < 1e-5);
+    }
+    const json health = stats.health();
+    for (const auto& layer : health) {  // a variable number of experts per token, reported
+      REQUIRE(layer.contains("experts_per_token"));
+      CHECK(layer["experts_per_token"]["min"].get<int64_t>() < layer["experts_per_token"]["max"].get<int64_t>());
+    }
+  }
 }
