@@ -60,6 +60,9 @@ std::string printable(const Tokenizer& tok, int32_t id) {
 nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan ids, const InspectOptions& opt) {
   const Config& cfg = model.config();
   const int64_t L = cfg.model.n_layer, E = cfg.router.num_experts, K = cfg.router.top_k, V = model.vocab_size();
+  if (slots_per_token(cfg.router) != K)
+    throw std::runtime_error(std::string("moe inspect reads a fixed top_k experts per token; router.gating \"") +
+                             name_of(cfg.router.gating) + "\" varies it (use moe eval's router health)");
   const std::vector<uint32_t>& vocab = tokenizer.vocab();
   std::vector<std::vector<ExpertCounts>> counts(static_cast<size_t>(L), std::vector<ExpertCounts>(static_cast<size_t>(E)));
   for (auto& layer : counts)

@@ -247,7 +247,7 @@ Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, 
   r.weights = gate(g, logits, gate_, st.bias, K, index, expert_choice(N, st, opt.training || opt.batch_routing));
   r.plan = {N, E, K, index, r.weights.data, g.arena().alloc_ints(E + 1), g.arena().alloc_ints(N * K),
             g.arena().alloc_ints(N * K), g.arena().alloc_ints(E)};
-  group_plan(r.plan, capacity(N, opt.training, K), variable());
+  group_plan(r.plan, capacity(N, opt.training, variable() ? rc_.top_k : K), variable());  // relu: top_k on average
   return r;
 }
 
@@ -280,7 +280,7 @@ RoutingPlan Router::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, co
                    w.gate_pos.data(), w.chosen.data()};
   gate_forward(gate_, w.index.data(), w.gates.data(), w.probs.data(), w.gathered.data(), logits, st.bias, n, E, K,
                expert_choice(n, st, false));
-  group_plan(plan, capacity(n, false, K), variable());
+  group_plan(plan, capacity(n, false, variable() ? rc_.top_k : K), variable());
   return plan;
 }
 
