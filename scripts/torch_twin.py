@@ -62,7 +62,8 @@ OPTION_DEFAULTS = {
               "moe_every": 1, "dense_first": 0, "dense_hidden": 0, "tie_embeddings": False},
     "router": {"gating": "topk_softmax", "renormalize": False, "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
                "capacity_factor": 0.0, "capacity_at_eval": False, "bias_update_rate": 0.0, "jitter": 0.0,
-               "route_scale": 1.0, "n_groups": 1, "topk_groups": 1},
+               "route_scale": 1.0, "n_groups": 1, "topk_groups": 1, "relu_l1_init": 1e-8, "relu_l1_growth": 1.2,
+               "threshold_ema": 0.99, "top_k_anneal_steps": 0},
 }
 
 
@@ -215,6 +216,34 @@ def sigmoid_topk(logits, r):  # DeepSeek-V3: sigmoid scores, the chosen ones ren
 GATINGS = {"topk_softmax": topk_softmax, "softmax_topk": softmax_topk, "sigmoid_topk": sigmoid_topk}
 
 
+# Gatings with a variable number of experts per token: every expert is a slot (K = E, in
+# descending score), the slots of weight 0 are not run. From the router logits [N, E] (and the
+# router, for expert choice's thresholds and C-th scores): scores [N, E] and taken [N, E] bool.
+def relu_gating(logits, router):  # ReMoE: gate = ReLU(logit)
+    return logits, logits > 0, F.relu(logits)
+
+
+def expert_choice_gating(logits, router):
+    """Zhou et al.: p = softmax over experts; in training each expert takes its C best tokens of
+    the batch (ties: the lower token) and its C-th score is kept; else p >= its threshold."""
+    r, (N, E) = router.r, logits.shape
+    probs = F.softmax(logits, dim=-1)
+    p = probs.detach()
+    if router.training:
+        C = min(N, math.ceil(r["capacity_factor"] * (r["top_k"] * N) / E))
+        taken = torch.zeros(N, E, dtype=torch.bool)
+        for e in range(E):
+            order = sorted(range(N), key=lambda n: (-p[n, e].item(), n))[:C]
+            taken[order, e] = True
+        router.last_kth = torch.stack([p[:, e][taken[:, e]].min() for e in range(E)])
+    else:
+        taken = p >= router.threshold
+    return probs, taken, probs
+
+
+VARIABLE_GATINGS = {"relu": relu_gating, "expert_choice": expert_choice_gating}
+
+
 def group_limited(ranked, r):
     """router.n_groups: experts in groups of E / n_groups; a group scores the sum of its two
     best ranked scores (its one, in groups of one); outside the topk_groups best groups the
@@ -258,6 +287,9 @@ class Router(nn.Module):
         self.last_load = None  # slots per expert in the last training forward
         if r["bias_update_rate"] > 0:  # DeepSeek-V3's loss-free balancing: selection only
             self.register_buffer("balance_bias", torch.zeros(E))
+        self.last_kth = None  # expert choice: each expert's C-th score in the last training forward
+        if r["gating"] == "expert_choice":  # the causal rule's thresholds (-1: none yet)
+            self.register_buffer("threshold", torch.full((E,), -1.0))
 
     def forward(self, x, noise=None, use_noise=True, jitter=None):
         r, (N, E), K = self.r, (x.shape[0], self.r["num_experts"]), self.r["top_k"]
@@ -271,6 +303,15 @@ class Router(nn.Module):
             if noise is None:
                 noise = torch.randn_like(clean)
             logits = clean + noise * F.softplus(self.noise(x))
+        if r["gating"] in VARIABLE_GATINGS:
+            scores, taken, weights = VARIABLE_GATINGS[r["gating"]](logits, self)
+            index = scores.detach().topk(E, dim=-1).indices  # every expert, descending
+            gates = weights.gather(-1, index) * taken.gather(-1, index)
+            keep = gates.detach() != 0
+            load = torch.bincount(index[keep], minlength=E)
+            if self.training:
+                self.last_load = load
+            return Plan(clean, scores.detach(), index, gates, keep, load, 0)
         scores, weights_of = GATINGS[r["gating"]](logits, r)
         ranked = scores if r["bias_update_rate"] <= 0 else scores + self.balance_bias
         index = group_limited(ranked.detach(), r).topk(K, dim=-1).indices  # descending
@@ -293,6 +334,17 @@ class Router(nn.Module):
         load = self.last_load
         diff = load.sum() - load * load.numel()  # the mean compared in integers
         self.balance_bias += torch.sign(diff).float() * torch.tensor(self.r["bias_update_rate"], dtype=torch.float32)
+
+    @torch.no_grad()
+    def update_threshold(self):
+        """Expert choice, after a training step: threshold ← ema · threshold + (1 - ema) · C-th score
+        (the first one taken as it is)."""
+        if self.r["gating"] != "expert_choice" or self.last_kth is None:
+            return
+        m = torch.tensor(self.r["threshold_ema"], dtype=torch.float32)
+        t = self.threshold
+        self.threshold.copy_(torch.where(t < 0, self.last_kth, m * t + (1 - m) * self.last_kth))
+        self.last_kth = None
 
 
 # ---- balancing losses: router.<coef> -> the loss of one layer's plan, averaged over layers ----
@@ -375,6 +427,9 @@ class Twin(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, l) for l in range(m["n_layer"])])
         self.ln_f = NORMS[m["norm"]](m["n_embed"])
         self.lm_head = nn.Linear(m["n_embed"], V)
+        if cfg["router"]["gating"] == "relu":  # ReMoE's adaptive L1 coefficient, "router.l1_coef"
+            self.router = nn.Module()
+            self.router.register_buffer("l1_coef", torch.tensor([cfg["router"]["relu_l1_init"]], dtype=torch.float32))
         for mod in self.modules():  # makeMoE: Kaiming-normal Linear weights, other defaults kept
             if isinstance(mod, nn.Linear):
                 nn.init.kaiming_normal_(mod.weight)
@@ -411,12 +466,30 @@ class Twin(nn.Module):
         for coef_name, term in BALANCE_LOSSES.items():  # averaged over the MoE layers
             if r[coef_name] > 0 and plans:
                 objective = objective + r[coef_name] * sum(term(p) for p in plans) / len(plans)
+        if r["gating"] == "relu":  # ReMoE: λ · mean over layers of the mean over tokens of Σ_e gate
+            lam = self.router.l1_coef[0].to(objective.dtype)
+            for p in plans:
+                objective = objective + lam / len(plans) * (p.gates.sum() / p.gates.shape[0])
+        self.last_plans = plans if self.training else None
         return Output(logits, loss, objective)
 
     def update_balance_bias(self):
+        """After a training step: the balancing bias, relu's L1 coefficient (× growth while more
+        than top_k experts per token are active, ÷ while fewer), expert choice's thresholds."""
         for b in self.blocks:
             if hasattr(b, "moe"):
                 b.moe.router.update_balance_bias()
+                b.moe.router.update_threshold()
+        r = self.cfg["router"]
+        if r["gating"] == "relu" and getattr(self, "last_plans", None):
+            slots = sum(int(p.keep.sum()) for p in self.last_plans)
+            target = r["top_k"] * sum(p.keep.shape[0] for p in self.last_plans)
+            growth = torch.tensor(r["relu_l1_growth"], dtype=torch.float32)
+            if slots > target:
+                self.router.l1_coef.mul_(growth)
+            elif slots < target:
+                self.router.l1_coef.div_(growth)
+        self.last_plans = None
 
 
 def make_optimizer(model, cfg):
@@ -583,6 +656,10 @@ VARIANTS = {
     "qk_norm": Variant({"model": {"qk_norm": True}}),
     "modern": Variant({"model": {"norm": "rmsnorm", "position": "rope", "rope_theta": 500.0, "n_kv_head": 2,
                                  "qk_norm": True, "n_embed": 32}}),  # head size 8
+    "topk_dense": Variant({"router": {"top_k": 4}}),  # K = E: dense gating
+    "relu": Variant({"router": {"gating": "relu", "relu_l1_init": 0.05}}),
+    "expert_choice": Variant({"router": {"gating": "expert_choice", "capacity_factor": 1.0}}),
+    "expert_choice_eval": Variant({"router": {"gating": "expert_choice", "capacity_factor": 1.0}}, training=False),
     "all": Variant({"model": {"expert_ffn": "swiglu", "shared_experts": 1, "attn_scale": "head"},
                     "router": {"gating": "softmax_topk", "renormalize": True, "capacity_factor": 1.0,
                                "aux_loss_coef": 0.01, "z_loss_coef": 1e-3, "bias_update_rate": 0.01, "jitter": 0.1}}),
@@ -616,6 +693,17 @@ def routing_margins(plan, K, r):
     """The smallest margin of the plan's decisions: between the k-th and (k+1)-th score of a
     token (among its open groups), between the last open and first closed group's score, and
     between the last kept and first dropped weight of an expert over capacity."""
+    if r["gating"] in VARIABLE_GATINGS:  # every slot's order, and relu's gates off zero / EC's C-th vs next
+        gaps = []
+        if r["gating"] == "relu":
+            gaps.append(plan.clean.abs().min().item() if plan.scores is None else plan.scores.abs().min().item())
+        else:
+            N, E = plan.scores.shape
+            C = math.ceil(r["capacity_factor"] * (r["top_k"] * N) / E)
+            if C < N:
+                col = plan.scores.sort(dim=0, descending=True).values
+                gaps.append((col[C - 1] - col[C]).min().item())
+        return min(gaps)
     open_scores = group_limited(plan.scores, r)
     s = open_scores.sort(dim=-1, descending=True).values
     finite = s[:, K].isfinite() if s.shape[1] > K else None
@@ -670,6 +758,9 @@ def run_case(cfg, seed, training, drawn_noise):
     if with_bias:  # a starting bias of a few update steps, so that the first forward selects with it
         for l in moe_layers:
             model.blocks[l].moe.router.balance_bias.copy_((torch.rand(E) - 0.5) * (20 * r["bias_update_rate"]))
+    if r["gating"] == "expert_choice":  # starting thresholds, for the causal rule of evaluation
+        for l in moe_layers:
+            model.blocks[l].moe.router.threshold.copy_(0.15 + 0.2 * torch.rand(E))
     model.train(training)
     out = {"param." + n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     out.update({"buffer." + n: t.numpy().copy() for n, t in model.named_buffers()})
@@ -694,9 +785,13 @@ def run_case(cfg, seed, training, drawn_noise):
         out["grad." + n] = p.grad.numpy().copy()
     first = list(record)
     for l, plan in zip(moe_layers, first):
-        out[f"router.{l}.topk"] = plan.index.numpy().astype(np.int32)
+        ids = plan.index.clone()
+        if r["gating"] in VARIABLE_GATINGS:  # moe's ids: per token and expert, e where it runs, else -1
+            runs = torch.zeros_like(plan.keep).scatter(1, plan.index, plan.keep)
+            ids = torch.where(runs, torch.arange(E).expand_as(ids), torch.full_like(ids, -1))
+        out[f"router.{l}.topk"] = ids.numpy().astype(np.int32)
         out[f"router.{l}.gates"] = plan.gates.detach().numpy()
-        if plan.keep is not None:
+        if plan.keep is not None and plan.capacity > 0:
             out[f"router.{l}.dropped"] = np.array([int((~plan.keep).sum())], dtype=np.int32)
 
     # The float32 noise floor: the same weights in float64.
@@ -730,7 +825,7 @@ def run_case(cfg, seed, training, drawn_noise):
     checks = {
         "margin": min((routing_margins(p, K, r) for p in record), default=math.inf),
         "counts": [torch.bincount(p.index.flatten(), minlength=E).tolist() for p in first],
-        "dropped": sum(int((~p.keep).sum()) for p in first if p.keep is not None),
+        "dropped": sum(int((~p.keep).sum()) for p in first if p.keep is not None and p.capacity > 0),
         "bias_moved": 0,
     }
     for l, p in zip(moe_layers, first) if with_bias else []:  # tokens whose choice the starting bias changed

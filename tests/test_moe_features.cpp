@@ -264,10 +264,15 @@ TEST_CASE("router health: loads sum to 1, entropy within [0, log E], max violati
 TEST_CASE("gradient check: the MoE layer with router jitter and noise, each gating, group-limited", "[moe][gradcheck][jitter]") {
   // The whole layer: jitter and noise drawn from a generator made afresh for every evaluation,
   // the gating op, the grouped experts (gelu: no kinks); points whose routing flips are skipped.
-  const Gating gating = GENERATE(Gating::kTopkSoftmax, Gating::kSoftmaxTopk, Gating::kSigmoidTopk);
+  // relu and expert_choice: a variable number of experts per token (the probe's ids are -1 at
+  // the slots not run, so a gate crossing zero or a token changing hands is a flip); top_k 4:
+  // dense gating, K = E.
+  const Gating gating = GENERATE(Gating::kTopkSoftmax, Gating::kSoftmaxTopk, Gating::kSigmoidTopk, Gating::kRelu,
+                                 Gating::kExpertChoice);
   const bool renormalize = gating == Gating::kSoftmaxTopk ? GENERATE(false, true) : false;
   const int64_t groups = gating == Gating::kSigmoidTopk ? GENERATE(1, 2) : 1;  // group-limited: 2 groups of 2, 1 open
-  INFO(name_of(gating) << (renormalize ? " renormalised" : "") << ", groups " << groups);
+  const int64_t top_k = gating == Gating::kTopkSoftmax ? GENERATE(2, 4) : 2;
+  INFO(name_of(gating) << (renormalize ? " renormalised" : "") << ", groups " << groups << ", top_k " << top_k);
   Config cfg = small_config();
   cfg.model.expert_ffn = ExpertFfn::kGelu;
   cfg.router.jitter = 0.2;
@@ -276,6 +281,8 @@ TEST_CASE("gradient check: the MoE layer with router jitter and noise, each gati
   cfg.router.renormalize = renormalize;
   if (gating == Gating::kSigmoidTopk) cfg.router.route_scale = 1.5;
   cfg.router.n_groups = groups;
+  cfg.router.top_k = top_k;
+  if (gating == Gating::kExpertChoice) cfg.router.capacity_factor = 1;
   ParamStore ps;
   std::vector<ParamRoleInfo> roles;
   ParamBuilder pb(ps, roles);

@@ -27,6 +27,7 @@
 #include "moe/train/bench.hpp"
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/evaluate.hpp"
+#include "moe/train/upcycle.hpp"
 #include "moe/train/trainer.hpp"
 
 namespace {
@@ -48,12 +49,13 @@ std::string openmp_wait() {
   return "libgomp's default";
 }
 
-int run_train(const std::string& config_path, const std::string& resume, const std::string& out_dir,
-              bool overwrite, bool dry_run, bool expert_parallel) {
+int run_train(const std::string& config_path, const std::string& resume, const std::string& init_from,
+              const std::string& out_dir, bool overwrite, bool dry_run, bool expert_parallel) {
   Config cfg = load_config(config_path);
   install_stop_signal_handlers();
   TrainOptions opt;
   opt.resume = resume;
+  opt.init = init_from;
   opt.out_dir = out_dir;
   opt.overwrite = overwrite;
   opt.dry_run = dry_run;
@@ -112,7 +114,12 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
   Dataset data = Dataset::load(path, cfg.data.train_fraction, cfg.model.block_size, &l.tokenizer);
   const TokenSpan part = split == "train" ? data.train() : data.val();
   Graph g;
-  SplitEvaluation ev = evaluate_split(*l.model, part, batch_size > 0 ? batch_size : cfg.training.batch_size, g);
+  const int64_t B = batch_size > 0 ? batch_size : cfg.training.batch_size;
+  SplitEvaluation ev = evaluate_split(*l.model, part, B, g);
+  // Expert choice is not causal in training: its loss with the batch rule, beside the causal
+  // rule's (the thresholds, which decoding uses too) that "loss" reports.
+  const bool ec = cfg.router.gating == Gating::kExpertChoice;
+  const double batch_loss = ec ? evaluate_split(*l.model, part, B, g, nullptr, true).loss : 0.0;
   const nlohmann::json health = ev.routing.health();
   nlohmann::json usage = nlohmann::json::array();
   for (const auto& layer : health) usage.push_back(layer.is_null() ? layer : layer["load"]);  // null: a dense block
@@ -121,10 +128,14 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
                      {"tokens", ev.tokens}, {"loss", ev.loss},      {"perplexity", ev.perplexity},
                      {"bits_per_char", ev.bits_per_char},           {"expert_usage", usage},
                      {"router", health}};
+    if (ec) j["expert_choice"] = {{"loss_causal", ev.loss}, {"loss_batch", batch_loss}};
     std::cout << j.dump(2) << "\n";
   } else {
     std::printf("%s split of %s: %lld tokens\nloss %.4f | perplexity %.3f | bits/char %.4f\n", split.c_str(),
                 path.c_str(), (long long)ev.tokens, ev.loss, ev.perplexity, ev.bits_per_char);
+    if (ec)
+      std::printf("expert choice: loss %.4f with the causal thresholds (above), %.4f with the batch rule of "
+                  "training (not causal)\n", ev.loss, batch_loss);
     std::printf("router health per layer (load: fraction of routed slots per expert):\n");
     for (size_t l2 = 0; l2 < health.size(); ++l2) {
       const auto& h = health[l2];
@@ -136,6 +147,10 @@ int run_eval(const std::string& ckpt, const std::string& data_path, const std::s
                   l2, h["max_violation"].get<double>(), h["dropped_frac"].get<double>(),
                   h["router_entropy"].get<double>(), h["aux_loss"].get<double>(), h["z_loss"].get<double>());
       for (const auto& f : h["load"]) std::printf(" %.3f", f.get<double>());
+      if (h.contains("experts_per_token"))
+        std::printf(" | experts/token %.2f ± %.2f [%lld, %lld]", h["experts_per_token"]["mean"].get<double>(),
+                    h["experts_per_token"]["std"].get<double>(), (long long)h["experts_per_token"]["min"].get<int64_t>(),
+                    (long long)h["experts_per_token"]["max"].get<int64_t>());
       std::printf("\n");
     }
   }
@@ -246,6 +261,18 @@ int run(int argc, char** argv) {
   train_cmd->add_option("--config", config_path, "JSON config file")->required();
   train_cmd->add_option("--resume", resume, "checkpoint to resume from (exact continuation)");
   train_cmd->add_option("--out", out_dir, "run directory (default: the config's logging.out_dir)");
+  std::string init_from;
+  train_cmd->add_option("--init", init_from, "start a fresh run (step 0, fresh optimizer) from this checkpoint's "
+                                             "weights, e.g. moe upcycle's output; not with --resume");
+
+  std::string up_from, up_config, up_out;
+  UpcycleOptions up_opt;
+  auto* up_cmd = app.add_subcommand("upcycle", "make an MoE checkpoint whose experts are copies of a dense model's FFN");
+  up_cmd->add_option("--from", up_from, "dense checkpoint (router.num_experts 1)")->required();
+  up_cmd->add_option("--config", up_config, "the MoE model's JSON config")->required();
+  up_cmd->add_option("--out", up_out, "checkpoint to write (.safetensors)")->required();
+  up_cmd->add_option("--noise", up_opt.noise, "std of Gaussian noise added to each expert copy (default 0)");
+  up_cmd->add_option("--seed", up_opt.seed, "seed of that noise (default 0)");
   bool overwrite = false, dry_run = false, expert_parallel = false;
   train_cmd->add_flag("--dry-run", dry_run, "check the config and data, print the resolved config and the "
                                             "parameter counts as JSON, and exit");
@@ -332,6 +359,7 @@ int run(int argc, char** argv) {
     need(gopt.sampling.top_p > 0 && gopt.sampling.top_p <= 1, "--top-p", gopt.sampling.top_p, "in (0, 1]");
     need(gopt.context_keep >= 0, "--context-keep", double(gopt.context_keep), ">= 0");
   }
+  if (*up_cmd) need(up_opt.noise >= 0, "--noise", up_opt.noise, ">= 0");
   if (*eval_cmd) need(eval_batch >= 1 || eval_cmd->count("--batch-size") == 0, "--batch-size", double(eval_batch), ">= 1");
   if (*inspect_cmd) {
     need(iopt.batch_size >= 1 || inspect_cmd->count("--batch-size") == 0, "--batch-size", double(iopt.batch_size), ">= 1");
@@ -356,7 +384,12 @@ int run(int argc, char** argv) {
       throw std::runtime_error(app.get_subcommands().front()->get_name() +
                                " runs in one process: start it without mpirun (only train runs across processes)");
     if (dist::rank() > 0) spdlog::set_level(spdlog::level::warn);  // rank 0 reports for all
-    if (*train_cmd) return run_train(config_path, resume, out_dir, overwrite, dry_run, expert_parallel);
+    if (*train_cmd) return run_train(config_path, resume, init_from, out_dir, overwrite, dry_run, expert_parallel);
+    if (*up_cmd) {
+      upcycle(up_from, load_config(up_config), up_out, up_opt);
+      std::printf("wrote %s: %s upcycled to the config %s\n", up_out.c_str(), up_from.c_str(), up_config.c_str());
+      return 0;
+    }
     if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
     if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
     if (*inspect_cmd) return run_inspect(ckpt, data_path, split, as_json, inspect_out, iopt);

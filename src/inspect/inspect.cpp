@@ -65,6 +65,9 @@ nlohmann::json inspect_split(Model& model, const Tokenizer& tokenizer, TokenSpan
   for (int64_t l = 0; l < cfg.model.n_layer; ++l)
     if (cfg.moe_block(l)) moe.push_back(l);
   const auto L = int64_t(moe.size());
+  if (slots_per_token(cfg.router) != K)
+    throw std::runtime_error(std::string("moe inspect reads a fixed top_k experts per token; router.gating \"") +
+                             name_of(cfg.router.gating) + "\" varies it (use moe eval's router health)");
   const std::vector<uint32_t>& vocab = tokenizer.vocab();
   std::vector<std::vector<ExpertCounts>> counts(static_cast<size_t>(L), std::vector<ExpertCounts>(static_cast<size_t>(E)));
   for (auto& layer : counts)

@@ -46,6 +46,17 @@ int64_t expert_capacity(const RouterConfig& r, int64_t rows) {
   return int64_t(std::ceil(r.capacity_factor * double(r.top_k * rows) / double(r.num_experts)));
 }
 
+int64_t slots_per_token(const RouterConfig& r) {
+  return r.gating == Gating::kRelu || r.gating == Gating::kExpertChoice ? r.num_experts : r.top_k;
+}
+
+int64_t top_k_at(const RouterConfig& r, int64_t step) {
+  const int64_t N = r.top_k_anneal_steps;
+  if (N <= 0 || step >= N) return r.top_k;
+  const double k = double(r.num_experts) - double(r.num_experts - r.top_k) * double(step) / double(N);
+  return std::clamp(int64_t(std::llround(k)), r.top_k, r.num_experts);
+}
+
 int64_t Config::expert_capacity(int64_t rows) const { return moe::expert_capacity(router, rows); }
 
 namespace {
@@ -181,6 +192,10 @@ const std::vector<Field>& fields() {
       field("router", "n_groups", &Config::router, &RouterConfig::n_groups, positive()),
       field("router", "topk_groups", &Config::router, &RouterConfig::topk_groups, positive()),
       field("router", "jitter", &Config::router, &RouterConfig::jitter, in_range(0, 1, false, true)),
+      field("router", "relu_l1_init", &Config::router, &RouterConfig::relu_l1_init, positive_number()),
+      field("router", "relu_l1_growth", &Config::router, &RouterConfig::relu_l1_growth, in_range(1, 100, true, false)),
+      field("router", "threshold_ema", &Config::router, &RouterConfig::threshold_ema, in_range(0, 1, false, true)),
+      field("router", "top_k_anneal_steps", &Config::router, &RouterConfig::top_k_anneal_steps, non_negative()),
       field("optimizer", "lr", &Config::optimizer, &OptimizerConfig::lr, positive_number()),
       field("optimizer", "beta1", &Config::optimizer, &OptimizerConfig::beta1, in_range(0, 1, false, true)),
       field("optimizer", "beta2", &Config::optimizer, &OptimizerConfig::beta2, in_range(0, 1, false, true)),
@@ -326,6 +341,21 @@ void validate(const Config& c, const std::string& src) {
     fail("router.route_scale applies to router.gating = \"sigmoid_topk\" only");
   if (c.router.renormalize && c.router.gating != Gating::kSoftmaxTopk)
     fail("router.renormalize applies to router.gating = \"softmax_topk\" only (topk_softmax weights already sum to 1)");
+  const Gating gating = c.router.gating;
+  if (gating == Gating::kRelu || gating == Gating::kExpertChoice) {
+    const std::string g = std::string("router.gating = \"") + name_of(gating) + "\"";
+    if (c.router.bias_update_rate > 0)
+      fail("router.bias_update_rate applies to the top-k gatings only, not " + g + " (it shifts a top-k choice)");
+    if (G > 1) fail("router.n_groups applies to the top-k gatings only, not " + g);
+    if (c.router.top_k_anneal_steps > 0)
+      fail("router.top_k_anneal_steps applies to the top-k gatings only, not " + g);
+  }
+  if (gating == Gating::kExpertChoice && !(c.router.capacity_factor > 0))
+    fail("router.gating = \"expert_choice\" needs router.capacity_factor > 0: each expert takes capacity_factor * "
+         "tokens * top_k / num_experts tokens (1 is the usual choice)");
+  if (gating == Gating::kExpertChoice && c.router.capacity_at_eval)
+    fail("router.capacity_at_eval does not apply to router.gating = \"expert_choice\": evaluation routes by the "
+         "causal thresholds (see the README)");
   if (c.optimizer.min_lr > c.optimizer.lr)
     fail("optimizer.min_lr = " + json(c.optimizer.min_lr).dump() + " must not exceed optimizer.lr = " +
          json(c.optimizer.lr).dump());

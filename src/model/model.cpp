@@ -38,21 +38,71 @@ Model::Model(const Config& cfg, int64_t vocab_size) : cfg_(cfg), V_(vocab_size) 
   lm_head_ = cfg.model.tie_embeddings ? Linear::tied(pb, "lm_head", emb_.tok, C_, V_, true)
                                       : Linear::make(pb, "lm_head", C_, V_, true);
   params_.finalize();
-  if (cfg.router.bias_update_rate > 0) balance_bias_.assign(size_t(L_moe_ * E_), 0.f);
-  last_load_.assign(size_t(L_moe_ * E_), 0);
+  const bool bias = cfg.router.bias_update_rate > 0, relu = cfg.router.gating == Gating::kRelu,
+             ec = cfg.router.gating == Gating::kExpertChoice;
+  const int64_t LE = L_moe_ * E_;  // per MoE block
+  buffer_.assign(size_t((bias ? LE : 0) + (relu ? 1 : 0) + (ec ? LE : 0)), 0.f);
+  int64_t next = 0;
+  if (bias) bias_at_ = next, next += LE;
+  if (relu) l1_at_ = next, buffer_[size_t(next++)] = float(cfg.router.relu_l1_init);
+  if (ec) thresholds_at_ = next, std::fill(buffer_.begin() + next, buffer_.end(), -1.f);
+  last_load_.assign(size_t(LE), 0);
+  last_kth_.assign(size_t(LE), 0.f);
+  last_tokens_.assign(size_t(L_moe_), 0);
 }
 
 std::vector<Model::Buffer> Model::buffers() const {
   std::vector<Buffer> out;
-  if (!balance_bias_.empty())
+  if (bias_at_ >= 0)
     for (int64_t l = 0; l < L_; ++l)
-      if (moe_index_[size_t(l)] >= 0)
-        out.push_back({"blocks." + std::to_string(l) + ".moe.router.balance_bias", moe_index_[size_t(l)] * E_, E_});
+      if (const int64_t m = moe_index_[size_t(l)]; m >= 0)
+        out.push_back({"blocks." + std::to_string(l) + ".moe.router.balance_bias", bias_at_ + m * E_, E_});
+  if (l1_at_ >= 0) out.push_back({"router.l1_coef", l1_at_, 1});
+  if (thresholds_at_ >= 0)
+    for (int64_t l = 0; l < L_; ++l)
+      if (const int64_t m = moe_index_[size_t(l)]; m >= 0)
+        out.push_back({"blocks." + std::to_string(l) + ".moe.router.threshold", thresholds_at_ + m * E_, E_});
   return out;
 }
 
+double Model::last_experts_per_token() const {
+  int64_t slots = 0, tokens = 0;
+  for (int64_t l = 0; l < L_moe_; ++l) {  // the MoE blocks
+    tokens += last_tokens_[size_t(l)];
+    for (int64_t e = 0; e < E_; ++e) slots += last_load_[size_t(l * E_ + e)];
+  }
+  return tokens ? double(slots) / double(tokens) : 0.0;
+}
+
+void Model::update_router_state() {
+  update_balance_bias();
+  if (L_moe_ == 0 || last_tokens_[0] == 0) return;  // no MoE block, or no training forward since the last update
+  if (float* l1 = buffer_at(l1_at_)) {
+    // ReMoE: λ grows while the gates are denser than top_k of E, shrinks while sparser.
+    // Sparsity below the target 1 - top_k / E is more than top_k active gates per token, in integers.
+    int64_t slots = 0, tokens = 0;
+    for (int64_t l = 0; l < L_moe_; ++l) {  // the MoE blocks
+      tokens += last_tokens_[size_t(l)];
+      for (int64_t e = 0; e < E_; ++e) slots += last_load_[size_t(l * E_ + e)];
+    }
+    const int64_t target = cfg_.router.top_k * tokens;
+    const auto growth = float(cfg_.router.relu_l1_growth);
+    if (slots > target) *l1 *= growth;
+    else if (slots < target) *l1 /= growth;
+  }
+  if (float* thresholds = buffer_at(thresholds_at_)) {
+    const auto m = float(cfg_.router.threshold_ema);
+    for (int64_t i = 0; i < L_moe_ * E_; ++i) {
+      float& t = thresholds[i];
+      t = t < 0.f ? last_kth_[size_t(i)] : m * t + (1.f - m) * last_kth_[size_t(i)];
+    }
+  }
+  std::fill(last_tokens_.begin(), last_tokens_.end(), 0);
+}
+
 void Model::update_balance_bias() {
-  if (balance_bias_.empty()) return;
+  float* balance_bias = buffer_at(bias_at_);
+  if (!balance_bias) return;
   const float rate = float(cfg_.router.bias_update_rate);
   for (int64_t l = 0; l < L_moe_; ++l) {  // the MoE blocks
     const int64_t* load = last_load_.data() + l * E_;
@@ -61,7 +111,7 @@ void Model::update_balance_bias() {
     for (int64_t e = 0; e < E_; ++e) {
       // Compare load[e] with the mean total / E exactly, in integers.
       const int64_t diff = total - load[e] * E_;
-      balance_bias_[size_t(l * E_ + e)] += diff > 0 ? rate : diff < 0 ? -rate : 0.f;
+      balance_bias[l * E_ + e] += diff > 0 ? rate : diff < 0 ? -rate : 0.f;
     }
   }
 }
@@ -168,8 +218,11 @@ MoEContext Model::moe_context(int64_t l) {
   const int64_t m = moe_index_[size_t(l)];
   MOE_CHECK(m >= 0, "Model::moe_context", "block " + std::to_string(l) + " is dense");
   MoEContext ctx;
-  ctx.bias = balance_bias_.empty() ? nullptr : balance_bias_.data() + m * E_;
+  ctx.bias = bias_at_ < 0 ? nullptr : buffer_at(bias_at_) + m * E_;
   ctx.last_load = last_load_.data() + m * E_;
+  ctx.thresholds = thresholds_at_ < 0 ? nullptr : buffer_at(thresholds_at_) + m * E_;
+  ctx.last_kth = thresholds_at_ < 0 ? nullptr : last_kth_.data() + m * E_;
+  ctx.last_tokens = last_tokens_.data() + m;
   ctx.rank = rank_, ctx.ranks = ranks_, ctx.expert_parallel = expert_parallel_;
   ctx.unused_rng = &unused_rng_;
   return ctx;
@@ -206,8 +259,8 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
   const Rng no_rng(0, 0);
   const Rng drop0 = opt.dropout_rng ? *opt.dropout_rng : no_rng, noise0 = opt.noise_rng ? *opt.noise_rng : no_rng;
   Tensor out = g.new_tensor(x.shape, true);
-  Tensor aux_item, z_item;
-  RouterLosses mine{{&aux_item, 0}, {&z_item, 0}};
+  Tensor aux_item, z_item, l1_item;
+  RouterLosses mine{{&aux_item, 0}, {&z_item, 0}, {&l1_item, 0}};
   Graph* sub = opt.recompute;  // idle until the backward pass: it holds this run too
   sub->clear();
   {
@@ -226,13 +279,14 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
   };
   const Tensor aux = losses ? keep(mine.aux, &losses->aux) : Tensor{};
   const Tensor z = losses ? keep(mine.z, &losses->z) : Tensor{};
+  const Tensor l1 = losses ? keep(mine.l1, &losses->l1) : Tensor{};
   ForwardOptions again = opt;
   again.stats = nullptr;  // counted once, in the forward
   again.chosen = nullptr;
   again.grads_ready = nullptr;
   again.recompute = nullptr;
   const bool with_losses = losses != nullptr;
-  g.record([this, sub, l, x, out, aux, z, again, drop0, noise0, with_losses] {
+  g.record([this, sub, l, x, out, aux, z, l1, again, drop0, noise0, with_losses] {
     Rng drop = drop0, noise = noise0;
     ForwardOptions o = again;
     if (o.dropout_rng) o.dropout_rng = &drop;
@@ -240,10 +294,10 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
     sub->clear();
     const Tensor xs = sub->new_tensor(x.shape, true);
     std::memcpy(xs.data, x.data, sizeof(float) * size_t(x.numel()));
-    Tensor aux_again, z_again;
-    RouterLosses rl{{&aux_again, 0}, {&z_again, 0}};
+    Tensor aux_again, z_again, l1_again;
+    RouterLosses rl{{&aux_again, 0}, {&z_again, 0}, {&l1_again, 0}};
     const Tensor y = block(*sub, l, xs, o, with_losses ? &rl : nullptr);
-    sub->backward_from({{y, out.grad}, {aux_again, aux.grad}, {z_again, z.grad}});
+    sub->backward_from({{y, out.grad}, {aux_again, aux.grad}, {z_again, z.grad}, {l1_again, l1.grad}});
     if (x.grad)  // its only use: the sum equals the one the block would have made here
       for (int64_t i = 0; i < x.numel(); ++i) x.grad[i] += xs.grad[i];
   });
@@ -272,6 +326,7 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
       for (int64_t i = 0; i < n; ++i) table.grad[i] += d[i];
     });
   }
+  router_losses.l1.items = g.arena().alloc_objects<Tensor>(L_);
   Tensor x = emb_.forward(g, params_, idx, B, T);  // (B, T, C)
   // Recorded before the ops that use parameters first.. (registered in forward order), this
   // runs in the backward pass right after the last of their gradient contributions.
@@ -284,8 +339,8 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   const bool rewind = !g.grad_enabled();
   const bool recompute = g.grad_enabled() && opt.recompute;
   MOE_CHECK(!recompute || !opt.distributed, "Model::forward", "recomputation runs in one process only");
-  float* kept = rewind ? g.arena().alloc_floats(2 * L_) : nullptr;
-  int64_t kept_aux = 0, kept_z = 0;
+  float* kept = rewind ? g.arena().alloc_floats(3 * L_) : nullptr;
+  int64_t kept_aux = 0, kept_z = 0, kept_l1 = 0;
   const auto keep = [&](LossList& losses, int64_t& done) {
     for (; done < losses.size; ++done) {
       *kept = losses.items[done].data[0];
@@ -315,6 +370,7 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
     std::memcpy(x.data, y.data, sizeof(float) * size_t(x.numel()));
     keep(router_losses.aux, kept_aux);
     keep(router_losses.z, kept_z);
+    keep(router_losses.l1, kept_l1);
     g.arena().rewind(before);
   }
   mark_ready(ln_f_.weight);
@@ -330,12 +386,13 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   };
   add_term(router_losses.aux, cfg_.router.aux_loss_coef);
   add_term(router_losses.z, cfg_.router.z_loss_coef);
+  add_term(router_losses.l1, double(l1_coef()));
   return out;
 }
 
 KVCache Model::new_cache() const {
   KVCache c;
-  const int64_t K = cfg_.router.top_k, F = cfg_.expert_hidden_size();
+  const int64_t K = slots_per_token(cfg_.router), F = cfg_.expert_hidden_size();
   const int64_t Fd = L_moe_ < L_ ? cfg_.dense_hidden_size() : 0;  // a dense block's width
   const auto T = size_t(T_max_), C = size_t(C_), E = size_t(E_), TK = size_t(T_max_ * K);
   const auto H = size_t(cfg_.model.n_head), KC = size_t(cfg_.kv_heads() * cfg_.head_size());
@@ -388,7 +445,7 @@ const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, con
     add_sub();
     b.ln2.decode(params_, w, x, n);
     if (b.sparse)
-      b.moe.decode(params_, w, n, moe_context(l).bias, opt);
+      b.moe.decode(params_, w, n, moe_context(l), opt);
     else
       b.ffn.decode(params_, cfg_.model.expert_ffn, w.normed.data(), n, w.hidden.data(), w.hidden3.data(),
                    w.sub.data());

@@ -1,6 +1,8 @@
 #include "moe/nn/forward.hpp"
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 
 namespace moe {
 
@@ -17,6 +19,10 @@ void RoutingStats::reset(const std::vector<int64_t>& experts) {
   entropy_sum.assign(L, 0);
   z_sum.assign(L, 0);
   aux_sum.assign(L, 0);
+  per_token_sum.assign(L, 0);
+  per_token_sq.assign(L, 0);
+  per_token_min.assign(L, INT64_MAX);
+  per_token_max.assign(L, 0);
 }
 
 void RoutingStats::add(const RoutingStats& other) {
@@ -30,7 +36,12 @@ void RoutingStats::add(const RoutingStats& other) {
     entropy_sum[l] += other.entropy_sum[l];
     z_sum[l] += other.z_sum[l];
     aux_sum[l] += other.aux_sum[l];
+    per_token_sum[l] += other.per_token_sum[l];
+    per_token_sq[l] += other.per_token_sq[l];
+    per_token_min[l] = std::min(per_token_min[l], other.per_token_min[l]);
+    per_token_max[l] = std::max(per_token_max[l], other.per_token_max[l]);
   }
+  variable = variable || other.variable;
 }
 
 nlohmann::json RoutingStats::health() const {
@@ -53,6 +64,12 @@ nlohmann::json RoutingStats::health() const {
                       {"aux_loss", per(double(counts.size()) * aux_sum[l], forwards[l])},
                       {"z_loss", per(z_sum[l], tokens[l])},
                       {"max_violation", total ? double(most) / mean_load - 1 : 0.0}});
+    if (variable && tokens[l] > 0) {
+      const double mean = per_token_sum[l] / double(tokens[l]);
+      const double var = std::max(0.0, per_token_sq[l] / double(tokens[l]) - mean * mean);
+      layers.back()["experts_per_token"] = {
+          {"mean", mean}, {"std", std::sqrt(var)}, {"min", per_token_min[l]}, {"max", per_token_max[l]}};
+    }
   }
   return layers;
 }

@@ -19,8 +19,20 @@ namespace {
 // chosen for: adds the entropy and logsumexp² of every token and the Switch aux value
 // E · Σ_i f_i P_i.
 void record_router_health(Graph& g, RoutingStats& st, int64_t layer, const float* clean, int64_t N, int64_t E,
-                          const int32_t* chosen, int64_t dropped) {
+                          const int32_t* chosen, int64_t dropped, const RoutingPlan* variable) {
   const size_t l = size_t(layer);
+  if (variable) {  // experts per token: the rows the plan runs for each
+    int32_t* count = g.arena().alloc_ints(N);
+    std::fill(count, count + N, 0);
+    for (int64_t s = 0; s < variable->rows(); ++s) ++count[variable->token[s]];
+    st.variable = true;
+    for (int64_t n = 0; n < N; ++n) {
+      st.per_token_sum[l] += count[n];
+      st.per_token_sq[l] += double(count[n]) * count[n];
+      st.per_token_min[l] = std::min<int64_t>(st.per_token_min[l], count[n]);
+      st.per_token_max[l] = std::max<int64_t>(st.per_token_max[l], count[n]);
+    }
+  }
   // Chunks of tokens, in parallel (an exp and a log per token and expert), each with its own
   // sums {entropy, z, P[0..E)} and scratch p[E], added up in chunk order: the same figures for
   // any thread count.
@@ -177,6 +189,7 @@ MoELayer MoELayer::make(ParamBuilder& pb, const std::string& prefix, const Confi
   m.dropout_ = float(cfg.model.dropout);
   m.aux_coef_ = cfg.router.aux_loss_coef;
   m.z_coef_ = cfg.router.z_loss_coef;
+  m.l1_ = cfg.router.gating == Gating::kRelu;
   m.C_ = cfg.model.n_embed;
   m.E_ = cfg.router.num_experts;
   m.F_ = cfg.expert_hidden_size();
@@ -192,11 +205,23 @@ Tensor MoELayer::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_
                          const ForwardOptions& opt, RouterLosses* losses) const {
   const int64_t N = x.rows(), E = E_;
   const Tensor xf = x.view({N, C_});  // (N, C)
-  const Router::Routed r = router.forward(g, ps, xf, layer, ctx.bias, opt);
+  float* kth = opt.training && ctx.last_kth ? g.arena().alloc_floats(E) : nullptr;  // expert choice: this batch's
+  const Router::Routed r = router.forward(g, ps, xf, layer, {ctx.bias, ctx.thresholds, kth}, opt);
   const RoutingPlan& plan = r.plan;
-  if (opt.chosen) (*opt.chosen)[size_t(layer)].assign(plan.index, plan.index + N * plan.K);
+  if (opt.chosen) {  // relu and expert choice: per token and expert, e where it runs, else -1
+    auto& ids = (*opt.chosen)[size_t(layer)];
+    if (router.variable()) {
+      ids.assign(size_t(N * plan.K), -1);
+      for (int64_t i = 0; i < N * plan.K; ++i)
+        if (plan.weights[i] != 0.f) ids[size_t((i / plan.K) * plan.K + plan.index[i])] = plan.index[i];
+    } else {
+      ids.assign(plan.index, plan.index + N * plan.K);
+    }
+  }
   if (opt.chosen_weights) (*opt.chosen_weights)[size_t(layer)].assign(plan.weights, plan.weights + N * plan.K);
-  if (opt.stats) record_router_health(g, *opt.stats, layer, r.clean.data, N, E, plan.chosen, plan.dropped);
+  if (opt.stats)
+    record_router_health(g, *opt.stats, layer, r.clean.data, N, E, plan.chosen, plan.dropped,
+                         router.variable() ? &plan : nullptr);
 
   // Slots per expert, chosen (before any capacity drops) and kept: counts[r][e] and
   // counts[r][E + e] for process r, every process of a distributed forward, else this one.
@@ -220,12 +245,37 @@ Tensor MoELayer::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_
     slots[e] = int32_t(c);
     if (opt.training) ctx.last_load[e] = c;
   }
+  if (opt.training && ctx.last_tokens) *ctx.last_tokens = N * R;
+  if (opt.training && kth) {  // the mean of the processes' C-th scores, added in rank order
+    auto* bits = static_cast<int64_t*>(g.arena().alloc_bytes(sizeof(int64_t) * size_t((R + 1) * E)));
+    int64_t* all = bits + E;
+    for (int64_t e = 0; e < E; ++e) {
+      uint32_t b;
+      std::memcpy(&b, kth + e, sizeof b);
+      bits[e] = int64_t(b);
+    }
+    if (dist)
+      dist::allgather(bits, all, E);
+    else
+      std::copy(bits, bits + E, all);
+    for (int64_t e = 0; e < E; ++e) {
+      double sum = 0;
+      for (int64_t q = 0; q < R; ++q) {
+        const auto b = uint32_t(all[q * E + e]);
+        float v;
+        std::memcpy(&v, &b, sizeof v);
+        sum += double(v);
+      }
+      ctx.last_kth[e] = float(sum / double(R));
+    }
+  }
 
   // Balancing losses from the clean logits and the router's choices (before any capacity).
   {
     Graph::KeepGrads added_after_the_blocks(g);
     if (losses && aux_coef_ > 0) losses->aux.push(switch_aux_loss(g, r.clean, slots));
     if (losses && z_coef_ > 0) losses->z.push(router_z_loss(g, r.clean));
+    if (losses && l1_) losses->l1.push(scale(g, sum(g, r.weights), 1.f / float(N)));
   }
 
   const float p = opt.training ? dropout_ : 0.f;
@@ -243,9 +293,9 @@ Tensor MoELayer::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_
   return out.view(x.shape);
 }
 
-void MoELayer::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const float* bias,
+void MoELayer::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const MoEContext& ctx,
                       const ForwardOptions& opt) const {
-  const RoutingPlan plan = router.decode(ps, w, n, bias, opt);
+  const RoutingPlan plan = router.decode(ps, w, n, {ctx.bias, ctx.thresholds, nullptr}, opt);
   const float* x = w.normed.data();
   // Each routed row s owns row s of rows, hidden and expert_out, so the chosen experts run on
   // separate threads (one team per layer; their products run serially inside it).

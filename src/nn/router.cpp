@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "moe/kernels/log1pf.hpp"
 #include "moe/kernels/nn.hpp"
@@ -10,8 +11,18 @@
 
 namespace moe {
 
-void group_plan(RoutingPlan& p, int64_t capacity) {
+void group_plan(RoutingPlan& p, int64_t capacity, bool skip_zero) {
   group_by_expert(p.index, p.N, p.K, p.E, p.offsets, p.token, p.gate_pos);
+  if (skip_zero) {  // compact each expert's list in place, keeping the slots of nonzero weight
+    int32_t kept = 0;
+    for (int64_t e = 0; e < p.E; ++e) {
+      const int32_t begin = p.offsets[e], end = p.offsets[e + 1];
+      p.offsets[e] = kept;
+      for (int32_t s = begin; s < end; ++s)
+        if (p.weights[p.gate_pos[s]] != 0.f) p.token[kept] = p.token[s], p.gate_pos[kept++] = p.gate_pos[s];
+    }
+    p.offsets[p.E] = kept;
+  }
   for (int64_t e = 0; e < p.E; ++e) p.chosen[e] = p.offsets[e + 1] - p.offsets[e];
   p.dropped = capacity > 0 ? apply_capacity(p.offsets, p.token, p.gate_pos, p.weights, p.E, capacity) : 0;
 }
@@ -20,8 +31,36 @@ GateSpec GateSpec::of(const RouterConfig& rc) {
   return {rc.gating, rc.renormalize, float(rc.route_scale), rc.n_groups, rc.topk_groups};
 }
 
+namespace {
+
+// Expert choice's choice: taken [N, E] = 1 where expert e takes token n. Batch rule: each
+// expert's ec.capacity tokens of largest probs (ties: the lower token), its capacity-th score
+// into ec.kth; causal rule: probs >= ec.thresholds.
+void expert_choice_select(uint8_t* taken, const float* probs, int64_t N, int64_t E, const ExpertChoice& ec) {
+  std::fill(taken, taken + N * E, uint8_t(0));
+  if (ec.capacity <= 0) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t e = 0; e < E; ++e) taken[n * E + e] = probs[n * E + e] >= ec.thresholds[e];
+    return;
+  }
+  const int64_t C = std::min(ec.capacity, N);
+  std::vector<int32_t> order(static_cast<size_t>(N));
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t n = 0; n < N; ++n) order[size_t(n)] = int32_t(n);
+    const auto better = [&](int32_t a, int32_t b) {
+      const float pa = probs[a * E + e], pb = probs[b * E + e];
+      return pa > pb || (pa == pb && a < b);
+    };
+    std::partial_sort(order.begin(), order.begin() + C, order.end(), better);
+    for (int64_t c = 0; c < C; ++c) taken[order[size_t(c)] * E + e] = 1;
+    if (ec.kth) ec.kth[e] = probs[order[size_t(C - 1)] * E + e];
+  }
+}
+
+}  // namespace
+
 void gate_forward(const GateSpec& spec, int32_t* index, float* weights, float* probs, float* gathered,
-                  const float* logits, const float* bias, int64_t N, int64_t E, int64_t K) {
+                  const float* logits, const float* bias, int64_t N, int64_t E, int64_t K, const ExpertChoice& ec) {
   const auto select = [&](const float* scores) {
     topk_select_grouped(index, scores, bias, N, E, K, spec.groups, spec.open_groups);
   };
@@ -43,6 +82,23 @@ void gate_forward(const GateSpec& spec, int32_t* index, float* weights, float* p
       normalize_rows_forward(weights, gathered, N, K);
       for (int64_t i = 0; i < N * K; ++i) weights[i] *= spec.route_scale;
       return;
+    case Gating::kRelu:  // every expert, in descending logit; weight max(logit, 0)
+      topk_select(index, logits, nullptr, N, E, E);
+      gather_cols_forward(weights, logits, index, N, E, E);
+      for (int64_t i = 0; i < N * E; ++i) weights[i] = std::max(weights[i], 0.f);
+      return;
+    case Gating::kExpertChoice: {
+      softmax_forward(probs, logits, N, E, false);
+      std::vector<uint8_t> taken(size_t(N * E));
+      expert_choice_select(taken.data(), probs, N, E, ec);
+      topk_select(index, probs, nullptr, N, E, E);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < E; ++k) {
+          const int64_t e = index[n * E + k];
+          weights[n * E + k] = taken[n * E + e] ? probs[n * E + e] : 0.f;
+        }
+      return;
+    }
   }
 }
 
@@ -52,19 +108,28 @@ namespace {
 // For softmax_topk the backward runs what the separate ops' backward passes ran, in their
 // order: the renormalisation's, the gather's (into zeroed probabilities' gradients), then the
 // softmax's.
-Tensor gate(Graph& g, const Tensor& logits, const GateSpec& spec, const float* bias, int64_t K, int32_t* index) {
+Tensor gate(Graph& g, const Tensor& logits, const GateSpec& spec, const float* bias, int64_t K, int32_t* index,
+            const ExpertChoice& ec) {
   const int64_t N = logits.size(0), E = logits.size(1);
   MOE_CHECK(K >= 1 && K <= E, "gate", "K=" + std::to_string(K) + " must be in [1, E=" + std::to_string(E) + "]");
   Tensor w = g.output({N, K}, logits);
   const Gating kind = spec.gating;
   const bool renormalize = spec.renormalize;
-  const bool with_probs = kind != Gating::kTopkSoftmax;
+  const bool with_probs = kind != Gating::kTopkSoftmax && kind != Gating::kRelu;
   const bool with_gathered = kind == Gating::kSigmoidTopk || (kind == Gating::kSoftmaxTopk && renormalize);
   float* probs = with_probs ? g.arena().alloc_floats(N * E) : nullptr;
   float* gathered = with_gathered ? g.arena().alloc_floats(N * K) : nullptr;
-  gate_forward(spec, index, w.data, probs, gathered, logits.data, bias, N, E, K);
+  gate_forward(spec, index, w.data, probs, gathered, logits.data, bias, N, E, K, ec);
   if (!w.requires_grad()) return w;
   switch (kind) {
+    case Gating::kRelu:  // dlogit = dw where the weight is positive
+      g.record([=] {
+        for (int64_t i = 0; i < N * K; ++i)
+          if (w.data[i] > 0.f) logits.grad[(i / K) * E + index[i]] += w.grad[i];
+      });
+      return w;
+    case Gating::kExpertChoice:  // w = p at the taken slots: dp = dw there, then the softmax's backward
+      break;
     case Gating::kTopkSoftmax:
       g.record([=] { topk_softmax_backward(logits.grad, w.grad, w.data, index, N, E, K); });
       return w;
@@ -89,6 +154,15 @@ Tensor gate(Graph& g, const Tensor& logits, const GateSpec& spec, const float* b
       break;
   }
   float* dprobs = g.arena().alloc_floats(N * E);
+  if (kind == Gating::kExpertChoice) {
+    g.record([=] {
+      std::fill(dprobs, dprobs + N * E, 0.f);
+      for (int64_t i = 0; i < N * K; ++i)
+        if (w.data[i] != 0.f) dprobs[(i / K) * E + index[i]] = w.grad[i];
+      softmax_backward(logits.grad, dprobs, probs, N, E);
+    });
+    return w;
+  }
   float* dgathered = renormalize ? g.arena().alloc_floats(N * K) : nullptr;
   g.record([=] {
     const float* dg = w.grad;
@@ -124,13 +198,20 @@ int64_t Router::noise_draws(int64_t rows, bool training) const {
   return (jitters(training) ? rows * C_ : 0) + (noisy(training) ? rows * rc_.num_experts : 0);
 }
 
-int64_t Router::capacity(int64_t rows, bool training) const {
-  return rc_.capacity_factor > 0 && (training || rc_.capacity_at_eval) ? expert_capacity(rc_, rows) : 0;
+int64_t Router::capacity(int64_t rows, bool training, int64_t K) const {
+  if (gate_.gating == Gating::kExpertChoice) return 0;  // its capacity is its choice: nothing to drop
+  RouterConfig rc = rc_;
+  rc.top_k = K;
+  return rc.capacity_factor > 0 && (training || rc.capacity_at_eval) ? expert_capacity(rc, rows) : 0;
 }
 
-Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_t layer, const float* bias,
+int64_t Router::slots(const ForwardOptions& opt) const {
+  return variable() ? rc_.num_experts : opt.top_k > 0 ? opt.top_k : rc_.top_k;
+}
+
+Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_t layer, const RouterState& st,
                                const ForwardOptions& opt) const {
-  const int64_t N = x.rows(), E = rc_.num_experts, K = rc_.top_k;
+  const int64_t N = x.rows(), E = rc_.num_experts, K = slots(opt);
   const auto fixed = [&](const std::vector<std::vector<float>>* from, float* to, int64_t n, const char* what) {
     const auto& v = (*from)[size_t(layer)];
     MOE_CHECK(int64_t(v.size()) == n, "Model", std::string("fixed router ") + what + " has the wrong size");
@@ -163,16 +244,23 @@ Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, 
     logits = add(g, r.clean, mul(g, n, noise_scale));
   }
   int32_t* index = g.arena().alloc_ints(N * K);
-  r.weights = gate(g, logits, gate_, bias, K, index);  // (N, K)
+  r.weights = gate(g, logits, gate_, st.bias, K, index, expert_choice(N, st, opt.training || opt.batch_routing));
   r.plan = {N, E, K, index, r.weights.data, g.arena().alloc_ints(E + 1), g.arena().alloc_ints(N * K),
             g.arena().alloc_ints(N * K), g.arena().alloc_ints(E)};
-  group_plan(r.plan, capacity(N, opt.training));
+  group_plan(r.plan, capacity(N, opt.training, variable() ? rc_.top_k : K), variable());  // relu: top_k on average
   return r;
 }
 
-RoutingPlan Router::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const float* bias,
+ExpertChoice Router::expert_choice(int64_t rows, const RouterState& st, bool batch) const {
+  if (gate_.gating != Gating::kExpertChoice) return {};
+  if (batch) return {expert_capacity(rc_, rows), nullptr, st.kth};
+  MOE_CHECK(st.thresholds != nullptr, "Router", "expert choice's causal rule needs the thresholds");
+  return {0, st.thresholds, nullptr};
+}
+
+RoutingPlan Router::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const RouterState& st,
                            const ForwardOptions& opt) const {
-  const int64_t E = rc_.num_experts, K = rc_.top_k;
+  const int64_t E = rc_.num_experts, K = variable() ? E : rc_.top_k;
   const float* x = w.normed.data();
   float* clean = w.clean.data();
   route.decode(ps, x, n, clean);  // (n, E)
@@ -190,8 +278,9 @@ RoutingPlan Router::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, co
   }
   RoutingPlan plan{n,           E, K, w.index.data(), w.gates.data(), w.offsets.data(), w.token.data(),
                    w.gate_pos.data(), w.chosen.data()};
-  gate_forward(gate_, w.index.data(), w.gates.data(), w.probs.data(), w.gathered.data(), logits, bias, n, E, K);
-  group_plan(plan, capacity(n, false));
+  gate_forward(gate_, w.index.data(), w.gates.data(), w.probs.data(), w.gathered.data(), logits, st.bias, n, E, K,
+               expert_choice(n, st, false));
+  group_plan(plan, capacity(n, false, variable() ? rc_.top_k : K), variable());
   return plan;
 }
 

@@ -102,7 +102,7 @@ EvalEstimate estimate_loss(Model& model, const Dataset& data, const Config& cfg,
 }
 
 SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g,
-                               const RoutedBatchObserver& observe) {
+                               const RoutedBatchObserver& observe, bool batch_routing) {
   const Config& cfg = model.config();
   const int64_t T = cfg.model.block_size;
   const WindowBatcher windows(ids, batch_size, T);  // throws if the split is shorter than T + 1
@@ -136,6 +136,7 @@ SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, 
       ForwardOptions fo;
       fo.noise_rng = &noise_rng;
       fo.stats = &stats[size_t(t)];
+      fo.batch_routing = batch_routing;
       if (observe) {
         fo.chosen = &chosen[size_t(t)];
         fo.chosen_weights = &weights[size_t(t)];

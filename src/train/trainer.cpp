@@ -147,6 +147,8 @@ class RunLog {
     const double eta = elapsed / double(step + 1 - first_step_) * double(max_steps - step - 1);
     nlohmann::json j{{"step", step + 1}, {"loss", sr.loss}, {"lr", sr.lr}, {"grad_norm", sr.grad_norm},
                      {"tokens_per_s", tok_s}};
+    if (cfg_.router.top_k_anneal_steps > 0) j["top_k"] = sr.top_k;
+    if (cfg_.router.gating == Gating::kRelu) j["l1_coef"] = sr.l1_coef;
     j["tokens_per_expert"] = stats.counts();
     const nlohmann::json health = stats.health();  // null for a dense block
     j["router"] = health;
@@ -191,7 +193,7 @@ class Training {
   // Initialises the model's weights, or loads them, the moments and the generators' states
   // from the checkpoint `resume` (whose state is `resumed`).
   Training(const Config& cfg, Model& model, ParallelTraining& par, const Dataset& data, const std::string& resume,
-           const TrainState& resumed)
+           const TrainState& resumed, const std::string& init_from)
       : cfg_(cfg),
         model_(model),
         par_(par),
@@ -209,6 +211,7 @@ class Training {
     if (resume.empty()) {
       Rng init_rng(cfg.training.seed, kStreamInit);
       model.init(init_rng);
+      if (!init_from.empty()) load_checkpoint_tensors(init_from, model, nullptr);
     } else {
       state = resumed;
       load_checkpoint_tensors(resume, model, &adamw_);
@@ -346,6 +349,8 @@ StepResult TrainStep::run(int64_t step, bool grad_norm) {
   sampler_.next(x_.data(), y_.data());
   StepResult res;
   res.lr = learning_rate(cfg_.optimizer, step, cfg_.training.max_steps);
+  res.top_k = fo_.top_k = top_k_at(cfg_.router, step);
+  res.l1_coef = model_.l1_coef();
   Model::Output o = model_.forward(g_, x_.data(), y_.data(), cfg_.training.batch_size, cfg_.model.block_size, fo_);
   // The global batch's loss, so that every rank takes the same decisions, and whether any rank
   // has seen a signal, in one all-reduce: a second one per step for the flag alone costs a
@@ -371,18 +376,23 @@ StepResult TrainStep::run(int64_t step, bool grad_norm) {
     adamw_.step(model_.params(), res.lr, par_.update_ranges(), true);
     grads_zero_ = par_.update_ranges() == nullptr;  // expert parallelism leaves other experts' ranges
   }
-  model_.update_balance_bias();  // no-op unless router.bias_update_rate > 0
+  model_.update_router_state();  // balancing bias, relu's L1 coefficient, expert choice's thresholds
   return res;
 }
 
 TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   const auto t_start = Clock::now();
   Config cfg = cfg_in;
+  if (!opt.init.empty() && !opt.resume.empty())
+    throw std::invalid_argument("--init and --resume do not go together: --resume continues a run (weights, optimizer, "
+                                "step), --init starts a fresh one from a checkpoint's weights");
   CheckpointHeader resumed;
   if (!opt.resume.empty()) {
     resumed = read_checkpoint_header(opt.resume);
     check_resume_compatible(resumed.config, cfg, opt.resume);
   }
+  CheckpointHeader init_header;
+  if (!opt.init.empty()) init_header = read_checkpoint_header(opt.init);
   if (!opt.out_dir.empty()) cfg.logging.out_dir = opt.out_dir;
   set_thread_count(cfg);
 
@@ -390,6 +400,9 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, T);
   if (!opt.resume.empty() && data.tokenizer().vocab() != resumed.vocab)
     throw std::runtime_error("--resume " + opt.resume + ": the data file " + cfg.data.path +
+                             " has a different vocabulary than the checkpoint");
+  if (!opt.init.empty() && data.tokenizer().vocab() != init_header.vocab)
+    throw std::runtime_error("--init " + opt.init + ": the data file " + cfg.data.path +
                              " has a different vocabulary than the checkpoint");
   Model model(cfg, int64_t(data.tokenizer().vocab().size()));
   ParallelTraining par(model, opt.expert_parallel);  // one process unless started by mpirun
@@ -401,7 +414,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   if (opt.dry_run) return res;
 
   RunLog log(cfg, opt, par);  // from here on the run directory is this run's alone
-  Training run(cfg, model, par, data, opt.resume, resumed.state);
+  Training run(cfg, model, par, data, opt.resume, resumed.state, opt.init);
   log.header(opt, model, data, par, run.state.step);
 
   const std::filesystem::path out = cfg.logging.out_dir;

@@ -21,7 +21,7 @@ namespace moe {
 enum class ExpertFfn { kRelu, kGelu, kSwiglu };
 enum class AttnScale { kHead, kEmbed };
 enum class InitKind { kKaimingNormal, kXavier, kNormal };
-enum class Gating { kTopkSoftmax, kSoftmaxTopk, kSigmoidTopk };
+enum class Gating { kTopkSoftmax, kSoftmaxTopk, kSigmoidTopk, kRelu, kExpertChoice };
 enum class LrSchedule { kConstant, kCosine };
 enum class NormKind { kLayerNorm, kRmsNorm };
 enum class PositionKind { kLearned, kRope };
@@ -42,7 +42,8 @@ struct EnumNames<InitKind> {
 };
 template <>
 struct EnumNames<Gating> {
-  static constexpr std::array<const char*, 3> names{"topk_softmax", "softmax_topk", "sigmoid_topk"};
+  static constexpr std::array<const char*, 5> names{"topk_softmax", "softmax_topk", "sigmoid_topk", "relu",
+                                                    "expert_choice"};
 };
 template <>
 struct EnumNames<LrSchedule> {
@@ -99,7 +100,10 @@ struct RouterConfig {
   bool noise_at_eval = false;  // makeMoE also adds the noise at evaluation and generation
   // "topk_softmax": softmax over the k kept logits (makeMoE); "softmax_topk": softmax over all
   // experts, then the k largest probabilities (Mixtral, Megablocks), rescaled to sum 1 if renormalize;
-  // "sigmoid_topk" (DeepSeek-V3): s = sigmoid(logits), the k largest, weights s / Σ s · route_scale.
+  // "sigmoid_topk" (DeepSeek-V3): s = sigmoid(logits), the k largest, weights s / Σ s · route_scale;
+  // "relu" (ReMoE): weights ReLU(logits), a variable number of experts per token, held at top_k on
+  // average by an adaptive L1 penalty; "expert_choice" (Zhou et al.): each expert takes the
+  // capacity_factor · tokens · top_k / E tokens of the batch of best softmax score.
   Gating gating = Gating::kTopkSoftmax;
   bool renormalize = false;
   double aux_loss_coef = 0;      // Switch load-balancing loss E * sum_i f_i P_i, averaged over layers
@@ -112,7 +116,18 @@ struct RouterConfig {
   int64_t topk_groups = 1;       // ... and only the topk_groups groups of best score (the sum of a
                                  // group's two best selection scores) can be chosen
   double jitter = 0;             // Megablocks: in training, the router's input times U(1 - jitter, 1 + jitter); 0: off
+  double relu_l1_init = 1e-8;    // relu: the L1 penalty's first coefficient λ (ReMoE's λ0)
+  double relu_l1_growth = 1.2;   // relu: λ ← λ · growth^sign(target sparsity - sparsity) after each step (ReMoE's α)
+  double threshold_ema = 0.99;   // expert_choice: decay of each expert's causal threshold (EMA of its C-th score)
+  int64_t top_k_anneal_steps = 0;  // dense-to-sparse: k from num_experts down to top_k, linearly over these steps; 0: off
 };
+
+// Slots one token can take: num_experts for the gatings whose count varies (relu,
+// expert_choice), else top_k.
+int64_t slots_per_token(const RouterConfig& r);
+// The k of training step `step` (router.top_k_anneal_steps): num_experts at step 0, down to
+// top_k linearly, rounded to the nearest integer, top_k from step top_k_anneal_steps on.
+int64_t top_k_at(const RouterConfig& r, int64_t step);
 
 // Slots each expert keeps when `rows` tokens are routed (capacity_factor > 0):
 // ceil(capacity_factor · top_k · rows / num_experts).

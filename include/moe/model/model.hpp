@@ -83,18 +83,30 @@ class Model {
 
   // State that is not a parameter but is saved in checkpoints: the aux-loss-free balancing
   // biases ("blocks.{l}.moe.router.balance_bias", [E], one per MoE block) when
-  // router.bias_update_rate > 0.
+  // router.bias_update_rate > 0; the relu gating's L1 coefficient ("router.l1_coef", [1]);
+  // expert choice's causal thresholds ("blocks.{l}.moe.router.threshold", [E] per MoE block, -1
+  // before the first training step).
   struct Buffer {
     std::string name;
     int64_t offset, size;  // within buffer_data()
   };
   std::vector<Buffer> buffers() const;
-  float* buffer_data() { return balance_bias_.data(); }
-  const float* buffer_data() const { return balance_bias_.data(); }
+  float* buffer_data() { return buffer_.data(); }
+  const float* buffer_data() const { return buffer_.data(); }
   // DeepSeek-V3's update after a training step: each expert's selection bias moves by
   // bias_update_rate toward balance (up when the last training forward gave it fewer slots
   // than the mean, down when more).
   void update_balance_bias();
+  // The router state's updates after a training step, from its last training forward (the
+  // global batch's figures, so the same on every process): the balancing bias; the relu
+  // gating's L1 coefficient λ ← λ · relu_l1_growth^sign(target - sparsity), target = 1 - top_k / E,
+  // sparsity the fraction of zero gates over the layers; expert choice's thresholds
+  // τ ← threshold_ema · τ + (1 - threshold_ema) · (the C-th score), the first one taken as it is.
+  void update_router_state();
+  // The relu gating's L1 coefficient (0 for other gatings).
+  float l1_coef() const { return l1_at_ < 0 ? 0.f : buffer_[size_t(l1_at_)]; }
+  // Experts per token the relu gating ran in the last training forward, mean over the layers.
+  double last_experts_per_token() const;
 
   // Training over `ranks` processes (this one `rank`), each with its own share of the batch.
   // With expert_parallel, expert e of every layer belongs to rank e / (E / ranks) (E must be
@@ -130,8 +142,17 @@ class Model {
   Linear lm_head_;
   std::vector<int64_t> moe_index_;    // [L]: block l's place among the MoE blocks, -1 for a dense block
   int64_t L_moe_ = 0;                 // MoE blocks
-  std::vector<float> balance_bias_;  // [L_moe, E] when router.bias_update_rate > 0, else empty
+  // The buffers, per MoE block: balancing bias [L_moe, E], l1 coefficient [1], thresholds [L_moe, E].
+  std::vector<float> buffer_;
+  // Offsets in buffer_ (-1: absent; offsets, not pointers, so that a copied model is whole):
+  int64_t bias_at_ = -1;        // [L_moe, E] the balancing bias, router.bias_update_rate > 0
+  int64_t l1_at_ = -1;          // [1] router.gating "relu"
+  int64_t thresholds_at_ = -1;  // [L_moe, E] router.gating "expert_choice"
+  float* buffer_at(int64_t at) { return at < 0 ? nullptr : buffer_.data() + at; }
+  const float* buffer_at(int64_t at) const { return at < 0 ? nullptr : buffer_.data() + at; }
   std::vector<int64_t> last_load_;    // [L_moe, E]: slots per expert in the last training forward
+  std::vector<float> last_kth_;       // [L_moe, E]: expert choice's C-th scores in the last training forward
+  std::vector<int64_t> last_tokens_;  // [L_moe]: tokens of the last training forward's global batch
   int rank_ = 0, ranks_ = 1;
   bool expert_parallel_ = false;
   Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn

@@ -20,6 +20,11 @@ struct RoutingStats {
   std::vector<double> entropy_sum;  // [layer]: Σ over tokens of the router entropy (nats)
   std::vector<double> z_sum;        // [layer]: Σ over tokens of logsumexp(router logits)²
   std::vector<double> aux_sum;      // [layer]: Σ over forwards of Σ_i f_i P_i (aux loss / E)
+  // Experts per token, for gatings where it varies (relu, expert_choice; `variable`):
+  // [layer] Σ, Σ², min and max over tokens of the experts that ran for it.
+  bool variable = false;
+  std::vector<double> per_token_sum, per_token_sq;
+  std::vector<int64_t> per_token_min, per_token_max;
   void reset(int64_t layers, int64_t experts);
   // experts[l]: layer l's routed experts, 0 for a dense block (no router: its figures stay empty).
   void reset(const std::vector<int64_t>& experts);
@@ -28,7 +33,8 @@ struct RoutingStats {
   // gathering them here after these would give.
   void add(const RoutingStats& other);
   // Per layer: {"load": fraction of slots per expert, "dropped_frac", "router_entropy",
-  // "aux_loss", "z_loss", "max_violation" (max load / mean load - 1)}; null for a dense block.
+  // "aux_loss", "z_loss", "max_violation" (max load / mean load - 1)}, and when `variable`
+  // "experts_per_token": {"mean", "std", "min", "max"}; null for a dense block.
   nlohmann::json health() const;
   // tokens_per_expert as JSON: per layer the slots per expert, null for a dense block.
   nlohmann::json counts() const;
@@ -76,6 +82,11 @@ struct ForwardOptions {
   // same random numbers, and goes back through it there. The gradients are the same bits;
   // activations take one block's memory here and in the graph. One process only.
   Graph* recompute = nullptr;
+  // The k of top-k gatings for this forward (router.top_k_anneal_steps); 0: router.top_k.
+  int64_t top_k = 0;
+  // router.gating "expert_choice" outside training: route by the batch rule (each expert its
+  // best tokens of this batch, as in training) instead of the causal thresholds.
+  bool batch_routing = false;
 };
 
 // A forward's balancing losses, one scalar per layer each, in its graph's arena: a forward
@@ -86,7 +97,7 @@ struct LossList {
   void push(const Tensor& t) { items[size++] = t; }
 };
 struct RouterLosses {
-  LossList aux, z;
+  LossList aux, z, l1;  // l1: relu gating's mean over tokens of Σ_e gate (ReMoE's L1 penalty)
 };
 
 // Key/value cache for incremental generation of one sequence, with the buffers Model::decode

@@ -23,6 +23,10 @@ struct MoEContext {
   int rank = 0, ranks = 1;
   bool expert_parallel = false;
   Rng* unused_rng = nullptr;  // handed to dropout when it is off: never drawn
+  const float* thresholds = nullptr;  // [E] expert_choice: the causal thresholds
+  float* last_kth = nullptr;  // [E] expert_choice, written by training forwards: each expert's C-th
+                              // score, the mean over the processes' batches
+  int64_t* last_tokens = nullptr;  // written by training forwards: tokens of the global batch
   int expert_owner(int64_t e, int64_t E) const { return expert_parallel ? int(e / (E / ranks)) : 0; }
 };
 
@@ -37,12 +41,14 @@ class MoELayer {
   Tensor forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_t layer, const MoEContext& ctx,
                  const ForwardOptions& opt, RouterLosses* losses) const;
   // The same in evaluation for the n rows of w.normed, into w.sub.
-  void decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const float* bias, const ForwardOptions& opt) const;
+  void decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const MoEContext& ctx,
+              const ForwardOptions& opt) const;
 
  private:
   ExpertFfn kind_ = ExpertFfn::kRelu;
   float dropout_ = 0;
   double aux_coef_ = 0, z_coef_ = 0;
+  bool l1_ = false;  // relu gating: ReMoE's L1 penalty on the gates
   int64_t C_ = 0, E_ = 0, F_ = 0;
 };
 

@@ -15,6 +15,7 @@ enum RngStream : uint64_t {
   kStreamEvalNoise = 6,   // router noise at evaluation (router.noise_at_eval)
   kStreamSample = 11,     // sampling the next character in generation
   kStreamSampleNoise = 12,  // router noise in generation (router.noise_at_eval)
+  kStreamUpcycle = 13,      // moe upcycle: the noise on the experts' copies
 };
 
 }  // namespace moe

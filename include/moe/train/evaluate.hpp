@@ -53,7 +53,9 @@ using RoutedBatchObserver = std::function<void(const RoutedBatch&)>;
 
 // Every window [i*T, i*T + T] of ids (inputs, targets shifted by one), batch_size at a time.
 // When given, observe sees every batch's routing, in batch order, whatever the thread count.
+// batch_routing: router.gating "expert_choice" routes each batch by the batch rule of training
+// (not causal: a token's route depends on the batch) instead of the causal thresholds.
 SplitEvaluation evaluate_split(Model& model, TokenSpan ids, int64_t batch_size, Graph& g,
-                               const RoutedBatchObserver& observe = nullptr);
+                               const RoutedBatchObserver& observe = nullptr, bool batch_routing = false);
 
 }  // namespace moe

@@ -19,6 +19,9 @@ namespace moe {
 
 struct TrainOptions {
   std::string resume;   // checkpoint to resume from, or empty
+  // Checkpoint whose weights (and router buffers) a fresh run starts from, in place of the
+  // initialisation (moe upcycle's output); the optimizer and step start afresh. Not with resume.
+  std::string init;
   std::string out_dir;  // overrides config.logging.out_dir when non-empty
   bool quiet = false;   // no progress lines (tests)
   // A fresh run refuses a run directory that already holds checkpoints unless this is set;
@@ -58,6 +61,8 @@ struct StepResult {
   double loss = 0;       // cross-entropy of the global batch (all ranks' rows)
   double grad_norm = 0;  // global gradient norm before clipping; NaN when not asked for
   float lr = 0;
+  int64_t top_k = 0;    // the step's k (router.top_k_anneal_steps)
+  float l1_coef = 0;    // relu gating: the L1 coefficient the step's objective used
   // Some rank had seen a stop signal (g_stop_signal) when its forward pass ended: every rank
   // gets the same answer, so all stop after this step. A later signal shows in the next step.
   bool stop = false;
