@@ -126,6 +126,35 @@ TEST_CASE("moe upcycle: every expert a copy of the dense FFN; with weights summi
     from.resume = dense;
     CHECK_THROWS_WITH(train(moe_cfg, from), Contains("--init and --resume do not go together"));
   }
+  // A dense-FFN source (model.dense_first = n_layer: "blocks.{l}.ffn.*", no router at all) upcycles
+  // the same way; its FFN width must be the experts'.
+  {
+    json all_dense = tiny_json({{"num_experts", 4}, {"top_k", 2}});
+    all_dense["model"]["dense_first"] = 2;
+    all_dense["model"]["dense_hidden"] = 64;  // 4 * n_embed, the experts' default width
+    TrainOptions o;
+    o.out_dir = dir / "all_dense";
+    o.quiet = true;
+    train(config_from_json(all_dense, "all dense"), o);
+    const Config moe_cfg = config_from_json(tiny_json({{"num_experts", 4}, {"top_k", 2}}), "moe");
+    upcycle(dir / "all_dense/last.safetensors", moe_cfg, dir / "up_ffn.safetensors", {});
+    InferenceModel d = load_for_inference(dir / "all_dense/last.safetensors"), u = load_for_inference(dir / "up_ffn.safetensors");
+    const std::vector<int32_t> x = {1, 2, 3, 4, 5, 6, 7, 0};
+    Graph g1, g2;
+    ForwardOptions fo;
+    const Model::Output a = d.model->forward(g1, x.data(), x.data(), 1, 8, fo);
+    const Model::Output b = u.model->forward(g2, x.data(), x.data(), 1, 8, fo);
+    double worst = 0;
+    for (int64_t i = 0; i < a.logits.numel(); ++i) worst = std::max(worst, double(std::fabs(a.logits.data[i] - b.logits.data[i])));
+    INFO("dense-FFN source: logits max abs diff " << worst);
+    CHECK(worst < 1e-5);
+    json wide = all_dense;
+    wide["model"]["dense_hidden"] = 32;
+    o.out_dir = dir / "narrow";
+    train(config_from_json(wide, "narrow"), o);
+    CHECK_THROWS_WITH(upcycle(dir / "narrow/last.safetensors", moe_cfg, dir / "bad.safetensors", {}),
+                      Contains("the dense blocks' width against the experts'"));
+  }
   // Noise breaks the symmetry: the experts differ.
   const Config moe_cfg = config_from_json(tiny_json({{"num_experts", 4}, {"top_k", 2}}), "moe");
   upcycle(dense, moe_cfg, dir / "noisy.safetensors", {0.01, 5});

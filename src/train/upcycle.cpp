@@ -16,6 +16,7 @@ namespace moe {
 namespace {
 
 const std::regex kExpert(R"(blocks\.(\d+)\.moe\.experts\.\d+\.(.*))");
+const std::regex kBlock(R"(blocks\.(\d+)\..*)");
 
 }  // namespace
 
@@ -33,9 +34,12 @@ void upcycle(const std::string& from, const Config& cfg, const std::string& out,
   const auto fail = [&](const std::string& what) {
     throw std::runtime_error("moe upcycle: " + from + " does not fit the MoE config: " + what);
   };
-  if (d.router.num_experts != 1)
-    fail("the source must be dense (router.num_experts 1), it has router.num_experts " +
-         std::to_string(d.router.num_experts));
+  // Dense: every block's feed-forward is one FFN, "blocks.{l}.ffn." in a dense block
+  // (model.dense_first, moe_every) or the one expert of an MoE block with router.num_experts 1.
+  if (d.moe_blocks() > 0 && d.router.num_experts != 1)
+    fail("the source must be dense (router.num_experts 1, or dense blocks only: model.dense_first = n_layer), it has "
+         "router.num_experts " + std::to_string(d.router.num_experts) + " in " + std::to_string(d.moe_blocks()) +
+         " MoE blocks");
   const auto same = [&](const char* field, const auto& a, const auto& b) {
     if (a != b) fail(std::string(field) + " is " + nlohmann::json(a).dump() + " in the source, " + nlohmann::json(b).dump() + " in the config");
   };
@@ -43,7 +47,12 @@ void upcycle(const std::string& from, const Config& cfg, const std::string& out,
   same("model.n_layer", d.model.n_layer, cfg.model.n_layer);
   same("model.n_head", d.model.n_head, cfg.model.n_head);
   same("model.block_size", d.model.block_size, cfg.model.block_size);
-  same("the expert hidden width (model.expert_hidden, 0: 4 * n_embed)", d.expert_hidden_size(), cfg.expert_hidden_size());
+  if (d.moe_blocks() > 0)
+    same("the expert hidden width (model.expert_hidden, 0: 4 * n_embed)", d.expert_hidden_size(), cfg.expert_hidden_size());
+  if (d.moe_blocks() < d.model.n_layer)
+    same("the dense blocks' width against the experts' (model.dense_hidden in the source, model.expert_hidden in the "
+         "config; 0: 4 * n_embed)",
+         d.dense_hidden_size(), cfg.expert_hidden_size());
   same("model.expert_ffn", std::string(name_of(d.model.expert_ffn)), std::string(name_of(cfg.model.expert_ffn)));
   same("model.shared_experts", d.model.shared_experts, cfg.model.shared_experts);
   if (cfg.router.num_experts < 2) fail("the config's router.num_experts must be at least 2 to upcycle into");
@@ -53,11 +62,11 @@ void upcycle(const std::string& from, const Config& cfg, const std::string& out,
   model.init(init);  // the router (and anything not copied) as `moe train` would start it
   Rng noise(uint64_t(opt.seed), kStreamUpcycle);
   ParamStore& ps = model.params();
-  // Where the source's FFN lives: its expert 0. (A dense-FFN layout, "blocks.{i}.ffn.*", is the
-  // prefix "ffn." here, with the num_experts check above accepting it.)
-  const std::string ffn = "moe.experts.0.";
   for (const ParamInfo& p : ps.infos()) {
-    const std::string name = upcycle_source_name(p.name, ffn);
+    // Where the source's FFN of this block lives: its dense FFN, or its MoE block's one expert.
+    std::smatch block;
+    const bool dense_source = std::regex_match(p.name, block, kBlock) && !d.moe_block(std::stoll(block[1].str()));
+    const std::string name = upcycle_source_name(p.name, dense_source ? "ffn." : "moe.experts.0.");
     if (name.empty()) continue;
     if (!src.has(name)) fail("it has no tensor " + name + " (for " + p.name + ")");
     const std::vector<int64_t>& shape = src.info(name).shape;
