@@ -2,8 +2,8 @@
 """Architecture study: the study base, each architecture option alone, and a "modern"
 combination (RMSNorm + RoPE + SwiGLU + GQA + loss-free balancing), at equal wall time.
 
-Each variant measures its own step time in a short run, then trains for budget / step time
-steps (scripts/studylib.py), so every row had the same training wall time on this machine.
+Every run ends at the same wall time (`training.time_limit`, scripts/studylib.py), so each
+variant gets what its speed buys on this machine.
 `moe eval --json` then measures the last checkpoint over the whole validation split.
 Writes study.json, study.md and study.png into --out.
 
@@ -41,7 +41,7 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.path.join(root, "configs", "study_base.json"))
-    ap.add_argument("--budget", type=float, default=90, help="training wall seconds per run")
+    ap.add_argument("--budget", type=float, default=90, help="wall seconds per run (training.time_limit)")
     ap.add_argument("--seeds", type=int, nargs=2, default=[1337, 1338],
                     help="the seeds of base and modern; the other variants run the first")
     ap.add_argument("--threads", type=int, default=2, help="training.threads of every run")
@@ -68,7 +68,7 @@ def main():
 
 
 def title(args):
-    return (f"Architecture options at equal wall time ({args.budget:.0f} s of training per run, "
+    return (f"Architecture options at equal wall time ({args.budget:.0f} s per run, "
             f"{os.path.basename(args.config)}, {args.threads} thread(s))")
 
 

@@ -11,9 +11,10 @@
   upcycled             a dense model (num_experts 1) trained for `--dense-fraction` of the budget,
                        upcycled (noise 1e-3), then trained as noisy top-k for the rest
 
-Equal wall time: each variant first runs `--calibrate` steps (20) to measure its median step
-time (the "median step N ms" of `moe train`'s last line; evaluations excluded), then trains
-max_steps = budget / step time steps (evaluations and checkpoints come on top, alike for all).
+Equal wall time: every run ends at `--budget` seconds (`training.time_limit`: from the start
+of `moe train`, its evaluations at step 0 and at the end and its checkpoint included); the
+upcycled variant's dense run and MoE run share the budget (`--dense-fraction`). Only the
+dense-to-sparse anneal length comes from a short calibration run (`--calibrate` steps).
 Each row's exact `moe train` command is printed. Then `moe eval --json` measures the last
 checkpoint on the whole validation split.
 
@@ -87,6 +88,15 @@ def evaluate(moe, run_dir):
     return json.loads(run([moe, "eval", "--checkpoint", os.path.join(run_dir, "last.safetensors"), "--json"]).stdout)
 
 
+def steps_done(run_dir):
+    """The steps a run made: the last step in its metrics.jsonl."""
+    last = 0
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            last = max(last, json.loads(line).get("step", 0))
+    return last
+
+
 def tokens_per_s(run_dir):
     vals = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -104,30 +114,32 @@ def one_run(args, base, name, router, kind, seed, run_dir):
     E, k = cfg["router"]["num_experts"], cfg["router"]["top_k"]
     budget_ms = args.budget * 1000.0
     row = {"variant": name, "seed": seed, "commands": []}
+    # Equal wall time: training.time_limit ends every run at the budget (start, evaluations and
+    # saving included); max_steps is out of reach (the schedule is constant in study_base.json).
+    cfg["training"].update({"max_steps": 10 ** 7, "time_limit": args.budget})
+    cfg["logging"].update({"eval_interval": 10 ** 7, "checkpoint_interval": 0})
     if kind == "plain":
-        ms = median_step_ms(args.moe, cfg, args.calibrate, run_dir)
-        cfg["training"]["max_steps"] = max(1, int(budget_ms / ms))
         row["commands"].append(train(args.moe, cfg, run_dir))
     elif kind == "anneal":
+        # The anneal runs over about the first half of the steps: those are estimated from a
+        # short calibration run (k falls linearly, so about the mean of the two step times there).
         dense = copy.deepcopy(cfg)
         dense["router"]["top_k"] = E
+        dense["training"]["time_limit"] = 0
         ms_dense = median_step_ms(args.moe, dense, args.calibrate, os.path.join(run_dir, "cal_dense"))
-        ms_sparse = median_step_ms(args.moe, cfg, args.calibrate, run_dir)
-        # k falls linearly over the first half: about the mean of the two step times there.
+        ms_sparse = median_step_ms(args.moe, {**cfg, "training": {**cfg["training"], "time_limit": 0}},
+                                   args.calibrate, run_dir)
         ms = 0.5 * (ms_dense + ms_sparse) / 2 + 0.5 * ms_sparse
-        steps = max(2, int(budget_ms / ms))
-        cfg["training"]["max_steps"] = steps
-        cfg["router"]["top_k_anneal_steps"] = steps // 2
+        cfg["router"]["top_k_anneal_steps"] = max(1, int(budget_ms / ms) // 2)
         row["commands"].append(train(args.moe, cfg, run_dir))
     else:  # upcycle: dense pre-training counts in the budget
         dense = copy.deepcopy(cfg)
         dense["router"] = {"num_experts": 1, "top_k": 1, "noisy": False}
+        dense["training"]["time_limit"] = args.dense_fraction * args.budget
         dense_dir = os.path.join(run_dir, "dense")
-        ms_dense = median_step_ms(args.moe, dense, args.calibrate, dense_dir)
-        dense["training"]["max_steps"] = max(1, int(args.dense_fraction * budget_ms / ms_dense))
         row["commands"].append(train(args.moe, dense, dense_dir))
-        ms = median_step_ms(args.moe, cfg, args.calibrate, run_dir)
-        cfg["training"]["max_steps"] = max(1, int((1 - args.dense_fraction) * budget_ms / ms))
+        row["dense_steps"] = steps_done(dense_dir)
+        cfg["training"]["time_limit"] = (1 - args.dense_fraction) * args.budget
         up = os.path.join(dense_dir, "upcycled.safetensors")  # not in run_dir: a fresh run there empties it
         cfg_path = write_config(cfg, os.path.join(run_dir, "config.json"))
         cmd = [args.moe, "upcycle", "--from", os.path.join(dense_dir, "last.safetensors"), "--config", cfg_path,
@@ -138,8 +150,7 @@ def one_run(args, base, name, router, kind, seed, run_dir):
         row["commands"].append(train(args.moe, cfg, run_dir, ["--init", up]))
     ev = evaluate(args.moe, run_dir)
     layers = ev["router"]
-    row["max_steps"] = cfg["training"]["max_steps"]
-    row["step_ms"] = ms
+    row["max_steps"] = steps_done(run_dir)
     row["val_loss"] = ev["loss"]
     if "expert_choice" in ev:
         row["val_loss_batch"] = ev["expert_choice"]["loss_batch"]
@@ -182,7 +193,7 @@ def plot(rows, names, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", type=float, required=True, help="training seconds per run (step time x steps)")
+    ap.add_argument("--budget", type=float, required=True, help="wall seconds per run (training.time_limit)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     ap.add_argument("--out", default="runs/router_study")
     ap.add_argument("--moe", default=os.path.join(ROOT, "build", "moe"))

@@ -2,9 +2,10 @@
 from a base by dotted overrides, equal-wall-time step budgets, `moe train` + whole-split `moe eval`,
 and the Markdown/JSON/plot output. Standard library only, but for the plot (matplotlib).
 
-Equal wall time: each variant first trains a few steps (`calibrate`) to measure its median step
-time on this machine; its real run then gets max_steps = budget / step time. The row records the
-steps, the measured wall time and the exact command, so a row can be run again as it stands.
+Equal wall time: every run ends at the budget (`training.time_limit`, counted from the start of
+`moe train`, its evaluations at step 0 and at the end and its checkpoint included), with
+max_steps out of reach (keep the learning rate constant: a schedule would read max_steps). The
+row records the steps it made, the wall time and the exact command.
 """
 import copy
 import json
@@ -44,17 +45,13 @@ def train(moe, cfg_path, run_dir, extra=()):
     return wall, float(m.group(1)), shlex.join(cmd)
 
 
-def calibrate(moe, cfg, work_dir, steps=30, extra=()):
-    """Median step time (ms) of config `cfg` over a short run of `steps` steps."""
-    probe = derive(cfg, {"training.max_steps": steps, "logging.eval_interval": 10 * steps,
-                         "logging.log_interval": steps, "logging.checkpoint_interval": 0})
-    path = write_config(probe, os.path.join(work_dir, "calibrate.json"))
-    _, step_ms, _ = train(moe, path, os.path.join(work_dir, "calibrate"), extra)
-    return step_ms
-
-
-def steps_for(budget_s, step_ms):
-    return max(1, int(budget_s * 1000.0 / step_ms))
+def steps_done(run_dir):
+    """The steps a run made: the last step in its metrics.jsonl."""
+    last = 0
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            last = max(last, json.loads(line).get("step", 0))
+    return last
 
 
 def evaluate(moe, checkpoint, extra=()):
@@ -78,14 +75,14 @@ def router_summary(ev):
 
 
 def run_variant(moe, base, name, overrides, run_dir, budget_s, seed, extra_train=()):
-    """Calibrates, trains at the budget and evaluates one variant; returns its row."""
-    cfg = derive(base, {**overrides, "training.seed": seed})
-    step_ms = calibrate(moe, cfg, run_dir, extra=extra_train)
-    steps = steps_for(budget_s, step_ms)
-    cfg = derive(cfg, {"training.max_steps": steps, "logging.eval_interval": steps})
+    """Trains one variant for the budget and evaluates it; returns its row."""
+    cfg = derive(base, {**overrides, "training.seed": seed, "training.time_limit": budget_s,
+                        "training.max_steps": 10 ** 7, "logging.eval_interval": 10 ** 7,
+                        "logging.checkpoint_interval": 0})
     cfg_path = write_config(cfg, os.path.join(run_dir, "config.json"))
-    print(f"  {name} seed {seed}: {step_ms:.1f} ms/step -> {steps} steps", file=sys.stderr, flush=True)
     wall, median_ms, cmd = train(moe, cfg_path, run_dir, extra_train)
+    steps = steps_done(run_dir)
+    print(f"  {name} seed {seed}: {steps} steps, median {median_ms:.1f} ms/step", file=sys.stderr, flush=True)
     ev = evaluate(moe, os.path.join(run_dir, "last.safetensors"))
     tokens = steps * cfg["training"]["batch_size"] * cfg["model"]["block_size"]
     return {"variant": name, "seed": seed, "overrides": overrides, "steps": steps, "tokens": tokens,

@@ -33,6 +33,19 @@ json tiny_json(const json& router) {
           {"logging", {{"log_interval", 1}, {"eval_interval", 100}, {"eval_iters", 2}, {"checkpoint_interval", 3}}}};
 }
 
+// The largest |difference| of two checkpoints' logits on the same two windows of 8.
+double logits_diff(const std::string& a_path, const std::string& b_path) {
+  InferenceModel a = load_for_inference(a_path), b = load_for_inference(b_path);
+  const std::vector<int32_t> x = {1, 2, 3, 4, 5, 6, 7, 0, 3, 3, 2, 1, 0, 5, 6, 2};
+  Graph g1, g2;
+  ForwardOptions fo;
+  const Model::Output la = a.model->forward(g1, x.data(), x.data(), 2, 8, fo);
+  const Model::Output lb = b.model->forward(g2, x.data(), x.data(), 2, 8, fo);
+  double worst = 0;
+  for (int64_t i = 0; i < la.logits.numel(); ++i) worst = std::max(worst, double(std::fabs(la.logits.data[i] - lb.logits.data[i])));
+  return worst;
+}
+
 std::string config_error(const json& router) {
   return error_of<ConfigError>([&] { config_from_json(tiny_json(router), "test.json"); });
 }
@@ -106,14 +119,7 @@ TEST_CASE("moe upcycle: every expert a copy of the dense FFN; with weights summi
     if (std::string(gating) == "softmax_topk") moe_json["router"]["renormalize"] = true;
     const Config moe_cfg = config_from_json(moe_json, "moe");
     upcycle(dense, moe_cfg, dir / "up.safetensors", {});
-    InferenceModel d = load_for_inference(dense), u = load_for_inference(dir / "up.safetensors");
-    const std::vector<int32_t> x = {1, 2, 3, 4, 5, 6, 7, 0, 3, 3, 2, 1, 0, 5, 6, 2};
-    Graph g1, g2;
-    ForwardOptions fo;
-    const Model::Output a = d.model->forward(g1, x.data(), x.data(), 2, 8, fo);
-    const Model::Output b = u.model->forward(g2, x.data(), x.data(), 2, 8, fo);
-    double worst = 0;
-    for (int64_t i = 0; i < a.logits.numel(); ++i) worst = std::max(worst, double(std::fabs(a.logits.data[i] - b.logits.data[i])));
+    const double worst = logits_diff(dense, dir / "up.safetensors");
     INFO("logits max abs diff " << worst);
     CHECK(worst < 1e-5);
     // Train from it: --init takes the weights, a fresh optimizer at step 0.
@@ -138,14 +144,7 @@ TEST_CASE("moe upcycle: every expert a copy of the dense FFN; with weights summi
     train(config_from_json(all_dense, "all dense"), o);
     const Config moe_cfg = config_from_json(tiny_json({{"num_experts", 4}, {"top_k", 2}}), "moe");
     upcycle(dir / "all_dense/last.safetensors", moe_cfg, dir / "up_ffn.safetensors", {});
-    InferenceModel d = load_for_inference(dir / "all_dense/last.safetensors"), u = load_for_inference(dir / "up_ffn.safetensors");
-    const std::vector<int32_t> x = {1, 2, 3, 4, 5, 6, 7, 0};
-    Graph g1, g2;
-    ForwardOptions fo;
-    const Model::Output a = d.model->forward(g1, x.data(), x.data(), 1, 8, fo);
-    const Model::Output b = u.model->forward(g2, x.data(), x.data(), 1, 8, fo);
-    double worst = 0;
-    for (int64_t i = 0; i < a.logits.numel(); ++i) worst = std::max(worst, double(std::fabs(a.logits.data[i] - b.logits.data[i])));
+    const double worst = logits_diff(dir / "all_dense/last.safetensors", dir / "up_ffn.safetensors");
     INFO("dense-FFN source: logits max abs diff " << worst);
     CHECK(worst < 1e-5);
     json wide = all_dense;
@@ -214,4 +213,28 @@ TEST_CASE("relu and expert choice's causal rule: KV-cache decoding equals full-c
       CHECK(layer["experts_per_token"]["min"].get<int64_t>() < layer["experts_per_token"]["max"].get<int64_t>());
     }
   }
+}
+
+TEST_CASE("training.time_limit ends the run after the step that passes it, evaluated and saved", "[trainer]") {
+  TempDir dir("time_limit");
+  json j = tiny_json({{"num_experts", 4}, {"top_k", 2}});
+  j["training"]["max_steps"] = 1000000;
+  j["training"]["time_limit"] = 0.3;
+  TrainOptions o;
+  o.out_dir = dir / "run";
+  o.quiet = true;
+  const TrainResult r = train(config_from_json(j, "time limit"), o);
+  CHECK(r.out_of_time);
+  CHECK_FALSE(r.interrupted);
+  CHECK(r.steps_done > 0);
+  CHECK(r.steps_done < 1000000);
+  CHECK(r.wall_seconds < 30);
+  CHECK(std::isfinite(r.last_val_loss));
+  CHECK(std::filesystem::exists(dir / "run/last.safetensors"));
+  CHECK_THAT(error_of<ConfigError>([&] {
+               json bad = j;
+               bad["training"]["time_limit"] = -1;
+               config_from_json(bad, "bad");
+             }),
+             Contains("training.time_limit = -1.0"));
 }

@@ -211,6 +211,7 @@ const std::vector<Field>& fields() {
       field("training", "seed", &Config::training, &TrainingConfig::seed, non_negative()),
       field("training", "threads", &Config::training, &TrainingConfig::threads, non_negative()),
       field("training", "recompute", &Config::training, &TrainingConfig::recompute),
+      field("training", "time_limit", &Config::training, &TrainingConfig::time_limit, non_negative_number()),
       field("logging", "log_interval", &Config::logging, &LoggingConfig::log_interval, positive()),
       field("logging", "eval_interval", &Config::logging, &LoggingConfig::eval_interval, positive()),
       field("logging", "eval_iters", &Config::logging, &LoggingConfig::eval_iters, positive()),

@@ -170,9 +170,10 @@ class RunLog {
     stats = RoutingStats();
   }
 
-  void done(bool interrupted, int64_t step, const std::filesystem::path& last) {
+  void done(bool interrupted, bool out_of_time, int64_t step, const std::filesystem::path& last) {
     if (!quiet_)
-      spdlog::info("{} at step {}: checkpoint {}", interrupted ? "interrupted" : "done", step, last.string());
+      spdlog::info("{} at step {}: checkpoint {}",
+                   interrupted ? "interrupted" : out_of_time ? "time limit reached" : "done", step, last.string());
   }
 
  private:
@@ -284,6 +285,9 @@ class Training {
     return any > 0;
   }
 
+  // training.time_limit: the steps stop at `deadline`.
+  void set_deadline(Clock::time_point deadline) { step_->deadline = deadline; }
+
   TrainState state;    // the next step, the best validation loss; generators' states when saved
   RoutingStats stats;  // the router's figures since the last logged step
 
@@ -355,10 +359,12 @@ StepResult TrainStep::run(int64_t step, bool grad_norm) {
   // The global batch's loss, so that every rank takes the same decisions, and whether any rank
   // has seen a signal, in one all-reduce: a second one per step for the flag alone costs a
   // round trip between the processes.
-  double sums[2] = {o.loss.data[0], g_stop_signal.load() != 0 ? 1.0 : 0.0};
-  if (R > 1) par_.sum(sums, 2);
+  const bool late = deadline && Clock::now() >= *deadline;
+  double sums[3] = {o.loss.data[0], g_stop_signal.load() != 0 ? 1.0 : 0.0, late ? 1.0 : 0.0};
+  if (R > 1) par_.sum(sums, 3);
   res.loss = sums[0] / double(R);
   res.stop = sums[1] > 0;
+  res.out_of_time = sums[2] > 0;
   if (!std::isfinite(res.loss))
     throw std::runtime_error("training diverged: loss is " + std::to_string(res.loss) + " at step " +
                              std::to_string(step) + "; the last good checkpoint is kept in " +
@@ -416,6 +422,9 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   RunLog log(cfg, opt, par);  // from here on the run directory is this run's alone
   Training run(cfg, model, par, data, opt.resume, resumed.state, opt.init);
   log.header(opt, model, data, par, run.state.step);
+  if (cfg.training.time_limit > 0)
+    run.set_deadline(t_start + std::chrono::duration_cast<Clock::duration>(
+                                   std::chrono::duration<double>(cfg.training.time_limit)));
 
   const std::filesystem::path out = cfg.logging.out_dir;
   const int64_t max_steps = cfg.training.max_steps;
@@ -447,9 +456,17 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
       res.interrupted = true;
       break;
     }
+    if (sr.out_of_time) {  // training.time_limit: this step was the last; evaluate it as at max_steps
+      res.out_of_time = true;
+      const EvalEstimate est = run.evaluate();
+      res.last_val_loss = est.val_loss;
+      log.evaluation(step + 1, est);
+      run.save_if_best(step + 1, est.val_loss, out);
+      break;
+    }
   }
   run.save(out / "last.safetensors");
-  log.done(res.interrupted, run.state.step, out / "last.safetensors");
+  log.done(res.interrupted, res.out_of_time, run.state.step, out / "last.safetensors");
 
   res.steps_done = run.state.step;
   res.best_val_loss = run.state.best_val_loss;

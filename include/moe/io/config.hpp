@@ -154,6 +154,10 @@ struct TrainingConfig {
   // Keep only each block's output in the forward and run the block again in the backward
   // pass (same numbers, about a third more work): activations of one block in memory.
   bool recompute = false;
+  // Wall seconds a run may take, from its start (evaluations included); 0: no limit. The step
+  // that passes it is the last: then an evaluation and last.safetensors, as at max_steps
+  // (which still sets the learning-rate schedule). For studies at equal wall time.
+  double time_limit = 0;
 };
 
 struct LoggingConfig {

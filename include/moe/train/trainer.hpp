@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <chrono>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,6 +43,7 @@ struct TrainResult {
   double last_val_loss = 0;  // from the last evaluation, or NaN
   double best_val_loss = 0;
   bool interrupted = false;
+  bool out_of_time = false;  // stopped by training.time_limit
   double wall_seconds = 0;
   double median_step_ms = 0;
   int64_t parameters = 0, active_parameters = 0;  // active: per token (shared + top_k experts)
@@ -66,6 +69,9 @@ struct StepResult {
   // Some rank had seen a stop signal (g_stop_signal) when its forward pass ended: every rank
   // gets the same answer, so all stop after this step. A later signal shows in the next step.
   bool stop = false;
+  // Some rank had passed training.time_limit (TrainStep::deadline) when its forward pass ended:
+  // this step is the run's last, on every rank.
+  bool out_of_time = false;
 };
 
 // One training step: the next batch, forward, backward, the gradients summed over the ranks,
@@ -88,6 +94,8 @@ class TrainStep {
   // thread's forwards in it too (with or without recomputation).
   const Graph& recompute_graph() const { return recompute_g_; }
   Graph& recompute_graph() { return recompute_g_; }
+  // When training.time_limit ends (set by train()); none: no limit.
+  std::optional<std::chrono::steady_clock::time_point> deadline;
 
  private:
   const Config& cfg_;
