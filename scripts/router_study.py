@@ -221,7 +221,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "router_study.json"), "w") as f:
         json.dump({"budget_s": args.budget, "seeds": args.seeds, "config": args.config, "rows": rows}, f, indent=2)
-    lines = [f"Routers at equal wall time ({args.budget:g} s of training steps per run; "
+    lines = [f"Routers at equal wall time ({args.budget:g} s per run, `training.time_limit`; "
              f"{os.path.basename(args.config)}; seeds {' '.join(map(str, args.seeds))}). val loss: `moe eval` on the "
              "whole validation split (expert choice: causal thresholds, batch rule in brackets).", "",
              "| router | val loss (mean) | per seed | max violation | tokens/s | experts/token | steps |",

@@ -63,7 +63,7 @@ def evaluate(moe, checkpoint, extra=()):
 
 def router_summary(ev):
     """Mean and worst max violation and, where the eval reports it, experts per token, over MoE layers."""
-    layers = ev.get("router") or []
+    layers = [l for l in ev.get("router") or [] if l is not None]  # null: a dense block
     if not layers:
         return {"max_violation_mean": None, "max_violation_worst": None, "experts_per_token": None}
     viol = [l["max_violation"] for l in layers]
