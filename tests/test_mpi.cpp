@@ -139,6 +139,32 @@ TEST_CASE("dense blocks and a tied head under 2 ranks: data and expert parallel 
   CHECK_THAT(ep.out, Catch::Contains("expert parallelism needs MoE blocks, and this model is all dense"));
 }
 
+TEST_CASE("relu routing and expert choice under 2 ranks, data and expert parallel", "[mpi]") {
+  // relu: the L1 coefficient reads the global batch's counts, so 2 ranks of B train like 1 of 2B.
+  // Expert choice: each rank chooses within its own batch (documented), so 2 ranks differ from
+  // 1 rank, but data and expert parallel agree, and the thresholds are the same on every rank.
+  for (const char* gating : {"relu", "expert_choice"}) {
+    INFO("gating " << gating);
+    TempDir d(std::string("mpi_") + gating);
+    for (const int64_t batch : {8, 4}) {
+      nlohmann::json j = nlohmann::json::parse(config_json(batch, 10));
+      j["router"] = {{"num_experts", 4}, {"top_k", 2}, {"noisy", false}, {"gating", gating}};
+      if (std::string(gating) == "expert_choice") j["router"]["capacity_factor"] = 1.0;
+      write_file(d / ("b" + std::to_string(batch) + ".json"), j.dump());
+    }
+    for (const auto& [name, config, ranks, flags] :
+         {std::tuple{"one", "b8", 1, ""}, std::tuple{"dp", "b4", 2, ""}, std::tuple{"ep", "b4", 2, " --expert-parallel"}}) {
+      const Run r = moe_on(ranks, "train --config " + (d / (std::string(config) + ".json")) + " --out " + (d / name) + flags);
+      INFO(name << ": " << r.out);
+      REQUIRE(r.code == 0);
+    }
+    const std::vector<double> dp = losses(d / "dp/metrics.jsonl");
+    check_same_losses(dp, losses(d / "ep/metrics.jsonl"), 10);
+    if (std::string(gating) == "relu") check_same_losses(losses(d / "one/metrics.jsonl"), dp, 10);
+    CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - eval_loss(d / "ep/last.safetensors")) < 1e-4);
+  }
+}
+
 TEST_CASE("resume with a different number of ranks continues the same run", "[mpi]") {
   TempDir d("mpi_resume");
   write_file(d / "b8.json", config_json(8, 20));
