@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -196,8 +197,18 @@ MOE_ALWAYS_INLINE void gemv_store(int64_t j0, int64_t j1, float alpha, const flo
   for (int64_t j = j0; j < j1; ++j) C[j] = alpha * acc[j - j0] + (beta == 0.f ? 0.f : beta * C[j]);
 }
 
+// a·b + c: one fma where the kernel's target has it (explicit, so that an unoptimised build,
+// which does not contract a·b + c, still gives the bits of the intrinsic kernels), else a
+// product and a sum.
+template <bool Fused>
+MOE_ALWAYS_INLINE float madd(float a, float b, float c) {
+  if constexpr (Fused) return std::fma(a, b, c);
+  else return a * b + c;
+}
+
 // One row, B stored [K, N], for j in [j0, j1), j1 - j0 <= kGemvCols: each C element summed
 // over k in order, one fma a step from 0 (the rows of B accumulated in order), then stored.
+template <bool Fused>
 MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
                                       const float* B, int64_t ldb, float beta, float* C) {
   float acc[kGemvCols];
@@ -205,7 +216,7 @@ MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float a
   for (int64_t k = 0; k < K; ++k) {
     const float ak = a[k];
     const float* b = B + k * ldb;
-    for (int64_t j = j0; j < j1; ++j) acc[j - j0] += ak * b[j];
+    for (int64_t j = j0; j < j1; ++j) acc[j - j0] = madd<Fused>(ak, b[j], acc[j - j0]);
   }
   gemv_store(j0, j1, alpha, acc, beta, C);
 }
@@ -214,6 +225,7 @@ MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float a
 // 16 k steps of Bᵀ copied out (the same expression, so the same fma contraction, as
 // gemv_axpy_body; a dot product along k would leave the compiler free to vectorise it by
 // multiplying first and summing the products in order, other bits).
+template <bool Fused>
 MOE_ALWAYS_INLINE void gemv_rows_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
                                       const float* B, int64_t ldb, float beta, float* C) {
   constexpr int64_t kKb = 16;
@@ -227,7 +239,7 @@ MOE_ALWAYS_INLINE void gemv_rows_body(int64_t j0, int64_t j1, int64_t K, float a
     for (int64_t k = 0; k < kb; ++k) {
       const float ak = a[k0 + k];
       const float* b = bt + k * n;
-      for (int64_t j = 0; j < n; ++j) acc[j] += ak * b[j];
+      for (int64_t j = 0; j < n; ++j) acc[j] = madd<Fused>(ak, b[j], acc[j]);
     }
   }
   gemv_store(j0, j1, alpha, acc, beta, C);
@@ -532,25 +544,25 @@ struct Kernel {
                                                  bool relu) {                                                     \
     tile_body<MR, NR, MICRO>(kb, Ap, mb, b, p0, p1, N, C, ldc, init, relu);                                      \
   }
-#define MOE_GEMM_GEMV_FNS(NAME, ATTR)                                                                         \
+#define MOE_GEMM_GEMV_FNS(NAME, ATTR, FUSED)                                                                  \
   ATTR void gemv_rows_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, \
                              int64_t ldb, float beta, float* C) {                                            \
-    gemv_rows_body(j0, j1, K, alpha, a, B, ldb, beta, C);                                                    \
+    gemv_rows_body<FUSED>(j0, j1, K, alpha, a, B, ldb, beta, C);                                             \
   }                                                                                                          \
   ATTR void gemv_axpy_##NAME(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a, const float* B, \
                              int64_t ldb, float beta, float* C) {                                            \
-    gemv_axpy_body(j0, j1, K, alpha, a, B, ldb, beta, C);                                                    \
+    gemv_axpy_body<FUSED>(j0, j1, K, alpha, a, B, ldb, beta, C);                                             \
   }
 
 MOE_GEMM_TILE_FN(portable, , kMR16, kNR16, micro_portable)
-MOE_GEMM_GEMV_FNS(portable, )
+MOE_GEMM_GEMV_FNS(portable, , false)
 #ifdef MOE_X86
 MOE_GEMM_TILE_FN(avx2, MOE_TARGET_AVX2, kMR16, kNR16, micro_avx2)
-MOE_GEMM_GEMV_FNS(avx2, MOE_TARGET_AVX2)
+MOE_GEMM_GEMV_FNS(avx2, MOE_TARGET_AVX2, true)
 MOE_GEMM_TILE_FN(avx512, MOE_TARGET_AVX512, kMR32, kNR32, micro_avx512)
 MOE_TARGET_AVX512 void gemv_axpy_avx512(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
                                         const float* B, int64_t ldb, float beta, float* C) {
-  gemv_axpy_body(j0, j1, K, alpha, a, B, ldb, beta, C);
+  gemv_axpy_body<true>(j0, j1, K, alpha, a, B, ldb, beta, C);
 }
 #endif
 
