@@ -34,6 +34,9 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from studylib import steps_done, write_config  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> router changes (from the base config's router), and how it is trained
@@ -55,12 +58,6 @@ def run(cmd, quiet=True):
     print("  $ " + " ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.run(cmd, check=True, capture_output=True, text=True)
 
-
-def write_config(cfg, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2)
-    return path
 
 
 def median_step_ms(moe, cfg, steps, run_dir):
@@ -86,15 +83,6 @@ def train(moe, cfg, run_dir, extra=()):
 
 def evaluate(moe, run_dir):
     return json.loads(run([moe, "eval", "--checkpoint", os.path.join(run_dir, "last.safetensors"), "--json"]).stdout)
-
-
-def steps_done(run_dir):
-    """The steps a run made: the last step in its metrics.jsonl."""
-    last = 0
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            last = max(last, json.loads(line).get("step", 0))
-    return last
 
 
 def tokens_per_s(run_dir):

@@ -79,6 +79,18 @@ double eval_loss(const std::string& checkpoint) {
   return nlohmann::json::parse(r.out.substr(r.out.find('{')))["loss"].get<double>();
 }
 
+// The runs "one" (1 rank), "dp" and "ep" (2 ranks, data and expert parallel) under d trained
+// alike: the same losses over `steps`, and whole models with the same eval loss (rank 0 wrote
+// them; under expert parallelism with the other rank's experts).
+void check_one_dp_ep_alike(const TempDir& d, size_t steps) {
+  const std::vector<double> l1 = losses(d / "one/metrics.jsonl");
+  check_same_losses(l1, losses(d / "dp/metrics.jsonl"), steps);
+  check_same_losses(l1, losses(d / "ep/metrics.jsonl"), steps);
+  const double e1 = eval_loss(d / "one/last.safetensors");
+  CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - e1) < 1e-4);
+  CHECK(std::abs(eval_loss(d / "ep/last.safetensors") - e1) < 1e-4);
+}
+
 }  // namespace
 
 TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert parallel", "[mpi]") {
@@ -101,13 +113,7 @@ TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert
   REQUIRE(ep.code == 0);
   CHECK_THAT(ep.out, Catch::Contains("expert parallel over 2 processes"));
 
-  const std::vector<double> l1 = losses(d / "one/metrics.jsonl");
-  check_same_losses(l1, losses(d / "dp/metrics.jsonl"), 20);
-  check_same_losses(l1, losses(d / "ep/metrics.jsonl"), 20);
-  // Rank 0 wrote whole models (under expert parallelism, with the other rank's experts).
-  const double e1 = eval_loss(d / "one/last.safetensors");
-  CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - e1) < 1e-4);
-  CHECK(std::abs(eval_loss(d / "ep/last.safetensors") - e1) < 1e-4);
+  check_one_dp_ep_alike(d, 20);
 }
 
 TEST_CASE("dense blocks and a tied head under 2 ranks: data and expert parallel train like 1 rank", "[mpi]") {
@@ -127,12 +133,7 @@ TEST_CASE("dense blocks and a tied head under 2 ranks: data and expert parallel 
     INFO(name << ": " << r.out);
     REQUIRE(r.code == 0);
   }
-  const std::vector<double> l1 = losses(d / "one/metrics.jsonl");
-  check_same_losses(l1, losses(d / "dp/metrics.jsonl"), 12);
-  check_same_losses(l1, losses(d / "ep/metrics.jsonl"), 12);
-  const double e1 = eval_loss(d / "one/last.safetensors");
-  CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - e1) < 1e-4);
-  CHECK(std::abs(eval_loss(d / "ep/last.safetensors") - e1) < 1e-4);
+  check_one_dp_ep_alike(d, 12);
   check_same_losses(losses(d / "dense_one/metrics.jsonl"), losses(d / "dense_dp/metrics.jsonl"), 12);
   const Run ep = moe_on(2, "train --config " + (d / "dense4.json") + " --out " + (d / "dense_ep") + " --expert-parallel");
   CHECK(ep.code != 0);

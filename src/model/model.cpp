@@ -65,12 +65,17 @@ std::vector<Model::Buffer> Model::buffers() const {
   return out;
 }
 
-double Model::last_experts_per_token() const {
+std::pair<int64_t, int64_t> Model::last_slots_and_tokens() const {
   int64_t slots = 0, tokens = 0;
   for (int64_t l = 0; l < L_moe_; ++l) {  // the MoE blocks
     tokens += last_tokens_[size_t(l)];
     for (int64_t e = 0; e < E_; ++e) slots += last_load_[size_t(l * E_ + e)];
   }
+  return {slots, tokens};
+}
+
+double Model::last_experts_per_token() const {
+  const auto [slots, tokens] = last_slots_and_tokens();
   return tokens ? double(slots) / double(tokens) : 0.0;
 }
 
@@ -80,11 +85,7 @@ void Model::update_router_state() {
   if (float* l1 = buffer_at(l1_at_)) {
     // ReMoE: λ grows while the gates are denser than top_k of E, shrinks while sparser.
     // Sparsity below the target 1 - top_k / E is more than top_k active gates per token, in integers.
-    int64_t slots = 0, tokens = 0;
-    for (int64_t l = 0; l < L_moe_; ++l) {  // the MoE blocks
-      tokens += last_tokens_[size_t(l)];
-      for (int64_t e = 0; e < E_; ++e) slots += last_load_[size_t(l * E_ + e)];
-    }
+    const auto [slots, tokens] = last_slots_and_tokens();
     const int64_t target = cfg_.router.top_k * tokens;
     const auto growth = float(cfg_.router.relu_l1_growth);
     if (slots > target) *l1 *= growth;

@@ -431,12 +431,16 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   res.last_val_loss = std::numeric_limits<double>::quiet_NaN();
   std::vector<double> step_ms;
   log.start_loop(run.state.step);
+  // Collective: the estimate at `step`, logged, and best.safetensors when it is the best.
+  const auto evaluate_at = [&](int64_t step) {
+    const EvalEstimate est = run.evaluate();
+    res.last_val_loss = est.val_loss;
+    log.evaluation(step, est);
+    run.save_if_best(step, est.val_loss, out);
+  };
   for (int64_t step = run.state.step; step < max_steps; ++step) {
     if (step % cfg.logging.eval_interval == 0 || step == max_steps - 1) {
-      const EvalEstimate est = run.evaluate();
-      res.last_val_loss = est.val_loss;
-      log.evaluation(step, est);
-      run.save_if_best(step, est.val_loss, out);
+      evaluate_at(step);
       if (run.stop_requested()) {  // a signal during the evaluation: stop before the next step
         res.interrupted = true;
         break;
@@ -458,10 +462,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
     }
     if (sr.out_of_time) {  // training.time_limit: this step was the last; evaluate it as at max_steps
       res.out_of_time = true;
-      const EvalEstimate est = run.evaluate();
-      res.last_val_loss = est.val_loss;
-      log.evaluation(step + 1, est);
-      run.save_if_best(step + 1, est.val_loss, out);
+      evaluate_at(step + 1);
       break;
     }
   }

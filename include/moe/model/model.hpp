@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -148,6 +149,8 @@ class Model {
   int64_t bias_at_ = -1;        // [L_moe, E] the balancing bias, router.bias_update_rate > 0
   int64_t l1_at_ = -1;          // [1] router.gating "relu"
   int64_t thresholds_at_ = -1;  // [L_moe, E] router.gating "expert_choice"
+  // Routed slots and tokens of the last training forward, summed over the MoE blocks.
+  std::pair<int64_t, int64_t> last_slots_and_tokens() const;
   float* buffer_at(int64_t at) { return at < 0 ? nullptr : buffer_.data() + at; }
   const float* buffer_at(int64_t at) const { return at < 0 ? nullptr : buffer_.data() + at; }
   std::vector<int64_t> last_load_;    // [L_moe, E]: slots per expert in the last training forward
