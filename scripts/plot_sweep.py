@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Plots of a sweep, from its results.json.
 
-  scripts/py.sh scripts/plot_sweep.py SWEEP_DIR [--x PARAM --y PARAM] [--metric final_val_loss] [--out DIR]
+  scripts/py.sh scripts/plot_sweep.py SWEEP_DIR [--x PARAM --y PARAM] [--metric final_val_loss] [--out DIR] [--top N]
 
 Writes into DIR (default SWEEP_DIR/plots):
   vs_<param>.png   the metric of every finished trial against each swept parameter
+  history.png      the metric of every finished trial in trial order, and the best so far
   heatmap.png      the metric over two parameters (default: the first two swept), the best
                    trial per cell; empty cells (invalid, pruned or not run) are blank
 """
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--y")
     ap.add_argument("--metric", default="final_val_loss")
     ap.add_argument("--out")
+    ap.add_argument("--top", type=int, default=0, help="also print the best N trials as a Markdown table")
     args = ap.parse_args()
     path = os.path.join(args.sweep_dir, "results.json")
     try:
@@ -68,6 +70,20 @@ def main():
         plt.close(fig)
         written.append(name)
 
+    # The search's progress: every trial's metric in trial order, and the best so far.
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    order = sorted(done, key=lambda t: t["trial"])
+    ax.scatter([t["trial"] for t in order], [t[args.metric] for t in order], s=14, label="trial")
+    best = [min(t[args.metric] for t in order[:i + 1]) for i in range(len(order))]
+    ax.step([t["trial"] for t in order], best, where="post", color="C1", label="best so far")
+    ax.set(xlabel="trial", ylabel=args.metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "history.png"), dpi=120)
+    plt.close(fig)
+    written.append("history.png")
+
     x = args.x or (params[0] if len(params) >= 2 else None)
     y = args.y or (params[1] if len(params) >= 2 else None)
     if x and y:
@@ -93,6 +109,13 @@ def main():
         plt.close(fig)
         written.append("heatmap.png")
     print(f"plot_sweep: wrote {', '.join(written)} in {out}")
+    if args.top:
+        best = sorted(done, key=lambda t: t[args.metric])[:args.top]
+        cols = ["trial", *params, args.metric, "steps", "parameters", "active_parameters"]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for t in best:
+            print("| " + " | ".join(f"{t.get(c):.4g}" if isinstance(t.get(c), float) else str(t.get(c)) for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,24 @@ and a budget; see configs/sweeps/ for examples:
     "out": "runs/sweeps/NAME"
   }
 
+Optional, for searches at equal wall time and over linked settings:
+
+    "budget": {"seconds": 120, "calibrate_steps": 30},
+        Every trial gets the same wall time: a short calibration run (calibrate_steps steps)
+        measures the trial's median step time, and max_steps is set to fill the seconds, so
+        the lr schedule ends where the trial does. training.time_limit (1.25 x seconds)
+        guards against a bad estimate.
+    "objective": "eval",
+        Score each trial by `moe eval` over the whole validation split on its last
+        checkpoint, instead of the last in-training evaluation (a sample of eval_iters batches).
+    "bundles": {"@balance": {"bias": {"router.bias_update_rate": 0.01},
+                             "aux": {"router.aux_loss_coef": 0.01}}},
+        A parameter whose name starts with @ sets no field itself; when it has a bundle, its
+        value names a set of fields to apply.
+    "derived": {"optimizer.min_lr": "p['optimizer.lr'] * p['@min_lr_ratio']",
+                "model.n_head": "p['model.n_embed'] // 32"},
+        Fields computed from the trial's parameters (a Python expression over p), applied last.
+
 Every trial runs in DIR/trial_NNN with its own derived config. Configs that `moe` rejects
 (for example top_k > num_experts) are recorded as "invalid" and not trained. The study
 lives in DIR/optuna.db: running the same command again resumes, skipping finished trials
@@ -34,6 +52,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -52,8 +71,8 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ["trial", "status", "final_val_loss", "best_val_loss", "tokens_per_s", "wall_s", "parameters",
-          "active_parameters", "steps", "dir"]
+FIELDS = ["trial", "status", "final_val_loss", "best_val_loss", "eval_loss", "tokens_per_s", "step_ms", "wall_s",
+          "parameters", "active_parameters", "steps", "dir"]
 
 
 def fail(msg):
@@ -121,6 +140,13 @@ class Sweep:
         self.stopping = threading.Event()
         self.procs = []
         self.dists = distributions(spec["params"])
+        for name, bundle in spec.get("bundles", {}).items():
+            d = self.dists.get(name)
+            if not name.startswith("@") or not isinstance(d, optuna.distributions.CategoricalDistribution):
+                fail(f"bundle {name}: needs a parameter of that name, starting with @, with a list of values")
+            missing = [v for v in d.choices if str(v) not in bundle]
+            if missing:
+                fail(f"bundle {name}: no fields for value(s) {missing}")
         with open(resolve(spec["base"])) as f:
             self.base = json.load(f)
         data = self.base.get("data", {}).get("path", "data/tinyshakespeare.txt")
@@ -208,8 +234,7 @@ class Sweep:
 
     def run_trial(self, trial):
         cfg = json.loads(json.dumps(self.base))
-        for k, v in trial.params.items():
-            set_dotted(cfg, k, v)
+        apply_params(cfg, self.spec, trial.params)
         run_dir = os.path.join(self.out, f"trial_{trial.number:03d}")
         os.makedirs(run_dir, exist_ok=True)
         set_dotted(cfg, "training.threads", self.threads)
@@ -229,6 +254,8 @@ class Sweep:
         sizes = json.loads(check.stdout)
         trial.set_user_attr("parameters", sizes["parameters"])
         trial.set_user_attr("active_parameters", sizes["active_parameters"])
+        if "budget" in self.spec:
+            self.fit_budget(cfg, cfg_path, run_dir, trial, label)
 
         print(f"sweep: trial {trial.number} ({label}): training in {run_dir}", file=sys.stderr, flush=True)
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -238,6 +265,8 @@ class Sweep:
                                     stderr=subprocess.STDOUT)
             with self.lock:
                 self.procs.append(proc)
+                if self.stopping.is_set():  # the stop came before this process was listed
+                    proc.send_signal(signal.SIGINT)
             seen, pruned = 0, False
             while True:
                 code = proc.poll()
@@ -272,9 +301,50 @@ class Sweep:
         if proc.returncode != 0 or not vals:
             raise RuntimeError(f"moe train exited with {proc.returncode}; see {run_dir}/train.log")
         trial.set_user_attr("status", "done")
+        score = vals[-1]
+        if self.spec.get("objective") == "eval":
+            ev = subprocess.run([self.moe, "eval", "--checkpoint", os.path.join(run_dir, "last.safetensors"), "--json"],
+                                capture_output=True, text=True)
+            if ev.returncode != 0:
+                raise RuntimeError(f"moe eval failed: {ev.stderr.strip()}")
+            score = json.loads(ev.stdout)["loss"]
+            trial.set_user_attr("eval_loss", score)
         print(f"sweep: trial {trial.number} done: final val loss {vals[-1]:.4f}, best {min(vals):.4f}, "
-              f"{wall:.0f} s", file=sys.stderr, flush=True)
-        return TrialState.COMPLETE, vals[-1]
+              f"score {score:.4f}, {wall:.0f} s", file=sys.stderr, flush=True)
+        return TrialState.COMPLETE, score
+
+    def fit_budget(self, cfg, cfg_path, run_dir, trial, label):
+        """Sets max_steps so the trial fills the budget's seconds, from a short timed run."""
+        budget = self.spec["budget"]
+        seconds, n = float(budget["seconds"]), int(budget.get("calibrate_steps", 30))
+        cal = json.loads(json.dumps(cfg))
+        set_dotted(cal, "training.max_steps", n)
+        set_dotted(cal, "logging.eval_interval", 10 ** 9)
+        set_dotted(cal, "logging.out_dir", os.path.join(run_dir, "calibrate"))
+        cal_path = os.path.join(run_dir, "calibrate_config.json")
+        with open(cal_path, "w") as f:
+            json.dump(cal, f, indent=2)
+        proc = subprocess.Popen([self.moe, "train", "--config", cal_path, "--overwrite"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        with self.lock:
+            self.procs.append(proc)
+            if self.stopping.is_set():
+                proc.send_signal(signal.SIGINT)
+        text = proc.communicate()[0]
+        if self.stopping.is_set():  # interrupted while calibrating: run the trial again on resume
+            raise TrialInterrupted()
+        m = re.search(r"median step ([0-9.]+) ms", text)
+        if proc.returncode != 0 or not m:
+            raise RuntimeError(f"calibration run failed: {text.strip()[-500:]}")
+        step_ms = float(m.group(1))
+        steps = max(1, int(seconds * 1000 / step_ms))
+        set_dotted(cfg, "training.max_steps", steps)
+        set_dotted(cfg, "training.time_limit", 1.25 * seconds)
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+        trial.set_user_attr("step_ms", step_ms)
+        print(f"sweep: trial {trial.number} ({label}): {step_ms:.1f} ms/step, {steps} steps in {seconds:.0f} s",
+              file=sys.stderr, flush=True)
 
     def write_results(self):
         rows = []
@@ -300,6 +370,21 @@ class Sweep:
 
 class TrialInterrupted(Exception):
     """moe train stopped on a signal: the trial runs again on resume."""
+
+
+def apply_params(cfg, spec, params):
+    """A trial's parameters into its config: dotted fields, @ bundles, then derived fields."""
+    bundles = spec.get("bundles", {})
+    for k, v in params.items():
+        if k.startswith("@"):
+            if k in bundles:
+                for field, value in bundles[k][str(v)].items():
+                    set_dotted(cfg, field, value)
+        else:
+            set_dotted(cfg, k, v)
+    for field, expr in spec.get("derived", {}).items():
+        set_dotted(cfg, field, eval(expr, {"__builtins__": {}, "int": int, "round": round, "max": max, "min": min},
+                                    {"p": params}))
 
 
 def read_metrics(path):

@@ -72,10 +72,57 @@ JSON
 py scripts/sweep.py "$work/random.json" --out "$work/random" --moe "$moe" 2> "$work/random.log" || { cat "$work/random.log"; fail "random sweep"; }
 [ "$(grep -c ',done,' "$work/random/results.csv")" -eq 2 ] || fail "random: 2 trials done"
 
+# Equal wall time, whole-split scoring, bundles and derived fields.
+cat > "$work/budget.json" <<JSON
+{"base": "tests/fixtures/tiny_sweep.json", "method": "random", "trials": 2, "seed": 2,
+ "params": {"model.n_embed": [16, 32], "@balance": ["bias", "aux"], "@ratio": [0.1]},
+ "bundles": {"@balance": {"bias": {"router.bias_update_rate": 0.01}, "aux": {"router.aux_loss_coef": 0.02}}},
+ "derived": {"model.n_head": "p['model.n_embed'] // 8", "optimizer.min_lr": "0.01 * p['@ratio']"},
+ "budget": {"seconds": 2, "calibrate_steps": 5}, "objective": "eval",
+ "overrides": {"optimizer.schedule": "cosine", "optimizer.lr": 0.01}}
+JSON
+py scripts/sweep.py "$work/budget.json" --out "$work/budget" --moe "$moe" 2> "$work/budget.log" || { cat "$work/budget.log"; fail "budget sweep"; }
+py - "$work/budget/results.json" <<'PY' || { cat "$work/budget.log"; fail "budget results"; }
+import json, os, sys
+r = json.load(open(sys.argv[1]))["trials"]
+assert len(r) == 2 and all(t["status"] == "done" for t in r), r
+for t in r:
+    cfg = json.load(open(os.path.join(t["dir"], "trial_config.json")))
+    assert cfg["model"]["n_head"] == t["model.n_embed"] // 8, cfg
+    assert abs(cfg["optimizer"]["min_lr"] - 0.001) < 1e-12, cfg
+    if t["@balance"] == "bias":
+        assert cfg["router"]["bias_update_rate"] == 0.01 and "@balance" not in cfg["router"], cfg
+    else:
+        assert cfg["router"]["aux_loss_coef"] == 0.02, cfg
+    # max_steps fills the budget at the calibrated step time; the score is the whole-split eval.
+    assert t["step_ms"] > 0 and cfg["training"]["max_steps"] == max(1, int(2000 / t["step_ms"])), (t, cfg)
+    assert cfg["training"]["time_limit"] == 2.5, cfg
+    assert t["eval_loss"] > 0 and t["eval_loss"] != t["final_val_loss"], t
+PY
+sed 's/"aux": {"router.aux_loss_coef": 0.02}/"other": {}/' "$work/budget.json" > "$work/badbundle.json"
+if py scripts/sweep.py "$work/badbundle.json" --out "$work/badbundle" --moe "$moe" 2> "$work/badbundle.log"; then
+  fail "a bundle without a value was accepted"; fi
+grep -q "bundle @balance: no fields for value(s) \['aux'\]" "$work/badbundle.log" || { cat "$work/badbundle.log"; fail "bundle message"; }
+
+# Quality runs: a seeded run scored over the whole split, its table row and the tokens-vs-loss plot.
+py scripts/quality.py run tests/fixtures/tiny_sweep.json --seed 7 --out "$work/q" --moe "$moe" > "$work/q.log" 2>&1 ||
+  { cat "$work/q.log"; fail "quality run"; }
+py - "$work/q/quality.json" "$work/q/config.json" <<'PY' || fail "quality.json"
+import json, sys
+q, cfg = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+assert q["seed"] == 7 and cfg["training"]["seed"] == 7, q
+assert q["steps"] == cfg["training"]["max_steps"], q
+assert q["tokens"] == q["steps"] * cfg["training"]["batch_size"] * cfg["model"]["block_size"], q
+assert q["eval_last"] > 0 and q["eval_best"] > 0 and q["wall_s"] > 0, q
+PY
+py scripts/quality.py table "$work/q" | grep -q "| tests/fixtures/tiny_sweep.json | 7 |" || fail "quality table"
+py scripts/quality.py plot tiny="$work/q" --out "$work/q/tokens.png" 2> /dev/null || fail "quality plot"
+[ "$(head -c 4 "$work/q/tokens.png" | tail -c 3)" = "PNG" ] || fail "quality plot is not a PNG"
+
 py scripts/plot_run.py "$work/grid/trial_003" > /dev/null || fail "plot_run"
 py scripts/plot_sweep.py "$work/grid" > /dev/null || fail "plot_sweep"
 for f in grid/trial_003/plots/loss.png grid/trial_003/plots/lr.png grid/trial_003/plots/experts.png \
-         grid/plots/heatmap.png grid/plots/vs_router_num_experts.png grid/plots/vs_router_top_k.png; do
+         grid/plots/heatmap.png grid/plots/history.png grid/plots/vs_router_num_experts.png grid/plots/vs_router_top_k.png; do
   [ "$(head -c 4 "$work/$f" | tail -c 3)" = "PNG" ] || fail "$f is not a PNG"
 done
 
