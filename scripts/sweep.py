@@ -37,6 +37,10 @@ Optional, for searches at equal wall time and over linked settings:
     "derived": {"optimizer.min_lr": "p['optimizer.lr'] * p['@min_lr_ratio']",
                 "model.n_head": "p['model.n_embed'] // 32"},
         Fields computed from the trial's parameters (a Python expression over p), applied last.
+    "startup_trials": 10,
+        Bayes: random trials before TPE takes over (Optuna's default 10).
+    "enqueue": [{"optimizer.lr": 0.003, ...}],
+        Bayes: known points to run first, each giving every parameter (skipped when already run).
 
 Every trial runs in DIR/trial_NNN with its own derived config. Configs that `moe` rejects
 (for example top_k > num_experts) are recorded as "invalid" and not trained. The study
@@ -159,7 +163,9 @@ class Sweep:
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(pr.get("startup_trials", 3)),
                                               n_warmup_steps=int(pr.get("warmup_steps", 0)))
                   if pr else optuna.pruners.NopPruner())
-        sampler = optuna.samplers.TPESampler(seed=spec.get("seed", 0)) if spec["method"] == "bayes" else None
+        sampler = (optuna.samplers.TPESampler(seed=spec.get("seed", 0),
+                                              n_startup_trials=int(spec.get("startup_trials", 10)))
+                   if spec["method"] == "bayes" else None)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(study_name="sweep", storage=f"sqlite:///{os.path.join(out, 'optuna.db')}",
                                          load_if_exists=True, direction="minimize", sampler=sampler, pruner=pruner)
@@ -177,6 +183,11 @@ class Sweep:
             self.todo = self.todo[:self.budget]
         else:
             self.budget = max(0, spec["trials"] - len(finished))
+        # Bayes: known points to try first (each a full set of parameters), unless already run.
+        self.first = [p for p in spec.get("enqueue", []) if p not in [t.params for t in finished]]
+        for p in self.first:
+            if set(p) != set(spec["params"]):
+                fail(f"an enqueued trial must give every parameter: {sorted(spec['params'])}")
         if finished:
             print(f"sweep: resuming: {len(finished)} trial(s) finished, {self.budget} to run", file=sys.stderr)
 
@@ -187,6 +198,8 @@ class Sweep:
             self.budget -= 1
             if self.todo is not None:
                 self.study.enqueue_trial(self.todo.pop(0))
+            elif self.first:
+                self.study.enqueue_trial(self.first.pop(0))
             return self.study.ask(self.dists)
 
     def run(self):

@@ -51,6 +51,7 @@ py scripts/sweep.py "$work/grid.json" --out "$work/int" --moe "$moe" 2> "$work/i
 
 cat > "$work/bayes.json" <<JSON
 {"base": "tests/fixtures/tiny_sweep.json", "method": "bayes", "trials": 4, "parallel": 1, "seed": 3,
+ "startup_trials": 2, "enqueue": [{"optimizer.lr": 0.005, "model.dropout": 0.125}],
  "params": {"optimizer.lr": {"low": 1e-4, "high": 3e-2, "log": true}, "model.dropout": {"low": 0.0, "high": 0.3}},
  "overrides": {"training.max_steps": 30},
  "pruner": {"startup_trials": 1, "warmup_steps": 0}}
@@ -62,6 +63,8 @@ r = json.load(open(sys.argv[1]))["trials"]
 assert len(r) == 4, r
 assert all(t["status"] in ("done", "pruned") for t in r), r
 assert all(1e-4 <= t["optimizer.lr"] <= 3e-2 for t in r), r
+t0 = [t for t in r if t["trial"] == 0][0]
+assert t0["optimizer.lr"] == 0.005 and t0["model.dropout"] == 0.125, t0  # the enqueued point runs first
 PY
 
 cat > "$work/random.json" <<JSON
