@@ -51,12 +51,17 @@ def run(args):
     cmd = [args.moe, "train", "--config", cfg_path, "--overwrite"]
     print(f"quality: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # moe's progress lines, passed on as they come
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        lines.append(line)
+    proc.wait()
     wall = time.time() - t0
-    sys.stderr.write(proc.stdout)
     if proc.returncode != 0:
         sys.exit(f"quality: moe train exited with {proc.returncode}")
-    m = re.findall(r"done at step (\d+)", proc.stdout)
+    m = re.findall(r"(?:done|time limit reached) at step (\d+)", "".join(lines))
     if not m:
         sys.exit("quality: no 'done at step' in moe train's output")
     steps = int(m[-1])
@@ -78,6 +83,8 @@ def run(args):
 def load(run_dir):
     path = os.path.join(run_dir, "quality.json")
     q = json.load(open(path)) if os.path.exists(path) else {}
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
+        sys.exit(f"quality: {run_dir} is not a run directory (no config.json)")
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     return q, cfg
 
@@ -87,7 +94,7 @@ def plot(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    for spec in args.runs:
+    for i, spec in enumerate(args.runs):
         name, _, run_dir = spec.partition("=")
         q, cfg = load(run_dir)
         per_step = cfg["training"]["batch_size"] * cfg["model"]["block_size"]
@@ -96,7 +103,7 @@ def plot(args):
         if "eval_last" in q:
             ax.plot([q["tokens"]], [q["eval_last"]], "o", color=line.get_color(), ms=6)
             ax.annotate(f"{q['eval_last']:.4f}", (q["tokens"], q["eval_last"]), textcoords="offset points",
-                        xytext=(4, -12), fontsize=8, color=line.get_color())
+                        xytext=(6, -12 - 11 * i), fontsize=8, color=line.get_color())
     for label, tokens, loss in ANCHORS:
         ax.plot([tokens], [loss], "*", ms=12, label=f"{label}: {loss} at {tokens / 1e6:g} M tokens")
     ax.set_xscale("log")
@@ -117,6 +124,8 @@ def table(args):
     print("|---|---|---|---|---|---|---|")
     for run_dir in args.dirs:
         q, _ = load(run_dir)
+        if not q:
+            sys.exit(f"quality: {run_dir} has no quality.json (made by `quality.py run`)")
         print(f"| {q['config']} | {q['seed']} | {q['wall_s']:.0f} | {q['steps']} | {q['tokens'] / 1e6:.2f} M | "
               f"{q.get('eval_last', float('nan')):.4f} | {q.get('eval_best', float('nan')):.4f} |")
 
