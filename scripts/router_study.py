@@ -35,7 +35,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from studylib import steps_done, write_config  # noqa: E402
+from studylib import evaluate, steps_done, write_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,10 +79,6 @@ def train(moe, cfg, run_dir, extra=()):
     print(" ".join(cmd), flush=True)
     run(cmd)
     return " ".join(cmd)
-
-
-def evaluate(moe, run_dir):
-    return json.loads(run([moe, "eval", "--checkpoint", os.path.join(run_dir, "last.safetensors"), "--json"]).stdout)
 
 
 def tokens_per_s(run_dir):
@@ -136,7 +132,7 @@ def one_run(args, base, name, router, kind, seed, run_dir):
         run(cmd)
         row["commands"].append(" ".join(cmd))
         row["commands"].append(train(args.moe, cfg, run_dir, ["--init", up]))
-    ev = evaluate(args.moe, run_dir)
+    ev = evaluate(args.moe, os.path.join(run_dir, "last.safetensors"))
     layers = ev["router"]
     row["max_steps"] = steps_done(run_dir)
     row["val_loss"] = ev["loss"]

@@ -56,9 +56,10 @@ def steps_done(run_dir):
 
 def evaluate(moe, checkpoint, extra=()):
     """`moe eval --json` over the whole validation split."""
-    out = subprocess.run([moe, "eval", "--checkpoint", checkpoint, "--json", *extra], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out)
+    ev = subprocess.run([moe, "eval", "--checkpoint", checkpoint, "--json", *extra], capture_output=True, text=True)
+    if ev.returncode != 0:
+        raise RuntimeError(f"moe eval failed on {checkpoint}: {ev.stderr.strip()}")
+    return json.loads(ev.stdout)
 
 
 def router_summary(ev):

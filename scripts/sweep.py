@@ -73,6 +73,7 @@ signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+from studylib import evaluate  # noqa: E402  (scripts/ is on the path when this runs as a script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["trial", "status", "final_val_loss", "best_val_loss", "eval_loss", "tokens_per_s", "step_ms", "wall_s",
@@ -274,12 +275,8 @@ class Sweep:
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         t0 = time.time()
         with open(os.path.join(run_dir, "train.log"), "w") as log:
-            proc = subprocess.Popen([self.moe, "train", "--config", cfg_path, "--overwrite"], stdout=log,
-                                    stderr=subprocess.STDOUT)
-            with self.lock:
-                self.procs.append(proc)
-                if self.stopping.is_set():  # the stop came before this process was listed
-                    proc.send_signal(signal.SIGINT)
+            proc = self.launch([self.moe, "train", "--config", cfg_path, "--overwrite"], stdout=log,
+                               stderr=subprocess.STDOUT)
             seen, pruned = 0, False
             while True:
                 code = proc.poll()
@@ -316,15 +313,21 @@ class Sweep:
         trial.set_user_attr("status", "done")
         score = vals[-1]
         if self.spec.get("objective") == "eval":
-            ev = subprocess.run([self.moe, "eval", "--checkpoint", os.path.join(run_dir, "last.safetensors"), "--json"],
-                                capture_output=True, text=True)
-            if ev.returncode != 0:
-                raise RuntimeError(f"moe eval failed: {ev.stderr.strip()}")
-            score = json.loads(ev.stdout)["loss"]
+            score = evaluate(self.moe, os.path.join(run_dir, "last.safetensors"))["loss"]
             trial.set_user_attr("eval_loss", score)
         print(f"sweep: trial {trial.number} done: final val loss {vals[-1]:.4f}, best {min(vals):.4f}, "
               f"score {score:.4f}, {wall:.0f} s", file=sys.stderr, flush=True)
         return TrialState.COMPLETE, score
+
+    def launch(self, cmd, **popen_args):
+        """Starts a moe process that a stop (Ctrl-C, SIGTERM) reaches: listed for run()'s SIGINT,
+        or signalled at once when the stop came first."""
+        proc = subprocess.Popen(cmd, **popen_args)
+        with self.lock:
+            self.procs.append(proc)
+            if self.stopping.is_set():
+                proc.send_signal(signal.SIGINT)
+        return proc
 
     def fit_budget(self, cfg, cfg_path, run_dir, trial, label):
         """Sets max_steps so the trial fills the budget's seconds, from a short timed run."""
@@ -337,12 +340,8 @@ class Sweep:
         cal_path = os.path.join(run_dir, "calibrate_config.json")
         with open(cal_path, "w") as f:
             json.dump(cal, f, indent=2)
-        proc = subprocess.Popen([self.moe, "train", "--config", cal_path, "--overwrite"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        with self.lock:
-            self.procs.append(proc)
-            if self.stopping.is_set():
-                proc.send_signal(signal.SIGINT)
+        proc = self.launch([self.moe, "train", "--config", cal_path, "--overwrite"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
         text = proc.communicate()[0]
         if self.stopping.is_set():  # interrupted while calibrating: run the trial again on resume
             raise TrialInterrupted()
