@@ -29,13 +29,12 @@ import argparse
 import copy
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from studylib import evaluate, steps_done, write_config  # noqa: E402
+from studylib import calibration_config, evaluate, median_step_ms, steps_done, write_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,17 +59,15 @@ def run(cmd, quiet=True):
 
 
 
-def median_step_ms(moe, cfg, steps, run_dir):
-    """Trains `steps` steps of cfg (no checkpoints, one evaluation of 1 batch) and reads the median step time."""
-    c = copy.deepcopy(cfg)
-    c["training"]["max_steps"] = steps
-    c["logging"].update({"eval_interval": 10 ** 9, "eval_iters": 1, "checkpoint_interval": 0, "log_interval": steps})
-    path = write_config(c, os.path.join(run_dir, "calibrate.json"))
-    out = run([moe, "train", "--config", path, "--out", os.path.join(run_dir, "calibrate"), "--overwrite"])
-    m = re.search(r"median step ([0-9.]+) ms", out.stdout + out.stderr)
-    if not m:
+def calibrate(moe, cfg, steps, run_dir):
+    """Trains `steps` steps of cfg and reads the median step time."""
+    path = write_config(calibration_config(cfg, steps, os.path.join(run_dir, "calibrate")),
+                        os.path.join(run_dir, "calibrate.json"))
+    out = run([moe, "train", "--config", path, "--overwrite"])
+    ms = median_step_ms(out.stdout + out.stderr)
+    if ms is None:
         sys.exit(f"router_study: no 'median step' in the output of the calibration run in {run_dir}")
-    return float(m.group(1))
+    return ms
 
 
 def train(moe, cfg, run_dir, extra=()):
@@ -109,10 +106,8 @@ def one_run(args, base, name, router, kind, seed, run_dir):
         # short calibration run (k falls linearly, so about the mean of the two step times there).
         dense = copy.deepcopy(cfg)
         dense["router"]["top_k"] = E
-        dense["training"]["time_limit"] = 0
-        ms_dense = median_step_ms(args.moe, dense, args.calibrate, os.path.join(run_dir, "cal_dense"))
-        ms_sparse = median_step_ms(args.moe, {**cfg, "training": {**cfg["training"], "time_limit": 0}},
-                                   args.calibrate, run_dir)
+        ms_dense = calibrate(args.moe, dense, args.calibrate, os.path.join(run_dir, "cal_dense"))
+        ms_sparse = calibrate(args.moe, cfg, args.calibrate, run_dir)
         ms = 0.5 * (ms_dense + ms_sparse) / 2 + 0.5 * ms_sparse
         cfg["router"]["top_k_anneal_steps"] = max(1, int(budget_ms / ms) // 2)
         row["commands"].append(train(args.moe, cfg, run_dir))

@@ -33,16 +33,47 @@ def write_config(cfg, path):
     return path
 
 
+def median_step_ms(text):
+    """The median step time in `moe train`'s output ("median step X ms"), or None."""
+    m = re.search(r"median step ([0-9.]+) ms", text)
+    return float(m.group(1)) if m else None
+
+
+def calibration_config(cfg, steps, out_dir):
+    """A copy of cfg that trains `steps` steps only to time them: no evaluation past the first
+    (of one batch), no checkpoints, one progress line; its run directory is out_dir."""
+    c = copy.deepcopy(cfg)
+    c["training"]["max_steps"] = steps
+    c["training"]["time_limit"] = 0
+    c.setdefault("logging", {}).update({"eval_interval": 10 ** 9, "eval_iters": 1, "checkpoint_interval": 0,
+                                        "log_interval": steps, "out_dir": out_dir})
+    return c
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl (none if it does not exist yet); a line still being
+    written (no newline yet) is left for the next read."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n"):
+                    out.append(json.loads(line))
+    except FileNotFoundError:
+        pass
+    return out
+
+
 def train(moe, cfg_path, run_dir, extra=()):
     """Runs `moe train`; returns (wall seconds, median step ms, the command as text)."""
     cmd = [moe, "train", "--config", cfg_path, "--out", run_dir, "--overwrite", *extra]
     t0 = time.time()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.time() - t0
-    m = re.search(r"median step ([0-9.]+) ms", out.stdout + out.stderr)
-    if not m:
+    ms = median_step_ms(out.stdout + out.stderr)
+    if ms is None:
         sys.exit(f"study: no 'median step' in the output of {shlex.join(cmd)}")
-    return wall, float(m.group(1)), shlex.join(cmd)
+    return wall, ms, shlex.join(cmd)
 
 
 def steps_done(run_dir):

@@ -56,7 +56,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -73,7 +72,7 @@ signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
-from studylib import evaluate  # noqa: E402  (scripts/ is on the path when this runs as a script)
+from studylib import calibration_config, evaluate, median_step_ms, read_metrics  # noqa: E402  (scripts/ is on the path when this runs as a script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["trial", "status", "final_val_loss", "best_val_loss", "eval_loss", "tokens_per_s", "step_ms", "wall_s",
@@ -333,10 +332,7 @@ class Sweep:
         """Sets max_steps so the trial fills the budget's seconds, from a short timed run."""
         budget = self.spec["budget"]
         seconds, n = float(budget["seconds"]), int(budget.get("calibrate_steps", 30))
-        cal = json.loads(json.dumps(cfg))
-        set_dotted(cal, "training.max_steps", n)
-        set_dotted(cal, "logging.eval_interval", 10 ** 9)
-        set_dotted(cal, "logging.out_dir", os.path.join(run_dir, "calibrate"))
+        cal = calibration_config(cfg, n, os.path.join(run_dir, "calibrate"))
         cal_path = os.path.join(run_dir, "calibrate_config.json")
         with open(cal_path, "w") as f:
             json.dump(cal, f, indent=2)
@@ -345,10 +341,9 @@ class Sweep:
         text = proc.communicate()[0]
         if self.stopping.is_set():  # interrupted while calibrating: run the trial again on resume
             raise TrialInterrupted()
-        m = re.search(r"median step ([0-9.]+) ms", text)
-        if proc.returncode != 0 or not m:
+        step_ms = median_step_ms(text)
+        if proc.returncode != 0 or step_ms is None:
             raise RuntimeError(f"calibration run failed: {text.strip()[-500:]}")
-        step_ms = float(m.group(1))
         steps = max(1, int(seconds * 1000 / step_ms))
         set_dotted(cfg, "training.max_steps", steps)
         set_dotted(cfg, "training.time_limit", 1.25 * seconds)
@@ -397,18 +392,6 @@ def apply_params(cfg, spec, params):
     for field, expr in spec.get("derived", {}).items():
         set_dotted(cfg, field, eval(expr, {"__builtins__": {}, "int": int, "round": round, "max": max, "min": min},
                                     {"p": params}))
-
-
-def read_metrics(path):
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.endswith("\n"):  # a line still being written is read next time
-                    out.append(json.loads(line))
-    except FileNotFoundError:
-        pass
-    return out
 
 
 def resolve(path):
