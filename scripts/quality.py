@@ -6,10 +6,12 @@
       then `moe eval` over the whole validation split on last.safetensors and best.safetensors.
       Writes DIR/quality.json: seed, wall seconds, steps, tokens seen (steps x batch x block),
       both whole-split losses and the commands.
-  /usr/bin/python3 scripts/quality.py plot NAME=DIR [NAME=DIR ...] --out PNG
+  /usr/bin/python3 scripts/quality.py plot NAME=DIR [NAME=DIR ...] --out PNG [--train]
       Validation loss (the in-training estimates, eval_iters batches each) against tokens seen,
       one curve per run directory, its whole-split `moe eval` loss (from quality.json) as a
       marker, and the two reference points: makeMoE's tutorial and nanoGPT's shakespeare_char.
+      --train adds each run's training loss (dashed; the same evaluations' estimate), so the
+      gap between the two shows the overfitting.
   /usr/bin/python3 scripts/quality.py table DIR [DIR ...]
       A Markdown row per run.
 """
@@ -24,7 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from studylib import derive, evaluate, write_config  # noqa: E402
+from studylib import derive, evaluate, read_metrics, write_config  # noqa: E402
 
 # Published points: makeMoE's notebook (its last reported val loss, after 5000 steps of 16 x 32
 # tokens) and nanoGPT's shakespeare_char (10.65 M dense parameters on an A100, 5000 iterations of
@@ -33,8 +35,7 @@ ANCHORS = [("makeMoE (reported)", 2.56e6, 1.7508), ("nanoGPT shakespeare_char (A
 
 
 def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def run(args):
@@ -100,6 +101,10 @@ def plot(args):
         per_step = cfg["training"]["batch_size"] * cfg["model"]["block_size"]
         pts = [((r["step"] + 1) * per_step, r["val_loss"]) for r in metrics(run_dir) if "val_loss" in r and r["step"] > 0]
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1.2)
+        if args.train:  # the training loss's estimate at the same evaluations: the gap is the overfitting
+            tr = [((r["step"] + 1) * per_step, r["train_loss"]) for r in metrics(run_dir)
+                  if "train_loss" in r and r["step"] > 0]
+            ax.plot([p[0] for p in tr], [p[1] for p in tr], "--", color=line.get_color(), lw=1.0)
         if "eval_last" in q:
             ax.plot([q["tokens"]], [q["eval_last"]], "o", color=line.get_color(), ms=6)
             ax.annotate(f"{q['eval_last']:.4f}", (q["tokens"], q["eval_last"]), textcoords="offset points",
@@ -107,10 +112,11 @@ def plot(args):
     for label, tokens, loss in ANCHORS:
         ax.plot([tokens], [loss], "*", ms=12, label=f"{label}: {loss} at {tokens / 1e6:g} M tokens")
     ax.set_xscale("log")
-    ax.set_ylim(1.3, 2.6)
+    ax.set_ylim(*((0.9, 2.0) if args.train else (1.3, 2.6)))
     ax.set_xlabel("tokens seen (training)")
-    ax.set_ylabel("validation loss (nats/char)")
-    ax.set_title("Validation loss against tokens seen (dots: whole-split moe eval of the final checkpoint)")
+    ax.set_ylabel("loss (nats/char)")
+    ax.set_title("Validation loss against tokens seen (dots: whole-split moe eval of the final checkpoint)"
+                 + ("; dashed: training loss" if args.train else ""))
     ax.title.set_fontsize(9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -142,6 +148,7 @@ def main():
     p = sub.add_parser("plot")
     p.add_argument("runs", nargs="+", metavar="NAME=DIR")
     p.add_argument("--out", required=True)
+    p.add_argument("--train", action="store_true", help="also the training loss (dashed), to show the gap")
     t = sub.add_parser("table")
     t.add_argument("dirs", nargs="+")
     args = ap.parse_args()

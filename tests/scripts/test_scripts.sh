@@ -120,6 +120,7 @@ assert q["eval_last"] > 0 and q["eval_best"] > 0 and q["wall_s"] > 0, q
 PY
 py scripts/quality.py table "$work/q" | grep -q "| tests/fixtures/tiny_sweep.json | 7 |" || fail "quality table"
 py scripts/quality.py plot tiny="$work/q" --out "$work/q/tokens.png" 2> /dev/null || fail "quality plot"
+py scripts/quality.py plot tiny="$work/q" --train --out "$work/q/gap.png" 2> /dev/null && [ -s "$work/q/gap.png" ] || fail "quality plot --train"
 [ "$(head -c 4 "$work/q/tokens.png" | tail -c 3)" = "PNG" ] || fail "quality plot is not a PNG"
 
 py scripts/plot_run.py "$work/grid/trial_003" > /dev/null || fail "plot_run"
@@ -128,6 +129,18 @@ for f in grid/trial_003/plots/loss.png grid/trial_003/plots/lr.png grid/trial_00
          grid/plots/heatmap.png grid/plots/history.png grid/plots/vs_router_num_experts.png grid/plots/vs_router_top_k.png; do
   [ "$(head -c 4 "$work/$f" | tail -c 3)" = "PNG" ] || fail "$f is not a PNG"
 done
+
+# The scaling study: a row per point (the block_size axis keeps the tokens per step), a table and a plot per axis.
+py scripts/scaling.py --base tests/fixtures/tiny_sweep.json --quick --threads 1 --gemm-peak 10 --axes block_size experts \
+  --moe "$moe" --out "$work/scal" 2> "$work/scal.log" || { cat "$work/scal.log"; fail "scaling"; }
+py - "$work/scal/scaling.json" <<'PY' || fail "scaling results"
+import json, sys
+r = json.load(open(sys.argv[1]))["rows"]
+assert [(x["axis"], x["value"]) for x in r] == [("block_size", 32), ("block_size", 64), ("experts", 4), ("experts", 8)], r
+assert r[1]["overrides"]["training.batch_size"] == 1, r[1]  # 4 x 8 tokens a step: one sequence of 64
+assert all(x["step_ms"] > 0 and x["gflop_per_s"] > 0 and x["gemm_fraction"] > 0 for x in r), r
+PY
+[ -s "$work/scal/scaling_block_size.png" ] && grep -q "^## experts" "$work/scal/scaling.md" || fail "scaling outputs"
 
 # Bad input: a clear error, not a traceback.
 echo '{"base": "x.json"}' > "$work/bad.json"
