@@ -53,8 +53,7 @@ def main():
         sys.exit(f"arch_study: {args.moe} is not an executable; build first (bash scripts/build.sh)")
     with open(args.config) as f:
         base = json.load(f)
-    base["data"]["path"] = os.path.join(root, base["data"]["path"]) if not os.path.isabs(base["data"]["path"]) \
-        else base["data"]["path"]
+    base = studylib.with_data_path(base, root)
     base = studylib.derive(base, {"training.threads": args.threads, "logging.eval_iters": 20})
 
     rows = []

@@ -26,7 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from studylib import derive, evaluate, read_metrics, write_config  # noqa: E402
+from studylib import derive, evaluate, read_metrics, with_data_path, write_config  # noqa: E402
 
 # Published points: makeMoE's notebook (its last reported val loss, after 5000 steps of 16 x 32
 # tokens) and nanoGPT's shakespeare_char (10.65 M dense parameters on an A100, 5000 iterations of
@@ -41,12 +41,10 @@ def metrics(run_dir):
 def run(args):
     with open(args.config) as f:
         base = json.load(f)
-    data = base.get("data", {}).get("path", "data/tinyshakespeare.txt")
-    over = {"training.seed": args.seed, "logging.out_dir": os.path.abspath(args.out),
-            "data.path": data if os.path.isabs(data) else os.path.join(ROOT, data)}
+    over = {"training.seed": args.seed, "logging.out_dir": os.path.abspath(args.out)}
     if args.threads is not None:  # the numbers do not depend on it; only the wall time does
         over["training.threads"] = args.threads
-    cfg = derive(base, over)
+    cfg = derive(with_data_path(base, ROOT), over)
     os.makedirs(args.out, exist_ok=True)
     cfg_path = write_config(cfg, os.path.join(os.path.abspath(args.out), "quality_config.json"))
     cmd = [args.moe, "train", "--config", cfg_path, "--overwrite"]
@@ -99,11 +97,11 @@ def plot(args):
         name, _, run_dir = spec.partition("=")
         q, cfg = load(run_dir)
         per_step = cfg["training"]["batch_size"] * cfg["model"]["block_size"]
-        pts = [((r["step"] + 1) * per_step, r["val_loss"]) for r in metrics(run_dir) if "val_loss" in r and r["step"] > 0]
+        records = metrics(run_dir)
+        pts = [((r["step"] + 1) * per_step, r["val_loss"]) for r in records if "val_loss" in r and r["step"] > 0]
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1.2)
         if args.train:  # the training loss's estimate at the same evaluations: the gap is the overfitting
-            tr = [((r["step"] + 1) * per_step, r["train_loss"]) for r in metrics(run_dir)
-                  if "train_loss" in r and r["step"] > 0]
+            tr = [((r["step"] + 1) * per_step, r["train_loss"]) for r in records if "train_loss" in r and r["step"] > 0]
             ax.plot([p[0] for p in tr], [p[1] for p in tr], "--", color=line.get_color(), lw=1.0)
         if "eval_last" in q:
             ax.plot([q["tokens"]], [q["eval_last"]], "o", color=line.get_color(), ms=6)

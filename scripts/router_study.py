@@ -34,7 +34,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from studylib import calibration_config, evaluate, median_step_ms, steps_done, write_config  # noqa: E402
+from studylib import calibration_config, evaluate, median_step_ms, read_metrics, steps_done, with_data_path, write_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,12 +79,7 @@ def train(moe, cfg, run_dir, extra=()):
 
 
 def tokens_per_s(run_dir):
-    vals = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            j = json.loads(line)
-            if "tokens_per_s" in j:
-                vals.append(j["tokens_per_s"])
+    vals = [r["tokens_per_s"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "tokens_per_s" in r]
     return statistics.mean(vals) if vals else float("nan")
 
 
@@ -187,8 +182,7 @@ def main():
         base = json.load(f)
     for sec in ("router", "training", "logging"):
         base.setdefault(sec, {})
-    base["data"] = {**base.get("data", {}), "path": os.path.join(ROOT, base.get("data", {}).get("path", "data/tinyshakespeare.txt"))
-                    if not os.path.isabs(base.get("data", {}).get("path", "")) else base["data"]["path"]}
+    base = with_data_path(base, ROOT)
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     rows = []
     for i, (name, router, kind) in enumerate(variants):

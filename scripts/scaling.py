@@ -32,7 +32,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from studylib import derive, write_config  # noqa: E402
+from studylib import derive, with_data_path, write_config  # noqa: E402
 
 
 def points(base, axis):
@@ -78,15 +78,14 @@ def main():
     args = ap.parse_args()
     with open(args.base) as f:
         base = json.load(f)
-    data = base.get("data", {}).get("path", "data/tinyshakespeare.txt")
-    base = derive(base, {"data.path": data if os.path.isabs(data) else os.path.join(ROOT, data)})
+    base = with_data_path(base, ROOT)
     steps = 2 if args.quick else args.steps
     os.makedirs(args.out, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for axis in args.axes:
             pts = points(base, axis)
-            for i, (label, over) in enumerate(pts[:2] if args.quick else pts):
+            for label, over in pts[:2] if args.quick else pts:
                 r, cmd = bench(args.moe, derive(base, over), steps, args.threads, tmp)
                 row = {"axis": axis, "value": label, "overrides": over, "step_ms": r["step_ms_median"],
                        "tokens_per_s": r["tokens_per_s"], "gflop_per_step": r["gflop_per_step"],

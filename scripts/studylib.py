@@ -26,6 +26,13 @@ def derive(base, overrides):
     return cfg
 
 
+def with_data_path(cfg, root):
+    """A copy of cfg whose data.path (moe's default if unset) is absolute: relative paths are the
+    repository's (root), so the config works from any run directory."""
+    path = cfg.get("data", {}).get("path", "data/tinyshakespeare.txt")
+    return derive(cfg, {"data.path": path if os.path.isabs(path) else os.path.join(root, path)})
+
+
 def write_config(cfg, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -72,7 +72,7 @@ signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
-from studylib import calibration_config, evaluate, median_step_ms, read_metrics  # noqa: E402  (scripts/ is on the path when this runs as a script)
+from studylib import calibration_config, evaluate, median_step_ms, read_metrics, write_config  # noqa: E402  (scripts/ is on the path when this runs as a script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["trial", "status", "final_val_loss", "best_val_loss", "eval_loss", "tokens_per_s", "step_ms", "wall_s",
@@ -332,10 +332,8 @@ class Sweep:
         """Sets max_steps so the trial fills the budget's seconds, from a short timed run."""
         budget = self.spec["budget"]
         seconds, n = float(budget["seconds"]), int(budget.get("calibrate_steps", 30))
-        cal = calibration_config(cfg, n, os.path.join(run_dir, "calibrate"))
-        cal_path = os.path.join(run_dir, "calibrate_config.json")
-        with open(cal_path, "w") as f:
-            json.dump(cal, f, indent=2)
+        cal_path = write_config(calibration_config(cfg, n, os.path.join(run_dir, "calibrate")),
+                                os.path.join(run_dir, "calibrate_config.json"))
         proc = self.launch([self.moe, "train", "--config", cal_path, "--overwrite"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
         text = proc.communicate()[0]
@@ -347,8 +345,7 @@ class Sweep:
         steps = max(1, int(seconds * 1000 / step_ms))
         set_dotted(cfg, "training.max_steps", steps)
         set_dotted(cfg, "training.time_limit", 1.25 * seconds)
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f, indent=2)
+        write_config(cfg, cfg_path)
         trial.set_user_attr("step_ms", step_ms)
         print(f"sweep: trial {trial.number} ({label}): {step_ms:.1f} ms/step, {steps} steps in {seconds:.0f} s",
               file=sys.stderr, flush=True)
