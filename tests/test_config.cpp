@@ -42,6 +42,7 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK(c.model.rope_theta == 10000);
   CHECK(c.model.n_kv_head == 0);
   CHECK(c.kv_heads() == c.model.n_head);
+  CHECK(c.model.attention_kernel == AttentionKernel::kExact);
   CHECK_FALSE(c.model.qk_norm);
   CHECK(c.model.moe_every == 1);
   CHECK(c.model.dense_first == 0);
@@ -206,6 +207,10 @@ TEST_CASE("Config errors name the field, the value and what is allowed", "[io][c
                                       "gqa");
   CHECK(gqa.kv_heads() == 2);
   CHECK(config_from_json(config_to_json(gqa), "round trip").model.position == PositionKind::kRope);
+  CHECK_THAT(config_error({{"model", {{"attention_kernel", "flash"}}}}),
+             Contains("model.attention_kernel = \"flash\": must be one of \"exact\" \"tiled\""));
+  const Config tiled = config_from_json({{"model", {{"attention_kernel", "tiled"}}}}, "tiled");
+  CHECK(config_from_json(config_to_json(tiled), "round trip").model.attention_kernel == AttentionKernel::kTiled);
 
   // Where the MoE layers go, the dense blocks' width.
   CHECK_THAT(config_error({{"model", {{"moe_every", 0}}}}), Contains("model.moe_every = 0: must be a positive integer"));

@@ -69,10 +69,12 @@ void check_buffers(const SafeTensorsFile& f, const Model& model, const std::stri
 // objective of a forward (training or evaluation, as the fixture says), every gradient of the
 // objective, then AdamW steps with the balancing-bias update after each: their losses and
 // objectives, the final weights and biases.
-void check_variant(const std::string& variant) {
+// With `kernel`, the model's attention runs on that kernel instead of the fixture config's.
+void check_variant(const std::string& variant, AttentionKernel kernel = AttentionKernel::kExact) {
   const std::string path = fixture_path(variant);
   const SafeTensorsFile f = load_safetensors(path);
-  const Config cfg = parse_config(f.metadata().at("config"), path);
+  Config cfg = parse_config(f.metadata().at("config"), path);
+  cfg.model.attention_kernel = kernel;
   const int64_t V = std::stoll(f.metadata().at("vocab_size")), B = std::stoll(f.metadata().at("batch_size"));
   const int64_t T = cfg.model.block_size, L = cfg.model.n_layer, E = cfg.router.num_experts,
                 K = slots_per_token(cfg.router);
@@ -182,6 +184,15 @@ TEST_CASE("Every model and router option matches the PyTorch twin", "[model][gol
                "relu", "expert_choice", "expert_choice_eval");
   INFO("variant " << variant << " (" << fixture_path(variant) << ")");
   check_variant(variant);
+}
+
+TEST_CASE("The tiled attention kernel matches the PyTorch twin too", "[model][golden][twin][tiled]") {
+  // model.attention_kernel = "tiled" on fixtures made with PyTorch's attention (the same maths):
+  // learned positions with the head-size scale, grouped-query and multi-query heads, rope with
+  // QK-norm, and every option at once.
+  const std::string variant = GENERATE(as<std::string>{}, "attn_head", "gqa", "mqa", "modern", "all");
+  INFO("variant " << variant << " with attention_kernel tiled");
+  check_variant(variant, AttentionKernel::kTiled);
 }
 
 TEST_CASE("model.init draws what the twin's reproduction of it draws, bit for bit", "[model][golden][twin][init]") {

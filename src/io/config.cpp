@@ -173,6 +173,7 @@ const std::vector<Field>& fields() {
       field("model", "rope_theta", &Config::model, &ModelConfig::rope_theta, positive_number()),
       field("model", "n_kv_head", &Config::model, &ModelConfig::n_kv_head, non_negative()),
       field("model", "qk_norm", &Config::model, &ModelConfig::qk_norm),
+      field("model", "attention_kernel", &Config::model, &ModelConfig::attention_kernel),
       field("model", "moe_every", &Config::model, &ModelConfig::moe_every, positive()),
       field("model", "dense_first", &Config::model, &ModelConfig::dense_first, non_negative()),
       field("model", "dense_hidden", &Config::model, &ModelConfig::dense_hidden, non_negative()),

@@ -17,6 +17,7 @@ Attention Attention::make(ParamBuilder& pb, const std::string& prefix, const Con
   a.scale = cfg.attention_scale();
   a.use_rope = cfg.model.position == PositionKind::kRope;
   a.rope_theta = cfg.model.rope_theta;
+  a.tiled = cfg.model.attention_kernel == AttentionKernel::kTiled;
   a.qkv = Linear::make(pb, prefix + "qkv", a.C, a.C + 2 * a.H_kv * a.D, false);
   if (cfg.model.qk_norm) {
     a.q_norm = pb.add(prefix + "q_norm.weight", {a.D}, false, {ParamRole::kNormWeight});
@@ -31,7 +32,8 @@ Tensor Attention::forward(Graph& g, const ParamStore& ps, const Tensor& h, float
   Tensor q_k_v = qkv.forward(g, ps, h, mem.next());  // (B, T, C + 2·H_kv·D)
   if (q_norm >= 0) q_k_v = qk_rmsnorm(g, q_k_v, ps.get(q_norm), ps.get(k_norm), H, H_kv);
   if (use_rope) q_k_v = rope(g, q_k_v, H, H_kv, rope_theta);
-  const Tensor a = causal_attention(g, q_k_v, H, H_kv, scale, p, training, rng, mem.next());  // (B, T, C)
+  const auto attend = tiled ? tiled_causal_attention : causal_attention;
+  const Tensor a = attend(g, q_k_v, H, H_kv, scale, p, training, rng, mem.next());  // (B, T, C)
   return proj.forward(g, ps, a, mem.next());
 }
 

@@ -7,6 +7,7 @@
 
 #include "moe/kernels/bits.hpp"
 #include "moe/kernels/expf.hpp"
+#include "moe/kernels/flash_attention.hpp"
 #include "moe/ops/ops.hpp"
 #include "moe/tensor/parallel.hpp"
 
@@ -366,6 +367,48 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
         }
       }
     });
+  }
+  return y;
+}
+
+namespace {
+
+// tiled_causal_attention's output again (for its Regen): the same forward, the same bits.
+struct TiledAttentionOutput {
+  const float* qkv;
+  FlashAttentionShape shape;
+  const uint16_t* mask;
+  float keep;
+  float *y, *lse, *work;
+  void operator()() const { flash_attention_forward(qkv, shape, mask, keep, y, lse, work); }
+};
+
+}  // namespace
+
+Tensor tiled_causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, float scale, float p,
+                              bool training, Rng& rng, Regen* regen) {
+  MOE_CHECK(H >= 1 && H_kv >= 1 && H % H_kv == 0, "tiled_causal_attention",
+            "H=" + std::to_string(H) + " must be a multiple of H_kv=" + std::to_string(H_kv));
+  MOE_CHECK(qkv.ndim() == 3 && qkv.size(2) % (H + 2 * H_kv) == 0, "tiled_causal_attention",
+            "qkv must be [B, T, (H + 2·H_kv)·D] for H=" + std::to_string(H) + ", H_kv=" + std::to_string(H_kv) +
+                ", got " + qkv.shape.str());
+  MOE_CHECK(p >= 0.f && p < 1.f, "tiled_causal_attention",
+            "dropout probability must be in [0, 1), got " + std::to_string(p));
+  const int64_t B = qkv.size(0), T = qkv.size(1), D = qkv.size(2) / (H + 2 * H_kv), C = H * D;
+  const FlashAttentionShape shape{B, T, H, H_kv, D, scale};
+  Tensor y = regen ? g.scratch_output({B, T, C}, qkv) : g.output({B, T, C}, qkv);
+  float* lse = g.arena().alloc_floats(B * H * T);
+  // The keep bits causal_attention draws, from the same rng draws.
+  const int64_t tri = T * (T + 1) / 2;
+  uint16_t* mask = nullptr;
+  if (training && p > 0.f)
+    mask = keep_bits(g, B * H * tri, 3, [&](uint8_t* bytes) { rng.fill_keep_mask_causal(bytes, B * H, T, p); });
+  const float keep = dropout_scale(p);
+  float* work = g.arena().alloc_floats(omp_get_max_threads() * flash_attention_work_floats(shape));
+  flash_attention_forward(qkv.data, shape, mask, keep, y.data, lse, work);
+  if (regen) *regen = make_regen(g, TiledAttentionOutput{qkv.data, shape, mask, keep, y.data, lse, work});
+  if (y.requires_grad()) {
+    g.record([=] { flash_attention_backward(qkv.data, y.data, y.grad, lse, shape, mask, keep, qkv.grad, work); });
   }
   return y;
 }

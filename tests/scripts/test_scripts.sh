@@ -142,6 +142,17 @@ assert all(x["step_ms"] > 0 and x["gflop_per_s"] > 0 and x["gemm_fraction"] > 0 
 PY
 [ -s "$work/scal/scaling_block_size.png" ] && grep -q "^## experts" "$work/scal/scaling.md" || fail "scaling outputs"
 
+# The long-context table, both attention kernels, on the tiny config.
+py scripts/long_context.py --quick --moe "$moe" --json "$work/long.json" > "$work/long.md" 2> "$work/long.log" \
+  || { cat "$work/long.log"; fail "long_context"; }
+py - "$work/long.json" <<'PY' || { cat "$work/long.md"; fail "long_context results"; }
+import json, sys
+r = json.load(open(sys.argv[1]))["rows"]
+assert [(x["block"], x["batch"]) for x in r] == [(16, 4), (32, 2)], r
+assert all(x[k]["ms"] > 0 and x[k]["peak_mb"] > 0 for x in r for k in ("exact", "tiled")), r
+PY
+grep -q "^| 32 | 2 |" "$work/long.md" || { cat "$work/long.md"; fail "long_context table"; }
+
 # Bad input: a clear error, not a traceback.
 echo '{"base": "x.json"}' > "$work/bad.json"
 if py scripts/sweep.py "$work/bad.json" --moe "$moe" 2> "$work/bad.log"; then fail "a bad spec was accepted"; fi

@@ -25,6 +25,7 @@ enum class Gating { kTopkSoftmax, kSoftmaxTopk, kSigmoidTopk, kRelu, kExpertChoi
 enum class LrSchedule { kConstant, kCosine };
 enum class NormKind { kLayerNorm, kRmsNorm };
 enum class PositionKind { kLearned, kRope };
+enum class AttentionKernel { kExact, kTiled };
 
 template <class E>
 struct EnumNames;
@@ -57,6 +58,10 @@ template <>
 struct EnumNames<PositionKind> {
   static constexpr std::array<const char*, 2> names{"learned", "rope"};
 };
+template <>
+struct EnumNames<AttentionKernel> {
+  static constexpr std::array<const char*, 2> names{"exact", "tiled"};
+};
 template <class E>
 const char* name_of(E value) {
   return EnumNames<E>::names[size_t(value)];
@@ -84,6 +89,10 @@ struct ModelConfig {
   double rope_theta = 10000;          // rope: the base of the rotation frequencies
   int64_t n_kv_head = 0;              // key/value heads (grouped-query attention); 0: n_head
   bool qk_norm = false;               // RMSNorm on each head's query and key (before rope)
+  // exact: the fused kernel keeping the T×T weights for the backward; tiled: blocks of 16 queries
+  // and keys with an online softmax, only each row's log-sum-exp kept (the same results within
+  // float rounding; faster and smaller from block_size 256 on)
+  AttentionKernel attention_kernel = AttentionKernel::kExact;
   // Which blocks are MoE (DeepSeek-V2/V3's first_k_dense_replace and moe_layer_freq, nanoMoE's
   // stride): block i when i >= dense_first and i % moe_every == 0; the others have one dense
   // feed-forward (expert_ffn, dense_hidden wide). dense_first = n_layer: an all-dense model.

@@ -25,10 +25,11 @@ struct Attention {
   int64_t C = 0, H = 0, H_kv = 0, D = 0;
   float scale = 0;
   bool use_rope = false;  // model.position = "rope"
+  bool tiled = false;     // model.attention_kernel = "tiled"
   double rope_theta = 0;
 
   // Sizes and options from cfg.model (n_embed, n_head, n_kv_head, attn_scale, position,
-  // rope_theta, qk_norm).
+  // rope_theta, qk_norm, attention_kernel).
   static Attention make(ParamBuilder& pb, const std::string& prefix, const Config& cfg);
   // h (B, T, C) -> the output projection (B, T, C), before the residual's dropout. Dropout p on
   // the weights; what the block makes again comes from mem.

@@ -139,6 +139,11 @@ Tensor slice_cols(Graph& g, const Tensor& x, int64_t begin, int64_t width);
 // the output is regenerated (see Regen) from the weights the op keeps and qkv's v columns.
 Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, float scale, float p, bool training,
                         Rng& rng, Regen* regen = nullptr);
+// The same attention by the tiled kernel (moe/kernels/flash_attention.hpp, model.attention_kernel =
+// "tiled"): the same dropout draws, no T×T weights kept (each row's log-sum-exp instead); equal to
+// causal_attention within float rounding. With regen, the output is computed again from qkv.
+Tensor tiled_causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, float scale, float p,
+                              bool training, Rng& rng, Regen* regen = nullptr);
 
 // ---- the queries and keys of a fused projection (src/ops/qk_ops.cpp) ----
 // qkv [B, T, (H + 2·H_kv)·D]: per row the H query heads, the H_kv key heads, then the H_kv value
