@@ -274,14 +274,17 @@ Tensor one_group_linear(Graph& g, const char* op, const Tensor& x, const Tensor&
 }  // namespace
 
 Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Regen* regen) {
+  PartScope part(Part::GemmDense);
   return one_group_linear(g, "linear", x, w, b, nullptr, regen);
 }
 
 Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind) {
+  PartScope part(Part::GemmDense);
   return one_group_linear(g, "linear_act", x, w, b, &kind);
 }
 
 Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  PartScope part(Part::GemmDense);
   MOE_CHECK(a.ndim() >= 2 && a.ndim() == b.ndim(), "bmm", "operands " + a.shape.str() + " and " + b.shape.str() + " need the same rank >= 2");
   int64_t batch = 1;
   for (int i = 0; i < a.ndim() - 2; ++i) {
@@ -338,6 +341,7 @@ struct AddRun {
 
 // y = a + b into y (which may be b), and the backward.
 Tensor add_to(Graph& g, const Tensor& a, const Tensor& b, const Tensor& y, Regen* regen = nullptr) {
+  PartScope part(Part::Elementwise);
   const int64_t n = a.numel();
   const AddRun run{y.data, a.data, b.data, n};
   run();
@@ -377,6 +381,7 @@ Tensor add_into(Graph& g, const Tensor& a, const Tensor& b, Regen* regen) {
 }
 
 Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {
+  PartScope part(Part::Elementwise);
   MOE_CHECK(bias.ndim() == 1 && bias.size(0) == x.cols(), "add_bias", "bias " + bias.shape.str() + " does not match " + x.shape.str());
   Tensor y = g.output(x.shape, x, bias);
   const int64_t N = x.rows(), C = x.cols();
@@ -392,6 +397,7 @@ Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {
 }
 
 Tensor mul(Graph& g, const Tensor& a, const Tensor& b) {
+  PartScope part(Part::Elementwise);
   check_same_shape("mul", a, b);
   Tensor y = g.output(a.shape, a, b);
   const int64_t n = a.numel();
@@ -409,6 +415,7 @@ Tensor mul(Graph& g, const Tensor& a, const Tensor& b) {
 }
 
 Tensor scale(Graph& g, const Tensor& x, float s) {
+  PartScope part(Part::Elementwise);
   Tensor y = g.output(x.shape, x);
   const int64_t n = x.numel();
 #pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
@@ -422,6 +429,7 @@ Tensor scale(Graph& g, const Tensor& x, float s) {
 }
 
 Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape& out_shape) {
+  PartScope part(Part::GatherScatter);
   MOE_CHECK(table.ndim() == 2, "embedding", "table must be [V, C], got " + table.shape.str());
   const int64_t V = table.size(0), C = table.size(1);
   MOE_CHECK(out_shape.ndim >= 1 && out_shape[-1] == C, "embedding", "output shape " + out_shape.str() + " must end in C=" + std::to_string(C));
@@ -468,6 +476,7 @@ struct RmsnormRun {
 }  // namespace
 
 Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps, Regen* regen) {
+  PartScope part(Part::Norm);
   const int64_t C = x.cols(), N = x.rows();
   MOE_CHECK(w.ndim() == 1 && w.size(0) == C && b.shape == w.shape, "layernorm",
         "weight " + w.shape.str() + " and bias " + b.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());
@@ -483,6 +492,7 @@ Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, fl
 }
 
 Tensor rmsnorm(Graph& g, const Tensor& x, const Tensor& w, float eps, Regen* regen) {
+  PartScope part(Part::Norm);
   const int64_t C = x.cols(), N = x.rows();
   MOE_CHECK(w.ndim() == 1 && w.size(0) == C, "rmsnorm",
             "weight " + w.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());

@@ -35,7 +35,7 @@ double forward_flops(const Config& cfg, int64_t V) {
   return per_token * double(cfg.training.batch_size) * T;
 }
 
-BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t generate_chars) {
+BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t generate_chars, bool profile) {
   using clock = std::chrono::steady_clock;
   if (threads > 0) omp_set_num_threads(threads);
   BenchResult r;
@@ -56,9 +56,16 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   std::vector<double> step_ms, fwd_ms;
   const int64_t warmup = 3;
   for (int64_t i = 0; i < warmup + steps; ++i) {
+    if (profile && i == warmup) profile_start();
     const auto t0 = clock::now();
     train_step.run(i, false);  // as the steps between log lines
     if (i >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
+  }
+  if (profile) {
+    profile_stop();
+    r.profiled = true;
+    r.profile = profile_result();
+    for (double ms : step_ms) r.profiled_ms += ms;
   }
   // The training steps' peak, before the forwards and the generation add theirs.
   rusage ru{};
