@@ -38,11 +38,38 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y,
 
 // dW += dyᵀ·x, db += Σ_rows dy, dx += dy·W (dx = dy·W when dx_beta is 0), for the inputs
 // that track a gradient. dx last: it may take x's memory (grouped_mlp's hidden layer).
+// On two threads the two products (the same FLOPs) run side by side, one a thread, in one
+// parallel region: each packs its operands once, where splitting each product had both threads
+// pack the same panels, and the team meets once instead of twice. Each element is summed as
+// before (a product on one thread is the same sums), so the bits do not change. Not when dx
+// takes x's memory, which dW reads.
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy, float dx_beta = 1.f) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
-  if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
-  if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
-  if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
+  const auto dw = [&] {
+    if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
+    if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
+  };
+  const auto dx = [&] {
+    if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
+  };
+  const bool side_by_side = w.grad && x.grad && x.grad != x.data && !omp_in_parallel() &&
+                            omp_get_max_threads() == 2 && N * I * O >= 32768;
+  if (!side_by_side) {
+    dw();
+    dx();
+    return;
+  }
+#pragma omp parallel num_threads(2)
+  {
+    if (omp_get_num_threads() == 1) {
+      dw();
+      dx();
+    } else if (omp_get_thread_num() == 0) {
+      dw();
+    } else {
+      dx();
+    }
+  }
 }
 
 }  // namespace
