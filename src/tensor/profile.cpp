@@ -61,6 +61,10 @@ void profile_start() {
   g_profile = StepProfile{};
   g_phase = Phase::Forward;
   detail::g_part = Part::Other;
+  profile_continue();
+}
+
+void profile_continue() {
   g_last = Clock::now();
   detail::g_profiling = true;
 }

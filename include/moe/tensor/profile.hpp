@@ -78,9 +78,11 @@ struct StepProfile {
   double total_ms() const;
 };
 
-// Starts accumulating (from zero), stops, and reads what has accumulated.
+// Starts accumulating (from zero), stops, continues after a stop (adding to what is there),
+// and reads what has accumulated.
 void profile_start();
 void profile_stop();
+void profile_continue();
 const StepProfile& profile_result();
 
 }  // namespace moe
