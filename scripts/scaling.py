@@ -3,7 +3,7 @@
 
   /usr/bin/python3 scripts/scaling.py [--base configs/makemoe.json] [--axes n_embed experts top_k block_size batch]
                                       [--steps 10] [--threads 2] [--gemm-peak GFLOPS] [--out docs/scaling]
-                                      [--moe build/moe] [--quick]
+                                      [--moe build/moe] [--quick] [--profile]
 
 Axes (every other field stays the base's; n_head keeps the base's head width):
   n_embed     64 128 256 384 512, expert_hidden 4 x n_embed
@@ -20,7 +20,9 @@ For each point: median step (ms), tokens/s, GFLOP/s (the model's analytic matmul
 `bash scripts/bench_gemm.sh`), the fraction of it the whole step reaches. Writes
 OUT/scaling.json, OUT/scaling.md (a table per axis with the command of every row) and
 OUT/scaling_<axis>.png. Run it on a quiet machine: every figure is a timing.
-`--quick` (the tests) runs two points per axis of 2 steps.
+`--quick` (the tests) runs two points per axis of 2 steps. `--profile` adds where each point's
+step goes (`moe bench --profile`: the share of each part, GEMM, attention, routing...) to
+scaling.json and the three largest parts to each table row.
 """
 import argparse
 import json
@@ -56,9 +58,11 @@ def points(base, axis):
     sys.exit(f"scaling: unknown axis {axis!r}")
 
 
-def bench(moe, cfg, steps, threads, tmp):
+def bench(moe, cfg, steps, threads, tmp, profile=False):
     path = write_config(cfg, os.path.join(tmp, "point.json"))
     cmd = [moe, "bench", "--config", path, "--steps", str(steps), "--threads", str(threads), "--generate", "1", "--json"]
+    if profile:
+        cmd.append("--profile")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed: {out.stderr.strip()[-500:]}")
@@ -75,6 +79,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "scaling"))
     ap.add_argument("--moe", default=os.path.join(ROOT, "build", "moe"))
     ap.add_argument("--quick", action="store_true", help="two points per axis, 2 steps (for the tests)")
+    ap.add_argument("--profile", action="store_true", help="time each point's step by part (moe bench --profile)")
     args = ap.parse_args()
     with open(args.base) as f:
         base = json.load(f)
@@ -86,12 +91,14 @@ def main():
         for axis in args.axes:
             pts = points(base, axis)
             for label, over in pts[:2] if args.quick else pts:
-                r, cmd = bench(args.moe, derive(base, over), steps, args.threads, tmp)
+                r, cmd = bench(args.moe, derive(base, over), steps, args.threads, tmp, args.profile)
                 row = {"axis": axis, "value": label, "overrides": over, "step_ms": r["step_ms_median"],
                        "tokens_per_s": r["tokens_per_s"], "gflop_per_step": r["gflop_per_step"],
                        "gflop_per_s": r["gflop_per_s"], "peak_rss_mb": r["peak_rss_mb"],
                        "gemm_fraction": r["gflop_per_s"] / args.gemm_peak if args.gemm_peak else None,
                        "command": shlex.join(cmd[:3]) + " <point config> " + shlex.join(cmd[4:])}
+                if args.profile:
+                    row["parts"] = {p["part"]: p["share"] for p in r["profile"]["parts"]}
                 rows.append(row)
                 print(f"scaling: {axis}={label}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s, "
                       f"{row['gflop_per_s']:.1f} GFLOP/s, {row['peak_rss_mb']:.0f} MB "
@@ -104,12 +111,17 @@ def main():
         f.write(f"# Step cost by axis\n\n`{meta['command']}` (base {meta['base']}, {steps} timed steps, "
                 f"{args.threads} threads; each point's `moe bench` ran on its config with the one field changed)\n")
         for axis in args.axes:
-            f.write(f"\n## {axis}\n\n| {axis} | step ms | tokens/s | GFLOP/step | GFLOP/s | of GEMM peak | peak MB |\n"
-                    "|---|---|---|---|---|---|---|\n")
+            parts_head = (" largest parts |", "---|") if args.profile else ("", "")
+            f.write(f"\n## {axis}\n\n| {axis} | step ms | tokens/s | GFLOP/step | GFLOP/s | of GEMM peak | peak MB |"
+                    f"{parts_head[0]}\n|---|---|---|---|---|---|---|{parts_head[1]}\n")
             for r in (r for r in rows if r["axis"] == axis):
                 frac = f"{100 * r['gemm_fraction']:.0f} %" if r["gemm_fraction"] is not None else "-"
+                parts = ""
+                if args.profile:
+                    top = sorted(r["parts"].items(), key=lambda kv: -kv[1])[:3]
+                    parts = " " + ", ".join(f"{name} {100 * share:.0f} %" for name, share in top) + " |"
                 f.write(f"| {r['value']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['gflop_per_step']:.2f} | "
-                        f"{r['gflop_per_s']:.1f} | {frac} | {r['peak_rss_mb']:.0f} |\n")
+                        f"{r['gflop_per_s']:.1f} | {frac} | {r['peak_rss_mb']:.0f} |{parts}\n")
     plot(args, rows)
 
 

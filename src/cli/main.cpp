@@ -181,9 +181,37 @@ int run_inspect(const std::string& ckpt, const std::string& data_path, const std
   return 0;
 }
 
-int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, int64_t chars, bool as_json) {
+// The profile's parts, per step (ms), in forward, backward and both, with each one's share of the step.
+nlohmann::json profile_json(const BenchResult& r) {
+  nlohmann::json parts = nlohmann::json::array();
+  const double n = double(r.steps);
+  for (int p = 0; p < int(Part::Count); ++p) {
+    const StepProfile& sp = r.profile;
+    parts.push_back({{"part", part_name(Part(p))},
+                     {"forward_ms", sp.ms[int(Phase::Forward)][p] / n},
+                     {"backward_ms", sp.ms[int(Phase::Backward)][p] / n},
+                     {"ms", sp.part_ms(Part(p)) / n},
+                     {"share", sp.part_ms(Part(p)) / r.profiled_ms}});
+  }
+  return {{"step_ms_mean", r.profiled_ms / n}, {"parts_ms", r.profile.total_ms() / n}, {"parts", parts}};
+}
+
+void print_profile(const BenchResult& r) {
+  const double n = double(r.steps);
+  std::printf("step profile   mean of %lld steps, %.1f ms a step (parts add up to %.1f)\n", (long long)r.steps,
+              r.profiled_ms / n, r.profile.total_ms() / n);
+  std::printf("  %-15s %9s %9s %9s %6s\n", "part", "forward", "backward", "total", "share");
+  for (int p = 0; p < int(Part::Count); ++p) {
+    const StepProfile& sp = r.profile;
+    std::printf("  %-15s %9.2f %9.2f %9.2f %5.1f%%\n", part_name(Part(p)), sp.ms[int(Phase::Forward)][p] / n,
+                sp.ms[int(Phase::Backward)][p] / n, sp.part_ms(Part(p)) / n, 100 * sp.part_ms(Part(p)) / r.profiled_ms);
+  }
+}
+
+int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, int64_t chars, bool as_json,
+                  bool profile) {
   Config cfg = load_config(config_path);
-  BenchResult r = run_bench(cfg, steps, threads, chars);
+  BenchResult r = run_bench(cfg, steps, threads, chars, profile);
   nlohmann::json j{{"config", config_path},
                    {"threads", r.threads},
                    {"gemm_kernel", r.gemm_kernel},
@@ -204,6 +232,7 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
                      {"activations", r.activations_mb},
                      {"activation_gradients", r.activation_grads_mb}}},
                    {"openmp_wait", openmp_wait()}};
+  if (r.profiled) j["profile"] = profile_json(r);
   if (as_json) {
     std::cout << j.dump() << "\n";
     return 0;
@@ -220,6 +249,7 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
   std::printf("  of which      parameters %.1f, gradients %.1f, AdamW moments %.1f, activations %.1f, "
               "activation gradients %.1f MB (resident)\n",
               r.params_mb, r.grads_mb, r.moments_mb, r.activations_mb, r.activation_grads_mb);
+  if (r.profiled) print_profile(r);
   return 0;
 }
 
@@ -339,12 +369,15 @@ int run(int argc, char** argv) {
   std::string bench_config;
   int64_t bench_steps = 20, bench_chars = 500;
   int bench_threads = 0;
+  bool bench_profile = false;
   auto* bench_cmd = app.add_subcommand("bench", "time training steps, the forward pass and generation");
   bench_cmd->add_option("--config", bench_config, "JSON config file")->required();
   bench_cmd->add_option("--steps", bench_steps, "timed steps (after 3 warm-up steps)");
   bench_cmd->add_option("--threads", bench_threads, "OpenMP threads (0: default)");
   bench_cmd->add_option("--generate", bench_chars, "characters to generate for the generation timing");
   bench_cmd->add_flag("--json", as_json, "print JSON");
+  bench_cmd->add_flag("--profile", bench_profile,
+                      "time the training steps by part (GEMM, attention, routing, norms, AdamW...), forward and backward");
 
   CLI11_PARSE(app, argc, argv);
   // Numeric flags, checked here so every message says which flag, what it got and what is allowed.
@@ -406,7 +439,7 @@ int run(int argc, char** argv) {
                                "--serve and build again");
 #endif
     }
-    if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json);
+    if (*bench_cmd) return run_bench_cmd(bench_config, bench_steps, bench_threads, bench_chars, as_json, bench_profile);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moe: error: %s\n", e.what());
     return 1;

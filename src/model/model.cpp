@@ -363,7 +363,10 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
     g.begin_grad_scope();
     const Tensor y = block(g, l, x, opt, targets ? &router_losses : nullptr, out_grads[l % 2]);
     g.end_grad_scope();
-    if (out_grads[0] && l > 0) g.record([d = x.grad, n = x.numel()] { std::fill(d, d + n, 0.f); });
+    if (out_grads[0] && l > 0) {
+      PartScope zeroing(Part::Zeroing);
+      g.record([d = x.grad, n = x.numel()] { std::fill(d, d + n, 0.f); });
+    }
     if (!rewind) {
       x = y;
       continue;

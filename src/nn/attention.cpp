@@ -29,6 +29,7 @@ Attention Attention::make(ParamBuilder& pb, const std::string& prefix, const Con
 
 Tensor Attention::forward(Graph& g, const ParamStore& ps, const Tensor& h, float p, bool training, Rng& rng,
                           Remake& mem) const {
+  PartScope part(Part::Attention);
   Tensor q_k_v = qkv.forward(g, ps, h, mem.next());  // (B, T, C + 2·H_kv·D)
   if (q_norm >= 0) q_k_v = qk_rmsnorm(g, q_k_v, ps.get(q_norm), ps.get(k_norm), H, H_kv);
   if (use_rope) q_k_v = rope(g, q_k_v, H, H_kv, rope_theta);

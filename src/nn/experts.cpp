@@ -45,6 +45,7 @@ void Expert::decode(const ParamStore& ps, ExpertFfn kind, const float* x, int64_
 
 Tensor grouped_experts(Graph& g, const ParamStore& ps, const std::vector<Expert>& experts, ExpertFfn kind,
                        const Tensor& xs, const int32_t* offsets) {
+  PartScope part(Part::GemmExpert);
   const auto E = int64_t(experts.size());
   Tensor* t = g.arena().alloc_objects<Tensor>(6 * E);  // w1, b1, w2, b2, w3, b3: E each
   for (int64_t e = 0; e < E; ++e) {

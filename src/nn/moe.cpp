@@ -203,6 +203,7 @@ MoELayer MoELayer::make(ParamBuilder& pb, const std::string& prefix, const Confi
 
 Tensor MoELayer::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_t layer, const MoEContext& ctx,
                          const ForwardOptions& opt, RouterLosses* losses) const {
+  PartScope part(Part::Routing);
   const int64_t N = x.rows(), E = E_;
   const Tensor xf = x.view({N, C_});  // (N, C)
   float* kth = opt.training && ctx.last_kth ? g.arena().alloc_floats(E) : nullptr;  // expert choice: this batch's

@@ -211,6 +211,7 @@ int64_t Router::slots(const ForwardOptions& opt) const {
 
 Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_t layer, const RouterState& st,
                                const ForwardOptions& opt) const {
+  PartScope part(Part::Routing);
   const int64_t N = x.rows(), E = rc_.num_experts, K = slots(opt);
   const auto fixed = [&](const std::vector<std::vector<float>>* from, float* to, int64_t n, const char* what) {
     const auto& v = (*from)[size_t(layer)];

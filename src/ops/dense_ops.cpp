@@ -38,11 +38,38 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y,
 
 // dW += dyᵀ·x, db += Σ_rows dy, dx += dy·W (dx = dy·W when dx_beta is 0), for the inputs
 // that track a gradient. dx last: it may take x's memory (grouped_mlp's hidden layer).
+// On two threads the two products (the same FLOPs) run side by side, one a thread, in one
+// parallel region: each packs its operands once, where splitting each product had both threads
+// pack the same panels, and the team meets once instead of twice. Each element is summed as
+// before (a product on one thread is the same sums), so the bits do not change. Not when dx
+// takes x's memory, which dW reads.
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy, float dx_beta = 1.f) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
-  if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
-  if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
-  if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
+  const auto dw = [&] {
+    if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
+    if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
+  };
+  const auto dx = [&] {
+    if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
+  };
+  const bool side_by_side = w.grad && x.grad && x.grad != x.data && !omp_in_parallel() &&
+                            omp_get_max_threads() == 2 && N * I * O >= 32768;
+  if (!side_by_side) {
+    dw();
+    dx();
+    return;
+  }
+#pragma omp parallel num_threads(2)
+  {
+    if (omp_get_num_threads() == 1) {
+      dw();
+      dx();
+    } else if (omp_get_thread_num() == 0) {
+      dw();
+    } else {
+      dx();
+    }
+  }
 }
 
 }  // namespace
@@ -274,14 +301,17 @@ Tensor one_group_linear(Graph& g, const char* op, const Tensor& x, const Tensor&
 }  // namespace
 
 Tensor linear(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Regen* regen) {
+  PartScope part(Part::GemmDense);
   return one_group_linear(g, "linear", x, w, b, nullptr, regen);
 }
 
 Tensor linear_act(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, Activation kind) {
+  PartScope part(Part::GemmDense);
   return one_group_linear(g, "linear_act", x, w, b, &kind);
 }
 
 Tensor bmm(Graph& g, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  PartScope part(Part::GemmDense);
   MOE_CHECK(a.ndim() >= 2 && a.ndim() == b.ndim(), "bmm", "operands " + a.shape.str() + " and " + b.shape.str() + " need the same rank >= 2");
   int64_t batch = 1;
   for (int i = 0; i < a.ndim() - 2; ++i) {
@@ -338,6 +368,7 @@ struct AddRun {
 
 // y = a + b into y (which may be b), and the backward.
 Tensor add_to(Graph& g, const Tensor& a, const Tensor& b, const Tensor& y, Regen* regen = nullptr) {
+  PartScope part(Part::Elementwise);
   const int64_t n = a.numel();
   const AddRun run{y.data, a.data, b.data, n};
   run();
@@ -377,6 +408,7 @@ Tensor add_into(Graph& g, const Tensor& a, const Tensor& b, Regen* regen) {
 }
 
 Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {
+  PartScope part(Part::Elementwise);
   MOE_CHECK(bias.ndim() == 1 && bias.size(0) == x.cols(), "add_bias", "bias " + bias.shape.str() + " does not match " + x.shape.str());
   Tensor y = g.output(x.shape, x, bias);
   const int64_t N = x.rows(), C = x.cols();
@@ -392,6 +424,7 @@ Tensor add_bias(Graph& g, const Tensor& x, const Tensor& bias) {
 }
 
 Tensor mul(Graph& g, const Tensor& a, const Tensor& b) {
+  PartScope part(Part::Elementwise);
   check_same_shape("mul", a, b);
   Tensor y = g.output(a.shape, a, b);
   const int64_t n = a.numel();
@@ -409,6 +442,7 @@ Tensor mul(Graph& g, const Tensor& a, const Tensor& b) {
 }
 
 Tensor scale(Graph& g, const Tensor& x, float s) {
+  PartScope part(Part::Elementwise);
   Tensor y = g.output(x.shape, x);
   const int64_t n = x.numel();
 #pragma omp parallel for simd schedule(static) if (n > kParallelMinWork)
@@ -422,6 +456,7 @@ Tensor scale(Graph& g, const Tensor& x, float s) {
 }
 
 Tensor embedding(Graph& g, const int32_t* ids, const Tensor& table, const Shape& out_shape) {
+  PartScope part(Part::GatherScatter);
   MOE_CHECK(table.ndim() == 2, "embedding", "table must be [V, C], got " + table.shape.str());
   const int64_t V = table.size(0), C = table.size(1);
   MOE_CHECK(out_shape.ndim >= 1 && out_shape[-1] == C, "embedding", "output shape " + out_shape.str() + " must end in C=" + std::to_string(C));
@@ -468,6 +503,7 @@ struct RmsnormRun {
 }  // namespace
 
 Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, float eps, Regen* regen) {
+  PartScope part(Part::Norm);
   const int64_t C = x.cols(), N = x.rows();
   MOE_CHECK(w.ndim() == 1 && w.size(0) == C && b.shape == w.shape, "layernorm",
         "weight " + w.shape.str() + " and bias " + b.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());
@@ -483,6 +519,7 @@ Tensor layernorm(Graph& g, const Tensor& x, const Tensor& w, const Tensor& b, fl
 }
 
 Tensor rmsnorm(Graph& g, const Tensor& x, const Tensor& w, float eps, Regen* regen) {
+  PartScope part(Part::Norm);
   const int64_t C = x.cols(), N = x.rows();
   MOE_CHECK(w.ndim() == 1 && w.size(0) == C, "rmsnorm",
             "weight " + w.shape.str() + " must be [" + std::to_string(C) + "] for input " + x.shape.str());

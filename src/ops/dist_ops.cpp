@@ -8,6 +8,7 @@
 namespace moe {
 
 Tensor exchange_rows(Graph& g, const Tensor& x, const int64_t* send_rows, const int64_t* recv_rows) {
+  PartScope part(Part::GatherScatter);
   MOE_CHECK(x.ndim() == 2, "exchange_rows", "input must be [n, C], got " + x.shape.str());
   const int64_t R = dist::size(), C = x.size(1);
   const int64_t n_send = std::accumulate(send_rows, send_rows + R, int64_t(0));

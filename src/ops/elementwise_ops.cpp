@@ -16,6 +16,7 @@ namespace {
 // fs, when given, computes f over a run of values at once (y = fs(x, y, n)), with f's bits.
 template <class F, class DF>
 Tensor unary(Graph& g, const Tensor& x, F f, DF df, void (*fs)(const float*, float*, int64_t) = nullptr) {
+  PartScope part(Part::Elementwise);
   Tensor y = g.output(x.shape, x);
   const int64_t n = x.numel();
   if (fs) {
@@ -74,6 +75,7 @@ struct DropoutRun {
 }  // namespace
 
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place, Regen* regen) {
+  PartScope part(Part::Elementwise);
   MOE_CHECK(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
   if (regen) *regen = Regen{};
   if (!training || p == 0.f) return x;
@@ -94,6 +96,7 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool
 }
 
 Tensor sum(Graph& g, const Tensor& x) {
+  PartScope part(Part::Elementwise);
   Tensor y = g.output({1}, x);
   double s = 0;
   for (int64_t i = 0; i < x.numel(); ++i) s += x.data[i];
@@ -106,6 +109,7 @@ Tensor sum(Graph& g, const Tensor& x) {
 }
 
 Tensor mean(Graph& g, const Tensor& x) {
+  PartScope part(Part::Elementwise);
   MOE_CHECK(x.numel() > 0, "mean", "empty tensor");
   return scale(g, sum(g, x), 1.f / float(x.numel()));
 }

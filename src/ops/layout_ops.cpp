@@ -28,6 +28,7 @@ void permute_bthd(float* dst, const float* src, int64_t B, int64_t T, int64_t H,
 }  // namespace
 
 Tensor split_heads(Graph& g, const Tensor& x, int64_t H) {
+  PartScope part(Part::GatherScatter);
   MOE_CHECK(x.ndim() == 3, "split_heads", "input must be [B, T, C], got " + x.shape.str());
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   MOE_CHECK(H > 0 && C % H == 0, "split_heads", "C=" + std::to_string(C) + " is not divisible by H=" + std::to_string(H));
@@ -39,6 +40,7 @@ Tensor split_heads(Graph& g, const Tensor& x, int64_t H) {
 }
 
 Tensor merge_heads(Graph& g, const Tensor& x) {
+  PartScope part(Part::GatherScatter);
   MOE_CHECK(x.ndim() == 4, "merge_heads", "input must be [B, H, T, D], got " + x.shape.str());
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
   Tensor y = g.output({B, T, H * D}, x);
@@ -48,6 +50,7 @@ Tensor merge_heads(Graph& g, const Tensor& x) {
 }
 
 Tensor slice_cols(Graph& g, const Tensor& x, int64_t begin, int64_t width) {
+  PartScope part(Part::GatherScatter);
   const int64_t C = x.cols(), N = x.rows();
   MOE_CHECK(begin >= 0 && width > 0 && begin + width <= C, "slice_cols",
         "columns [" + std::to_string(begin) + ", " + std::to_string(begin + width) + ") outside " + x.shape.str());

@@ -20,6 +20,7 @@ void check_topk(const char* op, const Tensor& scores, int64_t K) {
 }  // namespace
 
 TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K, const float* select_bias) {
+  PartScope part(Part::Routing);
   check_topk("topk_softmax", logits, K);
   TopK out;
   out.index = topk_indices(g, logits, K, select_bias);
@@ -35,6 +36,7 @@ TopK topk_softmax(Graph& g, const Tensor& logits, int64_t K, const float* select
 }
 
 int32_t* topk_indices(Graph& g, const Tensor& scores, int64_t K, const float* select_bias) {
+  PartScope part(Part::Routing);
   check_topk("topk_indices", scores, K);
   const int64_t N = scores.size(0), E = scores.size(1);
   int32_t* index = g.arena().alloc_ints(N * K);
@@ -43,6 +45,7 @@ int32_t* topk_indices(Graph& g, const Tensor& scores, int64_t K, const float* se
 }
 
 Tensor gather_cols(Graph& g, const Tensor& x, const int32_t* index, int64_t K) {
+  PartScope part(Part::Routing);
   MOE_CHECK(x.ndim() == 2, "gather_cols", "input must be [N, E], got " + x.shape.str());
   const int64_t N = x.size(0), E = x.size(1);
   for (int64_t i = 0; i < N * K; ++i)
@@ -58,6 +61,7 @@ Tensor gather_cols(Graph& g, const Tensor& x, const int32_t* index, int64_t K) {
 }
 
 Tensor normalize_rows(Graph& g, const Tensor& x) {
+  PartScope part(Part::Routing);
   MOE_CHECK(x.ndim() == 2, "normalize_rows", "input must be [N, K], got " + x.shape.str());
   const int64_t N = x.size(0), K = x.size(1);
   Tensor y = g.output({N, K}, x);
@@ -75,6 +79,7 @@ Tensor normalize_rows(Graph& g, const Tensor& x) {
 }
 
 Tensor logsumexp(Graph& g, const Tensor& x) {
+  PartScope part(Part::Routing);
   MOE_CHECK(x.ndim() == 2, "logsumexp", "input must be [N, E], got " + x.shape.str());
   const int64_t N = x.size(0), E = x.size(1);
   Tensor y = g.output({N}, x);
@@ -112,6 +117,7 @@ struct GatherRun {
 
 Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const int32_t* offsets, int64_t G,
                          Regen* regen) {
+  PartScope part(Part::GatherScatter);
   MOE_CHECK(x.ndim() == 2 && G >= 1 && offsets[0] == 0, "gather_rows",
             "input must be [N, C] and offsets start at 0, got " + x.shape.str());
   const int64_t N = x.size(0), C = x.size(1), n = offsets[G];
@@ -145,12 +151,14 @@ Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const i
 }
 
 Tensor gather_rows(Graph& g, const Tensor& x, const int32_t* rows, int64_t n) {
+  PartScope part(Part::GatherScatter);
   const int32_t one_group[2] = {0, int32_t(n)};
   return gather_row_groups(g, x, rows, one_group, 1);
 }
 
 void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* rows, const Tensor& gates,
                         const int32_t* gate_pos, int64_t n) {
+  PartScope part(Part::GatherScatter);
   MOE_CHECK(acc.ndim() == 2 && h.ndim() == 2 && h.size(0) == n && h.size(1) == acc.size(1), "index_add_weighted",
         "acc " + acc.shape.str() + " and h " + h.shape.str() + " must be [N, C] and [n=" + std::to_string(n) + ", C]");
   const int64_t N = acc.size(0), C = acc.size(1);
@@ -181,6 +189,7 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
 }
 
 Tensor switch_aux_loss(Graph& g, const Tensor& logits, const int32_t* slots) {
+  PartScope part(Part::Routing);
   MOE_CHECK(logits.ndim() == 2, "switch_aux_loss", "logits must be [N, E], got " + logits.shape.str());
   const int64_t N = logits.size(0), E = logits.size(1);
   int64_t total = 0;
@@ -195,6 +204,7 @@ Tensor switch_aux_loss(Graph& g, const Tensor& logits, const int32_t* slots) {
 }
 
 Tensor router_z_loss(Graph& g, const Tensor& logits) {
+  PartScope part(Part::Routing);
   Tensor lse = logsumexp(g, logits);
   return mean(g, mul(g, lse, lse));
 }

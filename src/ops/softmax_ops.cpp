@@ -9,6 +9,7 @@ namespace moe {
 namespace {
 
 Tensor softmax_impl(Graph& g, const Tensor& x, bool causal, const char* name) {
+  PartScope part(Part::Softmax);
   MOE_CHECK(x.ndim() >= 1 && x.numel() > 0, name, "empty input " + x.shape.str());
   if (causal) MOE_CHECK(x.ndim() >= 2 && x.size(-1) == x.size(-2), name, "scores must be [..., T, T], got " + x.shape.str());
   const int64_t N = x.rows(), C = x.cols();
@@ -32,6 +33,7 @@ float mean_loss(const float* row_losses, int64_t n) {
 }
 
 Tensor cross_entropy(Graph& g, const Tensor& logits, const int32_t* targets, const float** row_losses) {
+  PartScope part(Part::Loss);
   const int64_t N = logits.rows(), V = logits.cols();
   MOE_CHECK(N > 0 && V > 0, "cross_entropy", "empty logits " + logits.shape.str());
   for (int64_t n = 0; n < N; ++n)

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "moe/tensor/profile.hpp"
+
 namespace moe {
 
 AdamW::AdamW(const OptimizerConfig& cfg, const ParamStore& params)
@@ -47,6 +49,7 @@ void AdamW::begin_step(float lr) {
 }
 
 void AdamW::update(ParamStore& params, const FloatRange& r, float* g, bool zero_grads) {
+  PartScope part(Part::Optimizer);
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
   const float wd = float(cfg_.weight_decay), step_size = lr_ / bc1_;
   for (const DecayRun& run : decay_runs_) {
@@ -59,6 +62,7 @@ void AdamW::update(ParamStore& params, const FloatRange& r, float* g, bool zero_
 }
 
 void AdamW::step(ParamStore& params, float lr, const std::vector<FloatRange>* only, bool zero_grads) {
+  PartScope part(Part::Optimizer);
   MOE_CHECK(!params.grads_shared(), "AdamW::step",
             "the gradients share one region (ParamStore::share_grads): update each group as it completes");
   begin_step(lr);
@@ -110,6 +114,7 @@ void clip_to_norm(ParamStore& params, double norm, double max_norm) {
 }
 
 double clip_grad_norm(ParamStore& params, double max_norm) {
+  PartScope part(Part::Optimizer);
   MOE_CHECK(!params.grads_shared(), "clip_grad_norm", "the gradients share one region (ParamStore::share_grads)");
   const double norm = std::sqrt(sum_of_squares(params.grad(), params.numel()));
   clip_to_norm(params, norm, max_norm);

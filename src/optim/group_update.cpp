@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include "moe/tensor/profile.hpp"
+
 namespace moe {
 
 GroupUpdate::GroupUpdate(AdamW& adamw, ParamStore& params)
@@ -21,6 +23,7 @@ void GroupUpdate::begin(float lr, bool norm) {
 void GroupUpdate::from(int first_param) { complete(params_.info(first_param).offset); }
 
 void GroupUpdate::complete(int64_t b) {
+  PartScope part(Part::Optimizer);
   const int64_t e = end_;
   if (b >= e) return;
   float* g = params_.grad();  // g[i - b]: the gradient of float i

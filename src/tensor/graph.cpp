@@ -37,10 +37,21 @@ void Graph::backward_from(const Tensor& out, const float* dout) {
 }
 
 void Graph::backward_from(std::initializer_list<Seed> seeds) {
-  grad_arena_.zero_used();
+  PhaseScope phase(Phase::Backward);
+  {
+    PartScope zeroing(Part::Zeroing);
+    grad_arena_.zero_used();
+  }
   for (const Seed& s : seeds)
     if (s.out.requires_grad() && s.grad)
       for (int64_t i = 0; i < s.out.numel(); ++i) s.out.grad[i] += s.grad[i];
+  if (profiling()) {
+    for (size_t i = tape_.size(); i-- > 0;) {
+      PartScope part(tape_[i].part);
+      tape_[i].run(tape_[i].closure);
+    }
+    return;
+  }
   for (size_t i = tape_.size(); i-- > 0;) tape_[i].run(tape_[i].closure);
 }
 
@@ -69,6 +80,7 @@ void Graph::begin_grad_scope() {
 void Graph::end_grad_scope() {
   if (!scope_open_) return;
   scope_open_ = false;
+  PartScope zeroing(Part::Zeroing);
   record([arena = &scope_arena_, end = scope_arena_.mark()] { arena->zero_to(end); });
 }
 

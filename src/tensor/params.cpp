@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <new>
 
+#include "moe/tensor/profile.hpp"
+
 namespace moe {
 
 namespace {
@@ -73,6 +75,7 @@ void ParamStore::share_grads(const std::vector<int>& first_ids) {
 }
 
 void ParamStore::zero_grad() {
+  PartScope part(Part::Zeroing);
   float* g = grad_.get();
   const int64_t n = grad_numel_;
 #pragma omp parallel for schedule(static)

@@ -25,14 +25,17 @@ namespace moe {
 struct Regen {
   void (*run)(const void*) = nullptr;
   const void* state = nullptr;
+  Part part = Part::Other;  // the op's, for the step profiler
   void operator()() const {
-    if (run) run(state);
+    if (!run) return;
+    PartScope scope(part);
+    run(state);
   }
 };
 // A Regen running a copy of f, kept in g's arena (so f must be trivially destructible).
 template <class F>
 Regen make_regen(Graph& g, const F& f) {
-  return Regen{[](const void* p) { (*static_cast<const F*>(p))(); }, g.arena().copy_of(f)};
+  return Regen{[](const void* p) { (*static_cast<const F*>(p))(); }, g.arena().copy_of(f), current_part()};
 }
 
 // ---- dense algebra (src/ops/dense_ops.cpp) ----

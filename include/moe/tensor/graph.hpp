@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "moe/tensor/arena.hpp"
+#include "moe/tensor/profile.hpp"
 #include "moe/tensor/tensor.hpp"
 
 namespace moe {
@@ -96,7 +97,7 @@ class Graph {
     static_assert(std::is_trivially_destructible_v<Fn>,
                   "backward closures live in the arena: capture only trivially destructible values");
     if (!grad_enabled_) return;
-    tape_.push_back(Node{[](void* p) { (*static_cast<Fn*>(p))(); }, arena_.copy_of(std::forward<F>(f))});
+    tape_.push_back(Node{[](void* p) { (*static_cast<Fn*>(p))(); }, arena_.copy_of(std::forward<F>(f)), current_part()});
   }
 
   // Zeroes every tensor's gradient (all at once, in parallel: they live together in their own
@@ -185,6 +186,7 @@ class Graph {
   struct Node {
     void (*run)(void*);
     void* closure;
+    Part part;  // the PartScope open when it was recorded, for the step profiler
   };
   Arena arena_;       // tensors' data, closures, scratch
   Arena grad_arena_;  // tensors' gradients, zeroed by backward()

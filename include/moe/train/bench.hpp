@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "moe/io/config.hpp"
+#include "moe/tensor/profile.hpp"
 
 namespace moe {
 
@@ -24,12 +25,18 @@ struct BenchResult {
   // moments, and what is resident of the graphs' arenas after the timed steps (activations
   // kept for the backward pass with the kernels' scratch, and the activations' gradients).
   double params_mb = 0, grads_mb = 0, moments_mb = 0, activations_mb = 0, activation_grads_mb = 0;
+  // With profiling asked for: the timed steps' time by part (summed over the steps), and the
+  // steps' wall time it divides.
+  bool profiled = false;
+  StepProfile profile;
+  double profiled_ms = 0;
 };
 
 // Matmul FLOPs of one forward pass over B*T tokens (attention over the full T x T scores,
 // as dense implementations compute them; top_k experts per token).
 double forward_flops(const Config& cfg, int64_t vocab_size);
 
-BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t generate_chars);
+// profile: time the timed steps by part (see moe/tensor/profile.hpp); they then cost a little more.
+BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t generate_chars, bool profile = false);
 
 }  // namespace moe
