@@ -293,6 +293,7 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
     if (o.dropout_rng) o.dropout_rng = &drop;
     if (o.noise_rng) o.noise_rng = &noise;
     sub->clear();
+    const Bf16Guard bf16(*sub, bf16_products(o));
     const Tensor xs = sub->new_tensor(x.shape, true);
     std::memcpy(xs.data, x.data, sizeof(float) * size_t(x.numel()));
     Tensor aux_again, z_again, l1_again;
@@ -305,6 +306,10 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
   return out;
 }
 
+bool Model::bf16_products(const ForwardOptions& opt) const {
+  return opt.training && cfg_.training.precision == Precision::kBf16;
+}
+
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,
                              int64_t T, const ForwardOptions& opt) {
   MOE_CHECK(T >= 1 && T <= T_max_, "Model::forward",
@@ -312,6 +317,7 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   MOE_CHECK(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
         "training with dropout needs a dropout generator");
   if (opt.stats && opt.stats->empty()) opt.stats->reset(experts_per_layer());
+  const Bf16Guard bf16(g, bf16_products(opt));
   RouterLosses router_losses;
   router_losses.aux.items = g.arena().alloc_objects<Tensor>(L_);
   router_losses.z.items = g.arena().alloc_objects<Tensor>(L_);
