@@ -144,6 +144,30 @@ MOE_TARGET_AVX2 __attribute__((flatten)) void task_emulated_avx2(int64_t Kp, con
   task_body<micro_emulated_avx2>(Kp, Ap, Bp, C, ldc, mb, nr, init, relu);
 }
 
+// v[j][i] = v[i][j] for a 16x16 matrix of words, one row a register.
+MOE_TARGET_BF16 MOE_ALWAYS_INLINE void transpose16(__m512i v[16]) {
+  __m512i t[16], u[16];
+  for (int k = 0; k < 8; ++k) {  // within 128-bit lanes: pairs of rows interleaved
+    t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + c], lane l: column 4l + c of rows 4g .. 4g + 3
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4l + c: lane l of u[c], u[4 + c], u[8 + c], u[12 + c]
+    const __m512i x_lo = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), x_hi = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i y_lo = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44),
+                  y_hi = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    v[c] = _mm512_shuffle_i32x4(x_lo, y_lo, 0x88);
+    v[4 + c] = _mm512_shuffle_i32x4(x_lo, y_lo, 0xDD);
+    v[8 + c] = _mm512_shuffle_i32x4(x_hi, y_hi, 0x88);
+    v[12 + c] = _mm512_shuffle_i32x4(x_hi, y_hi, 0xDD);
+  }
+}
+
 // The packer with VCVTNE2PS2BF16 (the same bits as to_bf16).
 MOE_TARGET_BF16 void pack_avx512bf16(const float* X, int64_t ld, bool along_k, int64_t R, int64_t K, int64_t W,
                                      int64_t t0, int64_t t1, uint32_t* dst) {
@@ -172,21 +196,26 @@ MOE_TARGET_BF16 void pack_avx512bf16(const float* X, int64_t ld, bool along_k, i
       }
       continue;
     }
-    // Each row contiguous along k: 32 values give 16 pairs in order, stored W words apart.
-    for (int64_t r = 0; r < W; ++r) {
-      if (r >= rows) {
-        for (int64_t p = 0; p < Kp; ++p) d[p * W + r] = 0;
-        continue;
-      }
-      const float* x = X + (r0 + r) * ld;
+    // Each row contiguous along k: 32 values give a row's 16 pairs in order; 16 rows of them
+    // are transposed in registers into 16 pairs of 16 rows, stored W words apart.
+    for (int64_t g0 = 0; g0 < W; g0 += 16) {
+      const __mmask16 store = mask(W - g0);
       for (int64_t p0 = 0; p0 < Kp; p0 += 16) {
         const int64_t n = K - 2 * p0;
-        const __m512 lo = _mm512_maskz_loadu_ps(mask(n), x + 2 * p0);
-        const __m512 hi = _mm512_maskz_loadu_ps(mask(n - 16), x + 2 * p0 + 16);
-        alignas(64) uint32_t w[16];
-        _mm512_store_si512(w, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        __m512i v[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          if (g0 + i >= rows) {
+            v[i] = _mm512_setzero_si512();
+            continue;
+          }
+          const float* x = X + (r0 + g0 + i) * ld + 2 * p0;
+          const __m512 lo = _mm512_maskz_loadu_ps(mask(n), x);
+          const __m512 hi = _mm512_maskz_loadu_ps(mask(n - 16), x + 16);
+          v[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        }
+        transpose16(v);
         const int64_t np = std::min<int64_t>(16, Kp - p0);
-        for (int64_t q = 0; q < np; ++q) d[(p0 + q) * W + r] = w[q];
+        for (int64_t q = 0; q < np; ++q) _mm512_mask_storeu_epi32(d + (p0 + q) * W + g0, store, v[q]);
       }
     }
   }
