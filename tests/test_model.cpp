@@ -97,8 +97,11 @@ struct GradRun {
   std::vector<float> grads;
 };
 // With layout, layout_config's blocks (MoE, dense, MoE, dense) and tied head.
-GradRun training_gradients(Graph& g, ForwardOptions fo, ExpertFfn expert_ffn = ExpertFfn::kSwiglu, bool layout = false) {
+// With bf16, under training.precision "bf16".
+GradRun training_gradients(Graph& g, ForwardOptions fo, ExpertFfn expert_ffn = ExpertFfn::kSwiglu, bool layout = false,
+                           bool bf16 = false) {
   Config cfg = all_features_config();
+  if (bf16) cfg.training.precision = Precision::kBf16;
   cfg.model.n_layer = 4;
   cfg.model.expert_ffn = expert_ffn;
   if (layout) cfg = layout_config(cfg, 4);
@@ -715,17 +718,25 @@ TEST_CASE("AdamW group by group in the backward pass equals the step after it, n
 TEST_CASE("Recomputation: the same objective and gradients, in about one block's activations", "[model][recompute]") {
   // The block's second run must draw the same dropout and noise numbers, and the router
   // losses' gradients must reach it. Also with dense blocks (their dropout) and a tied head.
+  // Under bf16 the block's second run must use bf16 products too.
   const bool layout = GENERATE(false, true);
-  INFO((layout ? "dense blocks and a tied head" : "every block MoE"));
+  const bool bf16 = GENERATE(false, true);
+  INFO((layout ? "dense blocks and a tied head" : "every block MoE") << (bf16 ? ", bf16" : ""));
   Graph g, again, plain;
   RoutingStats re_stats, plain_stats;
   ForwardOptions fo;
   fo.stats = &re_stats;
   fo.recompute = &again;
-  const GradRun re = training_gradients(g, fo, ExpertFfn::kSwiglu, layout);
+  const GradRun re = training_gradients(g, fo, ExpertFfn::kSwiglu, layout, bf16);
   fo.stats = &plain_stats;
   fo.recompute = nullptr;
-  const GradRun pl = training_gradients(plain, fo, ExpertFfn::kSwiglu, layout);
+  const GradRun pl = training_gradients(plain, fo, ExpertFfn::kSwiglu, layout, bf16);
+  if (bf16) {  // bf16 did change the numbers
+    Graph fp32;
+    ForwardOptions no_stats = fo;
+    no_stats.stats = nullptr;
+    CHECK(training_gradients(fp32, no_stats, ExpertFfn::kSwiglu, layout).objective != pl.objective);
+  }
   CHECK(re.objective == pl.objective);
   REQUIRE(re.grads.size() == pl.grads.size());
   CHECK(std::memcmp(re.grads.data(), pl.grads.data(), sizeof(float) * re.grads.size()) == 0);

@@ -232,6 +232,8 @@ MoEContext Model::moe_context(int64_t l) {
 Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses,
                     float* out_grad) {
   const Block& b = blocks_[size_t(l)];
+  // Set here as well as in forward: a recomputed block runs in a graph of its own.
+  const Bf16Guard bf16(g, bf16_products(opt));
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
   // The memory policy: in a gradient scope, everything from x to the MoE's input is made again
@@ -293,7 +295,6 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
     if (o.dropout_rng) o.dropout_rng = &drop;
     if (o.noise_rng) o.noise_rng = &noise;
     sub->clear();
-    const Bf16Guard bf16(*sub, bf16_products(o));
     const Tensor xs = sub->new_tensor(x.shape, true);
     std::memcpy(xs.data, x.data, sizeof(float) * size_t(x.numel()));
     Tensor aux_again, z_again, l1_again;
