@@ -59,6 +59,7 @@ TEST_CASE("Config defaults are the makeMoE reference values", "[io][config]") {
   CHECK(c.optimizer.weight_decay == 0.01);
   CHECK_FALSE(c.optimizer.exempt_no_decay);
   CHECK(c.optimizer.grad_clip == 0);
+  CHECK(c.training.precision == Precision::kFp32);
   CHECK(c.optimizer.schedule == LrSchedule::kConstant);
   CHECK(c.optimizer.warmup_steps == 0);
   CHECK(c.optimizer.min_lr == 0);
@@ -187,6 +188,12 @@ TEST_CASE("Config errors name the field, the value and what is allowed", "[io][c
   CHECK_THAT(config_error({{"router", {{"route_scale", 2.0}}}}),
              Contains("router.route_scale applies to router.gating = \"sigmoid_topk\" only"));
   CHECK_THAT(config_error({{"router", {{"jitter", 1.5}}}}), Contains("router.jitter = 1.5: must be in [0, 1)"));
+  // training.precision: fp32 or bf16, spelt so.
+  CHECK_THAT(config_error({{"training", {{"precision", "fp16"}}}}),
+             Contains("training.precision = \"fp16\": must be one of \"fp32\" \"bf16\""));
+  CHECK_THAT(config_error({{"training", {{"precision", "BF16"}}}}), Contains("must be one of \"fp32\" \"bf16\""));
+  CHECK_THAT(config_error({{"training", {{"precision", 16}}}}), Contains("training.precision = 16: must be"));
+  CHECK_THAT(config_error({{"training", {{"precison", "bf16"}}}}), Contains("did you mean 'training.precision'?"));
   // Attention and norm options.
   CHECK_THAT(config_error({{"model", {{"norm", "batchnorm"}}}}),
              Contains("model.norm = \"batchnorm\": must be one of \"layernorm\" \"rmsnorm\""));

@@ -215,6 +215,7 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
   nlohmann::json j{{"config", config_path},
                    {"threads", r.threads},
                    {"gemm_kernel", r.gemm_kernel},
+                   {"precision", r.precision},
                    {"steps", r.steps},
                    {"step_ms_median", r.step_ms_median},
                    {"step_ms_min", r.step_ms_min},
@@ -237,8 +238,8 @@ int run_bench_cmd(const std::string& config_path, int64_t steps, int threads, in
     std::cout << j.dump() << "\n";
     return 0;
   }
-  std::printf("%s, %d thread(s), %lld timed steps, gemm kernel %s, OpenMP waits %s\n", config_path.c_str(),
-              r.threads, (long long)r.steps, r.gemm_kernel, openmp_wait().c_str());
+  std::printf("%s, %d thread(s), %lld timed steps, gemm kernel %s, precision %s, OpenMP waits %s\n",
+              config_path.c_str(), r.threads, (long long)r.steps, r.gemm_kernel, r.precision, openmp_wait().c_str());
   std::printf("training step  median %.1f ms (min %.1f, max %.1f) | %.0f tokens/s\n", r.step_ms_median,
               r.step_ms_min, r.step_ms_max, r.tokens_per_s);
   std::printf("model FLOPs    %.2f GFLOP per step (forward %.2f) | %.1f GFLOP/s achieved\n", r.flops_per_step / 1e9,

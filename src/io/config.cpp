@@ -213,6 +213,7 @@ const std::vector<Field>& fields() {
       field("training", "threads", &Config::training, &TrainingConfig::threads, non_negative()),
       field("training", "recompute", &Config::training, &TrainingConfig::recompute),
       field("training", "time_limit", &Config::training, &TrainingConfig::time_limit, non_negative_number()),
+      field("training", "precision", &Config::training, &TrainingConfig::precision),
       field("logging", "log_interval", &Config::logging, &LoggingConfig::log_interval, positive()),
       field("logging", "eval_interval", &Config::logging, &LoggingConfig::eval_interval, positive()),
       field("logging", "eval_iters", &Config::logging, &LoggingConfig::eval_iters, positive()),

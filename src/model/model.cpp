@@ -232,6 +232,8 @@ MoEContext Model::moe_context(int64_t l) {
 Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& opt, RouterLosses* losses,
                     float* out_grad) {
   const Block& b = blocks_[size_t(l)];
+  // Set here as well as in forward: a recomputed block runs in a graph of its own.
+  const Bf16Guard bf16(g, bf16_products(opt));
   const float p = opt.training ? float(cfg_.model.dropout) : 0.f;
   Rng& drop = opt.dropout_rng ? *opt.dropout_rng : unused_rng_;
   // The memory policy: in a gradient scope, everything from x to the MoE's input is made again
@@ -305,6 +307,10 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
   return out;
 }
 
+bool Model::bf16_products(const ForwardOptions& opt) const {
+  return opt.training && cfg_.training.precision == Precision::kBf16;
+}
+
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,
                              int64_t T, const ForwardOptions& opt) {
   MOE_CHECK(T >= 1 && T <= T_max_, "Model::forward",
@@ -312,6 +318,7 @@ Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* target
   MOE_CHECK(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
         "training with dropout needs a dropout generator");
   if (opt.stats && opt.stats->empty()) opt.stats->reset(experts_per_layer());
+  const Bf16Guard bf16(g, bf16_products(opt));
   RouterLosses router_losses;
   router_losses.aux.items = g.arena().alloc_objects<Tensor>(L_);
   router_losses.z.items = g.arena().alloc_objects<Tensor>(L_);

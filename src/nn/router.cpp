@@ -213,6 +213,9 @@ Router::Routed Router::forward(Graph& g, const ParamStore& ps, const Tensor& x, 
                                const ForwardOptions& opt) const {
   PartScope part(Part::Routing);
   const int64_t N = x.rows(), E = rc_.num_experts, K = slots(opt);
+  // The router's products stay fp32 under training.precision "bf16" (as Switch Transformer's
+  // selective precision): its logits choose the experts, and they are a small part of a step.
+  const Bf16Guard fp32(g, false);
   const auto fixed = [&](const std::vector<std::vector<float>>* from, float* to, int64_t n, const char* what) {
     const auto& v = (*from)[size_t(layer)];
     MOE_CHECK(int64_t(v.size()) == n, "Model", std::string("fixed router ") + what + " has the wrong size");

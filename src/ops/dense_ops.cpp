@@ -7,6 +7,7 @@
 
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/gemm.hpp"
+#include "moe/kernels/gemm_bf16.hpp"
 #include "moe/kernels/nn.hpp"
 #include "moe/kernels/bits.hpp"
 #include "moe/ops/ops.hpp"
@@ -30,10 +31,13 @@ Shape linear_shape(const char* op, const Tensor& x, const Tensor& w, const Tenso
 }
 
 // y = x·Wᵀ + b (then relu when asked): each element is the bias (or 0) plus the GEMM's sums,
-// as if y started as the bias rows.
-void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y, bool relu = false) {
+// as if y started as the bias rows. bf16: the products in bf16 (Graph::bf16_products).
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y, bool relu, bool bf16) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
-  gemm_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O, relu);  // (N, O)
+  if (bf16)
+    gemm_bf16_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O, relu);  // (N, O)
+  else
+    gemm_bias(false, true, N, O, I, x.data, I, w.data, I, b.data, y, O, relu);  // (N, O)
 }
 
 // dW += dyᵀ·x, db += Σ_rows dy, dx += dy·W (dx = dy·W when dx_beta is 0), for the inputs
@@ -42,15 +46,24 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, float* y,
 // parallel region: each packs its operands once, where splitting each product had both threads
 // pack the same panels, and the team meets once instead of twice. Each element is summed as
 // before (a product on one thread is the same sums), so the bits do not change. Not when dx
-// takes x's memory, which dW reads.
-void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy, float dx_beta = 1.f) {
+// takes x's memory, which dW reads. bf16: the products in bf16 (Graph::bf16_products).
+void linear_backward(const Tensor& x, const Tensor& w, const Tensor& b, const float* dy, float dx_beta, bool bf16) {
   const int64_t N = x.rows(), I = w.size(1), O = w.size(0);
   const auto dw = [&] {
-    if (w.grad) gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
+    if (w.grad) {
+      if (bf16)
+        gemm_bf16(true, false, O, I, N, dy, O, x.data, I, 1.f, w.grad, I);
+      else
+        gemm(true, false, O, I, N, 1.f, dy, O, x.data, I, 1.f, w.grad, I);
+    }
     if (b.data && b.grad) bias_backward(b.grad, dy, N, O);
   };
   const auto dx = [&] {
-    if (x.grad) gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
+    if (!x.grad) return;
+    if (bf16)
+      gemm_bf16(false, false, N, I, O, dy, O, w.data, I, dx_beta, x.grad, I);
+    else
+      gemm(false, false, N, I, O, 1.f, dy, O, w.data, I, dx_beta, x.grad, I);
   };
   const bool side_by_side = w.grad && x.grad && x.grad != x.data && !omp_in_parallel() &&
                             omp_get_max_threads() == 2 && N * I * O >= 32768;
@@ -86,6 +99,7 @@ struct Grouped {
   const Tensor *ws, *bs;
   float* pre;  // the pre-activation (y.data when it is not kept)
   bool keep_pre, has_act;
+  bool bf16 = false;  // the products in bf16 (the graph's bf16_products when the op ran)
   // x's gradient is assigned, not added to: x is the op's own (output_assigned_grad), and
   // this product's backward the only writer of its gradient.
   bool assign_dx = false;
@@ -108,7 +122,7 @@ struct Grouped {
     if (n == 0) return;
     // relu goes in the product's last write (its output is kept, not the pre-activation).
     const bool fused = has_act && kind == Activation::kRelu;
-    linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O, fused);
+    linear_forward(rows_of(x, e, I), ws[e], bs[e], pre + off[e] * O, fused, bf16);
     if (has_act && !fused)
       act::dispatch(kind, [&](auto f, auto) {
         const int64_t begin = off[e] * O, end = off[e + 1] * O;
@@ -130,7 +144,7 @@ struct Grouped {
 #pragma omp parallel for schedule(static) if (n * O > kParallelMinWork)
         for (int64_t j = 0; j < n * O; ++j) d[j] *= df(a[j]);
       });
-    linear_backward(rows_of(x, e, I), ws[e], bs[e], d, assign_dx ? 0.f : 1.f);
+    linear_backward(rows_of(x, e, I), ws[e], bs[e], d, assign_dx ? 0.f : 1.f, bf16);
   }
 
   // body(e) for every group, on separate threads when there are several; one group (linear,
@@ -191,6 +205,7 @@ Grouped make_grouped(Graph& g, const char* op, const Tensor& x, const int32_t* o
   p.keep_pre = p.y.requires_grad() && act && *act != Activation::kRelu;
   p.pre = p.keep_pre ? g.arena().alloc_floats(S * p.O) : p.y.data;
   p.has_act = act != nullptr;
+  p.bf16 = g.bf16_products();
   p.kind = act ? *act : Activation::kRelu;
   auto* off = g.arena().alloc_ints(G + 1);
   std::copy(offsets, offsets + G + 1, off);

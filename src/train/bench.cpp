@@ -11,6 +11,7 @@
 #include "moe/data/dataset.hpp"
 #include "moe/generate/generator.hpp"
 #include "moe/kernels/gemm.hpp"
+#include "moe/kernels/gemm_bf16.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/train/parallel.hpp"
@@ -42,6 +43,9 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   r.steps = steps;
   r.threads = omp_get_max_threads();
   r.gemm_kernel = gemm_kernel_name();
+  r.precision = cfg.training.precision == Precision::kFp32        ? "fp32"
+                : bf16_kernel() == Bf16Kernel::avx512bf16 ? "bf16 (avx512bf16)"
+                                                                  : "bf16 (emulated)";
   const int64_t B = cfg.training.batch_size, T = cfg.model.block_size;
   Dataset data = Dataset::load(cfg.data.path, cfg.data.train_fraction, T);
   Model model(cfg, data.tokenizer().size());

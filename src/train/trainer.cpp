@@ -20,6 +20,7 @@
 
 #include "moe/data/dataset.hpp"
 #include "moe/dist/comm.hpp"
+#include "moe/kernels/gemm_bf16.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/train/checkpoint.hpp"
@@ -109,6 +110,9 @@ class RunLog {
     const int64_t R = par.ranks(), B = cfg_.training.batch_size;
     if (opt.expert_parallel && R == 1 && !opt.quiet)
       spdlog::warn("--expert-parallel has no effect in one process: start moe with mpirun -np N (N > 1)");
+    if (cfg_.training.precision == Precision::kBf16 && bf16_kernel() == Bf16Kernel::emulated && !opt.quiet)
+      spdlog::warn("training.precision bf16: this CPU lacks AVX512-BF16, so the bf16 products run in an emulation "
+                   "(the same numbers, slower than fp32)");
     if (quiet_) return;
     if (R > 1)
       spdlog::info("{} over {} processes ({} on this machine, {} thread(s) each): batch {} per process, {} in all",

@@ -26,6 +26,7 @@ enum class LrSchedule { kConstant, kCosine };
 enum class NormKind { kLayerNorm, kRmsNorm };
 enum class PositionKind { kLearned, kRope };
 enum class AttentionKernel { kExact, kTiled };
+enum class Precision { kFp32, kBf16 };
 
 template <class E>
 struct EnumNames;
@@ -61,6 +62,10 @@ struct EnumNames<PositionKind> {
 template <>
 struct EnumNames<AttentionKernel> {
   static constexpr std::array<const char*, 2> names{"exact", "tiled"};
+};
+template <>
+struct EnumNames<Precision> {
+  static constexpr std::array<const char*, 2> names{"fp32", "bf16"};
 };
 template <class E>
 const char* name_of(E value) {
@@ -167,6 +172,10 @@ struct TrainingConfig {
   // that passes it is the last: then an evaluation and last.safetensors, as at max_steps
   // (which still sets the learning-rate schedule). For studies at equal wall time.
   double time_limit = 0;
+  // The training step's matrix products (linears, experts, head; not the router's or
+  // attention's own products): fp32, or bf16 inputs with fp32 sums (moe/kernels/gemm_bf16.hpp).
+  // Weights, optimizer, norms, softmax and loss stay fp32; evaluation and generation run fp32.
+  Precision precision = Precision::kFp32;
 };
 
 struct LoggingConfig {

@@ -117,6 +117,10 @@ class Model {
   // Numbers one forward over `rows` tokens draws from ForwardOptions::noise_rng: the sum of
   // each layer's Router::noise_draws, for placing a batch's noise by the batch's index.
   int64_t noise_per_forward(int64_t rows, bool training) const;
+  // Whether a forward with these options runs its linears' products in bf16: training
+  // forwards (and their backward passes) under training.precision "bf16"; evaluation and
+  // generation stay fp32. The router's products stay fp32 always (Router::forward).
+  bool bf16_products(const ForwardOptions& opt) const;
   // The rank that computes expert e (0 without expert parallelism).
   int expert_owner(int64_t e) const;
   // Per parameter id: the routed expert it belongs to, or -1 (everything else, including

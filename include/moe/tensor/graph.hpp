@@ -36,6 +36,12 @@ class Graph {
   // Whether ops record backward closures and allocate gradients. See NoGradGuard.
   bool grad_enabled() const { return grad_enabled_; }
   void set_grad_enabled(bool on) { grad_enabled_ = on; }
+  // Whether the linear ops (linear, linear_act, grouped_linear, grouped_mlp) run their
+  // products in bf16 (moe/kernels/gemm_bf16.hpp) rather than fp32: training.precision "bf16",
+  // set by Model::forward for training forwards (see Bf16Guard). An op decides when it runs,
+  // and its backward pass follows.
+  bool bf16_products() const { return bf16_products_; }
+  void set_bf16_products(bool on) { bf16_products_ = on; }
 
   // A fresh tensor in the arena: data uninitialised, grad (when requires_grad) zero from the
   // start of backward on.
@@ -197,6 +203,20 @@ class Graph {
   int64_t keep_in_left_ = 0;
   std::vector<Node> tape_;
   bool grad_enabled_ = true;
+  bool bf16_products_ = false;
+};
+
+// Sets bf16_products in its scope, restoring the old value after.
+class Bf16Guard {
+ public:
+  Bf16Guard(Graph& g, bool on) : g_(g), old_(g.bf16_products()) { g.set_bf16_products(on); }
+  ~Bf16Guard() { g_.set_bf16_products(old_); }
+  Bf16Guard(const Bf16Guard&) = delete;
+  Bf16Guard& operator=(const Bf16Guard&) = delete;
+
+ private:
+  Graph& g_;
+  bool old_;
 };
 
 // Disables recording in its scope (evaluation, generation), restoring the old mode after.

@@ -13,6 +13,7 @@ struct BenchResult {
   int64_t steps = 0;
   int threads = 0;
   const char* gemm_kernel = "";   // gemm_kernel_name(): the GEMM micro-kernel chosen at run time
+  const char* precision = "";     // training.precision, and for bf16 its kernel (gemm_bf16.hpp)
   double step_ms_median = 0, step_ms_min = 0, step_ms_max = 0;
   double forward_ms_median = 0;
   double tokens_per_s = 0;        // B*T / median step
