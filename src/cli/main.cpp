@@ -84,6 +84,7 @@ int run_generate(const std::string& ckpt, const std::string& prompt_arg, const s
   // machine), and the bits are the same for any count.
   if (!std::getenv("OMP_NUM_THREADS")) omp_set_num_threads(1);
   InferenceModel l = load_for_inference(ckpt);
+  l.model->use_decode_layout();
   const std::string prompt = prompt_file.empty() ? prompt_arg : read_file(prompt_file);
   std::vector<int32_t> ids;
   try {

@@ -307,6 +307,7 @@ Tensor Model::recomputed_block(Graph& g, int64_t l, const Tensor& x, const Forwa
 
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,
                              int64_t T, const ForwardOptions& opt) {
+  MOE_CHECK(!decode_layout_, "Model::forward", "the weights are laid out for decoding (use_decode_layout)");
   MOE_CHECK(T >= 1 && T <= T_max_, "Model::forward",
         "sequence length " + std::to_string(T) + " must be in [1, block_size=" + std::to_string(T_max_) + "]");
   MOE_CHECK(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
@@ -417,6 +418,23 @@ KVCache Model::new_cache() const {
   for (auto* b : {&w.hidden, &w.hidden3}) b->resize(std::max(TK * size_t(F), T * size_t(Fd)));
   w.out.resize(size_t(V_));
   return c;
+}
+
+void Model::use_decode_layout() {
+  const auto lay_out = [&](Linear& lp) {
+    if (lp.weight >= 0) lp.to_decode_layout(params_);
+  };
+  const auto lay_out_expert = [&](Expert& ep) {
+    for (Linear* lp : {&ep.fc1, &ep.fc2, &ep.fc3}) lay_out(*lp);
+  };
+  for (Block& b : blocks_) {
+    for (Linear* lp : {&b.attn.qkv, &b.attn.proj, &b.moe.router.route, &b.moe.router.noise}) lay_out(*lp);
+    for (Expert& ep : b.moe.experts) lay_out_expert(ep);
+    for (Expert& ep : b.moe.shared) lay_out_expert(ep);
+    lay_out_expert(b.ffn);
+  }
+  if (!cfg_.model.tie_embeddings) lm_head_.to_decode_layout(params_);
+  decode_layout_ = true;
 }
 
 const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, const ForwardOptions& opt) {
