@@ -47,13 +47,16 @@ void Linear::decode(const ParamStore& ps, const float* x, int64_t n, float* y, b
     gemv(!in_out, out, in, 1.f, x, w, ldw, b ? 1.f : 0.f, y);
 }
 
-void Linear::to_decode_layout(ParamStore& ps) {
+void Linear::to_decode_layout(ParamStore& ps, std::vector<float>& scratch) {
   if (in_out) return;
   float* w = ps.get(weight).data;
-  std::vector<float> t(static_cast<size_t>(in * out));
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t i = 0; i < in; ++i) t[size_t(i * out + o)] = w[o * in + i];
-  std::copy(t.begin(), t.end(), w);
+  if (int64_t(scratch.size()) < in * out) scratch.resize(size_t(in * out));
+  std::copy(w, w + in * out, scratch.data());
+  constexpr int64_t kTile = 16;  // tiles of 16 x 16, so that both sides go a cache line at a time
+  for (int64_t o0 = 0; o0 < out; o0 += kTile)
+    for (int64_t i0 = 0; i0 < in; i0 += kTile)
+      for (int64_t i = i0; i < std::min(in, i0 + kTile); ++i)
+        for (int64_t o = o0; o < std::min(out, o0 + kTile); ++o) w[i * out + o] = scratch[size_t(o * in + i)];
   in_out = true;
 }
 

@@ -59,8 +59,8 @@ struct Linear {
   // Transposes the weight in place to [in, out], the decode layout: a one-row product then
   // streams the weight's rows in order (gemv's accumulated rows), and a few rows' GEMM reads
   // it without packing; the same bits either way. Forward refuses a Linear in that layout.
-  // Not for a tied weight (it is another module's too).
-  void to_decode_layout(ParamStore& ps);
+  // Not for a tied weight (it is another module's too). scratch: memory for a copy, reused.
+  void to_decode_layout(ParamStore& ps, std::vector<float>& scratch);
 };
 
 }  // namespace moe
