@@ -4,7 +4,8 @@
 # seconds, characters per (wall) second and peak resident memory, then the best and the
 # median. On a busy machine the CPU seconds compare better than the wall seconds. With a second
 # binary, the two run in turn (A B A B ...), so that a shared machine's drift hits both, and
-# must print the same text. With perf installed, a last run is profiled and the functions
+# must print the same text. A run with --profile then prints moe's own breakdown (load,
+# checksum, per layer attention, router, experts...). With perf installed, a last run is profiled and the functions
 # that took at least 1% of its samples are listed (where the time goes: the products in
 # gemv/gemm, attention, the router's kernels, loading, the kernel's share).
 # Usage: scripts/bench_generate.sh MOE_BINARY CHECKPOINT [CHARS=5000] [ROUNDS=3] [OTHER_MOE_BINARY]
@@ -43,6 +44,8 @@ for i in "${!bins[@]}"; do
     "median $(echo ${rates[$i]} | tr ' ' '\n' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }');" \
     "peak RSS median $(echo ${rss[$i]} | tr ' ' '\n' | sort -n | awk '{ a[NR] = $1 } END { printf "%.1f MB", a[int((NR + 1) / 2)] / 1024 }')"
 done
+echo "where the time goes (${bins[0]} generate --profile):"
+"${bins[0]}" generate --checkpoint "$ckpt" --max-new-tokens "$chars" --seed 1 --profile ${GENERATE_ARGS:-} 2>&1 > /dev/null
 if command -v perf > /dev/null; then
   echo "where the time goes (${bins[0]}, perf, functions with >= 1% of the samples):"
   perf record -q -o "$work/perf.data" "${bins[0]}" generate --checkpoint "$ckpt" --max-new-tokens "$chars" --seed 1 ${GENERATE_ARGS:-} \

@@ -303,3 +303,25 @@ TEST_CASE("gemv on B stored [N, K] gives the bits of gemv on its transpose, in e
       REQUIRE(std::memcmp(rows.data(), axpy.data(), sizeof(float) * size_t(N)) == 0);
     }
 }
+
+TEST_CASE("gemv_skip_zeros gives gemv's bits on B [K, N], reading only the rows nonzeros multiply", "[gemm]") {
+  // A relu's output (mostly zeros) times the next weight in the decode layout: skipping a zero
+  // of a leaves every sum as it was. Odd sizes, every kernel, zeros of both signs, 0% to 100% zeros.
+  std::mt19937 rng(17);
+  std::uniform_int_distribution<int64_t> cols(1, 700), deep(1, 900);
+  for (GemmKernel kern : runnable_kernels())
+    for (int trial = 0; trial < 40; ++trial) {
+      const int64_t N = trial < 4 ? 128 : cols(rng), K = trial < 4 ? 512 : deep(rng), ldb = N + trial % 3;
+      const float alpha = trial % 3 == 0 ? 1.f : 0.37f, beta = trial % 4 == 0 ? 0.f : (trial % 4 == 1 ? 1.f : -0.6f);
+      auto a = random_vector(K, uint64_t(trial) + 1);
+      const int zeros_in_10 = trial % 11;  // 0..10 tenths of a are zero
+      for (int64_t k = 0; k < K; ++k)
+        if (int64_t(k * 7 + trial) % 10 < zeros_in_10) a[size_t(k)] = k % 2 ? 0.f : -0.f;
+      auto B = random_vector(K * ldb, uint64_t(trial) + 1000);  // [K, N], rows ldb apart
+      auto dense = random_vector(N, uint64_t(trial) + 2000), sparse = dense;
+      gemv(kern, false, N, K, alpha, a.data(), B.data(), ldb, beta, dense.data());
+      gemv_skip_zeros(kern, N, K, alpha, a.data(), B.data(), ldb, beta, sparse.data());
+      INFO(gemm_kernel_name(kern) << " N " << N << " K " << K << " zeros " << zeros_in_10 << "/10");
+      REQUIRE(std::memcmp(dense.data(), sparse.data(), sizeof(float) * size_t(N)) == 0);
+    }
+}

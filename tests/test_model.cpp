@@ -746,3 +746,52 @@ TEST_CASE("Recomputation: the same objective and gradients, in about one block's
   CHECK(double(g.arena().bytes_used() + again.arena().bytes_used()) * (layout ? 1.5 : 2.0) <
         double(plain.arena().bytes_used()));
 }
+
+TEST_CASE("The decode layout gives the decoder's logits bit for bit, every MoE option", "[model][generate]") {
+  // Model::use_decode_layout transposes every Linear's weight to [in, out]: the one-row
+  // products run gemv on the rows of the weight in order (a relu expert's second product over
+  // its nonzero inputs only), the prefills gemm without transposing it. Each logit must keep
+  // its bits, through prefills (n > 1) and single tokens, with router noise drawn.
+  auto check = [](Config cfg, const char* name) {
+    cfg.router.noise_at_eval = true;
+    Model as_stored(cfg, 13), laid_out(cfg, 13);
+    Rng init_a(3, 1), init_b(3, 1);
+    as_stored.init(init_a);
+    laid_out.init(init_b);
+    laid_out.use_decode_layout();
+    CHECK(laid_out.decode_layout());
+    Rng noise_a(9, 4), noise_b(9, 4);
+    ForwardOptions fa, fb;
+    fa.noise_rng = &noise_a, fb.noise_rng = &noise_b;
+    KVCache ca = as_stored.new_cache(), cb = laid_out.new_cache();
+    const int64_t T = cfg.model.block_size;
+    std::vector<int32_t> seq;
+    for (int64_t i = 0; i < 3 * T; ++i) seq.push_back(int32_t(i * 5 % 13));
+    const bool rolling = cfg.model.position == PositionKind::kRope;
+    for (int64_t at = 0, step = 0; at + 3 <= int64_t(seq.size()); ++step) {
+      // A prefill of 3 at the start of each window, then one token at a time.
+      const int64_t n = ca.len == 0 || step % 7 == 0 ? 3 : 1;
+      if (!rolling && ca.len + n > T) ca.len = cb.len = 0;
+      const float* a = as_stored.decode(ca, seq.data() + at, n, fa);
+      const float* b = laid_out.decode(cb, seq.data() + at, n, fb);
+      INFO(name << ": position " << at << ", " << n << " token(s)");
+      REQUIRE(std::memcmp(a, b, sizeof(float) * 13) == 0);
+      at += n;
+    }
+    Graph g;
+    const int32_t ids[2] = {1, 2};
+    CHECK_THROWS_WITH(laid_out.forward(g, ids, nullptr, 1, 2, ForwardOptions{}), Catch::Contains("decoding"));
+  };
+  Config wide = tiny_config();  // an expert's second product 300 deep: more than gemm's 256-deep blocks
+  wide.model.n_embed = 32;
+  wide.model.expert_hidden = 300;
+  Config gelu = tiny_config();
+  gelu.model.expert_ffn = ExpertFfn::kGelu;
+  Config rope = layout_config(all_features_config(), 4);  // dense blocks, tied head, swiglu, shared expert
+  rope.model.position = PositionKind::kRope;
+  check(tiny_config(), "makemoe (relu)");
+  check(wide, "relu, 300 hidden");
+  check(gelu, "gelu");
+  check(all_features_config(), "every MoE option");
+  check(rope, "rope, dense blocks, tied head");
+}

@@ -79,6 +79,15 @@ TEST_CASE("moe train, generate and eval from the command line", "[cli]") {
   REQUIRE(g1.code == 0);
   CHECK(g1.out == g2.out);
   CHECK(g1.out.rfind("First", 0) == 0);
+  // --profile: the same text, then where the time went (stderr), every part named.
+  Run gp = run("generate --checkpoint " + ckpt + " --prompt 'First' --max-new-tokens 40 --seed 3 --profile");
+  INFO(gp.out);
+  REQUIRE(gp.code == 0);
+  CHECK(gp.out.rfind(g1.out, 0) == 0);
+  for (const char* part : {"moe generate --profile: 40 characters", "load", "checksum", "one-position decodes",
+                           "decodes of several positions", "embeddings", "norms+residual", "attention", "router",
+                           "experts", "thread wait", "head", "sampling"})
+    CHECK_THAT(gp.out, Catch::Contains(part));
   Run bad_char = run("generate --checkpoint " + ckpt + " --prompt 'héllo'");
   CHECK(bad_char.code != 0);
   CHECK_THAT(bad_char.out, Catch::Contains("prompt") && Catch::Contains("U+00E9"));

@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <future>
+#include <chrono>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -77,13 +79,77 @@ int run_train(const std::string& config_path, const std::string& resume, const s
   return r.interrupted ? 128 + g_stop_signal.load() : 0;
 }
 
+// moe generate --profile: where the time went, to stderr.
+void print_generate_profile(const DecodeProfile& p, double load_s, double checksum_s, double wall_s, int64_t chars) {
+  std::fprintf(stderr, "moe generate --profile: %lld characters in %.3f s (%.0f characters/s), %d thread(s)\n",
+               static_cast<long long>(chars), wall_s, double(chars) / wall_s, omp_get_max_threads());
+  std::fprintf(stderr, "  load (header, weights, decode layout)  %8.1f ms\n", 1e3 * load_s);
+  std::fprintf(stderr, "  checksum, on its own thread            %8.1f ms (overlaps the first characters)\n",
+               1e3 * checksum_s);
+  double accounted = load_s;
+  for (int kind = 0; kind < 2; ++kind) {
+    if (p.calls[kind] == 0 || p.seconds.empty()) continue;
+    double sum = 0;
+    for (int part = 0; part < DecodeProfile::kParts; ++part) sum += p.total(kind, part);
+    accounted += sum;
+    std::fprintf(stderr, "  %s: %lld calls, %lld positions, %.1f ms (%.1f us a call)\n",
+                 kind == 0 ? "one-position decodes (a character each)" : "decodes of several positions (prompt, re-encoded contexts)",
+                 static_cast<long long>(p.calls[kind]), static_cast<long long>(p.positions[kind]), 1e3 * sum,
+                 1e6 * sum / double(p.calls[kind]));
+    std::fprintf(stderr, "    %-8s", "layer");
+    for (int part = 0; part < DecodeProfile::kParts; ++part) std::fprintf(stderr, " %15s", DecodeProfile::part_name(part));
+    std::fprintf(stderr, "   (ms)\n");
+    for (int64_t l = 0; l <= p.layers; ++l) {
+      if (l == p.layers) std::fprintf(stderr, "    %-8s", "outside");
+      else std::fprintf(stderr, "    %-8lld", static_cast<long long>(l));
+      for (int part = 0; part < DecodeProfile::kParts; ++part) std::fprintf(stderr, " %15.1f", 1e3 * p.at(kind, l, part));
+      std::fprintf(stderr, "\n");
+    }
+    std::fprintf(stderr, "    %-8s", "total");
+    for (int part = 0; part < DecodeProfile::kParts; ++part) std::fprintf(stderr, " %15.1f", 1e3 * p.total(kind, part));
+    std::fprintf(stderr, "\n");
+  }
+  accounted += p.sampling + p.output;
+  std::fprintf(stderr, "  sampling %.1f ms, output %.1f ms, the rest %.1f ms\n", 1e3 * p.sampling, 1e3 * p.output,
+               1e3 * (wall_s - accounted));
+}
+
 int run_generate(const std::string& ckpt, const std::string& prompt_arg, const std::string& prompt_file,
-                 int64_t max_new, GenerateOptions gopt) {
+                 int64_t max_new, GenerateOptions gopt, bool profile) {
   // One thread unless OMP_NUM_THREADS says otherwise: a token's products are too small for a
   // team (two threads took 3.5x the CPU time and 3x the wall time of one on the shared 2-core
   // machine), and the bits are the same for any count.
   if (!std::getenv("OMP_NUM_THREADS")) omp_set_num_threads(1);
-  InferenceModel l = load_for_inference(ckpt);
+  const double t_start = DecodeProfile::now();
+  InferenceModel l = load_for_inference(ckpt, true);
+  l.model->use_decode_layout();  // decoding only from here: the same bits, faster
+  const double load_s = DecodeProfile::now() - t_start;
+  // The checksum covers the whole file (the AdamW moments too): checked on a thread of its
+  // own while the first characters are computed. Nothing is printed until it has passed.
+  double checksum_s = 0;
+  std::future<void> checked = std::async(std::launch::async, [&] {
+    const double t0 = DecodeProfile::now();
+    l.check_checksum();
+    checksum_s = DecodeProfile::now() - t0;
+  });
+  bool verified = false;
+  std::string held;
+  const bool tty = isatty(fileno(stdout));
+  // Each character as it comes on a terminal; elsewhere a line at a time (a write per
+  // character cost 10% of the time).
+  const auto emit = [&](const std::string& s, bool flush) {
+    if (!verified) {
+      held += s;
+      if (checked.wait_for(std::chrono::seconds(0)) != std::future_status::ready) return;
+      checked.get();  // throws on a mismatch: nothing was printed
+      verified = true;
+      std::fwrite(held.data(), 1, held.size(), stdout);
+      held.clear();
+    } else {
+      std::fwrite(s.data(), 1, s.size(), stdout);
+    }
+    if (flush) std::fflush(stdout);
+  };
   const std::string prompt = prompt_file.empty() ? prompt_arg : read_file(prompt_file);
   std::vector<int32_t> ids;
   try {
@@ -91,17 +157,22 @@ int run_generate(const std::string& ckpt, const std::string& prompt_arg, const s
   } catch (const std::exception& e) {
     throw std::runtime_error(std::string("prompt: ") + e.what());
   }
+  DecodeProfile prof;
+  if (profile) gopt.profile = &prof;
   Generator gen(*l.model, gopt);
-  std::fputs(prompt.c_str(), stdout);
-  // Each character as it comes on a terminal; elsewhere a line at a time (a write per
-  // character cost 10% of the time).
-  const bool tty = isatty(fileno(stdout));
+  emit(prompt, tty);
   gen.generate(ids, max_new, [&](int32_t id) {
     const std::string s = l.tokenizer.decode({id});
-    std::fwrite(s.data(), 1, s.size(), stdout);
-    if (tty || s == "\n") std::fflush(stdout);
+    emit(s, tty || s == "\n");
   });
-  std::fputc('\n', stdout);
+  if (!verified) {
+    checked.get();
+    verified = true;
+  }
+  held += '\n';
+  std::fwrite(held.data(), 1, held.size(), stdout);
+  std::fflush(stdout);
+  if (profile) print_generate_profile(prof, load_s, checksum_s, DecodeProfile::now() - t_start, max_new);
   return 0;
 }
 
@@ -325,6 +396,10 @@ int run(int argc, char** argv) {
   gen_cmd->add_option("--top-k", gopt.sampling.top_k, "keep the k most likely characters (0: all)");
   gen_cmd->add_option("--top-p", gopt.sampling.top_p, "nucleus sampling mass in (0, 1]");
   gen_cmd->add_option("--seed", gopt.seed, "random seed (same seed, same text)");
+  bool gen_profile = false;
+  gen_cmd->add_flag("--profile", gen_profile,
+                    "print where the time went to stderr: load, checksum, and per layer attention, router, "
+                    "experts, norms, thread wait, head, for one-character decodes and re-encoded contexts apart");
   gen_cmd->add_option("--context-keep", gopt.context_keep,
                       "when the context is full, keep this many characters (block_size: exact full-window "
                       "recomputation; default block_size/2). Learned positions only: with model.position "
@@ -424,7 +499,7 @@ int run(int argc, char** argv) {
       std::printf("wrote %s: %s upcycled to the config %s\n", up_out.c_str(), up_from.c_str(), up_config.c_str());
       return 0;
     }
-    if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt);
+    if (*gen_cmd) return run_generate(ckpt, prompt, prompt_file, max_new, gopt, gen_profile);
     if (*eval_cmd) return run_eval(ckpt, data_path, split, as_json, eval_batch);
     if (*inspect_cmd) return run_inspect(ckpt, data_path, split, as_json, inspect_out, iopt);
     if (*serve_cmd) {

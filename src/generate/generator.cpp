@@ -30,6 +30,8 @@ void Generator::generate(const std::vector<int32_t>& prompt, int64_t max_new,
   Rng noise_rng(opt_.seed, kStreamSampleNoise);  // only drawn when router.noise_at_eval
   ForwardOptions fo;
   fo.noise_rng = &noise_rng;
+  fo.profile = opt_.profile;
+  DecodeProfile* prof = opt_.profile;
   KVCache cache = model_.new_cache();
   std::vector<float> logits(static_cast<size_t>(V));
   std::vector<std::pair<float, int32_t>> scratch;
@@ -39,8 +41,15 @@ void Generator::generate(const std::vector<int32_t>& prompt, int64_t max_new,
   };
   feed(ctx.data(), int64_t(ctx.size()));
   for (int64_t i = 0; i < max_new; ++i) {
+    const double t0 = prof ? DecodeProfile::now() : 0;
     const int32_t next = sample_token(logits.data(), V, opt_.sampling, rng_, scratch);
+    const double t1 = prof ? DecodeProfile::now() : 0;
     on_token(next);
+    if (prof) {
+      const double t2 = DecodeProfile::now();
+      prof->sampling += t1 - t0;
+      prof->output += t2 - t1;
+    }
     if (i + 1 == max_new) break;
     if (rolling) {  // the cache drops its oldest position itself
       feed(&next, 1);

@@ -208,12 +208,15 @@ MOE_ALWAYS_INLINE float madd(float a, float b, float c) {
 
 // One row, B stored [K, N], for j in [j0, j1), j1 - j0 <= kGemvCols: each C element summed
 // over k in order, one fma a step from 0 (the rows of B accumulated in order), then stored.
+// With ks, over the K values k = ks[0], ks[1].. only (gemv_skip_zeros).
 template <bool Fused>
 MOE_ALWAYS_INLINE void gemv_axpy_body(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
-                                      const float* B, int64_t ldb, float beta, float* C) {
+                                      const float* B, int64_t ldb, float beta, float* C,
+                                      const int32_t* ks = nullptr) {
   float acc[kGemvCols];
   std::fill(acc, acc + (j1 - j0), 0.f);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t k = ks ? ks[i] : i;
     const float ak = a[k];
     const float* b = B + k * ldb;
     for (int64_t j = j0; j < j1; ++j) acc[j - j0] = madd<Fused>(ak, b[j], acc[j - j0]);
@@ -330,6 +333,56 @@ MOE_TARGET_AVX512 void gemv_rows_avx512(int64_t j0, int64_t j1, int64_t K, float
     if (n1 > 0) _mm512_store_ps(acc + (j - j0) + 16, s1);
   }
   gemv_store(j0, j1, alpha, acc, beta, C);
+}
+
+// One row, B stored [K, N] (a weight in the decoder's layout, [in, out]), NV vectors of 16
+// columns from B (the last one's valid lanes in `last`): the sums stay in registers, each
+// summed over k in order by one fma a step from 0, gemv_axpy_body's sums. List: over the k
+// in ks[0..K) only, the rows a few ahead asked for (they do not follow each other).
+template <int NV, bool List>
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void axpy_block_avx512(int64_t K, const int32_t* ks, const float* a,
+                                                          const float* B, int64_t ldb, __mmask16 last, float* acc) {
+  constexpr int64_t kAhead = 4;
+  __m512 s[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) s[v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t k = List ? ks[i] : i;
+    if (List && i + kAhead < K) {
+      const char* next = reinterpret_cast<const char*>(B + ks[i + kAhead] * ldb);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) _mm_prefetch(next + 64 * v, _MM_HINT_T0);
+    }
+    const __m512 ak = _mm512_set1_ps(a[k]);
+    const float* b = B + k * ldb;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV - 1; ++v) s[v] = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 16 * v), s[v]);
+    s[NV - 1] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(last, b + 16 * (NV - 1)), s[NV - 1]);
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) _mm512_store_ps(acc + 16 * v, s[v]);
+}
+
+// Columns [j0, j1) in blocks of up to 256 (16 accumulators).
+template <bool List>
+MOE_TARGET_AVX512 void gemv_axpy_blocks_avx512(int64_t j0, int64_t j1, int64_t K, const int32_t* ks, float alpha,
+                                               const float* a, const float* B, int64_t ldb, float beta, float* C) {
+  constexpr int64_t kBlock = 256;
+  alignas(64) float acc[kBlock];
+  for (int64_t j = j0; j < j1; j += kBlock) {
+    const int64_t w = std::min(kBlock, j1 - j), nv = (w + 15) / 16, tail = w - 16 * (nv - 1);
+    const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+    const float* b = B + j;
+    switch (nv) {
+#define MOE_AXPY_CASE(NV) \
+  case NV: axpy_block_avx512<NV, List>(K, ks, a, b, ldb, last, acc); break;
+      MOE_AXPY_CASE(1) MOE_AXPY_CASE(2) MOE_AXPY_CASE(3) MOE_AXPY_CASE(4) MOE_AXPY_CASE(5) MOE_AXPY_CASE(6)
+      MOE_AXPY_CASE(7) MOE_AXPY_CASE(8) MOE_AXPY_CASE(9) MOE_AXPY_CASE(10) MOE_AXPY_CASE(11) MOE_AXPY_CASE(12)
+      MOE_AXPY_CASE(13) MOE_AXPY_CASE(14) MOE_AXPY_CASE(15) MOE_AXPY_CASE(16)
+#undef MOE_AXPY_CASE
+    }
+    gemv_store(j, j + w, alpha, acc, beta, C);
+  }
 }
 #endif
 
@@ -562,7 +615,21 @@ MOE_GEMM_GEMV_FNS(avx2, MOE_TARGET_AVX2, true)
 MOE_GEMM_TILE_FN(avx512, MOE_TARGET_AVX512, kMR32, kNR32, micro_avx512)
 MOE_TARGET_AVX512 void gemv_axpy_avx512(int64_t j0, int64_t j1, int64_t K, float alpha, const float* a,
                                         const float* B, int64_t ldb, float beta, float* C) {
-  gemv_axpy_body<true>(j0, j1, K, alpha, a, B, ldb, beta, C);
+  gemv_axpy_blocks_avx512<false>(j0, j1, K, nullptr, alpha, a, B, ldb, beta, C);
+}
+#endif
+
+// The one-row loops over a list of k (gemv_skip_zeros), for each kernel.
+using GemvListFn = void (*)(int64_t j0, int64_t j1, int64_t nk, const int32_t* ks, float alpha, const float* a,
+                            const float* B, int64_t ldb, float beta, float* C);
+void gemv_list_portable(int64_t j0, int64_t j1, int64_t nk, const int32_t* ks, float alpha, const float* a,
+                        const float* B, int64_t ldb, float beta, float* C) {
+  gemv_axpy_body<false>(j0, j1, nk, alpha, a, B, ldb, beta, C, ks);
+}
+#ifdef MOE_X86
+MOE_TARGET_AVX2 void gemv_list_avx2(int64_t j0, int64_t j1, int64_t nk, const int32_t* ks, float alpha, const float* a,
+                                    const float* B, int64_t ldb, float beta, float* C) {
+  gemv_axpy_body<true>(j0, j1, nk, alpha, a, B, ldb, beta, C, ks);
 }
 #endif
 
@@ -661,28 +728,63 @@ void gemm_reserve_thread(int64_t max_n) {
   grown(t_scratch.zeros, max_n);
 }
 
+namespace {
+// run(j0, j1) over the column chunks of a one-row product, as even between the threads as
+// 16-column steps allow (qkv's 384 columns went 256 + 128), each at most kGemvCols.
+template <class Run>
+void gemv_chunks(int64_t N, int64_t K, Run&& run) {
+  const bool parallel = !omp_in_parallel() && N * K >= 32768;
+  const int64_t threads = parallel ? std::max(1, omp_get_max_threads()) : 1;
+  const int64_t cols = std::min(kGemvCols, ((N + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (N + cols - 1) / cols;
+  if (threads == 1) {  // no OpenMP region at all: entering one, even of one thread, costs a decoded token 8%
+    for (int64_t ch = 0; ch < chunks; ++ch) run(ch * cols, std::min(N, (ch + 1) * cols));
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t ch = 0; ch < chunks; ++ch) run(ch * cols, std::min(N, (ch + 1) * cols));
+}
+
+thread_local std::vector<int32_t> t_nonzero;  // gemv_skip_zeros's list of k
+}  // namespace
+
 void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B,
           int64_t ldb, float beta, float* C) {
   if (N <= 0) return;
   const Kernel& kern = kernel_of(kernel);
-  const bool parallel = !omp_in_parallel() && N * K >= 32768;
-  // Column chunks, as even between the threads as 16-column steps allow (qkv's 384 columns
-  // went 256 + 128): rows of B (B stored [N, K]) or accumulated rows of B (B stored [K, N]).
-  const int64_t threads = parallel ? std::max(1, omp_get_max_threads()) : 1;
-  const int64_t cols = std::min(kGemvCols, ((N + threads - 1) / threads + 15) / 16 * 16);
+  // Rows of B (B stored [N, K]) or accumulated rows of B (B stored [K, N]).
   const auto fn = trans_b ? kern.gemv_rows : kern.gemv_axpy;
-  const int64_t chunks = (N + cols - 1) / cols;
-  if (threads == 1) {  // no OpenMP region at all: entering one, even of one thread, costs a decoded token 8%
-    for (int64_t ch = 0; ch < chunks; ++ch) fn(ch * cols, std::min(N, (ch + 1) * cols), K, alpha, a, B, ldb, beta, C);
-    return;
-  }
-#pragma omp parallel for schedule(static)
-  for (int64_t ch = 0; ch < chunks; ++ch) fn(ch * cols, std::min(N, (ch + 1) * cols), K, alpha, a, B, ldb, beta, C);
+  gemv_chunks(N, K, [&](int64_t j0, int64_t j1) { fn(j0, j1, K, alpha, a, B, ldb, beta, C); });
 }
 
 void gemv(bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B, int64_t ldb, float beta,
           float* C) {
   gemv(gemm_kernel(), trans_b, N, K, alpha, a, B, ldb, beta, C);
+}
+
+void gemv_skip_zeros(GemmKernel kernel, int64_t N, int64_t K, float alpha, const float* a, const float* B, int64_t ldb,
+                     float beta, float* C) {
+  if (N <= 0) return;
+  std::vector<int32_t>& ks = t_nonzero;
+  if (int64_t(ks.size()) < K) ks.resize(size_t(K));
+  int64_t nk = 0;
+  for (int64_t k = 0; k < K; ++k) {  // without a branch: most of a relu's output is 0, in no pattern
+    ks[size_t(nk)] = int32_t(k);
+    nk += a[k] != 0.f;
+  }
+  GemvListFn fn = gemv_list_portable;
+#ifdef MOE_X86
+  if (kernel == GemmKernel::avx2) fn = gemv_list_avx2;
+  if (kernel == GemmKernel::avx512) fn = gemv_axpy_blocks_avx512<true>;
+#else
+  kernel_of(kernel);  // throws for the x86 kernels
+#endif
+  gemv_chunks(N, nk, [&](int64_t j0, int64_t j1) { fn(j0, j1, nk, ks.data(), alpha, a, B, ldb, beta, C); });
+}
+
+void gemv_skip_zeros(int64_t N, int64_t K, float alpha, const float* a, const float* B, int64_t ldb, float beta,
+                     float* C) {
+  gemv_skip_zeros(gemm_kernel(), N, K, alpha, a, B, ldb, beta, C);
 }
 
 bool gemm_cpu_has_avx2() { return cpu_has_avx2(); }

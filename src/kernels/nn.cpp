@@ -61,14 +61,13 @@ __attribute__((optimize("fp-contract=off"))) void layernorm_dx_stats(float* md, 
 template <class Body>
 void for_row_blocks(int64_t N, int64_t C, Body&& body) {
   const int64_t blocks = (N + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
+  parallel_for(blocks, N * C > kParallelMinWork, [&](int64_t blk) {
     const int64_t n0 = blk * kRows, R = std::min(kRows, N - n0);
     if (R == kRows)
       body(n0, kRows, std::integral_constant<int64_t, kRows>());
     else
       for (int64_t n = n0; n < n0 + R; ++n) body(n, 1, std::integral_constant<int64_t, 1>());
-  }
+  });
 }
 
 // The weight and bias gradients' sums of column c: dw[c] += Σ_n dy·(x - mean)·rstd, each term
@@ -170,8 +169,7 @@ inline int64_t norm_row(int64_t n, int64_t C, int64_t G, int64_t ld) { return ld
 
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int64_t N, int64_t C, float eps,
                      int64_t G, int64_t ld) {
-#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_for(N, N * C > kParallelMinWork, [&](int64_t n) {
     const int64_t at = norm_row(n, C, G, ld);
     const float* x = inp + at;
     float* y = out + at;
@@ -180,7 +178,7 @@ void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, 
     const float s = 1.f / std::sqrt(ss / float(C) + eps);
     rstd[n] = s;
     for (int64_t c = 0; c < C; ++c) y[c] = x[c] * s * w[c];
-  }
+  });
 }
 
 void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,

@@ -29,22 +29,20 @@ void insert_top(int32_t* idx, int64_t& filled, int64_t K, int32_t id, const Scor
 }  // namespace
 
 void topk_select(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K) {
-#pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_for(N, N * E > kParallelMinWork, [&](int64_t n) {
     const float* x = scores + n * E;
     auto score = [&](int32_t e) { return bias ? x[e] + bias[e] : x[e]; };
     int32_t* idx = index + n * K;
     int64_t filled = 0;
     for (int32_t e = 0; e < E; ++e) insert_top(idx, filled, K, e, score);
-  }
+  });
 }
 
 void topk_select_grouped(int32_t* index, const float* scores, const float* bias, int64_t N, int64_t E, int64_t K,
                          int64_t G, int64_t open) {
   if (G == 1) return topk_select(index, scores, bias, N, E, K);
   const int64_t per = E / G;
-#pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_for(N, N * E > kParallelMinWork, [&](int64_t n) {
     const float* x = scores + n * E;
     auto score = [&](int32_t e) { return bias ? x[e] + bias[e] : x[e]; };
     float group_score[64];
@@ -66,13 +64,12 @@ void topk_select_grouped(int32_t* index, const float* scores, const float* bias,
     filled = 0;
     for (int32_t e = 0; e < E; ++e)
       if (is_open >> (e / per) & 1) insert_top(idx, filled, K, e, score);
-  }
+  });
 }
 
 void topk_softmax_forward(float* weights, const int32_t* index, const float* logits, int64_t N, int64_t E,
                           int64_t K) {
-#pragma omp parallel for schedule(static) if (N * E > kParallelMinWork)
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_for(N, N * E > kParallelMinWork, [&](int64_t n) {
     const float* x = logits + n * E;
     const int32_t* idx = index + n * K;
     float* w = weights + n * K;
@@ -81,7 +78,7 @@ void topk_softmax_forward(float* weights, const int32_t* index, const float* log
     float z = 0;
     for (int64_t k = 0; k < K; ++k) z += (w[k] = std::exp(x[idx[k]] - mx));
     for (int64_t k = 0; k < K; ++k) w[k] /= z;
-  }
+  });
 }
 
 void topk_softmax_backward(float* dlogits, const float* dweights, const float* weights, const int32_t* index,
@@ -165,8 +162,7 @@ void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const
   const int64_t threads = parallel ? omp_get_max_threads() : 1;
   const int64_t cols = std::max<int64_t>(16, ((C + threads - 1) / threads + 15) / 16 * 16);
   const int64_t chunks = (C + cols - 1) / cols;
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
+  parallel_for(chunks, parallel, [&](int64_t ch) {
     const int64_t c0 = ch * cols, c1 = std::min(C, c0 + cols);
     for (int64_t i = 0; i < n; ++i) {
       const float w = gates[gate_pos[i]];
@@ -174,7 +170,7 @@ void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const
       const float* s = h + i * C;
       for (int64_t c = c0; c < c1; ++c) d[c] += w * s[c];
     }
-  }
+  });
 }
 
 }  // namespace moe

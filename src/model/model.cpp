@@ -313,6 +313,7 @@ bool Model::bf16_products(const ForwardOptions& opt) const {
 
 Model::Output Model::forward(Graph& g, const int32_t* idx, const int32_t* targets, int64_t B,
                              int64_t T, const ForwardOptions& opt) {
+  MOE_CHECK(!decode_layout_, "Model::forward", "the weights are laid out for decoding (use_decode_layout)");
   MOE_CHECK(T >= 1 && T <= T_max_, "Model::forward",
         "sequence length " + std::to_string(T) + " must be in [1, block_size=" + std::to_string(T_max_) + "]");
   MOE_CHECK(!(opt.training && cfg_.model.dropout > 0) || opt.dropout_rng != nullptr, "Model::forward",
@@ -429,6 +430,24 @@ KVCache Model::new_cache() const {
   return c;
 }
 
+void Model::use_decode_layout() {
+  std::vector<float> scratch;
+  const auto lay_out = [&](Linear& lp) {
+    if (lp.weight >= 0) lp.to_decode_layout(params_, scratch);
+  };
+  const auto lay_out_expert = [&](Expert& ep) {
+    for (Linear* lp : {&ep.fc1, &ep.fc2, &ep.fc3}) lay_out(*lp);
+  };
+  for (Block& b : blocks_) {
+    for (Linear* lp : {&b.attn.qkv, &b.attn.proj, &b.moe.router.route, &b.moe.router.noise}) lay_out(*lp);
+    for (Expert& ep : b.moe.experts) lay_out_expert(ep);
+    for (Expert& ep : b.moe.shared) lay_out_expert(ep);
+    lay_out_expert(b.ffn);
+  }
+  if (!cfg_.model.tie_embeddings) lm_head_.to_decode_layout(params_, scratch);
+  decode_layout_ = true;
+}
+
 const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, const ForwardOptions& opt) {
   // With rope the cache rolls (positions go on past block_size); learned positions end there.
   const bool rolling = cfg_.model.position == PositionKind::kRope;
@@ -444,28 +463,43 @@ const float* Model::decode(KVCache& cache, const int32_t* tokens, int64_t n, con
             "fixed router noise or jitter, routing statistics and chosen ids are options of Model::forward only");
   KVCache::Work& w = cache.work;
   float* x = w.x.data();
+  DecodeProfile* prof = opt.profile;  // the clock is read only when profiling
+  const auto lap = [prof](DecodeProfile::Part p) {
+    if (prof) prof->lap(p);
+  };
+  if (prof) prof->begin(L_, n);
   emb_.decode(params_, tokens, n, cache.len, x);
+  lap(DecodeProfile::kEmbeddings);
   const auto add_sub = [&] {
     const float* sub = w.sub.data();
     for (int64_t i = 0; i < n * C_; ++i) x[i] = x[i] + sub[i];
   };
   for (int64_t l = 0; l < L_; ++l) {
     const Block& b = blocks_[size_t(l)];
+    if (prof) prof->at_layer(l);
     b.ln1.decode(params_, w, x, n);
+    lap(DecodeProfile::kNorms);
     b.attn.decode(params_, cache, l, n);
+    lap(DecodeProfile::kAttention);
     add_sub();
     b.ln2.decode(params_, w, x, n);
-    if (b.sparse)
-      b.moe.decode(params_, w, n, moe_context(l), opt);
-    else
+    lap(DecodeProfile::kNorms);
+    if (b.sparse) {
+      b.moe.decode(params_, w, n, moe_context(l), opt);  // laps its router and experts
+    } else {
       b.ffn.decode(params_, cfg_.model.expert_ffn, w.normed.data(), n, w.hidden.data(), w.hidden3.data(),
                    w.sub.data());
+      lap(DecodeProfile::kExperts);
+    }
     add_sub();
+    lap(DecodeProfile::kNorms);
   }
   cache.len += n;
+  if (prof) prof->at_layer(-1);
   // Only the last position's logits are needed.
   ln_f_.decode(params_, w, x + (n - 1) * C_, 1);
   lm_head_.decode(params_, w.normed.data(), 1, w.out.data());
+  lap(DecodeProfile::kHead);
   return w.out.data();
 }
 

@@ -40,7 +40,7 @@ void Expert::decode(const ParamStore& ps, ExpertFfn kind, const float* x, int64_
     fc3.decode(ps, x, n, hidden3);
     for (int64_t i = 0; i < m; ++i) hidden[i] = hidden[i] * hidden3[i];
   }
-  fc2.decode(ps, hidden, n, y);
+  fc2.decode(ps, hidden, n, y, kind == ExpertFfn::kRelu);  // most of a relu's output is 0
 }
 
 Tensor grouped_experts(Graph& g, const ParamStore& ps, const std::vector<Expert>& experts, ExpertFfn kind,

@@ -1,6 +1,7 @@
 #include "moe/nn/forward.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cmath>
 
@@ -78,6 +79,41 @@ nlohmann::json RoutingStats::counts() const {
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& c : tokens_per_expert) layers.push_back(c.empty() ? nlohmann::json(nullptr) : nlohmann::json(c));
   return layers;
+}
+
+const char* DecodeProfile::part_name(int p) {
+  static const char* const names[kParts] = {"embeddings", "norms+residual", "attention", "router",
+                                            "experts",    "thread wait",    "head"};
+  return p >= 0 && p < kParts ? names[p] : "?";
+}
+
+double DecodeProfile::total(int kind, int part) const {
+  double s = 0;
+  for (int64_t l = 0; l <= layers; ++l) s += at(kind, l, part);
+  return s;
+}
+
+void DecodeProfile::begin(int64_t n_layers, int64_t n) {
+  if (layers != n_layers || seconds.empty()) {
+    layers = n_layers;
+    seconds.assign(size_t(2 * (layers + 1) * kParts), 0.0);
+  }
+  kind_ = n > 1 ? 1 : 0;
+  calls[kind_] += 1;
+  positions[kind_] += n;
+  layer_ = layers;
+  last_ = now();
+}
+
+void DecodeProfile::lap(Part p, double wait) {
+  const double t = now();
+  at(kind_, layer_, p) += t - last_ - wait;
+  at(kind_, layer_, kThreadWait) += wait;
+  last_ = t;
+}
+
+double DecodeProfile::now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace moe

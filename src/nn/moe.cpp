@@ -297,6 +297,8 @@ Tensor MoELayer::forward(Graph& g, const ParamStore& ps, const Tensor& x, int64_
 void MoELayer::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const MoEContext& ctx,
                       const ForwardOptions& opt) const {
   const RoutingPlan plan = router.decode(ps, w, n, {ctx.bias, ctx.thresholds, nullptr}, opt);
+  DecodeProfile* prof = opt.profile;
+  if (prof) prof->lap(DecodeProfile::kRouter);
   const float* x = w.normed.data();
   // Each routed row s owns row s of rows, hidden and expert_out, so the chosen experts run on
   // separate threads (one team per layer; their products run serially inside it).
@@ -313,13 +315,23 @@ void MoELayer::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const M
     experts[size_t(e)].decode(ps, kind_, rows + begin * C_, count, w.hidden.data() + begin * F_,
                               w.hidden3.data() + begin * F_, ye + begin * C_);
   };
+  double wait = 0;  // profiling: the region's time that no thread spent running experts
   if (n_active > 1 && omp_get_max_threads() > 1) {
+    const double t0 = prof ? DecodeProfile::now() : 0;
+    double busy = 0;
 #pragma omp parallel
     {
+      const double start = prof ? DecodeProfile::now() : 0;
       gemm_reserve_thread(std::max(C_, F_));  // whichever expert this thread draws
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t a = 0; a < n_active; ++a) run(a);
+      if (prof) {
+        const double mine = DecodeProfile::now() - start;
+#pragma omp critical(moe_decode_profile)
+        busy = std::max(busy, mine);
+      }
     }
+    if (prof) wait = DecodeProfile::now() - t0 - busy;
   } else {  // one thread: no OpenMP region at all
     for (int64_t a = 0; a < n_active; ++a) run(a);
   }
@@ -333,6 +345,7 @@ void MoELayer::decode(const ParamStore& ps, KVCache::Work& w, int64_t n, const M
     sp.decode(ps, kind_, x, n, w.hidden.data(), w.hidden3.data(), ye);
     for (int64_t i = 0; i < n * C_; ++i) acc[i] = acc[i] + ye[i];
   }
+  if (prof) prof->lap(DecodeProfile::kExperts, wait);
 }
 
 }  // namespace moe

@@ -449,8 +449,7 @@ void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
     constexpr double kSafe = (kLogDoublesUlps / 2 + kCosDoublesUlps + 4.5) * 0x1p-52;
     const int64_t blocks = m / 8;
     const RoundKeys keys(s.seed);
-#pragma omp parallel for schedule(static) if (m > kParallelMinWork / 32)
-    for (int64_t b = 0; b < blocks; ++b) {
+    parallel_for(blocks, m > kParallelMinWork / 32, [&](int64_t b) {
       __m256i w0, w1;
       philox8(keys, s.stream, first + uint64_t(b * 8), w0, w1);
       const __m256i k1 = _mm256_srli_epi32(w0, 8), k2 = _mm256_srli_epi32(w1, 8);
@@ -481,7 +480,7 @@ void Rng::fill_normal(float* out, int64_t n, float mean, float stddev) {
           dst[i] = mean + stddev * z;
         }
       }
-    }
+    });
     done = blocks * 8;
 #endif
     for (int64_t i = done; i < m; ++i) {

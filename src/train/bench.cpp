@@ -109,6 +109,7 @@ BenchResult run_bench(const Config& cfg, int64_t steps, int threads, int64_t gen
   r.flops_per_step = 3 * r.forward_flops;
   r.gflops_per_s = r.flops_per_step / (r.step_ms_median / 1000.0) / 1e9;
   if (generate_chars > 0) {
+    model.use_decode_layout();  // as moe generate decodes (the model trains no more here)
     GenerateOptions go;
     Generator gen(model, go);
     int64_t n = 0;

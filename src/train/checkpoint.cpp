@@ -113,7 +113,7 @@ void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optim
   load_checkpoint_tensors(read_safetensors_header(path), model, optimizer);
 }
 
-void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* optimizer) {
+void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* optimizer, bool check) {
   const std::string& path = f.path();
   ParamStore& ps = model.params();
   std::vector<SafeTensorsFile::F32Dest> wanted;
@@ -128,7 +128,7 @@ void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* opti
     load_block("optimizer.m.", optimizer->m().data());
     load_block("optimizer.v.", optimizer->v().data());
   }
-  f.read_f32(wanted);  // without the optimizer, the moments stay on disk
+  f.read_f32(wanted, check);  // without the optimizer, the moments stay on disk
 }
 
 void check_resume_compatible(const Config& saved, const Config& now, const std::string& path) {
@@ -158,13 +158,14 @@ void check_resume_compatible(const Config& saved, const Config& now, const std::
                            "\nresume with the checkpoint's config, or start a new run");
 }
 
-InferenceModel load_for_inference(const std::string& path) {
+InferenceModel load_for_inference(const std::string& path, bool defer_checksum) {
   InferenceModel l;
-  const SafeTensorsFile f = read_safetensors_header(path);  // the weights are read into the model
-  l.header = checkpoint_header_from_metadata(f.metadata(), path);
+  auto f = std::make_shared<const SafeTensorsFile>(read_safetensors_header(path));  // the weights are read into the model
+  l.header = checkpoint_header_from_metadata(f->metadata(), path);
   l.tokenizer = Tokenizer::from_vocab(l.header.vocab);
   l.model = std::make_unique<Model>(l.header.config, int64_t(l.header.vocab.size()));
-  load_checkpoint_tensors(f, *l.model, nullptr);
+  load_checkpoint_tensors(*f, *l.model, nullptr, !defer_checksum);
+  if (defer_checksum) l.check_checksum = [f] { f->verify_checksum(); };
   return l;
 }
 

@@ -25,6 +25,7 @@ struct GenerateOptions {
   SamplingOptions sampling;
   uint64_t seed = 1337;
   int64_t context_keep = 0;  // 0: block_size / 2 (learned positions only)
+  DecodeProfile* profile = nullptr;  // where the time goes, when set (moe generate --profile)
 };
 
 class Generator {

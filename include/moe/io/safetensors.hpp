@@ -62,7 +62,13 @@ class SafeTensorsFile {
     Shape shape;
     float* out;
   };
-  void read_f32(const std::vector<F32Dest>& wanted) const;
+  // check = false: only the tensors asked for are read, without the checksum; the caller
+  // checks it with verify_checksum (moe generate does, on a thread of its own).
+  void read_f32(const std::vector<F32Dest>& wanted, bool check = true) const;
+  // Checks the checksum as read_f32 does, from the file (one pass over its data section
+  // through a small buffer; the memory read into is not touched). For a file only the
+  // header of which was read; throws the same errors.
+  void verify_checksum() const;
 
  private:
   friend SafeTensorsFile parse_safetensors(std::vector<uint8_t> bytes, const std::string& path);

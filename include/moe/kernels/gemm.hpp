@@ -68,6 +68,17 @@ void gemv(bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const
 void gemv(GemmKernel kernel, bool trans_b, int64_t N, int64_t K, float alpha, const float* a, const float* B,
           int64_t ldb, float beta, float* c);
 
+// gemv with B stored [K, N] (trans_b false) over the k where a[k] != 0 only: the rows of B that
+// a zero of a multiplies are not read (a relu's output, mostly zeros, times the next layer's
+// weight [in, out]). The same bits as gemv(false, ...) when B is finite: each sum starts at
+// +0, and an fma of a zero product leaves a sum as it was unless the sum is -0 (a sum can
+// only be -0 after a product rounded to it, below 2^-150 in magnitude, and its -0 then
+// survives into C only if nothing else is added and beta·c is -0 too).
+void gemv_skip_zeros(int64_t N, int64_t K, float alpha, const float* a, const float* B, int64_t ldb, float beta,
+                     float* c);
+void gemv_skip_zeros(GemmKernel kernel, int64_t N, int64_t K, float alpha, const float* a, const float* B,
+                     int64_t ldb, float beta, float* c);
+
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
                     int64_t ldc);

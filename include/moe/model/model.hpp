@@ -81,6 +81,14 @@ class Model {
   // attending to the last block_size (the cache rolls: see KVCache).
   const float* decode(KVCache& cache, const int32_t* tokens, int64_t n, const ForwardOptions& opt);
   KVCache new_cache() const;
+  // Lays the weights of every Linear out for decoding ([in, out], Linear::to_decode_layout; not
+  // the head's when it is tied to the embedding): decode gives the same bits, faster (a
+  // token's one-row products stream each weight in order; a relu expert's second product
+  // reads only the rows its nonzero hidden units multiply). For a model that only decodes
+  // from then on (moe generate, moe serve): forward refuses it, and its checkpoint would hold
+  // the weights transposed.
+  void use_decode_layout();
+  bool decode_layout() const { return decode_layout_; }
 
   // State that is not a parameter but is saved in checkpoints: the aux-loss-free balancing
   // biases ("blocks.{l}.moe.router.balance_bias", [E], one per MoE block) when
@@ -162,6 +170,7 @@ class Model {
   std::vector<int64_t> last_tokens_;  // [L_moe]: tokens of the last training forward's global batch
   int rank_ = 0, ranks_ = 1;
   bool expert_parallel_ = false;
+  bool decode_layout_ = false;  // use_decode_layout
   Rng unused_rng_;  // handed to dropout when it is off (p == 0 or not training): never drawn
 };
 

@@ -57,7 +57,39 @@ class GradientsReady {
 // - noise_rng: the routers', in layer order. Router::noise_draws says how many one layer
 //   draws for a number of tokens, and Model::noise_per_forward adds them up: batched
 //   evaluation and the MPI shards place a batch's numbers by that count.
+// Where Model::decode's time goes (moe generate --profile): seconds per part and layer, apart
+// for the calls of one position (a generated character) and of several (a prompt, a
+// re-encoded context). The clock is read only when ForwardOptions::profile is set.
+struct DecodeProfile {
+  enum Part : int { kEmbeddings, kNorms, kAttention, kRouter, kExperts, kThreadWait, kHead, kParts };
+  static const char* part_name(int p);
+  int64_t layers = 0;
+  std::vector<double> seconds;  // [2][layers + 1][kParts]: [0] one position, [1] several; row `layers`: outside the blocks
+  int64_t calls[2] = {0, 0}, positions[2] = {0, 0};
+  double sampling = 0, output = 0;  // the Generator's: choosing each character, handing it on
+
+  double& at(int kind, int64_t layer, int part) { return seconds[size_t((kind * (layers + 1) + layer) * kParts + part)]; }
+  double at(int kind, int64_t layer, int part) const {
+    return seconds[size_t((kind * (layers + 1) + layer) * kParts + part)];
+  }
+  double total(int kind, int part) const;  // over the layers and the row outside them
+  // Model::decode's bookkeeping: a call of n positions starts; the next laps go to `layer`
+  // (-1: outside the blocks); a lap adds the time since the last one to a part, `wait` of it
+  // to kThreadWait instead.
+  void begin(int64_t n_layers, int64_t n);
+  void at_layer(int64_t l) { layer_ = l < 0 ? layers : l; }
+  void lap(Part p, double wait = 0);
+  static double now();
+
+ private:
+  int kind_ = 0;
+  int64_t layer_ = 0;
+  double last_ = 0;
+};
+
 struct ForwardOptions {
+  // Model::decode only: where the time goes, when set (moe generate --profile).
+  DecodeProfile* profile = nullptr;
   bool training = false;         // dropout on; router noise on when router.noisy
   Rng* dropout_rng = nullptr;    // required when training with dropout > 0
   Rng* noise_rng = nullptr;      // required when router noise or jitter applies

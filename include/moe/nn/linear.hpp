@@ -37,9 +37,11 @@ class ParamBuilder {
 };
 
 struct Linear {
-  int weight = -1;  // [out, in]
+  int weight = -1;  // [out, in], or [in, out] when in_out
   int bias = -1;    // [out], or -1 for none
   int64_t in = 0, out = 0;
+  // The weight is stored transposed, [in, out] (to_decode_layout): decode only.
+  bool in_out = false;
 
   static Linear make(ParamBuilder& pb, const std::string& name, int64_t in, int64_t out, bool bias);
   // A Linear whose weight is parameter `weight` of another module, [out, in] (tied weights):
@@ -50,8 +52,15 @@ struct Linear {
   // x [..., in] -> [..., out]. With regen, the output is made again in the backward pass (Regen).
   Tensor forward(Graph& g, const ParamStore& ps, const Tensor& x, Regen* regen = nullptr) const;
   // y [n, out] for the n rows of x [n, in]: forward's GEMM (bias rows, then the products), or
-  // for one row the one-row loop, on the weight as it is stored (no copy).
-  void decode(const ParamStore& ps, const float* x, int64_t n, float* y) const;
+  // for one row the one-row loop, on the weight as it is stored (no copy). sparse_x: x is
+  // mostly zeros (a relu's output), and one row in the decode layout reads only the rows of
+  // the weight its nonzeros multiply (gemv_skip_zeros: the same bits).
+  void decode(const ParamStore& ps, const float* x, int64_t n, float* y, bool sparse_x = false) const;
+  // Transposes the weight in place to [in, out], the decode layout: a one-row product then
+  // streams the weight's rows in order (gemv's accumulated rows), and a few rows' GEMM reads
+  // it without packing; the same bits either way. Forward refuses a Linear in that layout.
+  // Not for a tied weight (it is another module's too). scratch: memory for a copy, reused.
+  void to_decode_layout(ParamStore& ps, std::vector<float>& scratch);
 };
 
 }  // namespace moe

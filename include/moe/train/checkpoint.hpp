@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -49,7 +50,7 @@ CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std
 // file of which only the header was read), it reads the file once, keeping only what it loads
 // (the checksum still covers every byte).
 void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer);
-void load_checkpoint_tensors(const SafeTensorsFile& file, Model& model, AdamW* optimizer);
+void load_checkpoint_tensors(const SafeTensorsFile& file, Model& model, AdamW* optimizer, bool check = true);
 
 // A model and its tokenizer, loaded from a checkpoint (weights only) for inference: the file is
 // read once, the AdamW moments (two thirds of it) only through the checksum.
@@ -57,8 +58,12 @@ struct InferenceModel {
   CheckpointHeader header;
   Tokenizer tokenizer;
   std::unique_ptr<Model> model;
+  // Loaded with defer_checksum: checks the file's checksum, throwing as loading would have
+  // (a pass over the whole file, about 0.1 s for makemoe.json's 108 MB: moe generate runs it
+  // on a thread of its own while the first characters are computed). Else empty.
+  std::function<void()> check_checksum;
 };
-InferenceModel load_for_inference(const std::string& path);
+InferenceModel load_for_inference(const std::string& path, bool defer_checksum = false);
 
 // Throws, listing the differing fields, unless `now` may continue a run saved with `saved`
 // (only the run directory, step budget, thread count and reporting intervals may change).
