@@ -249,6 +249,11 @@ MOE_ALWAYS_INLINE void gemv_rows_body(int64_t j0, int64_t j1, int64_t K, float a
 }
 
 #ifdef MOE_X86
+// GCC 12's avx512fintrin.h passes _mm512_undefined_ps() as the unused operand of the masked
+// unpacks and shuffles, which -Wmaybe-uninitialized reports wherever they inline (GCC bug
+// 105593): silenced for the 16x16 transposes and the gemv they inline into.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // r[i] (row i, 16 columns) -> r[c] (column c, 16 rows): 16x16 floats transposed in registers.
 MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void transpose16_avx512(__m512 r[16]) {
   __m512 t[16];
@@ -334,6 +339,7 @@ MOE_TARGET_AVX512 void gemv_rows_avx512(int64_t j0, int64_t j1, int64_t K, float
   }
   gemv_store(j0, j1, alpha, acc, beta, C);
 }
+#pragma GCC diagnostic pop
 
 // One row, B stored [K, N] (a weight in the decoder's layout, [in, out]), NV vectors of 16
 // columns from B (the last one's valid lanes in `last`): the sums stay in registers, each
