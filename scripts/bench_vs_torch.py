@@ -7,6 +7,11 @@ Runs `moe bench` and `scripts/torch_twin.py bench` alternately in one go (timing
 shared machine drift, so only ratios measured together mean much) and prints a table.
 The twin needs torch: run this with a Python that has it (Debian: /usr/bin/python3 after
 apt-get install python3-torch). Without torch only moe's figures are printed.
+
+Debian's torch calls the system BLAS (BLAS_INFO=generic): with only libblas3 installed that
+is the reference BLAS, about 9 times slower on makemoe.json (1300 against 143 ms a step),
+so the script stops unless OpenBLAS is what libblas.so.3 resolves to (apt-get install
+libopenblas0-pthread, or scripts/bench_gemm.sh which installs it); --any-blas times anyway.
 """
 import argparse
 import json
@@ -22,11 +27,20 @@ def run_json(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def system_blas():
+    """The library Debian's libblas.so.3 alternative points at, or None off Debian."""
+    for lib in ("/usr/lib/x86_64-linux-gnu/libblas.so.3", "/usr/lib/aarch64-linux-gnu/libblas.so.3"):
+        if os.path.exists(lib):
+            return os.path.realpath(lib)
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/makemoe.json")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--moe", default=os.path.join(ROOT, "build", "moe"))
+    ap.add_argument("--any-blas", action="store_true", help="time PyTorch whatever BLAS it calls")
     args = ap.parse_args()
     try:
         import torch  # noqa: F401
@@ -34,6 +48,12 @@ def main():
     except ImportError:
         have_torch = False
         print("torch is not importable by this Python: timing moe only", file=sys.stderr)
+    blas = system_blas()
+    if have_torch:
+        print(f"PyTorch {torch.__version__}, system BLAS {blas or 'unknown'}")
+        if blas and "openblas" not in blas and not args.any_blas:
+            sys.exit(f"bench_vs_torch: libblas.so.3 is {blas}, not OpenBLAS: PyTorch would not run at its best "
+                     "(apt-get install libopenblas0-pthread, or pass --any-blas)")
     rows = []
     for threads in (1, 2):
         m = run_json([args.moe, "bench", "--config", args.config, "--steps", str(args.steps),
