@@ -3,7 +3,7 @@
 
   /usr/bin/python3 scripts/scaling.py [--base configs/makemoe.json] [--axes n_embed experts top_k block_size batch]
                                       [--steps 10] [--threads 2] [--gemm-peak GFLOPS] [--out docs/scaling]
-                                      [--moe build/moe] [--quick] [--profile]
+                                      [--moe build/moe] [--quick] [--profile] [--plot-only]
 
 Axes (every other field stays the base's; n_head keeps the base's head width):
   n_embed     64 128 256 384 512, expert_hidden 4 x n_embed
@@ -22,7 +22,9 @@ OUT/scaling.json, OUT/scaling.md (a table per axis with the command of every row
 OUT/scaling_<axis>.png. Run it on a quiet machine: every figure is a timing.
 `--quick` (the tests) runs two points per axis of 2 steps. `--profile` adds where each point's
 step goes (`moe bench --profile`: the share of each part, GEMM, attention, routing...) to
-scaling.json and the three largest parts to each table row.
+scaling.json, the non-GEMM share and the three largest parts to each table row, a line per axis
+naming the points where non-GEMM work takes over (over half the step), and a panel of each
+point's shares to each plot. `--plot-only` redraws the plots of OUT/scaling.json.
 """
 import argparse
 import json
@@ -80,7 +82,17 @@ def main():
     ap.add_argument("--moe", default=os.path.join(ROOT, "build", "moe"))
     ap.add_argument("--quick", action="store_true", help="two points per axis, 2 steps (for the tests)")
     ap.add_argument("--profile", action="store_true", help="time each point's step by part (moe bench --profile)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plots from OUT/scaling.json, run nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        with open(os.path.join(args.out, "scaling.json")) as f:
+            saved = json.load(f)
+        rows = saved["rows"]
+        args.axes = list(dict.fromkeys(r["axis"] for r in rows))
+        args.threads, args.gemm_peak = saved["threads"], saved["gemm_peak"]
+        args.profile = all("parts" in r for r in rows)
+        plot(args, rows)
+        return
     with open(args.base) as f:
         base = json.load(f)
     base = with_data_path(base, ROOT)
@@ -111,7 +123,7 @@ def main():
         f.write(f"# Step cost by axis\n\n`{meta['command']}` (base {meta['base']}, {steps} timed steps, "
                 f"{args.threads} threads; each point's `moe bench` ran on its config with the one field changed)\n")
         for axis in args.axes:
-            parts_head = (" largest parts |", "---|") if args.profile else ("", "")
+            parts_head = (" non-GEMM | largest parts |", "---|---|") if args.profile else ("", "")
             f.write(f"\n## {axis}\n\n| {axis} | step ms | tokens/s | GFLOP/step | GFLOP/s | of GEMM peak | peak MB |"
                     f"{parts_head[0]}\n|---|---|---|---|---|---|---|{parts_head[1]}\n")
             for r in (r for r in rows if r["axis"] == axis):
@@ -119,10 +131,30 @@ def main():
                 parts = ""
                 if args.profile:
                     top = sorted(r["parts"].items(), key=lambda kv: -kv[1])[:3]
-                    parts = " " + ", ".join(f"{name} {100 * share:.0f} %" for name, share in top) + " |"
+                    parts = (f" {100 * non_gemm(r):.0f} % | " +
+                             ", ".join(f"{name} {100 * share:.0f} %" for name, share in top) + " |")
                 f.write(f"| {r['value']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['gflop_per_step']:.2f} | "
                         f"{r['gflop_per_s']:.1f} | {frac} | {r['peak_rss_mb']:.0f} |{parts}\n")
+            if args.profile:
+                over = [r for r in rows if r["axis"] == axis and non_gemm(r) > 0.5]
+                f.write("\nNon-GEMM work (attention, routing, gathers, softmax, norms, elementwise, loss, AdamW, "
+                        "zeroing) takes over (> 50 % of the step) at: " +
+                        (", ".join(f"{axis} {r['value']} ({100 * non_gemm(r):.0f} %)" for r in over) or "no point") +
+                        ".\n")
     plot(args, rows)
+
+
+GEMM_PARTS = ("gemm_dense", "gemm_expert")
+# The parts drawn in the share panel, smaller ones summed under "rest".
+SHARE_GROUPS = [("GEMM", GEMM_PARTS), ("attention", ("attention",)), ("optimizer", ("optimizer",)),
+                ("routing + gathers", ("routing", "gather_scatter")),
+                ("norms + elementwise", ("norm", "elementwise", "softmax")),
+                ("rest", ("loss", "zeroing", "other"))]
+
+
+def non_gemm(row):
+    """The share of a profiled point's step outside the GEMM parts."""
+    return 1.0 - sum(row["parts"].get(p, 0.0) for p in GEMM_PARTS)
 
 
 def plot(args, rows):
@@ -132,7 +164,19 @@ def plot(args, rows):
     for axis in args.axes:
         rs = [r for r in rows if r["axis"] == axis]
         xs = [r["value"] for r in rs]
-        fig, axs = plt.subplots(1, 3, figsize=(12, 3.6))
+        fig, axs = plt.subplots(1, 4 if args.profile else 3, figsize=(16 if args.profile else 12, 3.6))
+        if args.profile:
+            ax, bottom = axs[3], [0.0] * len(rs)
+            pos = range(len(rs))
+            for name, parts in SHARE_GROUPS:
+                share = [100 * sum(r["parts"].get(p, 0.0) for p in parts) for r in rs]
+                ax.bar(pos, share, bottom=bottom, label=name)
+                bottom = [b + v for b, v in zip(bottom, share)]
+            ax.axhline(50, ls=":", color="black", lw=0.8)
+            ax.set_xticks(list(pos), [str(x) for x in xs])
+            ax.set_xlabel(axis)
+            ax.set_ylabel("share of the step (%)")
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         for ax, key, label in zip(axs, ("step_ms", "tokens_per_s", "gflop_per_s"),
                                   ("median step (ms)", "tokens/s", "GFLOP/s achieved")):
             ax.plot(xs, [r[key] for r in rs], "o-")

@@ -685,6 +685,11 @@ TEST_CASE("gather_row_groups is the groups' gather_rows, its backward adding the
   }
   CHECK(out[0] == out[1]);
   CHECK(grad_x[0] == grad_x[1]);
+  // The order the backward adds in: each row's sources, the last group first.
+  int32_t start[N + 1], src[9];
+  rows_by_target(start, src, rows, offsets, 3, N);
+  const std::vector<std::vector<int32_t>> want = {{6, 0}, {3}, {4, 1}, {5}, {}, {7, 2}, {8}};
+  for (int64_t t = 0; t < N; ++t) CHECK(std::vector<int32_t>(src + start[t], src + start[t + 1]) == want[size_t(t)]);
 }
 
 TEST_CASE("exp_floats gives exp_float's bits and std::exp's within one ulp", "[ops][exp]") {
@@ -771,7 +776,8 @@ TEST_CASE("layernorm kernels give every row the bits it gets alone", "[ops][laye
   }
 }
 
-TEST_CASE("scatter_add_weighted adds every row in index order, for any thread count", "[ops][routing]") {
+TEST_CASE("scatter_add_weighted adds every row in index order, for any thread count, by target or not",
+          "[ops][routing]") {
   for (int64_t C : {37, 128}) {
     const int64_t n = 700, tokens = 300;
     INFO("C " << C);
@@ -786,14 +792,25 @@ TEST_CASE("scatter_add_weighted adds every row in index order, for any thread co
     for (int64_t i = 0; i < n; ++i)
       for (int64_t c = 0; c < C; ++c)
         want[size_t(rows[size_t(i)] * C + c)] += gates[size_t(gate_pos[size_t(i)])] * h[size_t(i * C + c)];
-    const int saved = omp_get_max_threads();
-    for (int threads : {1, 2, 3}) {
-      INFO("threads " << threads);
-      omp_set_num_threads(threads);
-      std::vector<float> got = start;
-      scatter_add_weighted(got.data(), h.data(), rows.data(), gates.data(), gate_pos.data(), n, C);
-      REQUIRE(std::memcmp(got.data(), want.data(), sizeof(float) * want.size()) == 0);
+    // The rows by target: each token's slots in index order.
+    std::vector<int32_t> by_start(tokens + 1), by_src(n);
+    const int32_t one_group[2] = {0, int32_t(n)};
+    const RowsByTarget by = rows_by_target(by_start.data(), by_src.data(), rows.data(), one_group, 1, tokens);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::vector<int32_t> want_src;
+      for (int64_t i = 0; i < n; ++i)
+        if (rows[size_t(i)] == t) want_src.push_back(int32_t(i));
+      REQUIRE(std::vector<int32_t>(by_src.begin() + by.start[t], by_src.begin() + by.start[t + 1]) == want_src);
     }
+    const int saved = omp_get_max_threads();
+    for (int threads : {1, 2, 3})
+      for (const RowsByTarget* b : {static_cast<const RowsByTarget*>(nullptr), &by}) {
+        INFO("threads " << threads << (b ? ", by target" : ", one thread"));
+        omp_set_num_threads(threads);
+        std::vector<float> got = start;
+        scatter_add_weighted(got.data(), h.data(), rows.data(), gates.data(), gate_pos.data(), n, C, b);
+        REQUIRE(std::memcmp(got.data(), want.data(), sizeof(float) * want.size()) == 0);
+      }
     omp_set_num_threads(saved);
   }
 }

@@ -168,6 +168,10 @@ MOE_TARGET_BF16 MOE_ALWAYS_INLINE void transpose16(__m512i v[16]) {
   }
 }
 
+// GCC 12's masked unpacks pass an undefined operand that -Wmaybe-uninitialized reports (GCC bug
+// 105593; see gemm.cpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // The packer with VCVTNE2PS2BF16 (the same bits as to_bf16).
 MOE_TARGET_BF16 void pack_avx512bf16(const float* X, int64_t ld, bool along_k, int64_t R, int64_t K, int64_t W,
                                      int64_t t0, int64_t t1, uint32_t* dst) {
@@ -220,6 +224,7 @@ MOE_TARGET_BF16 void pack_avx512bf16(const float* X, int64_t ld, bool along_k, i
     }
   }
 }
+#pragma GCC diagnostic pop
 
 // ftz: a value below 2^-126 becomes a zero of its sign (VDPBF16PS reads its sums so).
 MOE_TARGET_BF16 MOE_ALWAYS_INLINE __m512 flushed(__m512 v) {

@@ -153,24 +153,40 @@ int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, cons
   return dropped;
 }
 
+RowsByTarget rows_by_target(int32_t* start, int32_t* src, const int32_t* rows, const int32_t* off, int64_t G,
+                            int64_t N) {
+  std::fill(start, start + N + 1, 0);
+  for (int64_t i = 0; i < off[G]; ++i) ++start[rows[i] + 1];
+  for (int64_t t = 0; t < N; ++t) start[t + 1] += start[t];
+  // Filled through start[t] as a cursor (left at t's end), then moved back one row.
+  for (int64_t e = G; e-- > 0;)
+    for (int64_t i = off[e]; i < off[e + 1]; ++i) src[start[rows[i]]++] = int32_t(i);
+  for (int64_t t = N; t > 0; --t) start[t] = start[t - 1];
+  start[0] = 0;
+  return {start, src, N};
+}
+
 void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const float* gates,
-                          const int32_t* gate_pos, int64_t n, int64_t C) {
-  // Each thread adds into its own columns (one block of them, a multiple of 16), every row in
-  // index order: rows that repeat (a token routed to several experts) are summed in the same
-  // order for any thread count. One thread takes whole rows.
-  const bool parallel = !omp_in_parallel() && n * C > kParallelMinWork;
-  const int64_t threads = parallel ? omp_get_max_threads() : 1;
-  const int64_t cols = std::max<int64_t>(16, ((C + threads - 1) / threads + 15) / 16 * 16);
-  const int64_t chunks = (C + cols - 1) / cols;
-  parallel_for(chunks, parallel, [&](int64_t ch) {
-    const int64_t c0 = ch * cols, c1 = std::min(C, c0 + cols);
-    for (int64_t i = 0; i < n; ++i) {
-      const float w = gates[gate_pos[i]];
-      float* d = acc + int64_t(rows[i]) * C;
-      const float* s = h + i * C;
-      for (int64_t c = c0; c < c1; ++c) d[c] += w * s[c];
-    }
-  });
+                          const int32_t* gate_pos, int64_t n, int64_t C, const RowsByTarget* by) {
+  // Every element of a row takes its slots in slot order, whichever thread adds them.
+  if (by && n * C > kParallelMinWork) {
+    parallel_for(by->N, true, [&](int64_t t) {
+      float* d = acc + t * C;
+      for (int32_t k = by->start[t]; k < by->start[t + 1]; ++k) {
+        const int64_t i = by->src[k];
+        const float w = gates[gate_pos[i]];
+        const float* s = h + i * C;
+        for (int64_t c = 0; c < C; ++c) d[c] += w * s[c];
+      }
+    });
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = gates[gate_pos[i]];
+    float* d = acc + int64_t(rows[i]) * C;
+    const float* s = h + i * C;
+    for (int64_t c = 0; c < C; ++c) d[c] += w * s[c];
+  }
 }
 
 }  // namespace moe

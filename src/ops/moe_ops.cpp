@@ -130,21 +130,20 @@ Tensor gather_row_groups(Graph& g, const Tensor& x, const int32_t* rows, const i
   if (y.requires_grad()) {
     auto* off = g.arena().alloc_ints(G + 1);
     std::copy(offsets, offsets + G + 1, off);
+    int32_t* start = g.arena().alloc_ints(N + 1);
+    int32_t* src = g.arena().alloc_ints(n);
     g.record([=] {
-      // The last group first, as separate gathers' backward passes run; each thread adds into
-      // its own columns, so every element is summed in that order for any thread count.
-      constexpr int64_t kCols = 16;
-      const int64_t chunks = (C + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static) if (n * C > kParallelMinWork)
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t c0 = ch * kCols, c1 = std::min(C, c0 + kCols);
-        for (int64_t e = G; e-- > 0;)
-          for (int64_t i = off[e]; i < off[e + 1]; ++i) {
-            float* d = x.grad + int64_t(rows[i]) * C;
-            const float* src = y.grad + i * C;
-            for (int64_t c = c0; c < c1; ++c) d[c] += src[c];
-          }
-      }
+      // Each row of x's gradient takes its rows of y's, the last group first, as separate
+      // gathers' backward passes run; a thread owns whole rows, so every element is summed in
+      // that order for any thread count.
+      const RowsByTarget by = rows_by_target(start, src, rows, off, G, N);
+      parallel_for(N, n * C > kParallelMinWork, [&](int64_t t) {
+        float* d = x.grad + t * C;
+        for (int32_t k = by.start[t]; k < by.start[t + 1]; ++k) {
+          const float* s = y.grad + int64_t(by.src[k]) * C;
+          for (int64_t c = 0; c < C; ++c) d[c] += s[c];
+        }
+      });
     });
   }
   return y;
@@ -166,7 +165,9 @@ void index_add_weighted(Graph& g, Tensor& acc, const Tensor& h, const int32_t* r
     MOE_CHECK(rows[i] >= 0 && rows[i] < N, "index_add_weighted", "row " + std::to_string(rows[i]) + " outside [0, " + std::to_string(N) + ")");
     MOE_CHECK(gate_pos[i] >= 0 && gate_pos[i] < gates.numel(), "index_add_weighted", "gate position " + std::to_string(gate_pos[i]) + " outside the gates");
   }
-  scatter_add_weighted(acc.data, h.data, rows, gates.data, gate_pos, n, C);
+  const int32_t one_group[2] = {0, int32_t(n)};
+  const RowsByTarget by = rows_by_target(g.arena().alloc_ints(N + 1), g.arena().alloc_ints(n), rows, one_group, 1, N);
+  scatter_add_weighted(acc.data, h.data, rows, gates.data, gate_pos, n, C, &by);
   if (g.grad_enabled() && (h.requires_grad() || gates.requires_grad())) {
     MOE_CHECK(acc.requires_grad(), "index_add_weighted", "the accumulator must track a gradient (make it with g.zeros(shape, true))");
     const Tensor a = acc;

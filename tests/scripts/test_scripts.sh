@@ -132,15 +132,17 @@ done
 
 # The scaling study: a row per point (the block_size axis keeps the tokens per step), a table and a plot per axis.
 py scripts/scaling.py --base tests/fixtures/tiny_sweep.json --quick --threads 1 --gemm-peak 10 --axes block_size experts \
-  --moe "$moe" --out "$work/scal" 2> "$work/scal.log" || { cat "$work/scal.log"; fail "scaling"; }
+  --profile --moe "$moe" --out "$work/scal" 2> "$work/scal.log" || { cat "$work/scal.log"; fail "scaling"; }
 py - "$work/scal/scaling.json" <<'PY' || fail "scaling results"
 import json, sys
 r = json.load(open(sys.argv[1]))["rows"]
 assert [(x["axis"], x["value"]) for x in r] == [("block_size", 32), ("block_size", 64), ("experts", 4), ("experts", 8)], r
 assert r[1]["overrides"]["training.batch_size"] == 1, r[1]  # 4 x 8 tokens a step: one sequence of 64
 assert all(x["step_ms"] > 0 and x["gflop_per_s"] > 0 and x["gemm_fraction"] > 0 for x in r), r
+assert all(abs(sum(x["parts"].values()) - 1) < 0.01 and x["parts"]["gemm_expert"] > 0 for x in r), r
 PY
-[ -s "$work/scal/scaling_block_size.png" ] && grep -q "^## experts" "$work/scal/scaling.md" || fail "scaling outputs"
+[ -s "$work/scal/scaling_block_size.png" ] && grep -q "^## experts" "$work/scal/scaling.md" &&
+  grep -q "^Non-GEMM work .* takes over" "$work/scal/scaling.md" || fail "scaling outputs"
 
 # The long-context table, both attention kernels, on the tiny config.
 py scripts/long_context.py --quick --moe "$moe" --json "$work/long.json" > "$work/long.md" 2> "$work/long.log" \

@@ -38,9 +38,23 @@ void group_by_expert(const int32_t* index, int64_t N, int64_t K, int64_t E, int3
 int64_t apply_capacity(int32_t* offsets, int32_t* token, int32_t* gate_pos, const float* gates, int64_t E,
                        int64_t capacity);
 
+// The sources of each target row, for sums over rows that run in parallel by target: a thread
+// owns whole rows of the result (each a contiguous run of memory) and adds a row's sources in
+// the order a serial loop would. Sources are the i < off[G] with rows[i] == t, visited group by
+// group from the last group to the first (G = 1, off = {0, n}: i ascending), i ascending within
+// a group. start: N + 1 entries (t's sources are src[start[t] .. start[t + 1])); src: off[G].
+struct RowsByTarget {
+  const int32_t* start = nullptr;
+  const int32_t* src = nullptr;
+  int64_t N = 0;
+};
+RowsByTarget rows_by_target(int32_t* start, int32_t* src, const int32_t* rows, const int32_t* off, int64_t G,
+                            int64_t N);
+
 // acc[rows[i]] += gates[gate_pos[i]] · h[i] for i < n: h [n, C], acc [N, C]. A row hit by
-// several slots takes them in slot order (distinct rows go in parallel).
+// several slots takes them in slot order. Given `by` (rows_by_target of these rows, one group),
+// distinct rows go in parallel when the sum is large enough; without it, one thread.
 void scatter_add_weighted(float* acc, const float* h, const int32_t* rows, const float* gates,
-                          const int32_t* gate_pos, int64_t n, int64_t C);
+                          const int32_t* gate_pos, int64_t n, int64_t C, const RowsByTarget* by = nullptr);
 
 }  // namespace moe
