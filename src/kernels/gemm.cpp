@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moe/kernels/activations.hpp"
+#include "moe/kernels/gemm_common.hpp"
 
 // The avx2 and avx512 kernels are compiled for their instructions with target attributes,
 // whatever the build's flags, and run only when the CPU has them (gemm_kernel).
@@ -31,9 +32,7 @@ constexpr int64_t KC = 256;  // depth of a packed block
 constexpr int64_t MC = 96;   // rows of A packed at a time (a multiple of every MR)
 constexpr int64_t kMaxMR = 12, kMaxNR = 32;  // the largest tile of any kernel
 
-inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
-  return trans ? X[c * ld + r] : X[r * ld + c];
-}
+using gemm_common::at;
 
 // dst[c * ldd + r] = alpha · src[r * lds + c] for r < rows, c < cols: the packers' gathers
 // (each value is moved, or multiplied by alpha, alone, so every kernel packs the same bits).
@@ -648,10 +647,7 @@ struct PackScratch {
 };
 thread_local PackScratch t_scratch;
 
-float* grown(std::vector<float>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
-  return v.data();
-}
+using gemm_common::grown;
 
 // The packed product with an MR x NR tile. The threads share it by rows when B is the
 // smaller operand (N <= M), each packing all of B's panels for itself, else by column panels,
@@ -857,8 +853,7 @@ void gemm_bias(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t
   if (M <= 0 || N <= 0) return;
   if (!bias) bias = grown(t_scratch.zeros, N);
   if (K <= 0) {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = relu ? act::relu(bias[j]) : bias[j];
+    gemm_common::bias_rows(C, ldc, M, N, bias, relu);
     return;
   }
   const Kernel& kern = kernel_of(kernel);

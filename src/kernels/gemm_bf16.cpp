@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "moe/kernels/x86.hpp"
+#include "moe/kernels/gemm_common.hpp"
 
 #define MOE_ALWAYS_INLINE inline __attribute__((always_inline))
 #ifdef MOE_X86
@@ -42,9 +43,7 @@ namespace {
 constexpr int64_t MR = 12, NR = 32, MC = 96;
 static_assert(MC % MR == 0, "a row block is whole tiles");
 
-inline float at(const float* X, bool trans, int64_t ld, int64_t r, int64_t c) {
-  return trans ? X[c * ld + r] : X[r * ld + c];
-}
+using gemm_common::at;
 
 // The packed form of an operand X seen as [R, K] (op(A), or op(B) transposed): for each tile
 // of W rows, ceil(K/2) pairs of W words, word (p, r) holding row r's bf16 of k = 2p (low half)
@@ -312,11 +311,7 @@ struct Bf16Scratch {
 };
 thread_local Bf16Scratch t_scratch;
 
-template <class T>
-T* grown(std::vector<T>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
-  return v.data();
-}
+using gemm_common::grown;
 
 // C = init + op(A)·op(B) (init: the row `init`, or C itself when null), relu when set. The
 // team packs A's row tiles and B's panels once, split between the threads, then takes the
@@ -412,8 +407,7 @@ void gemm_bf16_bias(Bf16Kernel kernel, bool trans_a, bool trans_b, int64_t M, in
   if (M <= 0 || N <= 0) return;
   if (!bias) bias = grown(t_scratch.zeros, N);
   if (K <= 0) {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = relu ? (bias[j] > 0.f ? bias[j] : 0.f) : bias[j];
+    gemm_common::bias_rows(C, ldc, M, N, bias, relu);
     return;
   }
   run(kernel_of(kernel), trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, bias, relu);
