@@ -508,6 +508,96 @@ TEST_CASE("Exact resume: 20 straight steps equal 10 + resume + 10, bit for bit",
   fs::remove_all(dir);
 }
 
+namespace {
+// Every weight of a checkpoint, under `prefix` ("" for the model's, "optimizer.w." for the
+// weights training continues from), in the model's layout order.
+std::vector<double> checkpoint_weights(const fs::path& path, const std::string& prefix) {
+  const SafeTensorsFile f = load_safetensors(path.string());
+  const CheckpointHeader h = checkpoint_header_from_metadata(f.metadata(), path.string());
+  const Model m(h.config, int64_t(h.vocab.size()));
+  std::vector<double> out;
+  for (const ParamInfo& p : m.params().infos())
+    for (float v : read_f32(f, prefix + p.name, p.shape)) out.push_back(v);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("training.average_start: checkpoints hold the running average of the trained weights; resume stays exact",
+          "[model][resume][average]") {
+  const double decay = GENERATE(1.0, 0.6);
+  INFO("average_decay " << decay);
+  const moe_test::TempDir tmp_dir("average");
+  const fs::path dir = tmp_dir.path;
+  fs::remove_all(dir);
+  Config cfg = tiny_config();
+  cfg.training.max_steps = 8;
+  cfg.training.average_start = 5;
+  cfg.training.average_decay = decay;
+  cfg.logging.checkpoint_interval = 1;
+  cfg.logging.eval_interval = 4;
+  TrainOptions opt;
+  opt.quiet = true;
+  opt.out_dir = (dir / "avg").string();
+  train(cfg, opt);
+
+  // The trained weights after steps 5..8, as each step's checkpoint keeps them, averaged here
+  // in double by the documented rule: the first one, then max(1 - decay, 1/(n+1)) of the way.
+  std::vector<double> expected;
+  for (int64_t n = 0, step = 5; step <= 8; ++step, ++n) {
+    const auto w = checkpoint_weights(dir / "avg" / ("step_" + std::to_string(step) + ".safetensors"), "optimizer.w.");
+    REQUIRE(read_checkpoint_header((dir / "avg" / ("step_" + std::to_string(step) + ".safetensors")).string())
+                .state.average_count == n + 1);
+    if (n == 0) {
+      expected = w;
+      continue;
+    }
+    const double rate = std::max(1.0 - decay, 1.0 / double(n + 1));
+    for (size_t i = 0; i < w.size(); ++i) expected[i] += rate * (w[i] - expected[i]);
+  }
+  const auto got = checkpoint_weights(dir / "avg" / "last.safetensors", "");
+  const auto trained = checkpoint_weights(dir / "avg" / "last.safetensors", "optimizer.w.");
+  REQUIRE(got.size() == expected.size());
+  double worst = 0, moved = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    worst = std::max(worst, std::fabs(got[i] - expected[i]));
+    moved = std::max(moved, std::fabs(got[i] - trained[i]));
+  }
+  CHECK(worst < 1e-6);
+  CHECK(moved > 1e-3);  // the average is not the last weights
+
+  // Averaging does not change training: the trained weights are a plain run's.
+  Config plain = cfg;
+  plain.training.average_start = 0;
+  TrainOptions plain_opt = opt;
+  plain_opt.out_dir = (dir / "plain").string();
+  train(plain, plain_opt);
+  CHECK(checkpoint_weights(dir / "plain" / "last.safetensors", "") == trained);
+  CHECK_FALSE(read_safetensors_header((dir / "plain" / "last.safetensors").string()).metadata().count("average.count"));
+
+  // The evaluations after the start are the average's, and say so.
+  std::ifstream metrics(dir / "avg" / "metrics.jsonl");
+  int evaluations_of_average = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("val_loss") && j.contains("average_count")) ++evaluations_of_average;
+  }
+  CHECK(evaluations_of_average == 1);  // at steps 0, 4 and 7: the last after averaging 3 steps' weights
+
+  // Resumed inside the averaging window: the same average and trained weights, bit for bit.
+  Config half = cfg;
+  half.training.max_steps = 6;
+  TrainOptions first = opt;
+  first.out_dir = (dir / "resumed").string();
+  train(half, first);
+  TrainOptions second = first;
+  second.resume = (dir / "resumed" / "last.safetensors").string();
+  const TrainResult r = train(cfg, second);
+  REQUIRE(r.steps_done == 8);
+  CHECK(same_checkpoint_weights(dir / "avg" / "last.safetensors", dir / "resumed" / "last.safetensors"));
+  CHECK(checkpoint_weights(dir / "resumed" / "last.safetensors", "optimizer.w.") == trained);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   const bool features = GENERATE(false, true);
   INFO((features ? "every MoE option on" : "makeMoE"));

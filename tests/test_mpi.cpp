@@ -235,6 +235,33 @@ TEST_CASE("ranks on one machine share its cores unless told otherwise", "[mpi]")
   CHECK_THAT(r.out, Catch::Contains("(2 on this machine, " + std::to_string(each) + " thread(s) each)"));
 }
 
+TEST_CASE("training.average_start: 2 data-parallel ranks average as 1 rank does; expert parallelism refuses it",
+          "[mpi][average]") {
+  TempDir d("mpi_average");
+  const auto averaged = [](int64_t batch) {
+    nlohmann::json j = nlohmann::json::parse(config_json(batch, 12));
+    j["training"]["average_start"] = 6;
+    return j.dump();
+  };
+  write_file(d / "b8.json", averaged(8));
+  write_file(d / "b4.json", averaged(4));
+  const Run one = moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "one"));
+  INFO(one.out);
+  REQUIRE(one.code == 0);
+  const Run dp = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "dp"));
+  INFO(dp.out);
+  REQUIRE(dp.code == 0);
+  check_same_losses(losses(d / "one/metrics.jsonl"), losses(d / "dp/metrics.jsonl"), 12);
+  // The saved weights are the average (of 7 steps' weights), the same on both.
+  CHECK(moe::read_safetensors_header(d / "dp/last.safetensors").metadata().at("average.count") == "7");
+  CHECK(std::abs(eval_loss(d / "dp/last.safetensors") - eval_loss(d / "one/last.safetensors")) < 1e-4);
+  const Run ep = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "ep") + " --expert-parallel");
+  INFO(ep.out);
+  CHECK(ep.code != 0);
+  CHECK(ep.code != 124);
+  CHECK_THAT(ep.out, Catch::Contains("training.average_start does not run with --expert-parallel"));
+}
+
 TEST_CASE("errors under mpirun end every rank with one message", "[mpi][errors]") {
   TempDir d("mpi_errors");
   write_file(d / "e3.json", config_json(4, 4, 3));

@@ -214,6 +214,8 @@ const std::vector<Field>& fields() {
       field("training", "recompute", &Config::training, &TrainingConfig::recompute),
       field("training", "time_limit", &Config::training, &TrainingConfig::time_limit, non_negative_number()),
       field("training", "precision", &Config::training, &TrainingConfig::precision),
+      field("training", "average_start", &Config::training, &TrainingConfig::average_start, non_negative()),
+      field("training", "average_decay", &Config::training, &TrainingConfig::average_decay, in_range(0, 1, true, false)),
       field("logging", "log_interval", &Config::logging, &LoggingConfig::log_interval, positive()),
       field("logging", "eval_interval", &Config::logging, &LoggingConfig::eval_interval, positive()),
       field("logging", "eval_iters", &Config::logging, &LoggingConfig::eval_iters, positive()),

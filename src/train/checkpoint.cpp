@@ -43,7 +43,7 @@ std::string meta_at(const std::map<std::string, std::string>& meta, const std::s
 }  // namespace
 
 void save_checkpoint(const std::string& path, const Model& model, const AdamW* optimizer,
-                     const std::vector<uint32_t>& vocab, const TrainState& state) {
+                     const std::vector<uint32_t>& vocab, const TrainState& state, const float* trained) {
   const ParamStore& ps = model.params();
   std::vector<TensorEntry> entries;
   auto add_block = [&](const std::string& prefix, const float* base) {
@@ -64,6 +64,10 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW* o
     add_block("optimizer.m.", optimizer->m().data());
     add_block("optimizer.v.", optimizer->v().data());
   }
+  if (state.average_count > 0) {
+    if (!trained) throw std::logic_error("save_checkpoint: an average without the weights training continues from");
+    add_block("optimizer.w.", trained);
+  }
   std::map<std::string, std::string> meta;
   meta["format"] = kCheckpointFormat;
   meta["config"] = config_to_json(model.config()).dump();
@@ -75,6 +79,7 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW* o
                                {"noise", rng_to_json(state.noise_rng)}}
                     .dump();
   if (optimizer) meta["optimizer.steps"] = std::to_string(optimizer->steps());
+  if (state.average_count > 0) meta["average.count"] = std::to_string(state.average_count);
   save_safetensors(path, entries, meta);
 }
 
@@ -100,6 +105,8 @@ CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std
     h.state.data_rng = rng_from_json(rng.at("data"));
     h.state.dropout_rng = rng_from_json(rng.at("dropout"));
     h.state.noise_rng = rng_from_json(rng.at("noise"));
+    if (meta.count("average.count"))
+      h.state.average_count = int64_t(json_uint(nlohmann::json::parse(meta.at("average.count")), INT64_MAX, "average.count"));
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error("checkpoint " + path + ": malformed metadata (" + e.what() + ")");
   } catch (const MetaError& e) {
@@ -109,18 +116,20 @@ CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std
   return h;
 }
 
-void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer) {
-  load_checkpoint_tensors(read_safetensors_header(path), model, optimizer);
+void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer, float* average) {
+  load_checkpoint_tensors(read_safetensors_header(path), model, optimizer, true, average);
 }
 
-void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* optimizer, bool check) {
+void load_checkpoint_tensors(const SafeTensorsFile& f, Model& model, AdamW* optimizer, bool check, float* average) {
   const std::string& path = f.path();
   ParamStore& ps = model.params();
   std::vector<SafeTensorsFile::F32Dest> wanted;
   auto load_block = [&](const std::string& prefix, float* base) {
     for (const ParamInfo& p : ps.infos()) wanted.push_back({prefix + p.name, p.shape, base + p.offset});
   };
-  load_block("", ps.data());
+  const bool averaged = optimizer && average && f.metadata().count("average.count") > 0;
+  load_block("", averaged ? average : ps.data());
+  if (averaged) load_block("optimizer.w.", ps.data());
   for (const Model::Buffer& b : model.buffers()) wanted.push_back({b.name, Shape{b.size}, model.buffer_data() + b.offset});
   if (optimizer) {
     const auto& meta = f.metadata();

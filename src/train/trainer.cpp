@@ -23,6 +23,7 @@
 #include "moe/kernels/gemm_bf16.hpp"
 #include "moe/model/model.hpp"
 #include "moe/optim/adamw.hpp"
+#include "moe/tensor/parallel.hpp"
 #include "moe/train/checkpoint.hpp"
 #include "moe/train/evaluate.hpp"
 #include "moe/train/parallel.hpp"
@@ -131,10 +132,17 @@ class RunLog {
     t_loop_ = Clock::now();
   }
 
-  void evaluation(int64_t step, const EvalEstimate& est) {
-    metrics_ << nlohmann::json{{"step", step}, {"train_loss", est.train_loss}, {"val_loss", est.val_loss}}.dump()
-             << "\n" << std::flush;
-    if (!quiet_) spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}", step, est.train_loss, est.val_loss);
+  // averaged: the weights in the running average evaluated instead of the trained ones (0: none).
+  void evaluation(int64_t step, const EvalEstimate& est, int64_t averaged) {
+    nlohmann::json j{{"step", step}, {"train_loss", est.train_loss}, {"val_loss", est.val_loss}};
+    if (averaged > 0) j["average_count"] = averaged;
+    metrics_ << j.dump() << "\n" << std::flush;
+    if (quiet_) return;
+    if (averaged > 0)
+      spdlog::info("step {}: train loss {:.4f}, val loss {:.4f} (the average of {} steps' weights)", step,
+                   est.train_loss, est.val_loss, averaged);
+    else
+      spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}", step, est.train_loss, est.val_loss);
   }
 
   // Step `step` took `ms` and `tokens`. At a logged step, the metrics line and the progress line,
@@ -213,13 +221,19 @@ class Training {
     sampler_.set_shard(par.rank(), R);
     dropout_rng_.set_shard(uint64_t(par.rank()), uint64_t(R));
     noise_rng_.set_shard(uint64_t(par.rank()), uint64_t(R));
+    if (cfg.training.average_start > 0) {
+      if (par.expert_parallel())
+        throw std::invalid_argument("training.average_start does not run with --expert-parallel yet (each process "
+                                    "holds only its experts' current weights); use data parallelism or set it to 0");
+      average_.assign(size_t(model.params().numel()), 0.f);
+    }
     if (resume.empty()) {
       Rng init_rng(cfg.training.seed, kStreamInit);
       model.init(init_rng);
       if (!init_from.empty()) load_checkpoint_tensors(init_from, model, nullptr);
     } else {
       state = resumed;
-      load_checkpoint_tensors(resume, model, &adamw_);
+      load_checkpoint_tensors(resume, model, &adamw_, average_.empty() ? nullptr : average_.data());
       sampler_.set_state(state.data_rng);
       dropout_rng_.set_state(state.dropout_rng);
       noise_rng_.set_state(state.noise_rng);
@@ -231,8 +245,12 @@ class Training {
   StepResult run_step(int64_t step, bool grad_norm) {
     const StepResult sr = step_->run(step, grad_norm);
     state.step = step + 1;
+    if (!average_.empty() && state.step >= cfg_.training.average_start) update_average();
     return sr;
   }
+
+  // Weights in the running average so far (0: evaluations and checkpoints use the trained ones).
+  int64_t averaged() const { return state.average_count; }
 
   // The losses over cfg.logging.eval_iters batches of each split, the same on every rank.
   // Collective: each rank runs its share of the batches; the sums make the estimate.
@@ -246,7 +264,9 @@ class Training {
       step_->recompute_graph().release();
     };
     release();
+    swap_average();
     EvalEstimate est = estimate_loss(model_, data_, cfg_, g_, par_.rank(), par_.ranks(), 0, &step_->recompute_graph());
+    swap_average();
     release();
     if (par_.ranks() > 1) {
       double both[2] = {est.train_loss, est.val_loss};
@@ -263,7 +283,9 @@ class Training {
     state.data_rng = sampler_.state();
     state.dropout_rng = dropout_rng_.state();
     state.noise_rng = noise_rng_.state();
-    save_checkpoint(path.string(), model_, &adamw_, data_.tokenizer().vocab(), state);
+    swap_average();  // the model's weights saved are the average's, the trained ones beside them
+    save_checkpoint(path.string(), model_, &adamw_, data_.tokenizer().vocab(), state, average_.data());
+    swap_average();
   }
 
   // Collective. After the evaluation of step `step`: best.safetensors when val_loss is the best yet.
@@ -305,6 +327,28 @@ class Training {
   Rng dropout_rng_, noise_rng_;
   Graph g_;
   std::optional<TrainStep> step_;  // made after the weights are in place
+  // training.average_start: the running average of the weights, laid out as the model's.
+  std::vector<float> average_;
+
+  // Moves the average one step towards the weights just trained (the first one: them).
+  void update_average() {
+    float* a = average_.data();
+    const float* w = model_.params().data();
+    const auto n = int64_t(average_.size());
+    if (state.average_count == 0) {
+      std::copy(w, w + n, a);
+    } else {
+      const auto rate = float(std::max(1.0 - cfg_.training.average_decay, 1.0 / double(state.average_count + 1)));
+      parallel_for(n, n > kParallelMinWork, [&](int64_t i) { a[i] += rate * (w[i] - a[i]); });
+    }
+    ++state.average_count;
+  }
+
+  // Exchanges the model's weights and the average, when there is one.
+  void swap_average() {
+    if (state.average_count == 0) return;
+    std::swap_ranges(average_.begin(), average_.end(), model_.params().data());
+  }
 };
 
 }  // namespace
@@ -439,7 +483,7 @@ TrainResult train(const Config& cfg_in, const TrainOptions& opt) {
   const auto evaluate_at = [&](int64_t step) {
     const EvalEstimate est = run.evaluate();
     res.last_val_loss = est.val_loss;
-    log.evaluation(step, est);
+    log.evaluation(step, est, run.averaged());
     run.save_if_best(step, est.val_loss, out);
   };
   for (int64_t step = run.state.step; step < max_steps; ++step) {

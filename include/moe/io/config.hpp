@@ -176,6 +176,13 @@ struct TrainingConfig {
   // attention's own products): fp32, or bf16 inputs with fp32 sums (moe/kernels/gemm_bf16.hpp).
   // Weights, optimizer, norms, softmax and loss stay fp32; evaluation and generation run fp32.
   Precision precision = Precision::kFp32;
+  // A running average of the weights after every step from step `average_start` on (0: none):
+  // each step moves it by max(1 - average_decay, 1/(n+1)) of the way to the weights, n the
+  // weights averaged so far, so decay 1 is their plain mean and a lower decay an exponential
+  // moving average that starts as the mean. Evaluations and the checkpoints' weights are the
+  // average's; training goes on from its own weights (kept in checkpoints for --resume).
+  int64_t average_start = 0;
+  double average_decay = 1.0;
 };
 
 struct LoggingConfig {

@@ -26,6 +26,10 @@ struct TrainState {
   int64_t step = 0;  // the next step to run
   double best_val_loss = 1e30;
   RngState data_rng, dropout_rng, noise_rng;
+  // Weights in the running average (training.average_start) so far; 0: none yet. When it is
+  // not 0, a checkpoint's weights are the average and "optimizer.w.<name>" those training
+  // continues from.
+  int64_t average_count = 0;
 };
 
 // What a checkpoint holds besides the weights and moments.
@@ -36,8 +40,10 @@ struct CheckpointHeader {
   bool has_optimizer = false;
 };
 
+// `trained`: with state.average_count > 0, the weights training continues from (the model
+// holds the average), saved as "optimizer.w.<name>".
 void save_checkpoint(const std::string& path, const Model& model, const AdamW* optimizer,
-                     const std::vector<uint32_t>& vocab, const TrainState& state);
+                     const std::vector<uint32_t>& vocab, const TrainState& state, const float* trained = nullptr);
 
 // Reads the header (config, vocab, state) without the tensors (nor their checksum).
 CheckpointHeader read_checkpoint_header(const std::string& path);
@@ -48,9 +54,12 @@ CheckpointHeader checkpoint_header_from_metadata(const std::map<std::string, std
 // Loads weights (and moments when optimizer is non-null) into a model built from the
 // header's config. Throws naming the path and the tensor on any mismatch. From a path (or a
 // file of which only the header was read), it reads the file once, keeping only what it loads
-// (the checksum still covers every byte).
-void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer);
-void load_checkpoint_tensors(const SafeTensorsFile& file, Model& model, AdamW* optimizer, bool check = true);
+// (the checksum still covers every byte). `average` (with the optimizer, for --resume): where
+// the weights go when the file holds an average ("average.count" > 0); the model then gets
+// the weights training continues from.
+void load_checkpoint_tensors(const std::string& path, Model& model, AdamW* optimizer, float* average = nullptr);
+void load_checkpoint_tensors(const SafeTensorsFile& file, Model& model, AdamW* optimizer, bool check = true,
+                             float* average = nullptr);
 
 // A model and its tokenizer, loaded from a checkpoint (weights only) for inference: the file is
 // read once, the AdamW moments (two thirds of it) only through the checksum.
