@@ -91,6 +91,18 @@ void check_one_dp_ep_alike(const TempDir& d, size_t steps) {
   CHECK(std::abs(eval_loss(d / "ep/last.safetensors") - e1) < 1e-4);
 }
 
+// Trains "one" (1 rank, b8.json) and "dp" (2 data-parallel ranks, b4.json) under d, both to
+// the end; the data-parallel run's output.
+std::string train_one_and_dp(const TempDir& d) {
+  const Run one = moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "one"));
+  INFO(one.out);
+  REQUIRE(one.code == 0);
+  const Run dp = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "dp"));
+  INFO(dp.out);
+  REQUIRE(dp.code == 0);
+  return dp.out;
+}
+
 }  // namespace
 
 TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert parallel", "[mpi]") {
@@ -101,13 +113,8 @@ TEST_CASE("2 ranks with batch B train like 1 rank with batch 2B, data and expert
   TempDir d("mpi_same");
   write_file(d / "b8.json", config_json(8, 20, 4, extra));
   write_file(d / "b4.json", config_json(4, 20, 4, extra));
-  const Run one = moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "one"));
-  INFO(one.out);
-  REQUIRE(one.code == 0);
-  const Run dp = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "dp"));
-  INFO(dp.out);
-  REQUIRE(dp.code == 0);
-  CHECK_THAT(dp.out, Catch::Contains("data parallel over 2 processes") && Catch::Contains("batch 4 per process, 8 in all"));
+  const std::string dp_out = train_one_and_dp(d);
+  CHECK_THAT(dp_out, Catch::Contains("data parallel over 2 processes") && Catch::Contains("batch 4 per process, 8 in all"));
   const Run ep = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "ep") + " --expert-parallel");
   INFO(ep.out);
   REQUIRE(ep.code == 0);
@@ -245,12 +252,7 @@ TEST_CASE("training.average_start: 2 data-parallel ranks average as 1 rank does;
   };
   write_file(d / "b8.json", averaged(8));
   write_file(d / "b4.json", averaged(4));
-  const Run one = moe_on(1, "train --config " + (d / "b8.json") + " --out " + (d / "one"));
-  INFO(one.out);
-  REQUIRE(one.code == 0);
-  const Run dp = moe_on(2, "train --config " + (d / "b4.json") + " --out " + (d / "dp"));
-  INFO(dp.out);
-  REQUIRE(dp.code == 0);
+  train_one_and_dp(d);
   check_same_losses(losses(d / "one/metrics.jsonl"), losses(d / "dp/metrics.jsonl"), 12);
   // The saved weights are the average (of 7 steps' weights), the same on both.
   CHECK(moe::read_safetensors_header(d / "dp/last.safetensors").metadata().at("average.count") == "7");

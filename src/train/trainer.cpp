@@ -138,11 +138,8 @@ class RunLog {
     if (averaged > 0) j["average_count"] = averaged;
     metrics_ << j.dump() << "\n" << std::flush;
     if (quiet_) return;
-    if (averaged > 0)
-      spdlog::info("step {}: train loss {:.4f}, val loss {:.4f} (the average of {} steps' weights)", step,
-                   est.train_loss, est.val_loss, averaged);
-    else
-      spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}", step, est.train_loss, est.val_loss);
+    const std::string of = averaged > 0 ? " (the average of " + std::to_string(averaged) + " steps' weights)" : "";
+    spdlog::info("step {}: train loss {:.4f}, val loss {:.4f}{}", step, est.train_loss, est.val_loss, of);
   }
 
   // Step `step` took `ms` and `tokens`. At a logged step, the metrics line and the progress line,
