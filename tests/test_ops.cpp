@@ -197,6 +197,11 @@ TEST_CASE("gradient checks: elementwise and layout", "[ops][gradcheck]") {
     Rng rng(9, 1);
     return dropout(g, scale(g, t, 1.5f), 0.3f, true, rng, true);  // over scale's output
   });
+  REQUIRE_GRADCHECK({random_vector(20, 6), random_vector(20, 7)}, {{4, 5}, {4, 5}},
+                    [](Graph& g, const std::vector<Tensor>& in) {
+                      Rng rng(9, 1);  // fixed mask; over scale's output, as over a product's
+                      return Probe{dropout_add_into(g, in[0], scale(g, in[1], 1.5f), 0.3f, true, rng), {}};
+                    });
   check_unary({2, 3, 8}, [](Graph& g, const Tensor& t) { return split_heads(g, t, 4); });
   check_unary({2, 4, 3, 2}, [](Graph& g, const Tensor& t) { return merge_heads(g, t); });
   check_unary({2, 3, 8}, [](Graph& g, const Tensor& t) { return slice_cols(g, t, 3, 4); });
@@ -372,6 +377,36 @@ TEST_CASE("add_into and dropout in place give add's and dropout's bits, and take
   CHECK(used[0] >= used[1] + 2 * 24 * sizeof(float));  // neither output has data of its own
 }
 
+TEST_CASE("dropout_add_into gives add_into(x, dropout(o)) bit for bit, and without dropout add_into", "[ops]") {
+  // 5 runs of the mask and a part, past the size where the threads share the work.
+  const int64_t R = 5 * 4096 / 64 + 3, C = 64, n = R * C;
+  const auto x0 = random_vector(n, 1), y0 = random_vector(n, 2), dz = random_vector(n, 3);
+  for (const float p : {0.f, 0.25f}) {
+    for (const bool training : {true, false}) {
+      INFO("p " << p << " training " << training);
+      std::vector<float> out[2], dx[2], dy[2];
+      for (int fused = 0; fused < 2; ++fused) {
+        Graph g;
+        Tensor x = g.constant({R, C}, x0.data()), y = g.constant({R, C}, y0.data());
+        x.grad = g.zeros({R, C}, false).data, y.grad = g.zeros({R, C}, false).data;
+        Rng rng(5, 2);
+        const Tensor o = scale(g, y, 2.f);
+        const Tensor z = fused ? dropout_add_into(g, x, o, p, training, rng)
+                               : add_into(g, x, dropout(g, o, p, training, rng, true));
+        CHECK(z.data == o.data);
+        g.backward_from(z, dz.data());
+        out[fused].assign(z.data, z.data + n);
+        dx[fused].assign(x.grad, x.grad + n);
+        dy[fused].assign(y.grad, y.grad + n);
+        if (p > 0 && training) CHECK(rng.state().counter == Rng(5, 2).state().counter + uint64_t(n));
+      }
+      CHECK(out[0] == out[1]);
+      CHECK(dx[0] == dx[1]);
+      CHECK(dy[0] == dy[1]);
+    }
+  }
+}
+
 TEST_CASE("Regens make an op's output again, bit for bit, where it was", "[ops]") {
   Graph g;
   const auto xv = random_vector(6 * 8, 1), wv = random_vector(5 * 8, 2), bv = random_vector(5, 3),
@@ -381,21 +416,22 @@ TEST_CASE("Regens make an op's output again, bit for bit, where it was", "[ops]"
   std::vector<float> qkv_v = random_vector(2 * 3 * 24, 6);
   Tensor qkv = g.constant({2, 3, 24}, qkv_v.data());
   Rng rng(4, 1);
-  Regen again[7];
+  Regen again[8];
   const int32_t rows[4] = {5, 0, 2, 2}, offsets[3] = {0, 1, 4};
-  const Tensor outs[7] = {linear(g, x, w, b, &again[0]),
+  const Tensor outs[8] = {linear(g, x, w, b, &again[0]),
                           layernorm(g, x, nw, nb, 1e-5f, &again[1]),
                           dropout(g, scale(g, x, 1.f), 0.3f, true, rng, true, &again[2]),
                           add_into(g, x, scale(g, x, 2.f), &again[3]),
                           gather_row_groups(g, x, rows, offsets, 2, &again[4]),
                           causal_attention(g, qkv, 2, 2, 0.5f, 0.2f, true, rng, &again[5]),
-                          rmsnorm(g, x, nw, 1e-5f, &again[6])};
-  for (int i = 0; i < 7; ++i) {
+                          rmsnorm(g, x, nw, 1e-5f, &again[6]),
+                          dropout_add_into(g, x, scale(g, x, 1.f), 0.3f, true, rng, &again[7])};
+  for (int i = 0; i < 8; ++i) {
     INFO("op " << i);
     const Tensor& y = outs[i];
     const std::vector<float> want(y.data, y.data + y.numel());
     std::fill(y.data, y.data + y.numel(), -1.f);
-    if (i == 2) std::copy(x.data, x.data + x.numel(), y.data);  // in place: its input made again first
+    if (i == 2 || i == 7) std::copy(x.data, x.data + x.numel(), y.data);  // in place: its input made again first
     if (i == 3)
       for (int64_t j = 0; j < y.numel(); ++j) y.data[j] = x.data[j] * 2.f;
     again[i]();

@@ -245,8 +245,7 @@ Tensor Model::block(Graph& g, int64_t l, const Tensor& x, const ForwardOptions& 
   Remake mem(g);
   const Tensor h = b.ln1.forward(g, params_, x, mem.next());
   const Tensor o = b.attn.forward(g, params_, h, p, opt.training, drop, mem);
-  const Tensor d = dropout(g, o, p, opt.training, drop, true, mem.next());  // over proj's output
-  const Tensor y = add_into(g, x, d, mem.next());
+  const Tensor y = dropout_add_into(g, x, o, p, opt.training, drop, mem.next());  // over proj's output
   const Tensor hn = b.ln2.forward(g, params_, y, mem.next());
   const Tensor f = b.sparse ? b.moe.forward(g, params_, hn, l, moe_context(l), opt, losses)
                             : b.ffn.forward(g, params_, hn.view({hn.rows(), C_}), cfg_.model.expert_ffn, p, opt.training,

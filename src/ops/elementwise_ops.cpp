@@ -59,16 +59,24 @@ namespace {
 // Runs of a mask's entries for the threads: whole words.
 constexpr int64_t kMaskRun = 4096;
 
-// y = x · the mask's factors (y may be x).
+// y = x · the mask's factors (y may be x), plus sum[i] where sum is given (dropout_add_into):
+// a run of the mask at a time, the sum while the run is in cache (the product rounded before
+// the sum, as in two ops).
 struct DropoutRun {
   float* y;
   const float* x;
   const uint16_t* mask;
   int64_t n;
   float scale;
+  const float* sum = nullptr;
   void operator()() const {
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-    for (int64_t i = 0; i < n; i += kMaskRun) scale_by_bits(y + i, x + i, mask + i / 16, scale, std::min(kMaskRun, n - i));
+    for (int64_t i = 0; i < n; i += kMaskRun) {
+      const int64_t m = std::min(kMaskRun, n - i);
+      scale_by_bits(y + i, x + i, mask + i / 16, scale, m);
+      if (sum)
+        for (int64_t j = i; j < i + m; ++j) y[j] = sum[j] + y[j];
+    }
   }
 };
 
@@ -91,6 +99,31 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool
 #pragma omp parallel for schedule(static) if (n > kParallelMinWork)
       for (int64_t i = 0; i < n; i += kMaskRun)
         add_scaled_by_bits(x.grad + i, y.grad + i, mask + i / 16, scale, std::min(kMaskRun, n - i));
+    });
+  return y;
+}
+
+Tensor dropout_add_into(Graph& g, const Tensor& x, const Tensor& o, float p, bool training, Rng& rng, Regen* regen) {
+  PartScope part(Part::Elementwise);
+  MOE_CHECK(p >= 0.f && p < 1.f, "dropout_add_into", "probability must be in [0, 1), got " + std::to_string(p));
+  if (!training || p == 0.f) return add_into(g, x, o, regen);
+  MOE_CHECK(x.shape == o.shape, "dropout_add_into", "shapes " + x.shape.str() + " and " + o.shape.str() + " differ");
+  const int64_t n = o.numel();
+  const uint16_t* mask = keep_bits(g, n, 0, [&](uint8_t* bytes) { rng.fill_keep_mask(bytes, n, p); });
+  const float scale = dropout_scale(p);
+  Tensor y = g.output_over(o, x);
+  const DropoutRun run{y.data, y.data, mask, n, scale, x.data};
+  run();
+  if (regen) *regen = make_regen(g, run);
+  if (y.requires_grad())
+    g.record([=] {
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+      for (int64_t i = 0; i < n; i += kMaskRun) {
+        const int64_t m = std::min(kMaskRun, n - i);
+        if (x.grad)
+          for (int64_t j = i; j < i + m; ++j) x.grad[j] += y.grad[j];
+        if (o.grad) add_scaled_by_bits(o.grad + i, y.grad + i, mask + i / 16, scale, m);
+      }
     });
   return y;
 }

@@ -100,6 +100,12 @@ Tensor softplus(Graph& g, const Tensor& x);  // log(1 + exp(x)), torch's thresho
 // again by then (x's own Regen run first, when in place); without dropout it does nothing.
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place = false,
                Regen* regen = nullptr);
+// x + dropout(o) in one op, written over o's data (o: an output no backward reads, as
+// dropout's in_place), with one mask draw and one pass each way: the same values, gradients
+// and rng draws as add_into(x, dropout(o, in_place)), and without dropout add_into(x, o). With
+// regen, as dropout's (o's own Regen first).
+Tensor dropout_add_into(Graph& g, const Tensor& x, const Tensor& o, float p, bool training, Rng& rng,
+                        Regen* regen = nullptr);
 // Dropout's masks are drawn as bytes, 1 where kept and 0 where dropped (Rng::fill_keep_mask;
 // the ops that fuse dropout, causal_attention, draw theirs the same way), and kept as bits
 // (kernels/bits.hpp). An element kept is multiplied by dropout_scale(p), a dropped one by 0.
