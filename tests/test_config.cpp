@@ -149,6 +149,8 @@ TEST_CASE("Config errors name the field, the value and what is allowed", "[io][c
   CHECK_THAT(config_error({{"training", {{"batch_size", -4}}}}), Contains("training.batch_size = -4: must be a positive integer"));
   CHECK_THAT(config_error({{"model", {{"dropout", 1.0}}}}), Contains("model.dropout = 1.0: must be in [0, 1)"));
   CHECK_THAT(config_error({{"model", {{"dropout", -0.1}}}}), Contains("model.dropout = -0.1: must be in [0, 1)"));
+  CHECK_THAT(config_error({{"training", {{"recompute", true}, {"keep_activations", true}}}}),
+             Contains("training.recompute and training.keep_activations"));
   CHECK_THAT(config_error({{"data", {{"train_fraction", 1.0}}}}), Contains("data.train_fraction = 1.0: must be in (0, 1)"));
   CHECK_THAT(config_error({{"data", {{"train_fraction", 0}}}}), Contains("data.train_fraction = 0.0: must be in (0, 1)"));
   CHECK_THAT(config_error({{"optimizer", {{"lr", 0}}}}), Contains("optimizer.lr = 0.0: must be a number > 0"));

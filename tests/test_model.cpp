@@ -634,6 +634,26 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   fs::remove_all(dir);
 }
 
+TEST_CASE("training.keep_activations gives the same training, bit for bit", "[model][keep_activations]") {
+  const bool features = GENERATE(false, true);
+  INFO((features ? "every MoE option on" : "makeMoE"));
+  Config cfg = features ? all_features_config() : tiny_config();
+  cfg.training.max_steps = 6;
+  const moe_test::TempDir tmp_dir("keep");
+  const fs::path dir = tmp_dir.path;
+  fs::remove_all(dir);
+  TrainOptions opt;
+  opt.quiet = true;
+  opt.out_dir = (dir / "remade").string();
+  TrainResult remade = train(cfg, opt);
+  cfg.training.keep_activations = true;
+  opt.out_dir = (dir / "kept").string();
+  TrainResult kept = train(cfg, opt);
+  REQUIRE(remade.last_train_loss == kept.last_train_loss);
+  REQUIRE(same_checkpoint_weights(dir / "remade" / "last.safetensors", dir / "kept" / "last.safetensors"));
+  fs::remove_all(dir);
+}
+
 TEST_CASE("training.precision bf16: 1 and 2 threads give the same bits; the loss stays near fp32's", "[model][bf16]") {
   // Wide enough that the dense products split between threads (M·N·K >= 32768).
   Config cfg = tiny_config();

@@ -212,6 +212,7 @@ const std::vector<Field>& fields() {
       field("training", "seed", &Config::training, &TrainingConfig::seed, non_negative()),
       field("training", "threads", &Config::training, &TrainingConfig::threads, non_negative()),
       field("training", "recompute", &Config::training, &TrainingConfig::recompute),
+      field("training", "keep_activations", &Config::training, &TrainingConfig::keep_activations),
       field("training", "time_limit", &Config::training, &TrainingConfig::time_limit, non_negative_number()),
       field("training", "precision", &Config::training, &TrainingConfig::precision),
       field("training", "average_start", &Config::training, &TrainingConfig::average_start, non_negative()),
@@ -328,6 +329,9 @@ void validate(const Config& c, const std::string& src) {
   if (c.model.dense_hidden > 0 && moe_blocks == layers)
     fail("model.dense_hidden = " + std::to_string(c.model.dense_hidden) +
          " applies to dense blocks only, and every block is MoE (set model.moe_every > 1 or model.dense_first > 0)");
+  if (c.training.recompute && c.training.keep_activations)
+    fail("training.recompute and training.keep_activations ask for opposite things (drop a block's activations, "
+         "keep them all): set one of them");
   if (c.router.top_k > c.router.num_experts)
     fail("router.top_k = " + std::to_string(c.router.top_k) + " must be at most router.num_experts = " +
          std::to_string(c.router.num_experts));

@@ -151,6 +151,7 @@ void check_resume_compatible(const Config& saved, const Config& now, const std::
     (*j)["training"].erase("batch_size");
     (*j)["training"].erase("threads");
     (*j)["training"].erase("recompute");
+    (*j)["training"].erase("keep_activations");
     (*j)["logging"].erase("log_interval");
     (*j)["logging"].erase("eval_interval");
     (*j)["logging"].erase("eval_iters");

@@ -378,6 +378,7 @@ TrainStep::TrainStep(const Config& cfg, Model& model, AdamW& adamw, ParallelTrai
   fo_.stats = stats;
   fo_.distributed = par.ranks() > 1;
   fo_.grads_ready = par.overlap();
+  g_.set_remake(!cfg.training.keep_activations);
   if (cfg.training.recompute) {
     if (par.ranks() > 1)
       throw std::invalid_argument("training.recompute runs in one process only; set it to false under mpirun");

@@ -4,8 +4,9 @@
 // output in the scope's scratch memory, which every block reuses, and the Regen recomputes it,
 // bit for bit, at the start of the block's backward pass (see Regen in moe/ops/ops.hpp).
 // Model::block asks for one per output it does not keep, in forward order, and records them
-// all after their last reader; outside a scope (no gradients, recomputation) next() gives
-// nullptr and every output is an ordinary one.
+// all after their last reader; outside a scope (no gradients, recomputation), or with
+// Graph::remake off (training.keep_activations), next() gives nullptr and every output is an
+// ordinary one, kept.
 #pragma once
 
 #include "moe/ops/ops.hpp"
@@ -14,7 +15,7 @@ namespace moe {
 
 class Remake {
  public:
-  explicit Remake(Graph& g) : g_(g), on_(g.in_scope()) {}
+  explicit Remake(Graph& g) : g_(g), on_(g.in_scope() && g.remake()) {}
   Remake(const Remake&) = delete;
   Remake& operator=(const Remake&) = delete;
   // The Regen for the next output made again, or nullptr when nothing is.

@@ -92,6 +92,10 @@ class Graph {
   // Whether a scope is open and not under KeepGrads: gradients and scratch_output's data go to
   // the scope's memory (else to the graph's own).
   bool in_scope() const { return scope_open_ && !keep_; }
+  // Whether a block in a scope makes its activations again in the backward pass (Remake)
+  // rather than keeping them: on unless training.keep_activations.
+  void set_remake(bool on) { remake_ = on; }
+  bool remake() const { return remake_; }
   // n floats of scratch_output's memory, for data an op keeps elsewhere in a form of its own.
   float* scratch_floats(int64_t n) { return (in_scope() ? scope_scratch_ : arena_).alloc_floats(n); }
   // A constant (no gradient) copy of host data in the arena, e.g. fixed noise or masks.
@@ -198,7 +202,7 @@ class Graph {
   Arena grad_arena_;  // tensors' gradients, zeroed by backward()
   Arena scope_arena_; // gradients made inside a scope, zeroed by the scope's closure
   Arena scope_scratch_;  // assigned gradients made inside a scope (output_assigned_grad)
-  bool scopes_on_ = true, scope_open_ = false, keep_ = false;
+  bool scopes_on_ = true, scope_open_ = false, keep_ = false, remake_ = true;
   float* keep_in_ = nullptr;  // KeepGradsIn's memory, and how many floats are left of it
   int64_t keep_in_left_ = 0;
   std::vector<Node> tape_;
