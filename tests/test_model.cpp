@@ -53,6 +53,19 @@ bool same_checkpoint_weights(const fs::path& a_path, const fs::path& b_path) {
   return same_params(a, b);
 }
 
+// Trains a into dir/"a" and b into dir/"b" (quietly) and requires the same last training loss
+// and the same weights, bit for bit.
+void require_same_training(const Config& a, const Config& b, const fs::path& dir) {
+  TrainOptions opt;
+  opt.quiet = true;
+  opt.out_dir = (dir / "a").string();
+  const TrainResult ra = train(a, opt);
+  opt.out_dir = (dir / "b").string();
+  const TrainResult rb = train(b, opt);
+  REQUIRE(ra.last_train_loss == rb.last_train_loss);
+  REQUIRE(same_checkpoint_weights(dir / "a" / "last.safetensors", dir / "b" / "last.safetensors"));
+}
+
 Config tiny_config() {
   nlohmann::json j = {
       {"data", {{"path", std::string(MOE_SOURCE_DIR) + "/tests/fixtures/small.txt"}}},
@@ -606,18 +619,12 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
   const moe_test::TempDir tmp_dir("threads");  // per process: suites running at once do not share it
   const fs::path dir = tmp_dir.path;
   fs::remove_all(dir);
-  TrainOptions opt;
-  opt.quiet = true;
   const int saved = omp_get_max_threads();
+  Config two = cfg;
   cfg.training.threads = 1;
-  opt.out_dir = (dir / "one").string();
-  TrainResult one = train(cfg, opt);
-  cfg.training.threads = 2;
-  opt.out_dir = (dir / "two").string();
-  TrainResult two = train(cfg, opt);
+  two.training.threads = 2;
+  require_same_training(cfg, two, dir);
   omp_set_num_threads(saved);
-  REQUIRE(one.last_train_loss == two.last_train_loss);
-  REQUIRE(same_checkpoint_weights(dir / "one" / "last.safetensors", dir / "two" / "last.safetensors"));
   // The logged figures too (router health, gradient norm), all but the speed.
   const auto metrics = [&](const char* run) {
     std::ifstream f(dir / run / "metrics.jsonl");
@@ -628,7 +635,7 @@ TEST_CASE("1 and 2 threads give bit-identical training", "[model][threads]") {
     }
     return lines;
   };
-  const auto m1 = metrics("one"), m2 = metrics("two");
+  const auto m1 = metrics("a"), m2 = metrics("b");
   REQUIRE(m1.size() >= 2);
   CHECK(m1 == m2);
   fs::remove_all(dir);
@@ -642,15 +649,9 @@ TEST_CASE("training.keep_activations gives the same training, bit for bit", "[mo
   const moe_test::TempDir tmp_dir("keep");
   const fs::path dir = tmp_dir.path;
   fs::remove_all(dir);
-  TrainOptions opt;
-  opt.quiet = true;
-  opt.out_dir = (dir / "remade").string();
-  TrainResult remade = train(cfg, opt);
-  cfg.training.keep_activations = true;
-  opt.out_dir = (dir / "kept").string();
-  TrainResult kept = train(cfg, opt);
-  REQUIRE(remade.last_train_loss == kept.last_train_loss);
-  REQUIRE(same_checkpoint_weights(dir / "remade" / "last.safetensors", dir / "kept" / "last.safetensors"));
+  Config kept = cfg;
+  kept.training.keep_activations = true;
+  require_same_training(cfg, kept, dir);
   fs::remove_all(dir);
 }
 

@@ -80,6 +80,33 @@ struct DropoutRun {
   }
 };
 
+// Dropout's mask drawn from rng over x, then y = x · its factors (+ sum): the forward run,
+// its Regen and the backward (x's gradient += dy · the factors, sum's += dy), for dropout and
+// dropout_add_into. make_y() gives y's memory, after the mask is drawn.
+template <class MakeY>
+Tensor masked(Graph& g, const Tensor& x, const Tensor* sum, float p, Rng& rng, Regen* regen, MakeY make_y) {
+  const int64_t n = x.numel();
+  const uint16_t* mask = keep_bits(g, n, 0, [&](uint8_t* bytes) { rng.fill_keep_mask(bytes, n, p); });
+  const float scale = dropout_scale(p);
+  Tensor y = make_y();
+  const DropoutRun run{y.data, x.data, mask, n, scale, sum ? sum->data : nullptr};
+  run();
+  if (regen) *regen = make_regen(g, run);
+  if (y.requires_grad()) {
+    float* const dsum = sum ? sum->grad : nullptr;
+    g.record([=] {
+#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
+      for (int64_t i = 0; i < n; i += kMaskRun) {
+        const int64_t m = std::min(kMaskRun, n - i);
+        if (dsum)
+          for (int64_t j = i; j < i + m; ++j) dsum[j] += y.grad[j];
+        if (x.grad) add_scaled_by_bits(x.grad + i, y.grad + i, mask + i / 16, scale, m);
+      }
+    });
+  }
+  return y;
+}
+
 }  // namespace
 
 Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool in_place, Regen* regen) {
@@ -87,45 +114,17 @@ Tensor dropout(Graph& g, const Tensor& x, float p, bool training, Rng& rng, bool
   MOE_CHECK(p >= 0.f && p < 1.f, "dropout", "probability must be in [0, 1), got " + std::to_string(p));
   if (regen) *regen = Regen{};
   if (!training || p == 0.f) return x;
-  const int64_t n = x.numel();
-  const uint16_t* mask = keep_bits(g, n, 0, [&](uint8_t* bytes) { rng.fill_keep_mask(bytes, n, p); });
-  const float scale = dropout_scale(p);
-  Tensor y = in_place ? g.output_over(x) : regen ? g.scratch_output(x.shape, x) : g.output(x.shape, x);
-  const DropoutRun run{y.data, x.data, mask, n, scale};
-  run();
-  if (regen) *regen = make_regen(g, run);
-  if (y.requires_grad())
-    g.record([=] {
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-      for (int64_t i = 0; i < n; i += kMaskRun)
-        add_scaled_by_bits(x.grad + i, y.grad + i, mask + i / 16, scale, std::min(kMaskRun, n - i));
-    });
-  return y;
+  return masked(g, x, nullptr, p, rng, regen, [&] {
+    return in_place ? g.output_over(x) : regen ? g.scratch_output(x.shape, x) : g.output(x.shape, x);
+  });
 }
 
 Tensor dropout_add_into(Graph& g, const Tensor& x, const Tensor& o, float p, bool training, Rng& rng, Regen* regen) {
   PartScope part(Part::Elementwise);
   MOE_CHECK(p >= 0.f && p < 1.f, "dropout_add_into", "probability must be in [0, 1), got " + std::to_string(p));
+  check_same_shape("dropout_add_into", x, o);
   if (!training || p == 0.f) return add_into(g, x, o, regen);
-  MOE_CHECK(x.shape == o.shape, "dropout_add_into", "shapes " + x.shape.str() + " and " + o.shape.str() + " differ");
-  const int64_t n = o.numel();
-  const uint16_t* mask = keep_bits(g, n, 0, [&](uint8_t* bytes) { rng.fill_keep_mask(bytes, n, p); });
-  const float scale = dropout_scale(p);
-  Tensor y = g.output_over(o, x);
-  const DropoutRun run{y.data, y.data, mask, n, scale, x.data};
-  run();
-  if (regen) *regen = make_regen(g, run);
-  if (y.requires_grad())
-    g.record([=] {
-#pragma omp parallel for schedule(static) if (n > kParallelMinWork)
-      for (int64_t i = 0; i < n; i += kMaskRun) {
-        const int64_t m = std::min(kMaskRun, n - i);
-        if (x.grad)
-          for (int64_t j = i; j < i + m; ++j) x.grad[j] += y.grad[j];
-        if (o.grad) add_scaled_by_bits(o.grad + i, y.grad + i, mask + i / 16, scale, m);
-      }
-    });
-  return y;
+  return masked(g, o, &x, p, rng, regen, [&] { return g.output_over(o, x); });
 }
 
 Tensor sum(Graph& g, const Tensor& x) {

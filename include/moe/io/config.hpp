@@ -169,8 +169,9 @@ struct TrainingConfig {
   // pass (same numbers, about a third more work): activations of one block in memory.
   bool recompute = false;
   // Keep every activation of a block for its backward pass instead of making the ones from the
-  // block's input to the MoE's input again there (norms, qkv, attention output, proj, the
-  // residual sum): the same numbers, fewer products, more memory. Not with recompute.
+  // block's input to the MoE's input (norms, qkv, attention output, proj, the residual sum) and
+  // the experts' gathered input rows again there: the same numbers, fewer products, more
+  // memory. Not with recompute.
   bool keep_activations = false;
   // Wall seconds a run may take, from its start (evaluations included); 0: no limit. The step
   // that passes it is the last: then an evaluation and last.safetensors, as at max_steps
