@@ -14,6 +14,10 @@
       gap between the two shows the overfitting.
   /usr/bin/python3 scripts/quality.py table DIR [DIR ...]
       A Markdown row per run.
+  /usr/bin/python3 scripts/quality.py curve DIR --out FILE.json
+      A run's evaluations (step, validation and training estimates), its quality.json and its
+      config in one small file, to commit beside a plot: `plot` and `table` take such a file
+      wherever they take a run directory, so the plot can be drawn again without the run.
 """
 import argparse
 import json
@@ -34,7 +38,13 @@ from studylib import derive, evaluate, read_metrics, with_data_path, write_confi
 ANCHORS = [("makeMoE (reported)", 2.56e6, 1.7508), ("nanoGPT shakespeare_char (A100)", 82e6, 1.4697)]
 
 
+def is_curve(path):
+    return os.path.isfile(path) and path.endswith(".json")
+
+
 def metrics(run_dir):
+    if is_curve(run_dir):
+        return json.load(open(run_dir))["evals"]
     return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
@@ -80,6 +90,9 @@ def run(args):
 
 
 def load(run_dir):
+    if is_curve(run_dir):
+        c = json.load(open(run_dir))
+        return c["quality"], c["config"]
     path = os.path.join(run_dir, "quality.json")
     q = json.load(open(path)) if os.path.exists(path) else {}
     if not os.path.exists(os.path.join(run_dir, "config.json")):
@@ -123,6 +136,16 @@ def plot(args):
     print(f"quality: wrote {args.out}", file=sys.stderr)
 
 
+def curve(args):
+    q, cfg = load(args.dir)
+    keep = ("step", "val_loss", "train_loss")
+    evals = [{k: r[k] for k in keep if k in r} for r in metrics(args.dir) if "val_loss" in r]
+    with open(args.out, "w") as f:
+        json.dump({"quality": q, "config": cfg, "evals": evals}, f, indent=1)
+        f.write("\n")
+    print(f"quality: wrote {args.out} ({len(evals)} evaluations)", file=sys.stderr)
+
+
 def table(args):
     print("| run | seed | wall s | steps | tokens | val loss (last, whole split) | val loss (best.safetensors) |")
     print("|---|---|---|---|---|---|---|")
@@ -149,8 +172,11 @@ def main():
     p.add_argument("--train", action="store_true", help="also the training loss (dashed), to show the gap")
     t = sub.add_parser("table")
     t.add_argument("dirs", nargs="+")
+    c = sub.add_parser("curve")
+    c.add_argument("dir")
+    c.add_argument("--out", required=True)
     args = ap.parse_args()
-    {"run": run, "plot": plot, "table": table}[args.cmd](args)
+    {"run": run, "plot": plot, "table": table, "curve": curve}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ py scripts/quality.py table "$work/q" | grep -q "| tests/fixtures/tiny_sweep.jso
 py scripts/quality.py plot tiny="$work/q" --out "$work/q/tokens.png" 2> /dev/null || fail "quality plot"
 py scripts/quality.py plot tiny="$work/q" --train --out "$work/q/gap.png" 2> /dev/null && [ -s "$work/q/gap.png" ] || fail "quality plot --train"
 [ "$(head -c 4 "$work/q/tokens.png" | tail -c 3)" = "PNG" ] || fail "quality plot is not a PNG"
+# A run's curve file stands in for its directory: the same table row and a plot from it alone.
+py scripts/quality.py curve "$work/q" --out "$work/q_curve.json" 2> /dev/null || fail "quality curve"
+[ "$(py scripts/quality.py table "$work/q_curve.json")" = "$(py scripts/quality.py table "$work/q")" ] ||
+  fail "quality table of a curve file"
+py scripts/quality.py plot tiny="$work/q_curve.json" --train --out "$work/q/curve.png" 2> /dev/null &&
+  [ -s "$work/q/curve.png" ] || fail "quality plot of a curve file"
 
 py scripts/plot_run.py "$work/grid/trial_003" > /dev/null || fail "plot_run"
 py scripts/plot_sweep.py "$work/grid" > /dev/null || fail "plot_sweep"
