@@ -4,6 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "moe/kernels/bits.hpp"
 #include "moe/kernels/expf.hpp"
@@ -212,6 +216,153 @@ inline void dropped_weights(const float* row, int64_t t, const MaskBits& M, floa
   for (int64_t s = 0; s <= t; ++s) w[s] = row[s] * dropout_factor(kept[s], keep);
 }
 
+// v[i] (row i, 8 columns) -> v[c] (column c, 8 rows).
+inline void transpose8(v8 v[8]) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  v8 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {  // interleave rows 2i and 2i+1 within each half
+    t[2 * i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+    t[2 * i + 1] = __builtin_shuffle(v[2 * i], v[2 * i + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 2; ++i)  // pairs of pairs: rows 4i..4i+3 of columns c, c+4 in u[4i + c]
+    for (int j = 0; j < 2; ++j) {
+      u[4 * i + 2 * j] = __builtin_shuffle(t[4 * i + j], t[4 * i + j + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
+      u[4 * i + 2 * j + 1] = __builtin_shuffle(t[4 * i + j], t[4 * i + j + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int c = 0; c < 4; ++c) {  // the halves: column c from the low ones, c + 4 from the high
+    v[c] = __builtin_shuffle(u[c], u[4 + c], v8i{0, 1, 2, 3, 8, 9, 10, 11});
+    v[c + 4] = __builtin_shuffle(u[c], u[4 + c], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// The dropout factors of row t at positions s0 .. s0+7: `keep` where kept (1 without dropout),
+// 0 where dropped or past t.
+inline v8 dropout_factors8(const MaskBits& M, float keep, int64_t t, int64_t s0) {
+  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8 zero = {};
+  uint32_t valid = s0 + kLanes <= t + 1 ? 0xFFu : (1u << (t + 1 - s0)) - 1u;
+  v8 on = 1.f - zero;
+  if (M.bits) {
+    const int64_t i = M.first + t * (t + 1) / 2 + s0;
+    uint32_t w;
+    std::memcpy(&w, M.bits + (i >> 4), sizeof w);
+    valid &= w >> (i & 15);
+    on = keep - zero;
+  }
+  const v8i lane_on = (v8i{} + int32_t(valid)) >> iota & 1;
+  return lane_on != 0 ? on : zero;
+}
+
+// The forward's weights of rows t0 .. t0+7 (kRows of them, whole) from their dot products in
+// S's rows (positions s < t0 + 8): the softmax of each row over s <= t into P's triangle (row
+// t from t(t+1)/2), and the weights after dropout into S's rows. The same operations as the
+// loops a row at a time (softmax_numerators, the sums z, the division, dropped_weights), so
+// the same bits: softmax_numerators row by row, the sums z in the lanes of transposed tiles,
+// in order of s, the rest eight positions at a time.
+void forward_rows8(float* S, int64_t Tp, int64_t t0, int64_t T, float scale, float* P, const MaskBits& M,
+                   float keep) {
+  const int64_t n8 = t0 + kLanes;  // t + 1 rounded up to 8, for every row of the block
+  for (int64_t r = 0; r < kRows; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
+  v8 z = {};  // z = Σ_s exp, in order of s, lane r for row t0 + r
+  for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
+    v8 c[kRows];
+    for (int64_t r = 0; r < kRows; ++r) c[r] = load8(S + r * Tp + s0);
+    transpose8(c);
+    for (int64_t j = 0; j < kLanes; ++j) z += c[j];
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t t = t0 + r;
+    float* w = S + r * Tp;
+    float* row = P + t * (t + 1) / 2;
+    const float inv = 1.f / z[r];
+    for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
+      const v8 pv = load8(w + s0) * inv;
+      if (s0 < t0) {
+        __builtin_memcpy(row + s0, &pv, sizeof pv);
+      } else {
+        for (int64_t j = 0; j <= r; ++j) row[s0 + j] = pv[j];
+      }
+      const v8 wv = M.bits ? pv * dropout_factors8(M, keep, t, s0) : pv;
+      __builtin_memcpy(w + s0, &wv, sizeof wv);
+    }
+  }
+}
+
+// c + a·b with the product rounded first (never an fma), and with one fma where the target has
+// it (what GCC makes of `c += a * b` then, as it contracts it).
+__attribute__((optimize("fp-contract=off"))) v8 add_rounded_product(v8 a, v8 b, v8 c) { return c + a * b; }
+inline v8 add_fused_product(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+  return v8(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+#else
+  return c + a * b;
+#endif
+}
+
+// The backward pass's work on the weights of rows t0 .. t0+7 (kRows of them, whole): for each
+// row t, over s <= t, with m the dropout factor (1 without dropout),
+//   WT[s][t] = P[t, s] · m,  dp[s] = dP[t, s] · m,  Σ = Σ_s P[t, s] · dp[s] (in order of s),
+//   dS[t, s] = P[t, s] · (dp[s] − Σ) · scale, into DP's row and ST[s][t];
+// the same operations, so the same bits, as the loop a row at a time (below, for a last block
+// of fewer rows): eight positions of the eight rows at a time, the tiles transposed in
+// registers, the sums Σ running side by side in the lanes (a term past t is P = 0 times
+// dp = ±0, which leaves a sum that starts at +0 as it is). How that loop's Σ rounds is what
+// GCC 12 made of it with the x86-64-v3 flags: with dropout, one fma a term; without, its
+// vectorised form, each product rounded and then added, but for the last (t+1) mod 4 terms of
+// the row (its scalar tail), one fma each.
+// DP's rows hold dP[t, s] for s < t0 + 8 (and take dS); P is the lower triangle of the (batch,
+// head), row t from t(t+1)/2; WT and ST have row stride Tp.
+void backward_rows8(const float* P, int64_t t0, const MaskBits& M, float keep, float scale, float* DP, int64_t Tp,
+                    float* WT, float* ST) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8 zero = {};
+  v8 sum = {};
+  const auto factors = [&](int64_t r, int64_t s0) { return dropout_factors8(M, keep, t0 + r, s0); };
+  // P (0 past t) of row t0 + r at positions s0 ..
+  const auto prow = [&](int64_t r, int64_t s0) {
+    const int64_t t = t0 + r;
+    const v8 x = load8(P + t * (t + 1) / 2 + s0);
+    return iota + int32_t(s0) <= int32_t(t) ? x : zero;
+  };
+  for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
+    v8 w[kRows], p[kRows], d[kRows];
+    for (int64_t r = 0; r < kRows; ++r) {
+      const v8 m = factors(r, s0);
+      p[r] = prow(r, s0);
+      w[r] = p[r] * m;
+      d[r] = load8(DP + r * Tp + s0) * m;
+      __builtin_memcpy(DP + r * Tp + s0, &d[r], sizeof d[r]);
+    }
+    transpose8(w);
+    for (int64_t j = 0; j < kLanes; ++j) __builtin_memcpy(WT + (s0 + j) * Tp + t0, &w[j], sizeof w[j]);
+    transpose8(p);
+    transpose8(d);
+    if (M.bits || s0 == t0) {
+      // Lane r's term j fused: with dropout every one; without, on the diagonal block, from j =
+      // (r + 1) rounded down to 4 (t0 is a multiple of 8), row t0 + r's scalar tail.
+      const v8i first_fused = M.bits ? v8i{} : (iota + 1) & ~3;
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const v8 fused = add_fused_product(p[j], d[j], sum);
+        sum = M.bits ? fused : (int32_t(j) >= first_fused ? fused : add_rounded_product(p[j], d[j], sum));
+      }
+    } else {
+      for (int64_t j = 0; j < kLanes; ++j) sum = add_rounded_product(p[j], d[j], sum);
+    }
+  }
+  for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
+    v8 ds[kRows];
+    for (int64_t r = 0; r < kRows; ++r) {
+      ds[r] = prow(r, s0) * (load8(DP + r * Tp + s0) - sum[r]) * scale;
+      __builtin_memcpy(DP + r * Tp + s0, &ds[r], sizeof ds[r]);
+    }
+    transpose8(ds);
+    for (int64_t j = 0; j < kLanes; ++j) __builtin_memcpy(ST + (s0 + j) * Tp + t0, &ds[j], sizeof ds[j]);
+  }
+}
+
 // causal_attention's output again, from the weights it kept (for its Regen).
 struct AttentionOutput {
   float* y;
@@ -253,7 +404,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
   Tensor y = regen ? g.scratch_output({B, T, C}, qkv) : g.output({B, T, C}, qkv);
   // Attention weights before dropout, kept for the backward: the lower triangles (row t of
   // (batch, head) bh from bh·tri + t(t+1)/2, t+1 weights), as the mask below.
-  float* probs = g.arena().alloc_floats(B * H * tri);
+  float* probs = g.arena().alloc_floats(B * H * tri + kLanes);  // room for backward_rows8's loads past the last row
   // Kept or dropped per weight, exactly as dropout() on the [B, H, T, T] weights would draw it,
   // for the weights the causal mask lets through: row t of (batch, head) bh from bit
   // bh·tri + t(t+1)/2. Drawn as bytes, kept as bits.
@@ -288,6 +439,11 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
       for (int64_t t0 = 0; t0 < T; t0 += kRows) {
         const int64_t R = std::min(kRows, T - t0);
         dots_block(base + t0 * W, W, t0, R, kt, Tp, D, S, Tp);
+        if (R == kRows) {
+          forward_rows8(S, Tp, t0, T, scale, P, M, keep);
+          attend_rows(S, Tp, t0, R, kb + H_kv * D, W, D, y.data + (b * T + t0) * C + h * D, C);
+          continue;
+        }
         for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
         // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
         float z[kRows] = {};
@@ -334,6 +490,11 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
             const int64_t R = std::min(kRows, T - t0);
             // dP[s] = dy · v[s] for the block's rows.
             dots_block(dy0 + t0 * C, C, t0, R, vt, Tp, D, DP, Tp);
+            if (R == kRows) {
+              backward_rows8(P, t0, M, keep, scale, DP, Tp, WT, ST);
+              add_weighted_block(DP, Tp, t0, R, kb, W, D, gbase + t0 * W, W);
+              continue;
+            }
             for (int64_t r = 0; r < R; ++r) {
               const int64_t t = t0 + r;
               const float* row = P + t * (t + 1) / 2;
