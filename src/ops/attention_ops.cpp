@@ -218,20 +218,19 @@ inline void dropped_weights(const float* row, int64_t t, const MaskBits& M, floa
 
 // v[i] (row i, 8 columns) -> v[c] (column c, 8 rows).
 inline void transpose8(v8 v[8]) {
-  typedef int32_t v8i __attribute__((vector_size(32)));
   v8 t[8], u[8];
   for (int i = 0; i < 4; ++i) {  // interleave rows 2i and 2i+1 within each half
-    t[2 * i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
-    t[2 * i + 1] = __builtin_shuffle(v[2 * i], v[2 * i + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+    t[2 * i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * i + 1] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int i = 0; i < 2; ++i)  // pairs of pairs: rows 4i..4i+3 of columns c, c+4 in u[4i + c]
     for (int j = 0; j < 2; ++j) {
-      u[4 * i + 2 * j] = __builtin_shuffle(t[4 * i + j], t[4 * i + j + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
-      u[4 * i + 2 * j + 1] = __builtin_shuffle(t[4 * i + j], t[4 * i + j + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+      u[4 * i + 2 * j] = __builtin_shufflevector(t[4 * i + j], t[4 * i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[4 * i + 2 * j + 1] = __builtin_shufflevector(t[4 * i + j], t[4 * i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   for (int c = 0; c < 4; ++c) {  // the halves: column c from the low ones, c + 4 from the high
-    v[c] = __builtin_shuffle(u[c], u[4 + c], v8i{0, 1, 2, 3, 8, 9, 10, 11});
-    v[c + 4] = __builtin_shuffle(u[c], u[4 + c], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+    v[c] = __builtin_shufflevector(u[c], u[4 + c], 0, 1, 2, 3, 8, 9, 10, 11);
+    v[c + 4] = __builtin_shufflevector(u[c], u[4 + c], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
