@@ -315,7 +315,6 @@ inline v8 add_fused_product(v8 a, v8 b, v8 c) {
 // head), row t from t(t+1)/2; WT and ST have row stride Tp.
 void backward_rows8(const float* P, int64_t t0, const MaskBits& M, float keep, float scale, float* DP, int64_t Tp,
                     float* WT, float* ST) {
-  typedef int32_t v8i __attribute__((vector_size(32)));
   const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const v8 zero = {};
   v8 sum = {};
