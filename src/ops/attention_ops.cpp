@@ -21,6 +21,7 @@ namespace {
 
 // 8 lanes (one AVX register with the build's x86-64-v3 flags; GCC splits it elsewhere).
 typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));  // lane masks and indices
 constexpr int64_t kLanes = 8;
 
 inline v8 load8(const float* p) {
@@ -112,7 +113,6 @@ void add_weighted_rows(const float* c, int64_t ldc, int64_t n, const float* x, i
 // overwritten. Eight positions at a time; the lanes past t enter exp as 0 (so that no lane
 // takes its slow path) and leave as 0. row may be dot itself.
 void softmax_numerators(float* dot, int64_t t, int64_t T, float scale, float* row) {
-  typedef int32_t v8i __attribute__((vector_size(32)));
   const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const int64_t n8 = (t + kLanes) / kLanes * kLanes;
   v8 mxv = -INFINITY - v8{};
@@ -234,8 +234,6 @@ inline void transpose8(v8 v[8]) {
   }
 }
 
-typedef int32_t v8i __attribute__((vector_size(32)));
-
 // The dropout factors of row t at positions s0 .. s0+7: `keep` where kept (1 without dropout),
 // 0 where dropped or past t.
 inline v8 dropout_factors8(const MaskBits& M, float keep, int64_t t, int64_t s0) {
@@ -318,7 +316,6 @@ void backward_rows8(const float* P, int64_t t0, const MaskBits& M, float keep, f
   const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const v8 zero = {};
   v8 sum = {};
-  const auto factors = [&](int64_t r, int64_t s0) { return dropout_factors8(M, keep, t0 + r, s0); };
   // P (0 past t) of row t0 + r at positions s0 ..
   const auto prow = [&](int64_t r, int64_t s0) {
     const int64_t t = t0 + r;
@@ -328,7 +325,7 @@ void backward_rows8(const float* P, int64_t t0, const MaskBits& M, float keep, f
   for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
     v8 w[kRows], p[kRows], d[kRows];
     for (int64_t r = 0; r < kRows; ++r) {
-      const v8 m = factors(r, s0);
+      const v8 m = dropout_factors8(M, keep, t0 + r, s0);
       p[r] = prow(r, s0);
       w[r] = p[r] * m;
       d[r] = load8(DP + r * Tp + s0) * m;
@@ -338,16 +335,14 @@ void backward_rows8(const float* P, int64_t t0, const MaskBits& M, float keep, f
     for (int64_t j = 0; j < kLanes; ++j) __builtin_memcpy(WT + (s0 + j) * Tp + t0, &w[j], sizeof w[j]);
     transpose8(p);
     transpose8(d);
-    if (M.bits || s0 == t0) {
-      // Lane r's term j fused: with dropout every one; without, on the diagonal block, from j =
-      // (r + 1) rounded down to 4 (t0 is a multiple of 8), row t0 + r's scalar tail.
-      const v8i first_fused = M.bits ? v8i{} : (iota + 1) & ~3;
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const v8 fused = add_fused_product(p[j], d[j], sum);
-        sum = M.bits ? fused : (int32_t(j) >= first_fused ? fused : add_rounded_product(p[j], d[j], sum));
-      }
-    } else {
+    if (M.bits) {
+      for (int64_t j = 0; j < kLanes; ++j) sum = add_fused_product(p[j], d[j], sum);
+    } else if (s0 < t0) {
       for (int64_t j = 0; j < kLanes; ++j) sum = add_rounded_product(p[j], d[j], sum);
+    } else {  // the diagonal block: lane r's terms fused from j = (r + 1) rounded down to 4, row t0 + r's scalar tail
+      const v8i first_fused = (iota + 1) & ~3;
+      for (int64_t j = 0; j < kLanes; ++j)
+        sum = int32_t(j) >= first_fused ? add_fused_product(p[j], d[j], sum) : add_rounded_product(p[j], d[j], sum);
     }
   }
   for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
@@ -439,22 +434,21 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
         dots_block(base + t0 * W, W, t0, R, kt, Tp, D, S, Tp);
         if (R == kRows) {
           forward_rows8(S, Tp, t0, T, scale, P, M, keep);
-          attend_rows(S, Tp, t0, R, kb + H_kv * D, W, D, y.data + (b * T + t0) * C + h * D, C);
-          continue;
-        }
-        for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
-        // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
-        float z[kRows] = {};
-        for (int64_t s = 0; s < t0 + R; ++s)
-          for (int64_t r = 0; r < R; ++r) z[r] += S[r * Tp + s];
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t t = t0 + r;
-          // The weights into P's triangle, then through the dropout mask in the scores' rows.
-          float* w = S + r * Tp;
-          float* row = P + t * (t + 1) / 2;
-          const float inv = 1.f / z[r];
-          for (int64_t s = 0; s <= t; ++s) row[s] = w[s] * inv;
-          dropped_weights(row, t, M, keep, w);
+        } else {  // a last block of fewer rows, a row at a time
+          for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
+          // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
+          float z[kRows] = {};
+          for (int64_t s = 0; s < t0 + R; ++s)
+            for (int64_t r = 0; r < R; ++r) z[r] += S[r * Tp + s];
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t t = t0 + r;
+            // The weights into P's triangle, then through the dropout mask in the scores' rows.
+            float* w = S + r * Tp;
+            float* row = P + t * (t + 1) / 2;
+            const float inv = 1.f / z[r];
+            for (int64_t s = 0; s <= t; ++s) row[s] = w[s] * inv;
+            dropped_weights(row, t, M, keep, w);
+          }
         }
         attend_rows(S, Tp, t0, R, kb + H_kv * D, W, D, y.data + (b * T + t0) * C + h * D, C);
       }
@@ -490,27 +484,26 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
             dots_block(dy0 + t0 * C, C, t0, R, vt, Tp, D, DP, Tp);
             if (R == kRows) {
               backward_rows8(P, t0, M, keep, scale, DP, Tp, WT, ST);
-              add_weighted_block(DP, Tp, t0, R, kb, W, D, gbase + t0 * W, W);
-              continue;
-            }
-            for (int64_t r = 0; r < R; ++r) {
-              const int64_t t = t0 + r;
-              const float* row = P + t * (t + 1) / 2;
-              float* dp = DP + r * Tp;
-              // Through the dropout mask.
-              const uint8_t* kept = M.bits ? M.row(t) : nullptr;
-              float dot_pdp = 0.f;
-              for (int64_t s = 0; s <= t; ++s) {
-                const float m = kept ? dropout_factor(kept[s], keep) : 1.f;
-                const float d_pd = dp[s];
-                WT[s * Tp + t] = row[s] * m;
-                dp[s] = d_pd * m;
-                dot_pdp += row[s] * dp[s];
-              }
-              // dS = P (dP - Σ P dP) scale, into dp.
-              for (int64_t s = 0; s <= t; ++s) {
-                dp[s] = row[s] * (dp[s] - dot_pdp) * scale;
-                ST[s * Tp + t] = dp[s];
+            } else {  // a last block of fewer rows, a row at a time
+              for (int64_t r = 0; r < R; ++r) {
+                const int64_t t = t0 + r;
+                const float* row = P + t * (t + 1) / 2;
+                float* dp = DP + r * Tp;
+                // Through the dropout mask.
+                const uint8_t* kept = M.bits ? M.row(t) : nullptr;
+                float dot_pdp = 0.f;
+                for (int64_t s = 0; s <= t; ++s) {
+                  const float m = kept ? dropout_factor(kept[s], keep) : 1.f;
+                  const float d_pd = dp[s];
+                  WT[s * Tp + t] = row[s] * m;
+                  dp[s] = d_pd * m;
+                  dot_pdp += row[s] * dp[s];
+                }
+                // dS = P (dP - Σ P dP) scale, into dp.
+                for (int64_t s = 0; s <= t; ++s) {
+                  dp[s] = row[s] * (dp[s] - dot_pdp) * scale;
+                  ST[s * Tp + t] = dp[s];
+                }
               }
             }
             // dq[t] += Σ_s dS k[s].
