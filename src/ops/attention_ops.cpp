@@ -9,7 +9,6 @@
 #include <immintrin.h>
 #endif
 
-#include "moe/kernels/bits.hpp"
 #include "moe/kernels/expf.hpp"
 #include "moe/kernels/flash_attention.hpp"
 #include "moe/ops/ops.hpp"
@@ -108,17 +107,17 @@ void add_weighted_rows(const float* c, int64_t ldc, int64_t n, const float* x, i
       for (int64_t s = 0; s < n; ++s) out[r * ldo + d] += c[r * ldc + s] * x[s * ldx + d];
 }
 
-// Row t of the attention weights before normalising: row[s] = exp(x[s] - max) for s <= t and 0
-// past t, where x[s] = dot[s] · scale. dot holds t+1 rounded up to 8 finite values and is
-// overwritten. Eight positions at a time; the lanes past t enter exp as 0 (so that no lane
-// takes its slow path) and leave as 0. row may be dot itself.
-void softmax_numerators(float* dot, int64_t t, int64_t T, float scale, float* row) {
+// Row t of the attention weights before normalising, in place: row[s] = exp(x[s] - max) for
+// s <= t and 0 past t up to t+1 rounded up to 8, where x[s] = row[s] · scale (row holds that
+// many finite values). Eight positions at a time; the lanes past t enter exp as 0 (so that no
+// lane takes its slow path) and leave as 0.
+void softmax_numerators(float* row, int64_t t, float scale) {
   const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const int64_t n8 = (t + kLanes) / kLanes * kLanes;
   v8 mxv = -INFINITY - v8{};
   for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
-    const v8 x = load8(dot + s0) * scale;
-    __builtin_memcpy(dot + s0, &x, sizeof x);
+    const v8 x = load8(row + s0) * scale;
+    __builtin_memcpy(row + s0, &x, sizeof x);
     const v8i seen = iota + int32_t(s0) <= int32_t(t);
     mxv = seen && x > mxv ? x : mxv;
   }
@@ -126,19 +125,13 @@ void softmax_numerators(float* dot, int64_t t, int64_t T, float scale, float* ro
   for (int64_t j = 1; j < kLanes; ++j) mx = std::max(mx, mxv[j]);
   for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
     const v8i seen = iota + int32_t(s0) <= int32_t(t);
-    const v8 x = seen ? load8(dot + s0) - mx : v8{};
-    __builtin_memcpy(dot + s0, &x, sizeof x);
+    const v8 x = seen ? load8(row + s0) - mx : v8{};
+    __builtin_memcpy(row + s0, &x, sizeof x);
   }
-  exp_floats(dot, dot, n8);
-  for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
-    const v8i seen = iota + int32_t(s0) <= int32_t(t);
-    const v8 e = seen ? load8(dot + s0) : v8{};
-    if (s0 + kLanes <= T)
-      __builtin_memcpy(row + s0, &e, sizeof e);
-    else
-      for (int64_t j = 0; s0 + j < T; ++j) row[s0 + j] = e[j];
-  }
-  std::fill(row + std::min(n8, T), row + T, 0.f);
+  exp_floats(row, row, n8);
+  const int64_t s0 = n8 - kLanes;  // exp(0) = 1 past t: only the last eight hold such lanes
+  const v8 e = iota + int32_t(s0) <= int32_t(t) ? load8(row + s0) : v8{};
+  __builtin_memcpy(row + s0, &e, sizeof e);
 }
 
 // The weighted sums of rows t0 .. t0+R-1, row t over the positions s <= t: in groups of four
@@ -189,32 +182,11 @@ void attend_rows(const float* w, int64_t ldw, int64_t t0, int64_t R, const float
 }
 
 // The mask bits of a (batch, head), from entry `first` of the op's (row t's from
-// first + t(t+1)/2), and room to spread a row's into bytes.
+// first + t(t+1)/2).
 struct MaskBits {
   const uint16_t* bits;  // null: no dropout
   int64_t first;
-  uint8_t* room;
-  // Row t's t+1 entries as bytes 0 or 1.
-  const uint8_t* row(int64_t t) const {
-    bytes_from_bits(room, bits, first + t * (t + 1) / 2, t + 1);
-    return room;
-  }
 };
-
-// The calling thread's room for a row's mask bytes: the end of its slot of the work buffer.
-inline uint8_t* mask_room(float* work, int64_t slot, int64_t Tp) {
-  return reinterpret_cast<uint8_t*>(work + omp_get_thread_num() * slot + slot - Tp - 8);
-}
-
-// The weights of row t after dropout, from its t+1 weights before.
-inline void dropped_weights(const float* row, int64_t t, const MaskBits& M, float keep, float* w) {
-  if (!M.bits) {
-    std::copy(row, row + t + 1, w);
-    return;
-  }
-  const uint8_t* kept = M.row(t);
-  for (int64_t s = 0; s <= t; ++s) w[s] = row[s] * dropout_factor(kept[s], keep);
-}
 
 // v[i] (row i, 8 columns) -> v[c] (column c, 8 rows).
 inline void transpose8(v8 v[8]) {
@@ -252,24 +224,42 @@ inline v8 dropout_factors8(const MaskBits& M, float keep, int64_t t, int64_t s0)
   return lane_on != 0 ? on : zero;
 }
 
-// The forward's weights of rows t0 .. t0+7 (kRows of them, whole) from their dot products in
-// S's rows (positions s < t0 + 8): the softmax of each row over s <= t into P's triangle (row
-// t from t(t+1)/2), and the weights after dropout into S's rows. The same operations as the
-// loops a row at a time (softmax_numerators, the sums z, the division, dropped_weights), so
-// the same bits: softmax_numerators row by row, the sums z in the lanes of transposed tiles,
-// in order of s, the rest eight positions at a time.
-void forward_rows8(float* S, int64_t Tp, int64_t t0, int64_t T, float scale, float* P, const MaskBits& M,
+// Row t's weights at positions s0 .. s0+7 (p, 0 past t) after dropout: p times the factors.
+inline v8 dropped8(v8 p, const MaskBits& M, float keep, int64_t t, int64_t s0) {
+  return M.bits ? p * dropout_factors8(M, keep, t, s0) : p;
+}
+
+// Positions s0 .. s0+7 of row t of a lower triangle P (row t from t(t+1)/2), 0 past t. The
+// load may read past the row (P needs 8 floats of room after its last).
+inline v8 triangle_row8(const float* P, int64_t t, int64_t s0) {
+  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8 x = load8(P + t * (t + 1) / 2 + s0);
+  return iota + int32_t(s0) <= int32_t(t) ? x : v8{};
+}
+
+// The forward's weights of rows t0 .. t0+R-1 (R <= kRows; fewer only in a last block) from
+// their dot products in S's rows (positions s < t0 + 8): the softmax of each row over s <= t
+// into P's triangle (row t from t(t+1)/2), and the weights after dropout into S's rows
+// (positions s <= t0, rounded up to 8). Each row's exponentials, the sum z of them in order of
+// s (in the lanes of transposed 8x8 tiles), the division and the dropout: eight positions at
+// a time.
+// Whole blocks (kWhole, R = kRows) are compiled apart, without the missing rows' zeros and
+// bounds.
+template <bool kWhole>
+void forward_rows8(float* S, int64_t Tp, int64_t t0, int64_t rows, float scale, float* P, const MaskBits& M,
                    float keep) {
+  const int64_t R = kWhole ? kRows : rows;
   const int64_t n8 = t0 + kLanes;  // t + 1 rounded up to 8, for every row of the block
-  for (int64_t r = 0; r < kRows; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
+  for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, scale);
   v8 z = {};  // z = Σ_s exp, in order of s, lane r for row t0 + r
   for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
     v8 c[kRows];
-    for (int64_t r = 0; r < kRows; ++r) c[r] = load8(S + r * Tp + s0);
+    for (int64_t r = R; r < kRows; ++r) c[r] = v8{};  // a last block's missing rows
+    for (int64_t r = 0; r < R; ++r) c[r] = load8(S + r * Tp + s0);
     transpose8(c);
     for (int64_t j = 0; j < kLanes; ++j) z += c[j];
   }
-  for (int64_t r = 0; r < kRows; ++r) {
+  for (int64_t r = 0; r < R; ++r) {
     const int64_t t = t0 + r;
     float* w = S + r * Tp;
     float* row = P + t * (t + 1) / 2;
@@ -281,7 +271,7 @@ void forward_rows8(float* S, int64_t Tp, int64_t t0, int64_t T, float scale, flo
       } else {
         for (int64_t j = 0; j <= r; ++j) row[s0 + j] = pv[j];
       }
-      const v8 wv = M.bits ? pv * dropout_factors8(M, keep, t, s0) : pv;
+      const v8 wv = dropped8(pv, M, keep, t, s0);
       __builtin_memcpy(w + s0, &wv, sizeof wv);
     }
   }
@@ -298,41 +288,39 @@ inline v8 add_fused_product(v8 a, v8 b, v8 c) {
 #endif
 }
 
-// The backward pass's work on the weights of rows t0 .. t0+7 (kRows of them, whole): for each
-// row t, over s <= t, with m the dropout factor (1 without dropout),
+// The backward pass's work on the weights of rows t0 .. t0+R-1 (R <= kRows; fewer only in a
+// last block): for each row t, over s <= t, with m the dropout factor (1 without dropout),
 //   WT[s][t] = P[t, s] · m,  dp[s] = dP[t, s] · m,  Σ = Σ_s P[t, s] · dp[s] (in order of s),
 //   dS[t, s] = P[t, s] · (dp[s] − Σ) · scale, into DP's row and ST[s][t];
-// the same operations, so the same bits, as the loop a row at a time (below, for a last block
-// of fewer rows): eight positions of the eight rows at a time, the tiles transposed in
-// registers, the sums Σ running side by side in the lanes (a term past t is P = 0 times
-// dp = ±0, which leaves a sum that starts at +0 as it is). How that loop's Σ rounds is what
-// GCC 12 made of it with the x86-64-v3 flags: with dropout, one fma a term; without, its
-// vectorised form, each product rounded and then added, but for the last (t+1) mod 4 terms of
-// the row (its scalar tail), one fma each.
+// eight positions of the eight rows at a time (a block's missing rows as zeros), the tiles
+// transposed in registers, the sums Σ running side by side in the lanes (a term past t is
+// P = 0 times dp = ±0, which leaves a sum that starts at +0 as it is). Σ rounds as GCC 12 made
+// the row-at-a-time loop this replaced, `dot += P[s] * dp[s]`, with the x86-64-v3 flags:
+// with dropout, one fma a term; without, its vectorised form, each product rounded and then
+// added, but for the last (t+1) mod 4 terms of the row (its scalar tail), one fma each.
 // DP's rows hold dP[t, s] for s < t0 + 8 (and take dS); P is the lower triangle of the (batch,
-// head), row t from t(t+1)/2; WT and ST have row stride Tp.
-void backward_rows8(const float* P, int64_t t0, const MaskBits& M, float keep, float scale, float* DP, int64_t Tp,
-                    float* WT, float* ST) {
+// head), row t from t(t+1)/2; WT and ST have row stride Tp and a row for each position.
+// Whole blocks compiled apart, as forward_rows8's.
+template <bool kWhole>
+void backward_rows8(const float* P, int64_t t0, int64_t rows, const MaskBits& M, float keep, float scale, float* DP,
+                    int64_t Tp, float* WT, float* ST) {
+  const int64_t R = kWhole ? kRows : rows;
   const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const v8 zero = {};
   v8 sum = {};
-  // P (0 past t) of row t0 + r at positions s0 ..
-  const auto prow = [&](int64_t r, int64_t s0) {
-    const int64_t t = t0 + r;
-    const v8 x = load8(P + t * (t + 1) / 2 + s0);
-    return iota + int32_t(s0) <= int32_t(t) ? x : zero;
-  };
   for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
+    const int64_t positions = s0 < t0 ? kLanes : R;  // the rows s0 + j of WT and ST there are
     v8 w[kRows], p[kRows], d[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t r = R; r < kRows; ++r) w[r] = p[r] = d[r] = zero;  // a last block's missing rows
+    for (int64_t r = 0; r < R; ++r) {
       const v8 m = dropout_factors8(M, keep, t0 + r, s0);
-      p[r] = prow(r, s0);
+      p[r] = triangle_row8(P, t0 + r, s0);
       w[r] = p[r] * m;
       d[r] = load8(DP + r * Tp + s0) * m;
       __builtin_memcpy(DP + r * Tp + s0, &d[r], sizeof d[r]);
     }
     transpose8(w);
-    for (int64_t j = 0; j < kLanes; ++j) __builtin_memcpy(WT + (s0 + j) * Tp + t0, &w[j], sizeof w[j]);
+    for (int64_t j = 0; j < positions; ++j) __builtin_memcpy(WT + (s0 + j) * Tp + t0, &w[j], sizeof w[j]);
     transpose8(p);
     transpose8(d);
     if (M.bits) {
@@ -346,13 +334,15 @@ void backward_rows8(const float* P, int64_t t0, const MaskBits& M, float keep, f
     }
   }
   for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
+    const int64_t positions = s0 < t0 ? kLanes : R;
     v8 ds[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      ds[r] = prow(r, s0) * (load8(DP + r * Tp + s0) - sum[r]) * scale;
+    for (int64_t r = R; r < kRows; ++r) ds[r] = zero;
+    for (int64_t r = 0; r < R; ++r) {
+      ds[r] = triangle_row8(P, t0 + r, s0) * (load8(DP + r * Tp + s0) - sum[r]) * scale;
       __builtin_memcpy(DP + r * Tp + s0, &ds[r], sizeof ds[r]);
     }
     transpose8(ds);
-    for (int64_t j = 0; j < kLanes; ++j) __builtin_memcpy(ST + (s0 + j) * Tp + t0, &ds[j], sizeof ds[j]);
+    for (int64_t j = 0; j < positions; ++j) __builtin_memcpy(ST + (s0 + j) * Tp + t0, &ds[j], sizeof ds[j]);
   }
 }
 
@@ -370,11 +360,17 @@ struct AttentionOutput {
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H, j = h / (H / H_kv);
       const float* P = probs + bh * tri;
-      const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
+      const MaskBits M{mask, bh * tri};
       float* S = work + omp_get_thread_num() * slot + D * Tp;
       for (int64_t t0 = 0; t0 < T; t0 += kRows) {
         const int64_t R = std::min(kRows, T - t0);
-        for (int64_t r = 0; r < R; ++r) dropped_weights(P + (t0 + r) * (t0 + r + 1) / 2, t0 + r, M, keep, S + r * Tp);
+        for (int64_t r = 0; r < R; ++r) {  // the weights after dropout, as the forward made them
+          const int64_t t = t0 + r;
+          for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
+            const v8 wv = dropped8(triangle_row8(P, t, s0), M, keep, t, s0);
+            __builtin_memcpy(S + r * Tp + s0, &wv, sizeof wv);
+          }
+        }
         attend_rows(S, Tp, t0, R, qkv + b * T * W + C + (H_kv + j) * D, W, D, y + (b * T + t0) * C + h * D, C);
       }
     }
@@ -397,20 +393,19 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
   Tensor y = regen ? g.scratch_output({B, T, C}, qkv) : g.output({B, T, C}, qkv);
   // Attention weights before dropout, kept for the backward: the lower triangles (row t of
   // (batch, head) bh from bh·tri + t(t+1)/2, t+1 weights), as the mask below.
-  float* probs = g.arena().alloc_floats(B * H * tri + kLanes);  // room for backward_rows8's loads past the last row
+  float* probs = g.arena().alloc_floats(B * H * tri + kLanes);  // room for eight-float loads past the last row
   // Kept or dropped per weight, exactly as dropout() on the [B, H, T, T] weights would draw it,
   // for the weights the causal mask lets through: row t of (batch, head) bh from bit
   // bh·tri + t(t+1)/2. Drawn as bytes, kept as bits.
   uint16_t* mask = nullptr;
-  if (training && p > 0.f)  // 3 words of room past the last for bytes_from_bits' reads
+  if (training && p > 0.f)  // 3 words of room past the last for dropout_factors8's word reads
     mask = keep_bits(g, B * H * tri, 3, [&](uint8_t* bytes) { rng.fill_keep_mask_causal(bytes, B * H, T, p); });
   const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and
   // kRows rows of dot products (then of weights), T rounded up to the lanes; for the backward
   // also the weights after dropout and the score gradients of the (batch, head), transposed
   // (row s holds position s's weight in every row t >= s).
-  // Then T + 32 bytes (Tp + 8 floats) to spread a row's mask bits into.
-  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + kRows * Tp + 2 * T * Tp + Tp + 8;
+  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes, slot = D * Tp + kRows * Tp + 2 * T * Tp;
   // Zeroed once: the transposes fill columns [0, T) and the padding lanes stay 0.
   const int64_t work_floats = omp_get_max_threads() * slot;
   float* work = g.arena().alloc_floats(work_floats);
@@ -427,29 +422,12 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
       const int64_t bh = b * H + h;
       const float* base = qkv.data + b * T * W + h * D;  // query head h
       float* P = probs + bh * tri;
-      const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
+      const MaskBits M{mask, bh * tri};
       // Rows t0 .. t0+R-1 at a time.
       for (int64_t t0 = 0; t0 < T; t0 += kRows) {
         const int64_t R = std::min(kRows, T - t0);
         dots_block(base + t0 * W, W, t0, R, kt, Tp, D, S, Tp);
-        if (R == kRows) {
-          forward_rows8(S, Tp, t0, T, scale, P, M, keep);
-        } else {  // a last block of fewer rows, a row at a time
-          for (int64_t r = 0; r < R; ++r) softmax_numerators(S + r * Tp, t0 + r, T, scale, S + r * Tp);
-          // z = Σ_s exp, in order of s, the rows side by side: the zeros past t add nothing.
-          float z[kRows] = {};
-          for (int64_t s = 0; s < t0 + R; ++s)
-            for (int64_t r = 0; r < R; ++r) z[r] += S[r * Tp + s];
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t t = t0 + r;
-            // The weights into P's triangle, then through the dropout mask in the scores' rows.
-            float* w = S + r * Tp;
-            float* row = P + t * (t + 1) / 2;
-            const float inv = 1.f / z[r];
-            for (int64_t s = 0; s <= t; ++s) row[s] = w[s] * inv;
-            dropped_weights(row, t, M, keep, w);
-          }
-        }
+        (R == kRows ? forward_rows8<true> : forward_rows8<false>)(S, Tp, t0, R, scale, P, M, keep);
         attend_rows(S, Tp, t0, R, kb + H_kv * D, W, D, y.data + (b * T + t0) * C + h * D, C);
       }
     }
@@ -476,36 +454,13 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
           const float* base = qkv.data + b * T * W + h * D;
           float* gbase = qkv.grad + b * T * W + h * D;
           const float* P = probs + bh * tri;
-          const MaskBits M{mask, bh * tri, mask_room(work, slot, Tp)};
+          const MaskBits M{mask, bh * tri};
           const float* dy0 = y.grad + b * T * C + h * D;  // row t at + t·C
           for (int64_t t0 = 0; t0 < T; t0 += kRows) {
             const int64_t R = std::min(kRows, T - t0);
             // dP[s] = dy · v[s] for the block's rows.
             dots_block(dy0 + t0 * C, C, t0, R, vt, Tp, D, DP, Tp);
-            if (R == kRows) {
-              backward_rows8(P, t0, M, keep, scale, DP, Tp, WT, ST);
-            } else {  // a last block of fewer rows, a row at a time
-              for (int64_t r = 0; r < R; ++r) {
-                const int64_t t = t0 + r;
-                const float* row = P + t * (t + 1) / 2;
-                float* dp = DP + r * Tp;
-                // Through the dropout mask.
-                const uint8_t* kept = M.bits ? M.row(t) : nullptr;
-                float dot_pdp = 0.f;
-                for (int64_t s = 0; s <= t; ++s) {
-                  const float m = kept ? dropout_factor(kept[s], keep) : 1.f;
-                  const float d_pd = dp[s];
-                  WT[s * Tp + t] = row[s] * m;
-                  dp[s] = d_pd * m;
-                  dot_pdp += row[s] * dp[s];
-                }
-                // dS = P (dP - Σ P dP) scale, into dp.
-                for (int64_t s = 0; s <= t; ++s) {
-                  dp[s] = row[s] * (dp[s] - dot_pdp) * scale;
-                  ST[s * Tp + t] = dp[s];
-                }
-              }
-            }
+            (R == kRows ? backward_rows8<true> : backward_rows8<false>)(P, t0, R, M, keep, scale, DP, Tp, WT, ST);
             // dq[t] += Σ_s dS k[s].
             add_weighted_block(DP, Tp, t0, R, kb, W, D, gbase + t0 * W, W);
           }
