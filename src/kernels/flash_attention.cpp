@@ -7,8 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
+#include "moe/kernels/bits.hpp"
 #include "moe/kernels/expf.hpp"
 #include "moe/tensor/parallel.hpp"
 
@@ -18,6 +18,7 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+const v8i kIota = {0, 1, 2, 3, 4, 5, 6, 7};  // each lane's index
 constexpr int64_t kLanes = 8;
 constexpr int64_t kTile = 16;  // queries and keys per block: two registers of lanes
 
@@ -114,28 +115,23 @@ struct Work {
 // The keep bits of row t's keys s0 .. s0+15 (bit c: key s0+c; those past the row are
 // garbage) from (batch, head) bh's bits, which start at bit `first`.
 inline uint32_t keep_word(const uint16_t* mask, int64_t first, int64_t t, int64_t s0) {
-  const int64_t i = first + t * (t + 1) / 2 + s0;
-  uint64_t w;
-  std::memcpy(&w, mask + (i >> 4), sizeof w);
-  return uint32_t(w >> (i & 15));
+  return bits_from(mask, first + t * (t + 1) / 2 + s0);
 }
 
 // f[c] = keep if bit c of `bits` is set, else 0, for c < kTile.
 inline void keep_factors(uint32_t bits, float keep, float* f) {
-  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t c0 = 0; c0 < kTile; c0 += kLanes) {
-    const v8i on = (v8i{} + int32_t(bits >> c0)) >> iota & 1;
+    const v8i on = (v8i{} + int32_t(bits >> c0)) >> kIota & 1;
     store8(f + c0, on != 0 ? v8{} + keep : v8{});
   }
 }
 
 // The largest of S[c]·scale over c < lim, and m.
 inline float row_max(const float* S, int64_t lim, float scale, float m) {
-  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   v8 mx = v8{} + m;
   for (int64_t c0 = 0; c0 < kTile; c0 += kLanes) {
     const v8 x = load8(S + c0) * scale;
-    mx = iota + int32_t(c0) < int32_t(lim) && x > mx ? x : mx;
+    mx = kIota + int32_t(c0) < int32_t(lim) && x > mx ? x : mx;
   }
   float r = mx[0];
   for (int64_t j = 1; j < kLanes; ++j) r = std::max(r, mx[j]);

@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #if defined(__FMA__)
 #include <immintrin.h>
 #endif
 
+#include "moe/kernels/bits.hpp"
 #include "moe/kernels/expf.hpp"
 #include "moe/kernels/flash_attention.hpp"
 #include "moe/ops/ops.hpp"
@@ -22,6 +22,10 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));  // lane masks and indices
 constexpr int64_t kLanes = 8;
+const v8i kIota = {0, 1, 2, 3, 4, 5, 6, 7};  // each lane's index
+
+// The lanes of positions s0 .. s0+7 that row t sees (s <= t): all bits set, 0 past t.
+inline v8i seen8(int64_t s0, int64_t t) { return kIota + int32_t(s0) <= int32_t(t); }
 
 inline v8 load8(const float* p) {
   v8 x;
@@ -112,25 +116,24 @@ void add_weighted_rows(const float* c, int64_t ldc, int64_t n, const float* x, i
 // many finite values). Eight positions at a time; the lanes past t enter exp as 0 (so that no
 // lane takes its slow path) and leave as 0.
 void softmax_numerators(float* row, int64_t t, float scale) {
-  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const int64_t n8 = (t + kLanes) / kLanes * kLanes;
   v8 mxv = -INFINITY - v8{};
   for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
     const v8 x = load8(row + s0) * scale;
     __builtin_memcpy(row + s0, &x, sizeof x);
-    const v8i seen = iota + int32_t(s0) <= int32_t(t);
+    const v8i seen = seen8(s0, t);
     mxv = seen && x > mxv ? x : mxv;
   }
   float mx = mxv[0];
   for (int64_t j = 1; j < kLanes; ++j) mx = std::max(mx, mxv[j]);
   for (int64_t s0 = 0; s0 < n8; s0 += kLanes) {
-    const v8i seen = iota + int32_t(s0) <= int32_t(t);
+    const v8i seen = seen8(s0, t);
     const v8 x = seen ? load8(row + s0) - mx : v8{};
     __builtin_memcpy(row + s0, &x, sizeof x);
   }
   exp_floats(row, row, n8);
   const int64_t s0 = n8 - kLanes;  // exp(0) = 1 past t: only the last eight hold such lanes
-  const v8 e = iota + int32_t(s0) <= int32_t(t) ? load8(row + s0) : v8{};
+  const v8 e = seen8(s0, t) ? load8(row + s0) : v8{};
   __builtin_memcpy(row + s0, &e, sizeof e);
 }
 
@@ -209,18 +212,14 @@ inline void transpose8(v8 v[8]) {
 // The dropout factors of row t at positions s0 .. s0+7: `keep` where kept (1 without dropout),
 // 0 where dropped or past t.
 inline v8 dropout_factors8(const MaskBits& M, float keep, int64_t t, int64_t s0) {
-  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const v8 zero = {};
   uint32_t valid = s0 + kLanes <= t + 1 ? 0xFFu : (1u << (t + 1 - s0)) - 1u;
   v8 on = 1.f - zero;
   if (M.bits) {
-    const int64_t i = M.first + t * (t + 1) / 2 + s0;
-    uint32_t w;
-    std::memcpy(&w, M.bits + (i >> 4), sizeof w);
-    valid &= w >> (i & 15);
+    valid &= bits_from(M.bits, M.first + t * (t + 1) / 2 + s0);
     on = keep - zero;
   }
-  const v8i lane_on = (v8i{} + int32_t(valid)) >> iota & 1;
+  const v8i lane_on = (v8i{} + int32_t(valid)) >> kIota & 1;
   return lane_on != 0 ? on : zero;
 }
 
@@ -232,9 +231,8 @@ inline v8 dropped8(v8 p, const MaskBits& M, float keep, int64_t t, int64_t s0) {
 // Positions s0 .. s0+7 of row t of a lower triangle P (row t from t(t+1)/2), 0 past t. The
 // load may read past the row (P needs 8 floats of room after its last).
 inline v8 triangle_row8(const float* P, int64_t t, int64_t s0) {
-  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const v8 x = load8(P + t * (t + 1) / 2 + s0);
-  return iota + int32_t(s0) <= int32_t(t) ? x : v8{};
+  return seen8(s0, t) ? x : v8{};
 }
 
 // The forward's weights of rows t0 .. t0+R-1 (R <= kRows; fewer only in a last block) from
@@ -305,7 +303,6 @@ template <bool kWhole>
 void backward_rows8(const float* P, int64_t t0, int64_t rows, const MaskBits& M, float keep, float scale, float* DP,
                     int64_t Tp, float* WT, float* ST) {
   const int64_t R = kWhole ? kRows : rows;
-  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const v8 zero = {};
   v8 sum = {};
   for (int64_t s0 = 0; s0 <= t0; s0 += kLanes) {
@@ -328,7 +325,7 @@ void backward_rows8(const float* P, int64_t t0, int64_t rows, const MaskBits& M,
     } else if (s0 < t0) {
       for (int64_t j = 0; j < kLanes; ++j) sum = add_rounded_product(p[j], d[j], sum);
     } else {  // the diagonal block: lane r's terms fused from j = (r + 1) rounded down to 4, row t0 + r's scalar tail
-      const v8i first_fused = (iota + 1) & ~3;
+      const v8i first_fused = (kIota + 1) & ~3;
       for (int64_t j = 0; j < kLanes; ++j)
         sum = int32_t(j) >= first_fused ? add_fused_product(p[j], d[j], sum) : add_rounded_product(p[j], d[j], sum);
     }
@@ -398,7 +395,7 @@ Tensor causal_attention(Graph& g, const Tensor& qkv, int64_t H, int64_t H_kv, fl
   // for the weights the causal mask lets through: row t of (batch, head) bh from bit
   // bh·tri + t(t+1)/2. Drawn as bytes, kept as bits.
   uint16_t* mask = nullptr;
-  if (training && p > 0.f)  // 3 words of room past the last for dropout_factors8's word reads
+  if (training && p > 0.f)  // 3 words of room past the last for bits_from's reads
     mask = keep_bits(g, B * H * tri, 3, [&](uint8_t* bytes) { rng.fill_keep_mask_causal(bytes, B * H, T, p); });
   const float keep = dropout_scale(p);
   // Per thread: the keys (forward) or values (backward) of one (batch, head) transposed, and

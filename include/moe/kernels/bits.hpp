@@ -16,6 +16,13 @@ namespace moe {
 // Words of a mask of n entries.
 inline int64_t bit_words(int64_t n) { return (n + 15) / 16; }
 inline bool bit_at(const uint16_t* bits, int64_t i) { return bits[i >> 4] >> (i & 15) & 1u; }
+// Entries i .. i+31 as the bits of a word (bit j: entry i + j; past the mask's end, garbage).
+// Reads the four words from entry i's: the mask must leave 3 words of room past its last.
+inline uint32_t bits_from(const uint16_t* bits, int64_t i) {
+  uint64_t w;
+  std::memcpy(&w, bits + (i >> 4), sizeof w);
+  return uint32_t(w >> (i & 15));
+}
 
 // bit i = bytes[i] != 0 for i < n (the last word's unused bits 0).
 void bits_from_bytes(uint16_t* bits, const uint8_t* bytes, int64_t n);
@@ -24,10 +31,7 @@ void bits_from_bytes(uint16_t* bits, const uint8_t* bytes, int64_t n);
 // word (the mask must leave that room).
 inline void bytes_from_bits(uint8_t* out, const uint16_t* bits, int64_t first, int64_t n) {
   for (int64_t j0 = 0; j0 < n; j0 += 32) {
-    const int64_t i = first + j0;
-    uint64_t w;
-    std::memcpy(&w, bits + (i >> 4), sizeof w);
-    const auto m = uint32_t(w >> (i & 15));
+    const uint32_t m = bits_from(bits, first + j0);
 #if defined(__AVX2__)
     // Byte j of the 32 takes byte j / 8 of m (in each 128-bit lane: m is in every lane), then
     // its bit j % 8.
