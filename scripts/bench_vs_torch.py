@@ -62,13 +62,13 @@ def main():
         if blas and "openblas" not in blas and not args.any_blas:
             sys.exit(f"bench_vs_torch: libblas.so.3 is {blas}, not OpenBLAS: PyTorch would not run at its best "
                      "(apt-get install libopenblas0-pthread, or pass --any-blas)")
-    # (cores, moe threads, [(PyTorch's setting, torch threads, extra environment)])
-    plan = [(1, 1, [("1 thread, OPENBLAS_NUM_THREADS=1", 1, {"OPENBLAS_NUM_THREADS": "1"})]),
-            (2, 2, [("1 thread, OpenBLAS on every core", 1, {}), ("2 threads", 2, {})])]
+    # (cores, the moe threads too; [(PyTorch's setting, torch threads, extra environment)])
+    plan = [(1, [("1 thread, OPENBLAS_NUM_THREADS=1", 1, {"OPENBLAS_NUM_THREADS": "1"})]),
+            (2, [("1 thread, OpenBLAS on every core", 1, {}), ("2 threads", 2, {})])]
     rows = []
-    for cores, threads, settings in plan:
+    for cores, settings in plan:
         m = run_json([args.moe, "bench", "--config", args.config, "--steps", str(args.steps),
-                      "--threads", str(threads), "--generate", "0", "--json"])
+                      "--threads", str(cores), "--generate", "0", "--json"])
         runs = []
         if have_torch:
             for name, torch_threads, env in settings:
